@@ -1,0 +1,72 @@
+"""Evaluation of a Procgen agent on unseen levels (the full level distribution)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from envs.procgen import PROTOCOLS, ProcgenVecEnv, visual_options
+from workbench.checkpoint import load_checkpoint, resolve_checkpoint_path
+from workbench.runtime import Runtime
+
+
+def evaluate(agent, env: ProcgenVecEnv, num_episodes: int, deterministic: bool = False,
+             record_video: bool = False, max_video_frames: int = 400, max_steps: int = 100_000) -> dict:
+    """Run `agent.act` until `num_episodes` episodes have finished; return their statistics.
+
+    Each env contributes its first ceil(num_episodes / num_envs) episodes, so that
+    short episodes are not over-represented. With `record_video`, env 0's frames
+    are kept (up to `max_video_frames`) as a (T, H, W, 3) uint8 array.
+    """
+    per_env = math.ceil(num_episodes / env.num_envs)
+    returns = [[] for _ in range(env.num_envs)]
+    running = np.zeros(env.num_envs)
+    frames = []
+    obs = env.reset()
+    for _ in range(max_steps):
+        if record_video and len(returns[0]) == 0 and len(frames) < max_video_frames:
+            frames.append(env.last_frames[0].copy())
+        _, rewards, dones = env.step_numpy(agent.act(obs, deterministic=deterministic).cpu().numpy())
+        obs = env.as_tensor(env.last_frames)
+        running += rewards
+        for i in np.flatnonzero(dones):
+            if len(returns[i]) < per_env:
+                returns[i].append(float(running[i]))
+            running[i] = 0.0
+        if all(len(r) >= per_env for r in returns):
+            break
+    else:
+        raise RuntimeError(f"evaluation did not finish {num_episodes} episodes within {max_steps} steps")
+    episode_returns = [r for env_returns in zip(*returns) for r in env_returns][:num_episodes]
+    mean = float(np.mean(episode_returns))
+    result = {"episodes": len(episode_returns), "mean_return": mean, "std_return": float(np.std(episode_returns)),
+              "normalized_score": env.normalized_score(mean), "env": env.env_name,
+              "distribution_mode": env.distribution_mode, "num_levels": env.num_levels,
+              "start_level": env.start_level, "deterministic": deterministic}
+    if record_video:
+        result["video"] = np.stack(frames) if frames else np.zeros((0, 64, 64, 3), np.uint8)
+    return result
+
+
+def evaluate_checkpoint(path, episodes: int = 100, num_envs: int = 64, num_levels: int = 0, start_level: int = 0,
+                        distribution_mode: str | None = None, visual=None, deterministic: bool = False,
+                        seed: int = 12345, device: str = "auto") -> tuple[dict, Path]:
+    """Load a training checkpoint and evaluate it; returns (result, default JSON path beside the checkpoint)."""
+    from .train import ALGORITHMS  # the registry of agents lives with the training driver
+
+    ckpt_path = resolve_checkpoint_path(path)
+    state = load_checkpoint(ckpt_path, kind="procgen-agent")
+    config = state["config"]
+    mode = distribution_mode or PROTOCOLS[config["protocol"]].distribution_mode
+    runtime = Runtime.create(device, config.get("precision", "auto"))
+    env = ProcgenVecEnv(config["env"], min(num_envs, episodes), mode, num_levels, start_level, runtime.device,
+                        seed=seed, **visual_options(config.get("visual", []) if visual is None else visual))
+    agent_cls, agent_cfg_cls = ALGORITHMS[config["algo"]]
+    agent = agent_cls(env, agent_cfg_cls(**config["agent"]), runtime)
+    agent.load_state_dict(state["agent_state"])
+    result = evaluate(agent, env, episodes, deterministic=deterministic)
+    result.update(checkpoint=str(ckpt_path), algo=config["algo"], env_steps=agent.env_steps,
+                  mixreg=bool(config["agent"].get("mixreg")), seed=seed)
+    return result, ckpt_path.parent / "evaluation.json"

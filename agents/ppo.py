@@ -1,0 +1,324 @@
+"""Proximal Policy Optimisation (Schulman et al. 2017) with the Procgen recipe (Cobbe et al. 2020).
+
+One iteration = collect a rollout of `num_steps` x `num_envs` transitions, then
+`num_epochs` passes of minibatch updates on
+
+    L = L_clip + vf_coef * L_value - ent_coef * H[pi]
+    L_clip  = E[ max(-A r, -A clip(r, 1 - eps, 1 + eps)) ],   r = pi(a|s) / pi_old(a|s)
+    L_value = 1/2 E[ max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2) ]
+
+with advantages from GAE(gamma, lambda), normalised per minibatch (after
+mixreg when it is on), and rewards scaled by a running std of the discounted
+return. Defaults are the Procgen paper's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from workbench.backbones import create_backbone
+from workbench.runtime import Runtime
+
+from .mixreg import DEFAULT_ALPHA as DEFAULT_MIX_ALPHA, mix_ppo_minibatch
+from .regularizers import AUGMENTATIONS, l2_penalty
+
+
+@dataclass
+class PPOConfig:
+    num_envs: int = 64
+    num_steps: int = 256
+    gamma: float = 0.999
+    gae_lambda: float = 0.95
+    num_epochs: int = 3
+    num_minibatches: int = 8
+    learning_rate: float = 5e-4
+    adam_eps: float = 1e-5
+    clip_range: float = 0.2
+    vf_coef: float = 0.5
+    ent_coef: float = 0.01
+    max_grad_norm: float = 0.5
+    normalize_rewards: bool = True
+    backbone: str = "impala_1x"
+    backbone_kwargs: dict = field(default_factory=dict)
+    mixreg: bool = False
+    mix_alpha: float = DEFAULT_MIX_ALPHA
+    augment: str | None = None  # one of regularizers.AUGMENTATIONS
+    l2_coef: float = 0.0
+
+    def __post_init__(self):
+        if (self.num_envs * self.num_steps) % self.num_minibatches:
+            raise ValueError(f"num_envs * num_steps ({self.num_envs * self.num_steps}) must be divisible by "
+                             f"num_minibatches ({self.num_minibatches})")
+        if self.augment is not None and self.augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {self.augment!r}: choose from {', '.join(AUGMENTATIONS)}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs * self.num_steps
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.num_minibatches
+
+
+class ActorCritic(nn.Module):
+    """Policy and value heads on a registry backbone; takes (N, H, W, C) images in pixel units."""
+
+    def __init__(self, backbone: nn.Module, num_actions: int):
+        super().__init__()
+        self.backbone = backbone
+        self.policy_head = nn.Linear(backbone.out_dim, num_actions)
+        self.value_head = nn.Linear(backbone.out_dim, 1)
+        nn.init.orthogonal_(self.policy_head.weight, gain=0.01)
+        nn.init.orthogonal_(self.value_head.weight, gain=1.0)
+        nn.init.zeros_(self.policy_head.bias)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # NHWC -> NCHW is a free view that is channels_last in memory: no copy of the frames.
+        x = obs.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
+        features = self.backbone(x)
+        # Heads in fp32 even under autocast: log-prob ratios and values need the precision.
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            features = features.float()
+            return self.policy_head(features), self.value_head(features).squeeze(-1)
+
+
+class RunningMeanStd:
+    """Parallel-update running moments (Chan et al.), on float64 numpy arrays."""
+
+    def __init__(self, shape=()):
+        self.mean = np.zeros(shape, np.float64)
+        self.var = np.ones(shape, np.float64)
+        self.count = 1e-4
+
+    def update(self, x: np.ndarray) -> None:
+        batch_mean, batch_var, n = x.mean(0), x.var(0), x.shape[0]
+        delta = batch_mean - self.mean
+        total = self.count + n
+        self.mean = self.mean + delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+class RewardNormalizer:
+    """Divide rewards by the running std of the discounted return, then clip (as VecNormalize)."""
+
+    def __init__(self, num_envs: int, gamma: float, clip: float = 10.0, eps: float = 1e-8):
+        self.returns = np.zeros(num_envs, np.float64)
+        self.rms = RunningMeanStd()
+        self.gamma, self.clip, self.eps = gamma, clip, eps
+
+    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
+        self.returns = self.returns * self.gamma + rewards
+        self.rms.update(self.returns)
+        self.returns[dones] = 0.0
+        return np.clip(rewards / np.sqrt(self.rms.var + self.eps), -self.clip, self.clip).astype(np.float32)
+
+    def state_dict(self) -> dict:
+        return {"returns": self.returns, **self.rms.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.returns = state["returns"]
+        self.rms.load_state_dict(state)
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, next_value: torch.Tensor,
+                gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over a (T, N) rollout.
+
+    dones[t] = 1 when the episode ended with transition t (so s_{t+1} starts a new one):
+        delta_t = r_t + gamma (1 - d_t) V(s_{t+1}) - V(s_t)
+        A_t     = delta_t + gamma lambda (1 - d_t) A_{t+1}
+    Returns (advantages, returns = advantages + values).
+    """
+    num_steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(next_value)
+    for t in reversed(range(num_steps)):
+        nonterminal = 1.0 - dones[t].float()
+        following = next_value if t == num_steps - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nonterminal * following - values[t]
+        last = delta + gamma * gae_lambda * nonterminal * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+def ppo_loss(logits: torch.Tensor, values: torch.Tensor, batch: dict[str, torch.Tensor],
+             cfg: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped PPO objective on one minibatch (mixed or not)."""
+    advantages = batch["advantages"]
+    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+    log_probs = F.log_softmax(logits, dim=-1)
+    new_logprobs = log_probs.gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
+    log_ratio = new_logprobs - batch["old_logprobs"]
+    ratio = log_ratio.exp()
+    policy_loss = torch.max(-advantages * ratio,
+                            -advantages * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)).mean()
+
+    old_values, returns = batch["old_values"], batch["returns"]
+    values_clipped = old_values + (values - old_values).clamp(-cfg.clip_range, cfg.clip_range)
+    value_loss = 0.5 * torch.max((values - returns) ** 2, (values_clipped - returns) ** 2).mean()
+
+    entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
+    loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
+    with torch.no_grad():
+        stats = {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), "entropy": entropy.detach(),
+                 "approx_kl": ((ratio - 1) - log_ratio).mean(),
+                 "clip_fraction": ((ratio - 1).abs() > cfg.clip_range).float().mean()}
+    return loss, stats
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
+    var = target.var()
+    return float("nan") if var == 0 else float(1 - (target - predicted).var() / var)
+
+
+class PPO:
+    """PPO agent bound to a vectorised env: `train_iteration()` collects one rollout and updates."""
+
+    kind = "ppo"
+
+    def __init__(self, env, cfg: PPOConfig, runtime: Runtime):
+        self.env, self.cfg, self.rt = env, cfg, runtime
+        backbone = create_backbone(cfg.backbone, **cfg.backbone_kwargs)
+        self.model = runtime.prepare_module(ActorCritic(backbone, env.num_actions))
+        self.forward = runtime.maybe_compile(self.model)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps)
+        self.reward_normalizer = RewardNormalizer(cfg.num_envs, cfg.gamma) if cfg.normalize_rewards else None
+        self.env_steps = 0
+        self.iterations = 0
+        self._obs = None
+        self.buffer: dict[str, torch.Tensor] | None = None  # allocated by the first rollout
+
+    def _allocate_buffer(self) -> dict[str, torch.Tensor]:
+        dev, t, n = self.rt.device, self.cfg.num_steps, self.cfg.num_envs
+        return {
+            "obs": torch.zeros((t, n, *self.env.observation_shape), dtype=torch.uint8, device=dev),
+            "actions": torch.zeros((t, n), dtype=torch.long, device=dev),
+            "logprobs": torch.zeros((t, n), device=dev),
+            "values": torch.zeros((t, n), device=dev),
+            "rewards": torch.zeros((t, n), device=dev),
+            "dones": torch.zeros((t, n), dtype=torch.bool, device=dev),
+        }
+
+    # ---------------------------------------------------------------- acting
+    @torch.inference_mode()
+    def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        with self.rt.autocast():
+            logits, _ = self.forward(obs)
+        return logits.argmax(-1) if deterministic else torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+
+    @torch.inference_mode()
+    def _policy_step(self, obs: torch.Tensor):
+        with self.rt.autocast():
+            logits, value = self.forward(obs)
+        log_probs = F.log_softmax(logits, -1)
+        action = torch.multinomial(log_probs.exp(), 1).squeeze(1)
+        return action, log_probs.gather(1, action.unsqueeze(1)).squeeze(1), value
+
+    def collect_rollout(self, should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Fill the buffer with num_steps transitions; False if interrupted (the partial rollout is discarded)."""
+        self.model.eval()
+        if self.buffer is None:
+            self.buffer = self._allocate_buffer()
+        buf = self.buffer
+        if self._obs is None:
+            self._obs = self.env.reset()
+        for t in range(self.cfg.num_steps):
+            if should_stop():
+                return False
+            action, logprob, value = self._policy_step(self._obs)
+            buf["obs"][t].copy_(self._obs)
+            buf["actions"][t], buf["logprobs"][t], buf["values"][t] = action, logprob, value
+            obs, rewards, dones = self.env.step_numpy(action.cpu().numpy())
+            if self.reward_normalizer is not None:
+                rewards = self.reward_normalizer(rewards, dones)
+            buf["rewards"][t].copy_(torch.from_numpy(rewards))
+            buf["dones"][t].copy_(torch.from_numpy(dones))
+            self._obs = self.env.as_tensor(obs)
+        self.env_steps += self.cfg.batch_size
+        return True
+
+    # ---------------------------------------------------------------- learning
+    def _minibatch_loss(self, mb: dict[str, torch.Tensor]):
+        cfg = self.cfg
+        if cfg.mixreg:
+            mb, _ = mix_ppo_minibatch(mb, cfg.mix_alpha)
+        if cfg.augment is not None:
+            mb = {**mb, "obs": AUGMENTATIONS[cfg.augment](mb["obs"])}
+        with self.rt.autocast():
+            logits, values = self.forward(mb["obs"])
+        loss, stats = ppo_loss(logits, values, mb, cfg)
+        if cfg.l2_coef > 0:
+            loss = loss + cfg.l2_coef * l2_penalty(self.model)
+        return loss, stats
+
+    def update(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, float]:
+        cfg, buf = self.cfg, self.buffer
+        with torch.inference_mode():
+            with self.rt.autocast():
+                _, next_value = self.forward(self._obs)
+            advantages, returns = compute_gae(buf["rewards"], buf["values"], buf["dones"], next_value.float(),
+                                              cfg.gamma, cfg.gae_lambda)
+        flat = {"obs": buf["obs"].flatten(0, 1), "actions": buf["actions"].flatten(),
+                "old_logprobs": buf["logprobs"].flatten(), "old_values": buf["values"].flatten(),
+                "advantages": advantages.flatten().clone(), "returns": returns.flatten().clone()}
+        self.model.train()
+        totals: dict[str, torch.Tensor] = {}
+        count = 0
+        for _ in range(cfg.num_epochs):
+            order = torch.randperm(cfg.batch_size, device=self.rt.device)
+            for start in range(0, cfg.batch_size, cfg.minibatch_size):
+                if should_stop():
+                    break
+                idx = order[start:start + cfg.minibatch_size]
+                loss, stats = self._minibatch_loss({k: v[idx] for k, v in flat.items()})
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                stats["grad_norm"] = grad_norm.detach()
+                for k, v in stats.items():  # summed as tensors: no device sync per minibatch
+                    totals[k] = totals[k] + v if k in totals else v.float()
+                count += 1
+        self.iterations += 1
+        metrics = {k: float(v) / max(count, 1) for k, v in totals.items()}
+        metrics["explained_variance"] = explained_variance(flat["old_values"], flat["returns"])
+        return metrics
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_iteration(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
+        """One rollout + update; None when interrupted before any update happened."""
+        if not self.collect_rollout(should_stop):
+            return None
+        return self.update(should_stop)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "env_steps": self.env_steps, "iterations": self.iterations, "config": asdict(self.cfg),
+                "reward_normalizer": None if self.reward_normalizer is None else self.reward_normalizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.env_steps, self.iterations = state["env_steps"], state["iterations"]
+        if self.reward_normalizer is not None and state.get("reward_normalizer") is not None:
+            self.reward_normalizer.load_state_dict(state["reward_normalizer"])

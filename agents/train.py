@@ -1,0 +1,203 @@
+"""The Procgen training driver shared by every agent: run directory, logging,
+periodic evaluation on unseen levels, checkpoints, resume and clean interruption.
+
+An agent plugs in through a small interface:
+    agent.kind, agent.env_steps, agent.iterations
+    agent.train_iteration(should_stop) -> metrics dict, or None if interrupted before updating
+    agent.act(obs, deterministic) -> actions
+    agent.state_dict() / agent.load_state_dict(state)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from envs.procgen import PROTOCOLS, ProcgenVecEnv, check_game, visual_options
+from workbench.checkpoint import LATEST, load_checkpoint, save_checkpoint
+from workbench.logging import RunLogger, default_run_name, write_json
+from workbench.runtime import Runtime, rng_state, seed_everything, set_rng_state
+
+from .evaluate import evaluate
+from .ppo import PPO, PPOConfig
+
+ALGORITHMS = {"ppo": (PPO, PPOConfig)}
+REGULARIZERS = ("none", "cutout_color", "random_crop", "random_conv", "l2", "batchnorm")
+
+
+@dataclass
+class TrainConfig:
+    env: str = "starpilot"
+    algo: str = "ppo"
+    protocol: str = "easy-200"
+    total_steps: int = 40_960
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    visual: list = field(default_factory=list)
+    num_test_envs: int = 32
+    eval_interval: int = 5          # iterations between evaluations on unseen levels
+    eval_episodes: int = 32
+    video: bool = True
+    checkpoint_interval: int = 1    # iterations between checkpoints
+    run_dir: str = ""
+    progress: bool = True
+    agent: dict = field(default_factory=dict)  # the algorithm's own config (e.g. PPOConfig fields)
+
+    def __post_init__(self):
+        check_game(self.env)
+        if self.algo not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algo!r}: choose one of {', '.join(ALGORITHMS)}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+        visual_options(self.visual)
+
+
+def apply_regularizer(agent_cfg: dict, regularizer: str, l2_coef: float) -> dict:
+    """Translate the paper's comparison regularisers into agent config fields."""
+    if regularizer not in REGULARIZERS:
+        raise ValueError(f"unknown regularizer {regularizer!r}: choose one of {', '.join(REGULARIZERS)}")
+    cfg = dict(agent_cfg)
+    if regularizer in ("cutout_color", "random_crop", "random_conv"):
+        cfg["augment"] = regularizer
+    elif regularizer == "l2":
+        cfg["l2_coef"] = l2_coef
+    elif regularizer == "batchnorm":
+        cfg["backbone_kwargs"] = {**cfg.get("backbone_kwargs", {}), "batch_norm": True}
+    return cfg
+
+
+class StopFlag:
+    """First SIGINT/SIGTERM asks the run to checkpoint and stop; a second SIGINT aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint and stopping "
+              f"(press Ctrl-C again to abort without saving)", flush=True)
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume_state: dict | None = None):
+        self.cfg = cfg
+        self.protocol = PROTOCOLS[cfg.protocol]
+        self.run_dir = Path(cfg.run_dir or Path("runs") / default_run_name(
+            cfg.env, cfg.algo + ("-mixreg" if cfg.agent.get("mixreg") else ""), f"s{cfg.seed}"))
+        self.runtime = Runtime.create(cfg.device, cfg.precision, cfg.compile)
+        seed_everything(cfg.seed)
+        agent_cls, agent_cfg_cls = ALGORITHMS[cfg.algo]
+        self.agent_cfg = agent_cfg_cls(**cfg.agent)
+        # A resumed run draws new training episodes: Procgen levels cannot be re-seeded mid-run.
+        iterations_done = resume_state["agent"]["iterations"] if resume_state else 0
+        self.env = ProcgenVecEnv(cfg.env, self.agent_cfg.num_envs, self.protocol.distribution_mode,
+                                 self.protocol.num_levels, self.protocol.start_level, self.runtime.device,
+                                 seed=cfg.seed + 1000 * iterations_done, **visual_options(cfg.visual))
+        self.agent = agent_cls(self.env, self.agent_cfg, self.runtime)
+        if resume_state is not None:
+            self.agent.load_state_dict(resume_state["agent"])
+            set_rng_state(resume_state["rng"])
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, total_steps: int | None = None, progress: bool = True) -> "Trainer":
+        state = load_checkpoint(Path(run_dir) / LATEST, kind="procgen-agent")
+        config = dict(state["config"], run_dir=str(run_dir), progress=progress)
+        if total_steps is not None:
+            config["total_steps"] = total_steps
+        return cls(TrainConfig(**config), resume_state={"agent": state["agent_state"], "rng": state["rng"]})
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir / LATEST, "procgen-agent", {
+            "algo": self.cfg.algo, "config": dataclasses.asdict(self.cfg),
+            "agent_state": self.agent.state_dict(), "rng": rng_state()})
+
+    def evaluate(self, logger: RunLogger | None = None, record_video: bool = False) -> dict:
+        test_env = ProcgenVecEnv(self.cfg.env, min(self.cfg.num_test_envs, self.cfg.eval_episodes),
+                                 self.protocol.distribution_mode, num_levels=0, start_level=0,
+                                 device=self.runtime.device, seed=self.cfg.seed + 12345,
+                                 **visual_options(self.cfg.visual))
+        result = evaluate(self.agent, test_env, self.cfg.eval_episodes, record_video=record_video)
+        step = self.agent.env_steps
+        if logger is not None:
+            logger.scalars("test", {"episode_return": result["mean_return"],
+                                    "normalized_score": result["normalized_score"]}, step)
+            if record_video:
+                logger.video("test/video", result["video"], step)
+        result.pop("video", None)
+        return result
+
+    def run(self) -> dict:
+        cfg, agent = self.cfg, self.agent
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.run_dir / "config.json", {**dataclasses.asdict(cfg), "agent_resolved":
+                                                  dataclasses.asdict(self.agent_cfg),
+                                                  "runtime": {"device": str(self.runtime.device),
+                                                              "precision": self.runtime.precision_name}})
+        logger = RunLogger(self.run_dir, total=cfg.total_steps, initial=agent.env_steps, progress=cfg.progress,
+                           desc=f"{cfg.algo} {cfg.env}", purge_step=agent.env_steps or None)
+        recent_returns: list[float] = []
+        last_test = None
+        interrupted = False
+        start_steps, start_time = agent.env_steps, time.time()
+        try:
+            with StopFlag() as stop:
+                while agent.env_steps < cfg.total_steps and not stop():
+                    t0, s0 = time.time(), agent.env_steps
+                    metrics = agent.train_iteration(stop)
+                    if metrics is None:
+                        break
+                    step = agent.env_steps
+                    returns, lengths = self.env.stats.drain()
+                    recent_returns = (recent_returns + returns)[-100:]
+                    if returns:
+                        mean = float(np.mean(returns))
+                        logger.scalars("train", {"episode_return": mean, "episode_length": float(np.mean(lengths)),
+                                                 "normalized_score": self.env.normalized_score(mean)}, step)
+                    logger.scalars("losses", metrics, step)
+                    sps = (step - s0) / (time.time() - t0)
+                    logger.scalars("perf", {"steps_per_second": sps, "learning_rate": agent.learning_rate}, step)
+                    logger.advance(step - s0, ret=np.mean(recent_returns) if recent_returns else 0.0, sps=sps)
+                    if agent.iterations % cfg.eval_interval == 0 or agent.env_steps >= cfg.total_steps:
+                        last_test = self.evaluate(logger, record_video=cfg.video)
+                        logger.bar.write(f"step {step}: test return {last_test['mean_return']:.2f} "
+                                         f"(normalised {last_test['normalized_score']:.3f}) over "
+                                         f"{last_test['episodes']} episodes on unseen levels")
+                    if agent.iterations % cfg.checkpoint_interval == 0:
+                        self.save()
+                interrupted = stop()
+        finally:
+            self.save()
+            logger.close()
+        elapsed = time.time() - start_time
+        metrics = {"env": cfg.env, "algo": cfg.algo, "mixreg": bool(self.agent_cfg.__dict__.get("mixreg")),
+                   "seed": cfg.seed, "env_steps": agent.env_steps, "iterations": agent.iterations,
+                   "interrupted": interrupted, "wall_seconds": elapsed,
+                   "steps_per_second": (agent.env_steps - start_steps) / max(elapsed, 1e-9),
+                   "precision": self.runtime.precision_name, "device": str(self.runtime.device),
+                   "train_mean_return_last100": float(np.mean(recent_returns)) if recent_returns else None,
+                   "test": last_test}
+        write_json(self.run_dir / "metrics.json", metrics)
+        return metrics

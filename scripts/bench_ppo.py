@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Throughput of this PPO against stable-baselines3's PPO on the same work.
+
+Both learners get the same Procgen envs (SB3 through the VecEnv adapter), the
+same IMPALA network (the registry's, wrapped as an SB3 features extractor), the
+same n_envs / n_steps / minibatches / epochs and reward normalisation, and train
+for the same number of env steps in this one process. Prints both
+steps-per-second figures and ends with `ppo_sps_ratio_vs_sb3=<x>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from agents.ppo import PPO, PPOConfig  # noqa: E402
+from envs.procgen import ProcgenVecEnv  # noqa: E402
+from workbench.backbones import create_backbone  # noqa: E402
+from workbench.runtime import PRECISION_CHOICES, Runtime  # noqa: E402
+
+
+def bench_ours(args) -> float:
+    torch.manual_seed(args.seed)
+    env = ProcgenVecEnv(args.env, args.num_envs, num_levels=200, seed=args.seed)
+    runtime = Runtime.create(args.device, args.precision)
+    cfg = PPOConfig(num_envs=args.num_envs, num_steps=args.num_steps, num_minibatches=args.num_minibatches,
+                    num_epochs=args.num_epochs, backbone=args.backbone, mixreg=args.mixreg)
+    agent = PPO(env, cfg, runtime)
+    print(f"ours: device {runtime.device}, precision {runtime.precision_name}, channels_last {runtime.channels_last}")
+    start = time.perf_counter()
+    for _ in range(args.iterations):
+        agent.train_iteration()
+    elapsed = time.perf_counter() - start
+    return agent.env_steps / elapsed
+
+
+def bench_sb3(args) -> float:
+    from stable_baselines3 import PPO as SB3PPO
+    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from envs.sb3 import ProcgenSB3VecEnv
+
+    class ImpalaExtractor(BaseFeaturesExtractor):
+        def __init__(self, observation_space, backbone: str = "impala_1x"):
+            net = create_backbone(backbone)
+            super().__init__(observation_space, net.out_dim)
+            self.net = net
+
+        def forward(self, obs: torch.Tensor) -> torch.Tensor:
+            return self.net(obs)  # SB3 has already transposed to NCHW and scaled to [0, 1]
+
+    torch.manual_seed(args.seed)
+    venv = VecNormalize(ProcgenSB3VecEnv(ProcgenVecEnv(args.env, args.num_envs, num_levels=200, seed=args.seed)),
+                        norm_obs=False, norm_reward=True, gamma=0.999)
+    batch = args.num_envs * args.num_steps // args.num_minibatches
+    model = SB3PPO("CnnPolicy", venv, n_steps=args.num_steps, batch_size=batch, n_epochs=args.num_epochs,
+                   learning_rate=5e-4, gamma=0.999, gae_lambda=0.95, clip_range=0.2, clip_range_vf=0.2,
+                   ent_coef=0.01, vf_coef=0.5, max_grad_norm=0.5, device=args.device if args.device != "auto"
+                   else ("cuda" if torch.cuda.is_available() else "cpu"), seed=args.seed, verbose=0,
+                   policy_kwargs=dict(features_extractor_class=ImpalaExtractor,
+                                      features_extractor_kwargs={"backbone": args.backbone},
+                                      net_arch=[], optimizer_kwargs={"eps": 1e-5}))
+    print(f"sb3: device {model.device}, fp32, default memory format")
+    steps = args.iterations * args.num_envs * args.num_steps
+    start = time.perf_counter()
+    model.learn(total_timesteps=steps)
+    elapsed = time.perf_counter() - start
+    return model.num_timesteps / elapsed
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="starpilot")
+    p.add_argument("--num-envs", type=int, default=64)
+    p.add_argument("--num-steps", type=int, default=256)
+    p.add_argument("--num-minibatches", type=int, default=8)
+    p.add_argument("--num-epochs", type=int, default=3)
+    p.add_argument("--iterations", type=int, default=2, help="PPO iterations (rollout + update) per learner")
+    p.add_argument("--backbone", default="impala_1x")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help="for this PPO (SB3 runs fp32)")
+    p.add_argument("--mixreg", action="store_true", help="time this PPO with mixreg on")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    print(f"{args.iterations} iterations x {args.num_envs} envs x {args.num_steps} steps, {args.num_minibatches} "
+          f"minibatches, {args.num_epochs} epochs, {args.backbone}, torch threads {torch.get_num_threads()}")
+    ours = bench_ours(args)
+    print(f"this PPO: {ours:.1f} steps/s", flush=True)
+    sb3 = bench_sb3(args)
+    print(f"stable-baselines3 PPO: {sb3:.1f} steps/s")
+    print(f"ppo_sps_ratio_vs_sb3={ours / sb3:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""IMPALA CNN (Espeholt et al. 2018) as used for Procgen (Cobbe et al. 2020).
+
+Per stage: conv3x3 -> maxpool 3x3/2 -> two residual blocks
+(relu, conv3x3, relu, conv3x3, + skip). After the stages: relu, flatten,
+linear to 256, relu. Widths: 1x [16,32,32], 2x [32,64,64], 4x [64,128,128].
+`batch_norm=True` puts BatchNorm after every convolution (the mixreg paper's
+batch-norm baseline). Inputs are float images scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import register_backbone
+
+
+def _conv3x3(cin: int, cout: int, batch_norm: bool) -> nn.Module:
+    conv = nn.Conv2d(cin, cout, kernel_size=3, padding=1)
+    return nn.Sequential(conv, nn.BatchNorm2d(cout)) if batch_norm else conv
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int, batch_norm: bool = False):
+        super().__init__()
+        self.conv0 = _conv3x3(channels, channels, batch_norm)
+        self.conv1 = _conv3x3(channels, channels, batch_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv0(F.relu(x))
+        out = self.conv1(F.relu(out))
+        return x + out
+
+
+class ConvSequence(nn.Module):
+    """One IMPALA stage; halves the spatial size (rounding up)."""
+
+    def __init__(self, cin: int, cout: int, batch_norm: bool = False):
+        super().__init__()
+        self.conv = _conv3x3(cin, cout, batch_norm)
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.res0 = ResidualBlock(cout, batch_norm)
+        self.res1 = ResidualBlock(cout, batch_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.res1(self.res0(self.pool(self.conv(x))))
+
+
+class ImpalaCNN(nn.Module):
+    def __init__(self, widths: Sequence[int] = (16, 32, 32), in_channels: int = 3, image_size: int = 64,
+                 out_dim: int = 256, batch_norm: bool = False):
+        super().__init__()
+        stages, cin, size = [], in_channels, image_size
+        for width in widths:
+            stages.append(ConvSequence(cin, width, batch_norm))
+            cin, size = width, (size + 1) // 2
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(cin * size * size, out_dim)
+        self.out_dim = out_dim
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Orthogonal init with gain sqrt(2) for ReLU layers, as in the OpenAI baselines Procgen code.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.orthogonal_(m.weight, gain=nn.init.calculate_gain("relu"))
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stages(x))
+        return F.relu(self.fc(torch.flatten(x, 1)))
+
+
+WIDTHS = {"1x": (16, 32, 32), "2x": (32, 64, 64), "4x": (64, 128, 128)}
+
+
+def _register(scale: str) -> None:
+    @register_backbone(f"impala_{scale}")
+    def build(**kwargs) -> ImpalaCNN:
+        return ImpalaCNN(widths=WIDTHS[scale], **kwargs)
+
+
+for _scale in WIDTHS:
+    _register(_scale)

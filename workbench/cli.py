@@ -1,0 +1,55 @@
+"""The `workbench` command: one entry point whose subcommands dispatch into the families.
+
+    workbench train-procgen --env starpilot --mixreg
+    workbench evaluate-procgen runs/<run-name> --episodes 100
+    workbench backbones
+
+Each family module is imported only when its subcommand runs, so that
+`workbench --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, function taking argv and returning an exit code, one-line help)
+COMMANDS = {
+    "train-procgen": ("agents.cli", "train_main", "train a PPO agent (optionally with mixreg) on a Procgen game"),
+    "evaluate-procgen": ("agents.cli", "evaluate_main", "evaluate a Procgen checkpoint on unseen levels"),
+    "backbones": ("workbench.cli", "backbones_main", "list the registered backbones"),
+}
+
+
+def backbones_main(argv=None) -> int:
+    from workbench.backbones import create_backbone, list_backbones
+
+    for name in list_backbones():
+        model = create_backbone(name)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{name:20s} {params / 1e6:8.3f}M parameters  out_dim={getattr(model, 'out_dim', '-')}")
+    return 0
+
+
+def usage() -> str:
+    lines = ["usage: workbench <command> [options]", "", "commands:"]
+    lines += [f"  {name:18s} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`workbench <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"workbench: unknown command {command!r}: choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module, function, _ = COMMANDS[command]
+    return getattr(importlib.import_module(module), function)(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Run directories, TensorBoard scalars and videos, progress bars, JSON results.
+
+Every long job writes into one run directory:
+
+    runs/<run-name>/
+        config.json      the resolved configuration
+        events.out.*     TensorBoard events
+        checkpoint.pt    the latest checkpoint (atomic)
+        metrics.json     final metrics
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+
+def default_run_name(*parts: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return "-".join([p for p in parts if p] + [stamp])
+
+
+def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
+    """Write JSON atomically (temp file + rename), so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class RunLogger:
+    """TensorBoard writer bound to a run directory, with a tqdm progress bar.
+
+    `scalars` logs a dict of values under one prefix; `video` writes an
+    animated GIF summary (TensorBoard shows it in the Images tab) without
+    needing moviepy.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, total: int | None = None, initial: int = 0,
+                 desc: str = "", progress: bool = True, purge_step: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", unit_scale=True,
+                        dynamic_ncols=True, disable=not progress, smoothing=0.1)
+
+    def scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
+        for name, value in values.items():
+            if value is None:
+                continue
+            self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
+
+    def video(self, tag: str, frames: np.ndarray, step: int, fps: int = 15) -> None:
+        """frames: (T, H, W, 3) uint8."""
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        if len(frames) == 0:
+            return
+        images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+        buf = io.BytesIO()
+        images[0].save(buf, format="GIF", save_all=True, append_images=images[1:],
+                       duration=int(1000 / fps), loop=0)
+        h, w = frames.shape[1:3]
+        image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=buf.getvalue())
+        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+    def advance(self, n: int, **postfix: float) -> None:
+        self.bar.update(n)
+        if postfix:
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
