@@ -26,6 +26,55 @@ from workbench.backbones import create_backbone  # noqa: E402
 from workbench.runtime import PRECISION_CHOICES, Runtime  # noqa: E402
 
 
+def bench_network(args) -> None:
+    """Samples/s of the actor-critic network per memory layout and precision: the basis of the defaults."""
+    from agents.ppo import ActorCritic
+
+    print("network throughput (samples/s): layout, precision, rollout forward (batch "
+          f"{args.num_envs}, inference mode), train step (batch {args.num_envs * args.num_steps // args.num_minibatches})")
+    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    train_batch = args.num_envs * args.num_steps // args.num_minibatches
+    obs = torch.randint(0, 256, (train_batch, 64, 64, 3), dtype=torch.uint8, device=device)
+    for channels_last in (False, True):
+        for precision in ("fp32", "bf16"):
+            rt = Runtime(device, torch.bfloat16 if precision == "bf16" else None, channels_last)
+            model = rt.prepare_module(ActorCritic(create_backbone(args.backbone), 15))
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+            # The model permutes NHWC frames to NCHW; for the NCHW path hand it frames whose permuted
+            # view is NCHW-contiguous, as a pipeline that stores frames channel-first would.
+            frames = obs if channels_last else obs.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+            small = frames[: args.num_envs]
+
+            def forward():
+                with torch.inference_mode(), rt.autocast():
+                    model(small)
+
+            def train_step():
+                with rt.autocast():
+                    logits, value = model(frames)
+                loss = logits.float().logsumexp(-1).mean() + value.float().pow(2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+
+            fwd = _rate(forward, args.num_envs, device)
+            step = _rate(train_step, train_batch, device, repeats=2)
+            print(f"  {'channels_last' if channels_last else 'NCHW':13s} {precision}: "
+                  f"forward {fwd:8.0f}   train step {step:7.0f}")
+
+
+def _rate(fn, samples: int, device: torch.device, repeats: int = 10) -> float:
+    fn()  # warm-up (kernel selection, allocator)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return samples * repeats / (time.perf_counter() - start)
+
+
 def bench_ours(args) -> float:
     torch.manual_seed(args.seed)
     env = ProcgenVecEnv(args.env, args.num_envs, num_levels=200, seed=args.seed)
@@ -89,9 +138,12 @@ def main(argv=None) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help="for this PPO (SB3 runs fp32)")
     p.add_argument("--mixreg", action="store_true", help="time this PPO with mixreg on")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-network", action="store_true", help="skip the per-layout network timing")
     args = p.parse_args(argv)
     print(f"{args.iterations} iterations x {args.num_envs} envs x {args.num_steps} steps, {args.num_minibatches} "
           f"minibatches, {args.num_epochs} epochs, {args.backbone}, torch threads {torch.get_num_threads()}")
+    if not args.skip_network:
+        bench_network(args)
     ours = bench_ours(args)
     print(f"this PPO: {ours:.1f} steps/s", flush=True)
     sb3 = bench_sb3(args)

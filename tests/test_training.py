@@ -1,0 +1,120 @@
+"""Few-update training runs: TensorBoard content, checkpoints, resume, interruption, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from agents.cli import evaluate_main, train_main
+from agents.train import Trainer, TrainConfig
+from workbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--env", "bigfish", "--num-envs", "4", "--num-steps", "32", "--eval-episodes", "2",
+        "--eval-interval", "2", "--no-progress", "--precision", "fp32"]
+
+EXPECTED_SCALARS = {"train/episode_return", "train/normalized_score", "test/episode_return",
+                    "test/normalized_score", "losses/policy_loss", "losses/value_loss", "losses/entropy",
+                    "losses/approx_kl", "losses/clip_fraction", "losses/explained_variance",
+                    "perf/steps_per_second", "perf/learning_rate"}
+
+
+def tiny_config(run_dir, total_steps=256, **agent):
+    return TrainConfig(env="bigfish", total_steps=total_steps, eval_interval=2, eval_episodes=2, num_test_envs=2,
+                       precision="fp32", run_dir=str(run_dir), progress=False, video=False,
+                       agent={"num_envs": 4, "num_steps": 32, "num_minibatches": 4, **agent})
+
+
+def test_training_run_writes_tensorboard_tags_checkpoint_and_metrics(tmp_path):
+    rc = train_main(TINY + ["--total-steps", "512", "--runs-root", str(tmp_path), "--run-name", "r"])
+    assert rc == 0
+    run = tmp_path / "r"
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    assert EXPECTED_SCALARS <= set(acc.Tags()["scalars"])
+    assert "test/video" in acc.Tags()["images"]
+    steps = [e.step for e in acc.Scalars("losses/policy_loss")]
+    assert steps == [128, 256, 384, 512]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["env_steps"] == 512 and metrics["iterations"] == 4 and metrics["mixreg"] is True
+    assert metrics["test"]["episodes"] == 2
+    ckpt = load_checkpoint(run, kind="procgen-agent")
+    assert ckpt["agent_state"]["env_steps"] == 512
+    assert ckpt["agent_state"]["reward_normalizer"]["count"] > 512 - 1
+    assert json.loads((run / "config.json").read_text())["agent_resolved"]["mixreg"] is True
+
+
+def test_resume_continues_counters_from_the_checkpoint_weights(tmp_path):
+    Trainer(tiny_config(tmp_path, total_steps=256)).run()  # 2 iterations of 128 steps
+    saved = load_checkpoint(tmp_path, kind="procgen-agent")
+    resumed = Trainer.resume(tmp_path, total_steps=512, progress=False)
+    assert resumed.agent.env_steps == 256 and resumed.agent.iterations == 2
+    for name, tensor in saved["agent_state"]["model"].items():
+        assert torch.equal(resumed.agent.model.state_dict()[name], tensor), name
+    assert resumed.agent.optimizer.state_dict()["state"][0]["step"] == saved["agent_state"]["optimizer"]["state"][0]["step"]
+    metrics = resumed.run()
+    assert metrics["env_steps"] == 512 and metrics["iterations"] == 4
+    assert load_checkpoint(tmp_path)["agent_state"]["iterations"] == 4
+
+
+def test_sigint_writes_a_checkpoint_before_exit(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_procgen.py"), *TINY, "--total-steps", "1000000",
+           "--runs-root", str(tmp_path), "--run-name", "sig"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = tmp_path / "sig" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert ckpt.exists(), proc.communicate(timeout=5)[0] if proc.poll() is not None else "no checkpoint"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "SIGINT received" in out
+    state = load_checkpoint(ckpt)
+    metrics = json.loads((tmp_path / "sig" / "metrics.json").read_text())
+    assert metrics["interrupted"] is True
+    assert state["agent_state"]["env_steps"] == metrics["env_steps"] >= 128
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, capsys):
+    assert train_main(["--env", "coinrunn", "--no-progress"]) == 2
+    assert train_main(["--algo", "a3c", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "coinrunn" in err[0] and "valid games" in err[0] and "a3c" in err[1]
+
+    truncated = tmp_path / "truncated.pt"
+    save_checkpoint(tmp_path / "good.pt", "procgen-agent", {"x": torch.zeros(1000)})
+    truncated.write_bytes((tmp_path / "good.pt").read_bytes()[:500])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    wrong_kind = save_checkpoint(tmp_path / "shot.pt", "shot-source", {})
+    for path, pattern in [(truncated, "truncated"), (foreign, "not a workbench checkpoint"),
+                          (wrong_kind, "'shot-source' checkpoint"), (tmp_path / "missing", "no checkpoint")]:
+        with pytest.raises(CheckpointError, match=pattern):
+            load_checkpoint(path, kind="procgen-agent")
+        assert evaluate_main([str(path), "--episodes", "1"]) == 2
+        assert pattern.split("'")[0] in capsys.readouterr().err
+
+
+def test_evaluate_script_writes_json(tmp_path):
+    Trainer(tiny_config(tmp_path, total_steps=128)).run()
+    out = tmp_path / "eval.json"
+    assert evaluate_main([str(tmp_path), "--episodes", "3", "--num-envs", "3", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["episodes"] == 3 and result["num_levels"] == 0 and result["env_steps"] == 128
+    assert result["normalized_score"] == pytest.approx((result["mean_return"] - 1) / 39)
+
+
+@pytest.mark.parametrize("regularizer", ["cutout_color", "random_crop", "random_conv", "l2", "batchnorm"])
+def test_comparison_regularizers_train(tmp_path, regularizer):
+    rc = train_main(TINY + ["--total-steps", "128", "--no-mixreg", "--regularizer", regularizer, "--no-video",
+                            "--runs-root", str(tmp_path), "--run-name", regularizer])
+    assert rc == 0
+    assert json.loads((tmp_path / regularizer / "metrics.json").read_text())["env_steps"] == 128
