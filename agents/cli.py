@@ -107,7 +107,8 @@ def train_main(argv=None) -> int:
         print(f"test on unseen levels: mean return {metrics['test']['mean_return']:.2f}, "
               f"normalised score {metrics['test']['normalized_score']:.3f}")
     print(f"TensorBoard logs: {trainer.run_dir}  ->  tensorboard --logdir {trainer.run_dir.parent}")
-    return 130 if metrics["interrupted"] else 0
+    # Interrupted runs exit as a signal-killed process would (130 for SIGINT, 143 for SIGTERM).
+    return 128 + metrics["stop_signal"] if metrics["interrupted"] else 0
 
 
 

@@ -79,6 +79,7 @@ class StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
         self._previous = {}
 
     def __call__(self) -> bool:
@@ -87,7 +88,7 @@ class StopFlag:
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         print(f"\n{signal.Signals(signum).name} received: saving a checkpoint and stopping "
               f"(press Ctrl-C again to abort without saving)", flush=True)
 
@@ -160,7 +161,7 @@ class Trainer:
                            desc=f"{cfg.algo} {cfg.env}", purge_step=agent.env_steps or None)
         recent_returns: list[float] = []
         last_test = None
-        interrupted = False
+        interrupted, stop_signal = False, None
         start_steps, start_time = agent.env_steps, time.time()
         try:
             with StopFlag() as stop:
@@ -187,14 +188,14 @@ class Trainer:
                                          f"{last_test['episodes']} episodes on unseen levels")
                     if agent.iterations % cfg.checkpoint_interval == 0:
                         self.save()
-                interrupted = stop()
+                interrupted, stop_signal = stop(), stop.signum
         finally:
             self.save()
             logger.close()
         elapsed = time.time() - start_time
-        metrics = {"env": cfg.env, "algo": cfg.algo, "mixreg": bool(self.agent_cfg.__dict__.get("mixreg")),
+        metrics = {"env": cfg.env, "algo": cfg.algo, "mixreg": bool(getattr(self.agent_cfg, "mixreg", False)),
                    "seed": cfg.seed, "env_steps": agent.env_steps, "iterations": agent.iterations,
-                   "interrupted": interrupted, "wall_seconds": elapsed,
+                   "interrupted": interrupted, "stop_signal": stop_signal, "wall_seconds": elapsed,
                    "steps_per_second": (agent.env_steps - start_steps) / max(elapsed, 1e-9),
                    "precision": self.runtime.precision_name, "device": str(self.runtime.device),
                    "train_mean_return_last100": float(np.mean(recent_returns)) if recent_returns else None,

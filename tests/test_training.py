@@ -1,7 +1,6 @@
 """Few-update training runs: TensorBoard content, checkpoints, resume, interruption, bad input."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -64,7 +63,8 @@ def test_resume_continues_counters_from_the_checkpoint_weights(tmp_path):
     assert load_checkpoint(tmp_path)["agent_state"]["iterations"] == 4
 
 
-def test_sigint_writes_a_checkpoint_before_exit(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_writes_a_checkpoint_before_exit(tmp_path, signum):
     cmd = [sys.executable, str(ROOT / "scripts" / "train_procgen.py"), *TINY, "--total-steps", "1000000",
            "--runs-root", str(tmp_path), "--run-name", "sig"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -73,10 +73,10 @@ def test_sigint_writes_a_checkpoint_before_exit(tmp_path):
     while not ckpt.exists() and time.time() < deadline:
         time.sleep(0.2)
     assert ckpt.exists(), proc.communicate(timeout=5)[0] if proc.poll() is not None else "no checkpoint"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out
-    assert "SIGINT received" in out
+    assert proc.returncode == 128 + signum, out
+    assert f"{signal.Signals(signum).name} received" in out
     state = load_checkpoint(ckpt)
     metrics = json.loads((tmp_path / "sig" / "metrics.json").read_text())
     assert metrics["interrupted"] is True
