@@ -150,6 +150,23 @@ class Trainer:
         result.pop("video", None)
         return result
 
+    def _log_iteration(self, logger: RunLogger, metrics: dict, steps_before: int, seconds: float,
+                       recent_returns: list[float]) -> list[float]:
+        """TensorBoard scalars of one iteration; returns the last 100 training-episode returns."""
+        step = self.agent.env_steps
+        returns, lengths = self.env.stats.drain()
+        recent_returns = (recent_returns + returns)[-100:]
+        if returns:
+            mean = float(np.mean(returns))
+            logger.scalars("train", {"episode_return": mean, "episode_length": float(np.mean(lengths)),
+                                     "normalized_score": self.env.normalized_score(mean)}, step)
+        logger.scalars("losses", metrics, step)
+        sps = (step - steps_before) / seconds
+        logger.scalars("perf", {"steps_per_second": sps, "learning_rate": self.agent.learning_rate}, step)
+        logger.advance(step - steps_before, train_return=np.mean(recent_returns) if recent_returns else 0.0,
+                       sps=sps)
+        return recent_returns
+
     def run(self) -> dict:
         cfg, agent = self.cfg, self.agent
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -170,22 +187,12 @@ class Trainer:
                     metrics = agent.train_iteration(stop)
                     if metrics is None:
                         break
-                    step = agent.env_steps
-                    returns, lengths = self.env.stats.drain()
-                    recent_returns = (recent_returns + returns)[-100:]
-                    if returns:
-                        mean = float(np.mean(returns))
-                        logger.scalars("train", {"episode_return": mean, "episode_length": float(np.mean(lengths)),
-                                                 "normalized_score": self.env.normalized_score(mean)}, step)
-                    logger.scalars("losses", metrics, step)
-                    sps = (step - s0) / (time.time() - t0)
-                    logger.scalars("perf", {"steps_per_second": sps, "learning_rate": agent.learning_rate}, step)
-                    logger.advance(step - s0, ret=np.mean(recent_returns) if recent_returns else 0.0, sps=sps)
+                    recent_returns = self._log_iteration(logger, metrics, s0, time.time() - t0, recent_returns)
                     if agent.iterations % cfg.eval_interval == 0 or agent.env_steps >= cfg.total_steps:
                         last_test = self.evaluate(logger, record_video=cfg.video)
-                        logger.bar.write(f"step {step}: test return {last_test['mean_return']:.2f} "
-                                         f"(normalised {last_test['normalized_score']:.3f}) over "
-                                         f"{last_test['episodes']} episodes on unseen levels")
+                        logger.write(f"step {agent.env_steps}: test return {last_test['mean_return']:.2f} "
+                                     f"(normalised {last_test['normalized_score']:.3f}) over "
+                                     f"{last_test['episodes']} episodes on unseen levels")
                     if agent.iterations % cfg.checkpoint_interval == 0:
                         self.save()
                 interrupted, stop_signal = stop(), stop.signum

@@ -59,6 +59,7 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
+        self.desc, self.total, self.count = desc, total, initial
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", unit_scale=True,
                         dynamic_ncols=True, disable=not progress, smoothing=0.1)
 
@@ -84,9 +85,19 @@ class RunLogger:
         self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
     def advance(self, n: int, **postfix: float) -> None:
+        """Move the progress bar; without a bar (batch jobs, --no-progress) print one status line."""
         self.bar.update(n)
-        if postfix:
-            self.bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
+        self.count += n
+        shown = {k: f"{v:.3g}" for k, v in postfix.items()}
+        if self.bar.disable:
+            status = " ".join(f"{k}={v}" for k, v in shown.items())
+            print(f"{self.desc}: step {self.count}/{self.total} {status}", flush=True)
+        elif shown:
+            self.bar.set_postfix(shown, refresh=False)
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the progress bar."""
+        self.bar.write(message)
 
     def flush(self) -> None:
         self.writer.flush()
