@@ -38,4 +38,4 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
     return model
 
 
-from . import impala  # noqa: E402,F401  (registers the IMPALA variants)
+from . import digits, impala, resnet  # noqa: E402,F401  (each module registers its backbones)

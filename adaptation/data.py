@@ -1,0 +1,189 @@
+"""Image data for adaptation: list files, one-folder-per-class trees and the built-in digits.
+
+A data argument is one of
+    builtin:digits/<domain>[:train|test|all]   the built-in digits (adaptation.digits)
+    path/to/list.txt                            one `<image path> <int label>` per line
+    path/to/root/                               one sub-folder per class (sorted names = labels)
+
+Every problem with user data is a `DataError` whose one-line message names the file,
+the line and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from . import digits
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DIGITS_MEAN, DIGITS_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+class DataError(ValueError):
+    """A problem with user-supplied data (missing image, bad label, empty list ...)."""
+
+
+@dataclass
+class Sample:
+    path: str
+    label: int
+
+
+# ------------------------------------------------------------------ sources
+def read_list_file(list_file: str | Path, root: str | Path | None = None) -> list[Sample]:
+    """Parse `<path> <int label>` lines; relative paths resolve against `root` or the list's folder."""
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise DataError(f"list file {list_file} does not exist: pass a text file of '<path> <label>' lines")
+    base = Path(root) if root is not None else list_file.parent
+    samples = []
+    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        path, _, label = line.rstrip().rpartition(" ")
+        try:
+            label_value = int(label)
+        except ValueError:
+            raise DataError(f"{list_file}:{number}: expected '<path> <int label>', got {line.strip()!r}") from None
+        if not path.strip():
+            raise DataError(f"{list_file}:{number}: expected '<path> <int label>', got {line.strip()!r}")
+        image = Path(path.strip())
+        samples.append(Sample(str(image if image.is_absolute() else base / image), label_value))
+    if not samples:
+        raise DataError(f"list file {list_file} holds no samples: add '<path> <label>' lines")
+    missing = [(i, s.path) for i, s in enumerate(samples) if not Path(s.path).is_file()]
+    if missing:
+        i, path = missing[0]
+        raise DataError(f"{list_file}: image {path} listed in sample {i + 1} does not exist "
+                        f"({len(missing)} missing in all): fix the paths or pass --root")
+    return samples
+
+
+def scan_class_folders(root: str | Path) -> tuple[list[Sample], list[str]]:
+    """One sub-folder per class; labels follow the sorted folder names (as torchvision's ImageFolder)."""
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{root} has no class sub-folders: expect {root}/<class name>/<image files>")
+    samples = [Sample(str(f), label) for label, name in enumerate(classes)
+               for f in sorted((root / name).rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
+    if not samples:
+        raise DataError(f"{root} has class folders but no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
+    return samples, classes
+
+
+def check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise DataError(f"{source}: label {int(labels[bad[0]])} (sample {int(bad[0]) + 1}) is outside the "
+                        f"{num_classes} classes [0, {num_classes - 1}]: fix the label or --num-classes")
+
+
+# ------------------------------------------------------------------ datasets
+class ImageFileDataset(Dataset):
+    """Images read from disk with PIL; returns (image tensor, label, index)."""
+
+    def __init__(self, samples: list[Sample], transform: Callable, source: str):
+        self.samples, self.transform, self.source = samples, transform, source
+        self.labels = np.array([s.label for s in samples], np.int64)
+        self.paths = [s.path for s in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_image(self, index: int) -> Image.Image:
+        path = self.samples[index].path
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except FileNotFoundError:
+            raise DataError(f"image {path} from {self.source} disappeared: restore it or fix the list") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"image {path} from {self.source} is corrupt or not an image ({exc.__class__.__name__}):"
+                            f" replace it or remove its line") from None
+
+    def __getitem__(self, index: int):
+        return self.transform(self.load_image(index)), int(self.labels[index]), index
+
+
+class ArrayImageDataset(Dataset):
+    """In-memory uint8 images (N, H, W, 3), e.g. a built-in digits domain."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable, source: str):
+        self.images, self.labels, self.transform, self.source = images, labels.astype(np.int64), transform, source
+        self.paths = [f"{source}#{i}" for i in range(len(images))]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load_image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
+
+    def __getitem__(self, index: int):
+        return self.transform(self.load_image(index)), int(self.labels[index]), index
+
+
+# ------------------------------------------------------------------ transforms
+def image_transform(style: str, train: bool, image_size: int | None = None) -> Callable:
+    """The standard transforms: `imagenet` (resize 256, crop 224, flip; ImageNet statistics) or
+    `digits` (32x32, mean/std 0.5)."""
+    if style == "imagenet":
+        image_size = image_size or 224
+        resize = int(round(image_size * 256 / 224))
+        augment = [T.RandomCrop(image_size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(image_size)]
+        return T.Compose([T.Resize((resize, resize)), *augment, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    if style == "digits":
+        image_size = image_size or digits.SIZE
+        return T.Compose([T.Resize((image_size, image_size)), T.ToTensor(), T.Normalize(DIGITS_MEAN, DIGITS_STD)])
+    raise ValueError(f"unknown transform style {style!r}: use imagenet or digits")
+
+
+# ------------------------------------------------------------------ one entry point
+def parse_builtin(spec: str) -> tuple[str, str]:
+    """`builtin:digits/<domain>[:split]` -> (domain, split)."""
+    body = spec[len("builtin:"):]
+    family, _, rest = body.partition("/")
+    if family != "digits" or not rest:
+        raise DataError(f"unknown built-in data {spec!r}: use builtin:digits/<domain> with domain in "
+                        f"{', '.join(digits.DOMAINS)}")
+    domain, _, split = rest.partition(":")
+    return digits.check_domain(domain), split or "train"
+
+
+def load_dataset(spec: str, transform: Callable, num_classes: int | None = None, root: str | None = None):
+    """Build a dataset from a data argument; checks labels against `num_classes` when given."""
+    if spec.startswith("builtin:"):
+        domain, split = parse_builtin(spec)
+        images, labels = digits.load_domain(domain, split)
+        dataset = ArrayImageDataset(images, labels, transform, spec)
+        found_classes = digits.NUM_CLASSES
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            samples, classes = scan_class_folders(path)
+            found_classes = len(classes)
+        elif path.is_file():
+            samples = read_list_file(path, root)
+            found_classes = max(s.label for s in samples) + 1
+        else:
+            raise DataError(f"data {spec!r} is neither a list file, a folder of class folders, nor "
+                            f"builtin:digits/<domain>")
+        dataset = ImageFileDataset(samples, transform, spec)
+    if num_classes is not None:
+        check_labels(dataset.labels, num_classes, spec)
+    dataset.num_classes = num_classes or found_classes
+    return dataset
+
+
+def default_style(spec: str) -> str:
+    return "digits" if spec.startswith("builtin:digits") else "imagenet"
+

@@ -1,0 +1,59 @@
+"""Small digit networks of the SHOT digits experiments (Liang et al. 2020).
+
+- LeNet (28x28 grey in the paper): conv 20 k5 -> maxpool 2 -> relu -> conv 50 k5 -> dropout2d 0.5
+  -> maxpool 2 -> relu -> flatten (800-d at 28x28).
+- DTN (32x32 RGB): three conv k5 stride 2 with 64 / 128 / 256 channels, each followed by BatchNorm,
+  dropout2d 0.1 / 0.3 / 0.5 and relu -> flatten (4096-d at 32x32).
+
+`in_channels` and `image_size` set the input; `out_dim` follows from them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import register_backbone
+
+
+def _flat_dim(net: nn.Module, in_channels: int, image_size: int) -> int:
+    with torch.no_grad():
+        return int(net(torch.zeros(1, in_channels, image_size, image_size)).numel())
+
+
+class LeNet(nn.Module):
+    def __init__(self, in_channels: int = 3, image_size: int = 32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 20, kernel_size=5), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(20, 50, kernel_size=5), nn.Dropout2d(0.5), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Flatten())
+        self.out_dim = _flat_dim(self.features.eval(), in_channels, image_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class DTN(nn.Module):
+    def __init__(self, in_channels: int = 3, image_size: int = 32):
+        super().__init__()
+        layers, cin = [], in_channels
+        for cout, drop in ((64, 0.1), (128, 0.3), (256, 0.5)):
+            layers += [nn.Conv2d(cin, cout, kernel_size=5, stride=2, padding=2), nn.BatchNorm2d(cout),
+                       nn.Dropout2d(drop), nn.ReLU()]
+            cin = cout
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.out_dim = _flat_dim(self.features.eval(), in_channels, image_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+@register_backbone("lenet")
+def lenet(**kwargs) -> LeNet:
+    return LeNet(**kwargs)
+
+
+@register_backbone("dtn")
+def dtn(**kwargs) -> DTN:
+    return DTN(**kwargs)
