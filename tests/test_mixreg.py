@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from agents.mixreg import PPO_MIXED_KEYS, draw_mix, mix_ppo_minibatch, sample_beta
+from agents.mixreg import PPO_MIXED_KEYS, draw_mix, mix_ppo_minibatch
+from workbench.mixing import sample_beta
 
 
 def make_batch(b=256):

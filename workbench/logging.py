@@ -60,6 +60,7 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
         self.desc, self.total, self.count = desc, total, initial
+        self._last_status = 0.0
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", unit_scale=True,
                         dynamic_ncols=True, disable=not progress, smoothing=0.1)
 
@@ -84,12 +85,17 @@ class RunLogger:
         image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=buf.getvalue())
         self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
-    def advance(self, n: int, **postfix: float) -> None:
-        """Move the progress bar; without a bar (batch jobs, --no-progress) print one status line."""
+    def advance(self, n: int, status_every: float = 10.0, **postfix: float) -> None:
+        """Move the progress bar; without a bar (batch jobs, --no-progress) print a status line
+        at most every `status_every` seconds and at the end."""
         self.bar.update(n)
         self.count += n
         shown = {k: f"{v:.3g}" for k, v in postfix.items()}
         if self.bar.disable:
+            now = time.time()
+            if now - self._last_status < status_every and self.count != self.total:
+                return
+            self._last_status = now
             status = " ".join(f"{k}={v}" for k, v in shown.items())
             print(f"{self.desc}: step {self.count}/{self.total} {status}", flush=True)
         elif shown:

@@ -1,0 +1,57 @@
+"""SHOT's pseudo-labels: cosine-distance weighted k-means, seeded by the model's own predictions.
+
+    f_i  <- [f_i, 1] / ||[f_i, 1]||                       (features with a constant 1, L2-normalised)
+    c_k   = sum_i w_ik f_i / sum_i w_ik                   (round 1: w = softmax; round 2: one-hot labels)
+    y_i   = argmin_{k in S} cos_dist(f_i, c_k)            (S: classes the model predicts at least once)
+
+Nearest-centroid search runs on faiss (inner product on normalised vectors) when it is
+importable and on torch otherwise; both give the same labels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ROUNDS = 2
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _nearest_centroid(features: torch.Tensor, centroids: torch.Tensor, backend: str) -> torch.Tensor:
+    """Index of the most cosine-similar centroid for every (already normalised) feature."""
+    centroids = F.normalize(centroids, dim=1)
+    if backend == "faiss":
+        import faiss
+
+        index = faiss.IndexFlatIP(centroids.shape[1])
+        index.add(centroids.detach().cpu().float().contiguous().numpy())
+        _, nearest = index.search(features.detach().cpu().float().contiguous().numpy(), 1)
+        return torch.from_numpy(nearest[:, 0]).to(features.device)
+    return (features @ centroids.T).argmax(dim=1)
+
+
+def shot_pseudo_labels(features: torch.Tensor, probs: torch.Tensor, rounds: int = ROUNDS,
+                       backend: str = "auto") -> torch.Tensor:
+    """Pseudo-labels (N,) for bottleneck features (N, d) and softmax outputs (N, K)."""
+    if backend == "auto":
+        backend = "faiss" if faiss_available() else "torch"
+    if backend not in ("faiss", "torch"):
+        raise ValueError(f"unknown clustering backend {backend!r}: use auto, faiss or torch")
+    features = features.float()
+    features = F.normalize(torch.cat([features, torch.ones_like(features[:, :1])], dim=1), dim=1)
+    num_classes = probs.shape[1]
+    candidates = torch.bincount(probs.argmax(1), minlength=num_classes).nonzero().squeeze(1)
+    weights = probs.float()
+    labels = None
+    for _ in range(rounds):
+        centroids = weights.T @ features / (weights.sum(0)[:, None] + 1e-8)
+        labels = candidates[_nearest_centroid(features, centroids[candidates], backend)]
+        weights = F.one_hot(labels, num_classes).float()
+    return labels

@@ -1,0 +1,42 @@
+"""Accuracy and per-class accuracy of a source or adapted checkpoint on a data set."""
+
+from __future__ import annotations
+
+from workbench.checkpoint import load_checkpoint
+from workbench.runtime import Runtime
+
+from .data import DataError, image_transform, load_dataset
+from .model import build_model
+from .training import accuracy, make_loader, per_class_accuracy, predict
+
+MODEL_KINDS = ("source-model", "adapted-model")
+
+
+def load_model(path, device):
+    state = load_checkpoint(path, kind=MODEL_KINDS, map_location=device)
+    model = build_model(state["model_config"]).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval(), state
+
+
+def load_target(spec: str, model_config: dict, train: bool = False):
+    """A data set transformed as the model expects; its class count must match the model's."""
+    dataset = load_dataset(spec, image_transform(model_config["transform"], train, model_config.get("image_size")))
+    if dataset.num_classes > model_config["num_classes"]:
+        raise DataError(f"{spec} has {dataset.num_classes} classes but the model was trained for "
+                        f"{model_config['num_classes']}: pass data with the same class list")
+    dataset.num_classes = model_config["num_classes"]
+    return dataset
+
+
+def evaluate_model(path, data: str, device: str = "auto", batch_size: int = 256) -> dict:
+    rt = Runtime.create(device, "fp32", channels_last=False)
+    model, state = load_model(path, rt.device)
+    dataset = load_target(data, state["model_config"])
+    out = predict(model, make_loader(dataset, batch_size, train=False), rt.device)
+    pred, labels = out["probs"].argmax(1), out["labels"]
+    k = state["model_config"]["num_classes"]
+    return {"data": data, "samples": len(dataset), "accuracy": accuracy(pred, labels),
+            "per_class_accuracy": per_class_accuracy(pred, labels, k),
+            "mean_class_accuracy": sum(a for a in per_class_accuracy(pred, labels, k) if a is not None)
+            / max(1, sum(a is not None for a in per_class_accuracy(pred, labels, k)))}

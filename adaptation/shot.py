@@ -1,0 +1,251 @@
+"""SHOT-IM, SHOT and SHOT++ (Liang, Hu, Feng; ICML 2020 / TPAMI): source-free adaptation.
+
+The source classifier C is frozen; the feature extractor F and bottleneck B are trained on
+unlabelled target data with
+
+    L = IM + beta * CE(C(B(F(x))), y_hat)          (beta = 0: SHOT-IM)
+    IM = mean_i H(p_i) - H(mean_i p_i)
+
+where y_hat are cosine k-means pseudo-labels recomputed at the start of every epoch
+(adaptation.cluster). SHOT++ adds rotation self-supervision to the same loop (a linear head
+on [B(F(x)); B(F(rot x))], first fitted with F and B frozen, then weighted into L), and a
+final labeling-transfer stage trained with MixMatch (adaptation.mixmatch).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from workbench.checkpoint import save_checkpoint
+from workbench.logging import RunLogger, default_run_name, write_json
+from workbench.runtime import Runtime, seed_everything
+
+from .cluster import shot_pseudo_labels
+from .evaluate import load_model, load_target
+from .losses import information_maximization, rotate_batch
+from .training import (accuracy, confusion_matrix, make_loader, per_class_accuracy, predict, set_shot_lr,
+                       shot_optimizer)
+
+METHODS = ("shot-im", "shot", "shot++")
+ADAPTED_KIND = "adapted-model"
+CHECKPOINT = "adapted.pt"
+
+# Paper defaults per data style: (epochs, beta, backbone lr multiplier, rotation weight, mixup alpha)
+DEFAULTS = {"digits": dict(epochs=30, beta=0.1, backbone_lr_mult=1.0, rotation_weight=0.2, mix_alpha=0.1),
+            "imagenet": dict(epochs=15, beta=0.3, backbone_lr_mult=0.1, rotation_weight=0.6, mix_alpha=0.75)}
+
+
+@dataclass
+class AdaptConfig:
+    source: str = ""
+    target: str = ""
+    method: str = "shot"
+    epochs: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+    beta: float | None = None
+    im_weight: float = 1.0
+    backbone_lr_mult: float | None = None
+    rotation_weight: float | None = None
+    rotation_epochs: int = 5         # SHOT++: fit the rotation head with F, B frozen
+    transfer_epochs: int = 10        # SHOT++: labeling transfer with MixMatch
+    mix_alpha: float | None = None
+    cluster_backend: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    run_dir: str = ""
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+
+    def resolved(self, style: str) -> "AdaptConfig":
+        """Fill unset hyperparameters with the paper's values for this kind of data."""
+        values = {k: (v if getattr(self, k) is None else getattr(self, k)) for k, v in DEFAULTS[style].items()}
+        if self.method == "shot-im":
+            values["beta"] = 0.0
+        return dataclasses.replace(self, **values)
+
+
+class RotationHead(nn.Module):
+    """Predicts which of 4 rotations relates x and rot(x) from [B(F(x)); B(F(rot x))]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc = nn.Linear(2 * dim, 4)
+
+    def forward(self, feat: torch.Tensor, feat_rot: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([feat, feat_rot], dim=1))
+
+
+def rotation_loss(model, head: RotationHead, images: torch.Tensor) -> torch.Tensor:
+    rotated, turns = rotate_batch(images)
+    return F.cross_entropy(head(model.embed(images), model.embed(rotated)), turns)
+
+
+class ShotAdapter:
+    def __init__(self, cfg: AdaptConfig):
+        seed_everything(cfg.seed)
+        self.rt = Runtime.create(cfg.device, "fp32", channels_last=False)
+        self.model, self.source_state = load_model(cfg.source, self.rt.device)
+        mcfg = self.source_state["model_config"]
+        self.cfg = cfg.resolved(mcfg["transform"])
+        self.train_set = load_target(cfg.target, mcfg, train=True)
+        self.eval_set = load_target(cfg.target, mcfg, train=False)
+        self.num_classes = mcfg["num_classes"]
+        self.labels_known = bool((self.eval_set.labels >= 0).all())
+        self.run_dir = Path(cfg.run_dir or Path("runs") / default_run_name("adapt", cfg.method, f"s{cfg.seed}"))
+
+        for p in self.model.classifier.parameters():  # the source hypothesis stays fixed
+            p.requires_grad_(False)
+        self.rotation_head = (RotationHead(self.model.classifier.fc.in_features).to(self.rt.device)
+                              if self.cfg.method == "shot++" else None)
+        self.loader = make_loader(self.train_set, self.cfg.batch_size, train=True, workers=cfg.workers)
+        self.eval_loader = make_loader(self.eval_set, 256, train=False, workers=cfg.workers)
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict:
+        out = predict(self.model, self.eval_loader, self.rt.device)
+        conf, pred = out["probs"].max(1)
+        result = {"pred": pred, "confidence": conf, "features": out["features"], "probs": out["probs"],
+                  "class_spread": torch.bincount(pred, minlength=self.num_classes).tolist()}
+        if self.labels_known:
+            result["accuracy"] = accuracy(pred, out["labels"])
+            result["per_class_accuracy"] = per_class_accuracy(pred, out["labels"], self.num_classes)
+            result["confusion"] = confusion_matrix(pred, out["labels"], self.num_classes)
+        return result
+
+    def _log_evaluation(self, logger: RunLogger, result: dict, epoch: int) -> None:
+        spread = np.array(result["class_spread"], dtype=np.float64)
+        share = spread / spread.sum()
+        logger.scalars("target", {"accuracy": result.get("accuracy"),
+                                  "predicted_classes": int((spread > 0).sum()),
+                                  "prediction_entropy": float(-(share[share > 0] * np.log(share[share > 0])).sum())},
+                       epoch)
+        logger.writer.add_histogram("target/predicted_class", result["pred"], epoch, bins=self.num_classes)
+        if "confusion" in result:
+            logger.writer.add_image("target/confusion_matrix", confusion_image(result["confusion"]), epoch,
+                                    dataformats="HWC")
+
+    # ------------------------------------------------------------ the shared loop
+    def _fit_rotation_head(self, logger: RunLogger) -> None:
+        """SHOT++ step 1: the rotation head alone, with F and B frozen."""
+        opt = torch.optim.SGD(self.rotation_head.parameters(), lr=self.cfg.lr, momentum=0.9, nesterov=True,
+                              weight_decay=self.cfg.weight_decay)
+        self.model.eval()
+        for epoch in range(self.cfg.rotation_epochs):
+            total = 0.0
+            for images, _, _ in self.loader:
+                images = images.to(self.rt.device)
+                with torch.no_grad():
+                    rotated, turns = rotate_batch(images)
+                    feats, feats_rot = self.model.embed(images), self.model.embed(rotated)
+                loss = F.cross_entropy(self.rotation_head(feats, feats_rot), turns)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item()
+            logger.scalars("rotation", {"pretrain_loss": total / len(self.loader)}, epoch)
+
+    def adapt(self, logger: RunLogger) -> dict:
+        cfg, model = self.cfg, self.model
+        groups = [(model.backbone, cfg.backbone_lr_mult), (model.bottleneck, 1.0)]
+        if self.rotation_head is not None:
+            self._fit_rotation_head(logger)
+            groups.append((self.rotation_head, 1.0))
+        optimizer = shot_optimizer(groups, cfg.lr, cfg.weight_decay)
+        total_iters, step = cfg.epochs * len(self.loader), 0
+        history = []
+        for epoch in range(cfg.epochs):
+            pseudo = None
+            if cfg.beta > 0:
+                out = predict(model, self.eval_loader, self.rt.device)
+                pseudo = shot_pseudo_labels(out["features"], out["probs"], backend=cfg.cluster_backend)
+                if self.labels_known:
+                    logger.scalars("pseudo_labels", {"accuracy": accuracy(pseudo, out["labels"])}, epoch)
+                pseudo = pseudo.to(self.rt.device)
+            model.train()
+            sums: dict[str, float] = {}
+            for images, _, idx in self.loader:
+                set_shot_lr(optimizer, cfg.lr, step / total_iters)
+                images = images.to(self.rt.device)
+                logits = model(images)
+                im, cond_ent, marg_ent = information_maximization(logits)
+                terms = {"im": im.detach(), "conditional_entropy": cond_ent.detach(), "marginal_entropy": marg_ent.detach()}
+                loss = cfg.im_weight * im
+                if pseudo is not None:
+                    terms["pseudo_ce"] = F.cross_entropy(logits, pseudo[idx.to(self.rt.device)])
+                    loss = loss + cfg.beta * terms["pseudo_ce"]
+                if self.rotation_head is not None:
+                    terms["rotation"] = rotation_loss(model, self.rotation_head, images)
+                    loss = loss + cfg.rotation_weight * terms["rotation"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                logger.advance(1)
+            logger.scalars("loss", {k: v / len(self.loader) for k, v in sums.items()}, epoch)
+            result = self.evaluate()
+            self._log_evaluation(logger, result, epoch)
+            history.append(result.get("accuracy"))
+        return {"accuracy_per_epoch": history}
+
+    # ------------------------------------------------------------ outputs
+    def save(self, result: dict, metrics: dict) -> None:
+        save_checkpoint(self.run_dir / CHECKPOINT, ADAPTED_KIND, {
+            "model_config": self.source_state["model_config"], "model": self.model.state_dict(),
+            "method": self.cfg.method, "source": str(self.cfg.source), "target": self.cfg.target})
+        with open(self.run_dir / "predictions.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "label", "prediction", "confidence"])
+            for path, label, pred, conf in zip(self.eval_set.paths, self.eval_set.labels, result["pred"].tolist(),
+                                               result["confidence"].tolist()):
+                writer.writerow([path, int(label), pred, f"{conf:.4f}"])
+        write_json(self.run_dir / "metrics.json", metrics)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        write_json(self.run_dir / "config.json", dataclasses.asdict(cfg))
+        total = cfg.epochs * len(self.loader)
+        logger = RunLogger(self.run_dir, total=total, desc=cfg.method, progress=cfg.progress)
+        start = time.time()
+        try:
+            before = self.evaluate()
+            self._log_evaluation(logger, before, -1)
+            history = self.adapt(logger)
+            if cfg.method == "shot++":
+                from .mixmatch import labeling_transfer
+
+                history["transfer"] = labeling_transfer(self, logger)
+            after = self.evaluate()
+        finally:
+            logger.close()
+        metrics = {"method": cfg.method, "source": str(cfg.source), "target": cfg.target, "seed": cfg.seed,
+                   "samples": len(self.eval_set), "source_only_accuracy": before.get("accuracy"),
+                   "accuracy": after.get("accuracy"), "per_class_accuracy": after.get("per_class_accuracy"),
+                   "class_spread": after["class_spread"], "wall_seconds": time.time() - start,
+                   "config": dataclasses.asdict(cfg), **history}
+        self.save(after, metrics)
+        return metrics
+
+
+def confusion_image(matrix: np.ndarray, cell: int = 12) -> np.ndarray:
+    """Row-normalised confusion matrix as an (H, W, 3) uint8 heat map (rows: true, columns: predicted)."""
+    rows = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    heat = np.kron(rows, np.ones((cell, cell)))
+    img = np.stack([heat, heat * 0.4, 1 - heat], axis=-1)
+    return (img * 255).astype(np.uint8)
