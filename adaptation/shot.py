@@ -196,7 +196,7 @@ class ShotAdapter:
                 optimizer.step()
                 step += 1
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
                 logger.advance(1)
             logger.scalars("loss", {k: v / len(self.loader) for k, v in sums.items()}, epoch)
             result = self.evaluate()

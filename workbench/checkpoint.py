@@ -18,6 +18,8 @@ import torch
 
 FORMAT = "workbench-checkpoint-v1"
 LATEST = "checkpoint.pt"
+# The file names a run directory may hold its checkpoint under: training runs, adapted models, source models.
+RUN_CHECKPOINTS = (LATEST, "adapted.pt", "source.pt")
 
 
 class CheckpointError(RuntimeError):
@@ -44,10 +46,10 @@ def save_checkpoint(path: str | os.PathLike, kind: str, payload: dict[str, Any])
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
-    """Accept either a checkpoint file or a run directory holding `checkpoint.pt`."""
+    """Accept either a checkpoint file or a run directory holding one of RUN_CHECKPOINTS."""
     path = Path(path)
     if path.is_dir():
-        path = path / LATEST
+        path = next((path / name for name in RUN_CHECKPOINTS if (path / name).exists()), path / LATEST)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: pass a run directory or a .pt file written by the workbench")
     return path

@@ -2,6 +2,8 @@
 
     workbench train-procgen --env starpilot --mixreg
     workbench evaluate-procgen runs/<run-name> --episodes 100
+    workbench train-source --data builtin:digits/uci --backbone dtn
+    workbench adapt --method shot --source runs/<source-run> --target builtin:digits/photo
     workbench backbones
 
 Each family module is imported only when its subcommand runs, so that
@@ -17,6 +19,10 @@ import sys
 COMMANDS = {
     "train-procgen": ("agents.cli", "train_main", "train a PPO agent (optionally with mixreg) on a Procgen game"),
     "evaluate-procgen": ("agents.cli", "evaluate_main", "evaluate a Procgen checkpoint on unseen levels"),
+    "datasets": ("adaptation.cli", "datasets_main", "list or build the built-in digits domains"),
+    "train-source": ("adaptation.cli", "train_source_main", "train a source model for adaptation"),
+    "adapt": ("adaptation.cli", "adapt_main", "adapt a source model to unlabelled target data (SHOT-IM/SHOT/SHOT++)"),
+    "evaluate": ("adaptation.cli", "evaluate_main", "accuracy of a source or adapted model on a data set"),
     "backbones": ("workbench.cli", "backbones_main", "list the registered backbones"),
 }
 

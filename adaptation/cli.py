@@ -1,0 +1,138 @@
+"""Command lines of source-free adaptation: datasets, train-source, adapt, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from workbench.backbones import list_backbones
+from workbench.checkpoint import CheckpointError
+from workbench.runtime import DEVICE_CHOICES
+
+from . import digits
+from .data import DataError
+
+USER_ERRORS = (DataError, CheckpointError, ValueError, FileNotFoundError)
+
+
+def _fail(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def datasets_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="workbench datasets", description="The built-in digits benchmark.")
+    sub = p.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="list the built-in domains and whether they are built")
+    build = sub.add_parser("build", help="build (and cache) built-in domains")
+    build.add_argument("domains", nargs="*", default=list(digits.DOMAINS), help="default: all")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    args = p.parse_args(argv)
+    try:
+        if args.action == "list":
+            for domain in digits.DOMAINS:
+                path = digits.cache_path(domain)
+                print(f"builtin:digits/{domain:6s} {'built' if path.exists() else 'not built'}  {path}")
+            return 0
+        for domain in args.domains:
+            path = digits.build_domain(digits.check_domain(domain), force=args.force)
+            x_train, _ = digits.load_domain(domain, "train")
+            x_test, _ = digits.load_domain(domain, "test")
+            print(f"builtin:digits/{domain}: {len(x_train)} train / {len(x_test)} test images -> {path}")
+    except USER_ERRORS as exc:
+        return _fail(exc)
+    return 0
+
+
+def train_source_main(argv=None) -> int:
+    from .source import SourceConfig, train_source
+
+    d = SourceConfig()
+    p = argparse.ArgumentParser(prog="workbench train-source",
+                                description="Train the source model (label smoothing, held-out best checkpoint).")
+    p.add_argument("--data", default=d.data, help="builtin:digits/<domain>, a list file or a class-folder root")
+    p.add_argument("--backbone", default=d.backbone, help=f"one of {', '.join(list_backbones())}")
+    p.add_argument("--pretrained", default=None, help="a local torchvision-format weights file for the backbone")
+    p.add_argument("--num-classes", type=int, default=None, help="default: from the data")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--transform", choices=("digits", "imagenet"), default=None, help="default: from the data")
+    p.add_argument("--eval-target", default=None, help="also report accuracy on this data at the end")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, choices=DEVICE_CHOICES)
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--out", default="", help="run directory (default runs/source-<backbone>-s<seed>-<time>)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        metrics = train_source(SourceConfig(
+            data=a.data, backbone=a.backbone, num_classes=a.num_classes, epochs=a.epochs, batch_size=a.batch_size,
+            lr=a.lr, pretrained=a.pretrained, transform=a.transform, eval_target=a.eval_target, seed=a.seed,
+            device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress))
+    except USER_ERRORS as exc:
+        return _fail(exc)
+    print(f"held-out accuracy {metrics['holdout_accuracy']:.2f}% (epoch {metrics['epoch'] + 1}); "
+          f"checkpoint {metrics['checkpoint']}")
+    if "target" in metrics:
+        print(f"accuracy on {metrics['target']['data']}: {metrics['target']['accuracy']:.2f}%")
+    return 0
+
+
+def adapt_main(argv=None) -> int:
+    from .shot import METHODS, AdaptConfig, ShotAdapter
+
+    d = AdaptConfig()
+    p = argparse.ArgumentParser(prog="workbench adapt", description="Source-free adaptation of a source model.")
+    p.add_argument("--method", default=d.method, choices=METHODS)
+    p.add_argument("--source", required=True, help="a source checkpoint (or its run directory)")
+    p.add_argument("--target", required=True, help="unlabelled target data (labels, if present, only for metrics)")
+    p.add_argument("--out", default="", help="run directory (default runs/adapt-<method>-s<seed>-<time>)")
+    p.add_argument("--epochs", type=int, default=None, help="default 30 for digits, 15 for images")
+    p.add_argument("--beta", type=float, default=None, help="pseudo-label weight (default 0.1 digits, 0.3 images)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--rotation-epochs", type=int, default=d.rotation_epochs)
+    p.add_argument("--transfer-epochs", type=int, default=d.transfer_epochs)
+    p.add_argument("--cluster-backend", default="auto", choices=("auto", "faiss", "torch"))
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, choices=DEVICE_CHOICES)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        adapter = ShotAdapter(AdaptConfig(
+            source=a.source, target=a.target, method=a.method, epochs=a.epochs, beta=a.beta, batch_size=a.batch_size,
+            lr=a.lr, rotation_epochs=a.rotation_epochs, transfer_epochs=a.transfer_epochs,
+            cluster_backend=a.cluster_backend, seed=a.seed, device=a.device, workers=a.workers, run_dir=a.out,
+            progress=not a.no_progress))
+        metrics = adapter.run()
+    except USER_ERRORS as exc:
+        return _fail(exc)
+    if metrics["accuracy"] is not None:
+        print(f"{a.method}: target accuracy {metrics['source_only_accuracy']:.2f}% (source model) -> "
+              f"{metrics['accuracy']:.2f}%")
+    print(f"adapted model, predictions.csv and metrics.json in {adapter.run_dir}; "
+          f"tensorboard --logdir {adapter.run_dir}")
+    return 0
+
+
+def evaluate_main(argv=None) -> int:
+    from .evaluate import evaluate_model
+
+    p = argparse.ArgumentParser(prog="workbench evaluate", description="Accuracy of a source or adapted model.")
+    p.add_argument("--model", required=True, help="a source or adapted checkpoint (or its run directory)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.add_argument("--out", default=None, help="also write the result as JSON")
+    a = p.parse_args(argv)
+    try:
+        result = evaluate_model(a.model, a.data, device=a.device)
+    except USER_ERRORS as exc:
+        return _fail(exc)
+    if a.out:
+        from workbench.logging import write_json
+        write_json(a.out, result)
+    print(json.dumps(result, indent=2))
+    return 0
