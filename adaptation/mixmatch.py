@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
@@ -35,7 +33,7 @@ def split_by_entropy(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     labelled = []
     for k in pred.unique():
         members = (pred == k).nonzero().squeeze(1)
-        keep = math.ceil(fraction * len(members))
+        keep = int(round(fraction * len(members)))
         labelled.append(members[ent[members].argsort()[:keep]])
     labelled = torch.cat(labelled).sort().values if labelled else torch.zeros(0, dtype=torch.long)
     mask = torch.ones(len(probs), dtype=torch.bool)

@@ -1,0 +1,149 @@
+"""SHOT pieces against independent computations, and an end-to-end source -> adapt run."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from adaptation.cluster import faiss_available, shot_pseudo_labels
+from adaptation.losses import information_maximization
+from adaptation.mixmatch import sharpen, split_by_entropy
+
+
+@pytest.fixture(autouse=True)
+def _data_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path_factory.getbasetemp() / "wbdata"))
+
+
+def test_information_maximization_hand_computed():
+    # two samples, two classes: p1 = (0.5, 0.5), p2 = (1, 0) up to the 1e-5 guard
+    logits = torch.tensor([[0.0, 0.0], [30.0, -30.0]])
+    loss, cond, marg = information_maximization(logits)
+    h_half = -math.log(0.5 + 1e-5)  # entropy of (0.5, 0.5)
+    expected_cond = (h_half + 0.0) / 2
+    mean_p = (0.75, 0.25)
+    expected_marg = -sum(p * math.log(p + 1e-5) for p in mean_p)
+    assert cond.item() == pytest.approx(expected_cond, abs=1e-4)
+    assert marg.item() == pytest.approx(expected_marg, abs=1e-4)
+    assert loss.item() == pytest.approx(expected_cond - expected_marg, abs=1e-4)
+
+
+def brute_force_pseudo_labels(features, probs, rounds=2):
+    """Loop-by-loop restatement of SHOT's labelling with scipy-style cosine distances."""
+    f = np.concatenate([features, np.ones((len(features), 1))], 1)
+    f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    k = probs.shape[1]
+    predicted = probs.argmax(1)
+    candidates = [c for c in range(k) if (predicted == c).any()]
+    weights = probs.copy()
+    labels = None
+    for _ in range(rounds):
+        centroids = np.stack([(weights[:, c:c + 1] * f).sum(0) / (weights[:, c].sum() + 1e-8) for c in range(k)])
+        labels = np.empty(len(f), dtype=np.int64)
+        for i in range(len(f)):
+            best, best_d = None, np.inf
+            for c in candidates:
+                d = 1 - f[i] @ centroids[c] / (np.linalg.norm(f[i]) * np.linalg.norm(centroids[c]))
+                if d < best_d:
+                    best, best_d = c, d
+            labels[i] = best
+        weights = np.eye(k)[labels]
+    return labels
+
+
+def clustered_data(n=240, k=6, d=16, seed=0):
+    g = np.random.default_rng(seed)
+    centres = g.normal(size=(k, d)) * 3
+    y = g.integers(0, k, n)
+    feats = centres[y] + g.normal(size=(n, d))
+    logits = g.normal(size=(n, k)) + 2.0 * np.eye(k)[y]
+    logits[:, k - 1] -= 10  # the last class is never predicted: it must drop out of the candidates
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return feats, probs
+
+
+def test_pseudo_labels_equal_brute_force():
+    feats, probs = clustered_data()
+    expected = brute_force_pseudo_labels(feats, probs)
+    got = shot_pseudo_labels(torch.tensor(feats), torch.tensor(probs), backend="torch").numpy()
+    assert np.array_equal(got, expected)
+    assert (got != probs.shape[1] - 1).all(), "a class the model never predicts is not a candidate"
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
+def test_faiss_and_torch_paths_agree():
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(3000, 64, generator=g)
+    probs = torch.softmax(torch.randn(3000, 12, generator=g) * 2, 1)
+    assert torch.equal(shot_pseudo_labels(feats, probs, backend="faiss"),
+                       shot_pseudo_labels(feats, probs, backend="torch"))
+
+
+def test_shotpp_split_rule():
+    # class 0: entropies low/high; class 1: all confident. Fraction below the mean entropy decides.
+    probs = torch.tensor([[0.99, 0.01], [0.6, 0.4], [0.55, 0.45], [0.02, 0.98], [0.03, 0.97], [0.01, 0.99]])
+    ent = -(probs * (probs + 1e-5).log()).sum(1)
+    fraction = (ent < ent.mean()).float().mean().item()   # 4 of 6 below the mean
+    labelled, unlabelled = split_by_entropy(probs)
+    # every class keeps its 2/3 lowest-entropy members: class 0 (samples 0-2) keeps 0 (0.99) and 1
+    # (0.6 beats 0.55); class 1 (samples 3-5) keeps 5 (0.99) and 3 (0.98)
+    assert fraction == pytest.approx(4 / 6)
+    assert labelled.tolist() == [0, 1, 3, 5] and unlabelled.tolist() == [2, 4]
+
+
+def test_sharpen():
+    p = torch.tensor([[0.6, 0.4]])
+    torch.testing.assert_close(sharpen(p, 0.5), torch.tensor([[0.36 / 0.52, 0.16 / 0.52]]))
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    from adaptation.source import SourceConfig, train_source
+
+    import os
+    os.environ["WORKBENCH_DATA"] = str(tmp_path_factory.getbasetemp() / "wbdata")
+    out = tmp_path_factory.mktemp("source")
+    metrics = train_source(SourceConfig(data="builtin:digits/uci", backbone="lenet", epochs=4, run_dir=str(out),
+                                        progress=False))
+    return out, metrics
+
+
+def test_end_to_end_shot_improves_target_accuracy_and_keeps_classifier(source_run, tmp_path):
+    from adaptation.cli import adapt_main
+    from workbench.checkpoint import load_checkpoint
+
+    src_dir, src_metrics = source_run
+    assert src_metrics["holdout_accuracy"] > 90
+    out = tmp_path / "adapt"
+    assert adapt_main(["--method", "shot", "--source", str(src_dir), "--target", "builtin:digits/photo",
+                       "--epochs", "4", "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accuracy"] > metrics["source_only_accuracy"] + 3, metrics
+    source = load_checkpoint(src_dir / "source.pt")["model"]
+    adapted = load_checkpoint(out / "adapted.pt", kind="adapted-model")["model"]
+    classifier_keys = [k for k in source if k.startswith("classifier.")]
+    assert classifier_keys and all(torch.equal(source[k], adapted[k]) for k in classifier_keys)
+    assert any(not torch.equal(source[k], adapted[k]) for k in source if k.startswith("backbone."))
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "path,label,prediction,confidence" and len(rows) == metrics["samples"] + 1
+
+
+def test_class_count_mismatch_is_a_clear_error(source_run, tmp_path, capsys):
+    from PIL import Image
+
+    from adaptation.cli import adapt_main, evaluate_main
+
+    lines = []
+    for i in range(12):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(path)
+        lines.append(f"{path} {i}")
+    (tmp_path / "list.txt").write_text("\n".join(lines))
+    src_dir, _ = source_run
+    assert adapt_main(["--source", str(src_dir), "--target", str(tmp_path / "list.txt"), "--out",
+                       str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "12 classes but the model was trained for 10" in err and len(err.strip().splitlines()) == 1
+    assert evaluate_main(["--model", str(tmp_path / "nothing"), "--data", "builtin:digits/uci"]) == 2
