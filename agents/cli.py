@@ -33,6 +33,9 @@ def parse_train_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env", default="starpilot", help=f"Procgen game: {', '.join(GAMES)}")
     p.add_argument("--algo", default="ppo", help=f"algorithm: {', '.join(ALGORITHMS)}")
+    p.add_argument("--buffer-size", type=int, default=500_000, help="Rainbow: replay capacity (transitions)")
+    p.add_argument("--save-replay", action="store_true", help="Rainbow: keep the replay in checkpoints")
+    p.add_argument("--warmup-steps", type=int, default=20_000, help="Rainbow: env steps before learning")
     p.add_argument("--mixreg", action=argparse.BooleanOptionalAction, default=True,
                    help="mixture regularisation (default on; --no-mixreg for the plain algorithm)")
     p.add_argument("--mix-alpha", type=float, default=0.2, help="Beta(alpha, alpha) of the mixing weights")
@@ -45,9 +48,9 @@ def parse_train_args(argv=None) -> argparse.Namespace:
                    help="env steps to train for; 'protocol' uses the protocol's budget (25M / 200M); "
                         "default 40960 (a few minutes on a CPU)")
     p.add_argument("--num-envs", type=int, default=16, help="parallel training envs (the recipe uses 64)")
-    p.add_argument("--num-steps", type=int, default=256, help="rollout length per env")
+    p.add_argument("--num-steps", type=int, default=256, help="PPO: rollout length per env")
     p.add_argument("--backbone", default="impala_1x", help=f"registered backbone: {', '.join(list_backbones())}")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=None, help="default: 5e-4 (PPO), 2.5e-4 (Rainbow)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
@@ -70,8 +73,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     total = args.total_steps
     if total == "protocol":
         total = PROTOCOLS[args.protocol].total_steps
-    agent = {"num_envs": args.num_envs, "num_steps": args.num_steps, "backbone": args.backbone,
-             "learning_rate": args.lr, "mixreg": args.mixreg, "mix_alpha": args.mix_alpha}
+    agent = {"num_envs": args.num_envs, "backbone": args.backbone, "mixreg": args.mixreg, "mix_alpha": args.mix_alpha}
+    if args.lr is not None:
+        agent["learning_rate"] = args.lr
+    if args.algo == "ppo":
+        agent["num_steps"] = args.num_steps
+    elif args.algo == "rainbow":
+        agent.update(buffer_size=args.buffer_size, save_replay=args.save_replay, warmup_steps=args.warmup_steps)
     run_dir = str(Path(args.runs_root) / args.run_name) if args.run_name else ""
     return TrainConfig(env=args.env, algo=args.algo, protocol=args.protocol,
                        total_steps=total if total is not None else TrainConfig.total_steps,
@@ -79,7 +87,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        compile=args.compile, visual=list(args.visual), eval_interval=args.eval_interval,
                        eval_episodes=args.eval_episodes, num_test_envs=min(args.eval_episodes, 64),
                        video=not args.no_video, run_dir=run_dir, progress=not args.no_progress,
-                       agent=apply_regularizer(agent, args.regularizer, args.l2_coef))
+                       agent=apply_regularizer(agent, args.regularizer, args.l2_coef, args.algo))
 
 
 def train_main(argv=None) -> int:
@@ -92,7 +100,7 @@ def train_main(argv=None) -> int:
             trainer = Trainer.resume(args.resume, total_steps=total, progress=not args.no_progress)
         else:
             trainer = Trainer(config_from_args(args))
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, MemoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cfg = trainer.cfg

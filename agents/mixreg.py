@@ -74,3 +74,15 @@ PPO_TAKEN_KEYS = ("actions",)
 def mix_ppo_minibatch(batch: dict[str, torch.Tensor], alpha: float = DEFAULT_ALPHA):
     """mixreg for a PPO minibatch; advantages are normalised afterwards by the PPO loss."""
     return mix_batch(batch, PPO_MIXED_KEYS, PPO_TAKEN_KEYS, alpha)
+
+
+# Rainbow: observations, the target network's next-state distributions (all atoms) and the n-step
+# returns are interpolated; the action, the discount (done), the replay index for the priority
+# update and its importance weight come from the dominant sample.
+RAINBOW_MIXED_KEYS = ("obs", "next_probs", "returns")
+RAINBOW_TAKEN_KEYS = ("actions", "discounts", "index", "weights")
+
+
+def mix_rainbow_batch(batch: dict[str, torch.Tensor], alpha: float = DEFAULT_ALPHA):
+    """mixreg for a Rainbow replay batch; the categorical projection runs on the mixed targets."""
+    return mix_batch(batch, RAINBOW_MIXED_KEYS, RAINBOW_TAKEN_KEYS, alpha)

@@ -26,8 +26,9 @@ from workbench.runtime import Runtime, rng_state, seed_everything, set_rng_state
 
 from .evaluate import evaluate
 from .ppo import PPO, PPOConfig
+from .rainbow import Rainbow, RainbowConfig
 
-ALGORITHMS = {"ppo": (PPO, PPOConfig)}
+ALGORITHMS = {"ppo": (PPO, PPOConfig), "rainbow": (Rainbow, RainbowConfig)}
 REGULARIZERS = ("none", "cutout_color", "random_crop", "random_conv", "l2", "batchnorm")
 
 
@@ -60,10 +61,15 @@ class TrainConfig:
         visual_options(self.visual)
 
 
-def apply_regularizer(agent_cfg: dict, regularizer: str, l2_coef: float) -> dict:
+def apply_regularizer(agent_cfg: dict, regularizer: str, l2_coef: float, algo: str = "ppo") -> dict:
     """Translate the paper's comparison regularisers into agent config fields."""
     if regularizer not in REGULARIZERS:
         raise ValueError(f"unknown regularizer {regularizer!r}: choose one of {', '.join(REGULARIZERS)}")
+    fields = {f.name for f in dataclasses.fields(ALGORITHMS[algo][1])} if algo in ALGORITHMS else set()
+    needs = {"l2": "l2_coef", "batchnorm": "backbone_kwargs"}.get(regularizer, "augment")
+    if regularizer != "none" and needs not in fields:
+        raise ValueError(f"--regularizer {regularizer} is not available for {algo}: PPO has all of "
+                         f"{', '.join(REGULARIZERS[1:])}; Rainbow has l2 and batchnorm")
     cfg = dict(agent_cfg)
     if regularizer in ("cutout_color", "random_crop", "random_conv"):
         cfg["augment"] = regularizer
@@ -112,6 +118,8 @@ class Trainer:
         seed_everything(cfg.seed)
         agent_cls, agent_cfg_cls = ALGORITHMS[cfg.algo]
         self.agent_cfg = agent_cfg_cls(**cfg.agent)
+        if hasattr(self.agent_cfg, "total_steps"):  # schedules that anneal over the run (Rainbow's IS exponent)
+            self.agent_cfg = dataclasses.replace(self.agent_cfg, total_steps=cfg.total_steps)
         # A resumed run draws new training episodes: Procgen levels cannot be re-seeded mid-run.
         iterations_done = resume_state["agent"]["iterations"] if resume_state else 0
         self.env = ProcgenVecEnv(cfg.env, self.agent_cfg.num_envs, self.protocol.distribution_mode,

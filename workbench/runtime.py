@@ -97,6 +97,18 @@ class Runtime:
         return torch.compile(module) if self.compile else module
 
 
+def available_memory_bytes() -> int:
+    """Memory the OS can still hand out (MemAvailable), for checking big allocations up front."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

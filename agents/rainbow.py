@@ -1,0 +1,296 @@
+"""Rainbow (Hessel et al. 2018) with the mixreg paper's Procgen settings.
+
+C51 distributional Q-learning over a fixed support z_1..z_51, with
+  - a dueling head:            q(s, a) = V(s) + A(s, a) - mean_a A(s, a)   (per atom, then softmax)
+  - factorised noisy layers:   W = mu_W + sigma_W * (f(eps_out) f(eps_in)^T),  f(x) = sgn(x) sqrt|x|, sigma0 0.5
+  - double-Q:                  a* = argmax_a E_z[p_online(s', a)],  target p_target(s', a*)
+  - 3-step returns:            T z_j = G_t^(n) + gamma^n z_j, projected onto the support
+  - prioritised replay:        p_i = KL loss_i^0.5, IS exponent annealed 0.4 -> 1
+  - a target network copied every 8192 env steps, updates once per 64 env steps after 20k warm-up steps.
+
+With mixreg, each replay batch is mixed (agents.mixreg.mix_rainbow_batch) before the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from envs.procgen import SCORE_RANGES
+from workbench.backbones import create_backbone
+from workbench.runtime import Runtime, available_memory_bytes
+
+from .mixreg import DEFAULT_ALPHA as DEFAULT_MIX_ALPHA, mix_rainbow_batch
+from .regularizers import l2_penalty
+from .replay import PrioritizedReplay, to_torch
+
+# The mixreg paper's C51 supports; other games use [min(0, R_min), R_max] of the hard-mode score range.
+SUPPORTS = {"starpilot": (0.0, 35.0), "caveflyer": (0.0, 13.4), "dodgeball": (0.0, 19.0),
+            "fruitbot": (-5.0, 27.2), "jumper": (0.0, 10.0), "climber": (0.0, 12.6)}
+
+
+def support_for(game: str) -> tuple[float, float]:
+    if game in SUPPORTS:
+        return SUPPORTS[game]
+    r_min, r_max = SCORE_RANGES["hard"][game]
+    return float(min(0.0, r_min)), float(r_max)
+
+
+@dataclass
+class RainbowConfig:
+    num_envs: int = 64
+    buffer_size: int = 500_000
+    batch_size: int = 512
+    n_step: int = 3
+    gamma: float = 0.99
+    learning_rate: float = 2.5e-4
+    adam_eps: float = 1.5e-4
+    num_atoms: int = 51
+    v_min: float | None = None  # default: the game's support (SUPPORTS)
+    v_max: float | None = None
+    noisy_sigma0: float = 0.5
+    priority_alpha: float = 0.5
+    priority_beta_start: float = 0.4
+    update_every: int = 64        # env steps per gradient update
+    target_update: int = 8192     # env steps between target-network copies
+    warmup_steps: int = 20_000
+    steps_per_iteration: int = 64  # vector steps between logging points
+    max_grad_norm: float = 10.0
+    backbone: str = "impala_1x"
+    backbone_kwargs: dict = field(default_factory=dict)
+    mixreg: bool = False
+    mix_alpha: float = DEFAULT_MIX_ALPHA
+    total_steps: int = 25_000_000  # horizon of the importance-sampling anneal; set by the trainer
+    save_replay: bool = False
+    l2_coef: float = 0.0
+
+
+class NoisyLinear(nn.Module):
+    """Factorised Gaussian noisy linear layer (Fortunato et al. 2018)."""
+
+    def __init__(self, in_features: int, out_features: int, sigma0: float = 0.5):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        bound = 1 / math.sqrt(in_features)
+        self.weight_mu = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
+        self.bias_mu = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+        self.weight_sigma = nn.Parameter(torch.full((out_features, in_features), sigma0 / math.sqrt(in_features)))
+        self.bias_sigma = nn.Parameter(torch.full((out_features,), sigma0 / math.sqrt(in_features)))
+        self.register_buffer("eps_in", torch.zeros(in_features))
+        self.register_buffer("eps_out", torch.zeros(out_features))
+        self.reset_noise()
+
+    @staticmethod
+    def _scaled(n: int, device) -> torch.Tensor:
+        x = torch.randn(n, device=device)
+        return x.sign() * x.abs().sqrt()
+
+    @torch.no_grad()
+    def reset_noise(self) -> None:
+        self.eps_in.copy_(self._scaled(self.in_features, self.eps_in.device))
+        self.eps_out.copy_(self._scaled(self.out_features, self.eps_out.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_mu + self.weight_sigma * torch.outer(self.eps_out, self.eps_in)
+        bias = self.bias_mu + self.bias_sigma * self.eps_out
+        return F.linear(x, weight, bias)
+
+
+class RainbowNet(nn.Module):
+    """Backbone + dueling noisy C51 head; returns log-probabilities (N, A, atoms)."""
+
+    def __init__(self, backbone: nn.Module, num_actions: int, num_atoms: int, sigma0: float):
+        super().__init__()
+        self.backbone, self.num_actions, self.num_atoms = backbone, num_actions, num_atoms
+        self.value = NoisyLinear(backbone.out_dim, num_atoms, sigma0)
+        self.advantage = NoisyLinear(backbone.out_dim, num_actions * num_atoms, sigma0)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
+        features = self.backbone(x)
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            features = features.float()
+            value = self.value(features).view(-1, 1, self.num_atoms)
+            advantage = self.advantage(features).view(-1, self.num_actions, self.num_atoms)
+            return F.log_softmax(value + advantage - advantage.mean(1, keepdim=True), dim=2)
+
+    def reset_noise(self) -> None:
+        self.value.reset_noise()
+        self.advantage.reset_noise()
+
+
+def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discounts: torch.Tensor,
+                         support: torch.Tensor) -> torch.Tensor:
+    """Categorical projection of T z = G + discount * z onto the support (Bellemare et al. 2017).
+
+    next_probs (B, atoms), returns (B,), discounts (B,) -> target probabilities (B, atoms).
+    """
+    v_min, v_max = support[0].item(), support[-1].item()
+    delta = (v_max - v_min) / (len(support) - 1)
+    tz = (returns[:, None] + discounts[:, None] * support[None]).clamp(v_min, v_max)
+    b = (tz - v_min) / delta
+    lower, upper = b.floor().long(), b.ceil().long()
+    # when b lands exactly on an atom, lower == upper: give it all the mass
+    lower_weight = (upper.float() - b) + (lower == upper).float()
+    upper_weight = b - lower.float()
+    target = torch.zeros_like(next_probs)
+    target.scatter_add_(1, lower, next_probs * lower_weight)
+    target.scatter_add_(1, upper, next_probs * upper_weight)
+    return target
+
+
+class Rainbow:
+    kind = "rainbow"
+
+    def __init__(self, env, cfg: RainbowConfig, runtime: Runtime):
+        self.env, self.cfg, self.rt = env, cfg, runtime
+        v_min, v_max = support_for(env.env_name)
+        v_min = cfg.v_min if cfg.v_min is not None else v_min
+        v_max = cfg.v_max if cfg.v_max is not None else v_max
+        self.support = torch.linspace(v_min, v_max, cfg.num_atoms, device=runtime.device)
+        self.online = runtime.prepare_module(self._build_net(env))
+        self.target = runtime.prepare_module(self._build_net(env))
+        self.target.load_state_dict(self.online.state_dict())
+        self.target.requires_grad_(False)
+        self.forward = runtime.maybe_compile(self.online)
+        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps)
+        self.replay = self._make_replay(env)
+        self.rng = np.random.default_rng(int(torch.randint(0, 2**31, ()).item()))
+        self.env_steps = self.iterations = self.updates = 0
+        self._obs: np.ndarray | None = None
+        self._since_update = self._since_target = 0
+
+    def _build_net(self, env) -> RainbowNet:
+        backbone = create_backbone(self.cfg.backbone, **self.cfg.backbone_kwargs)
+        return RainbowNet(backbone, env.num_actions, self.cfg.num_atoms, self.cfg.noisy_sigma0)
+
+    def _make_replay(self, env) -> PrioritizedReplay:
+        need = PrioritizedReplay.bytes_needed(self.cfg.buffer_size, env.observation_shape)
+        free = available_memory_bytes()
+        print(f"replay: {self.cfg.buffer_size:,} transitions of uint8 frames need {need / 2**30:.2f} GiB "
+              f"({free / 2**30:.1f} GiB available)")
+        if need > 0.9 * free:
+            raise MemoryError(f"a replay of {self.cfg.buffer_size:,} transitions needs {need / 2**30:.1f} GiB but only "
+                              f"{free / 2**30:.1f} GiB is available: lower --buffer-size")
+        return PrioritizedReplay(self.cfg.buffer_size, env.num_envs, env.observation_shape, self.cfg.n_step,
+                                 self.cfg.gamma, self.cfg.priority_alpha)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ---------------------------------------------------------------- acting
+    def expected_q(self, log_probs: torch.Tensor) -> torch.Tensor:
+        return (log_probs.exp() * self.support).sum(-1)
+
+    @torch.inference_mode()
+    def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        """Greedy in the noisy network's expected return (exploration comes from the noise)."""
+        with self.rt.autocast():
+            log_probs = self.forward(obs)
+        return self.expected_q(log_probs).argmax(1)
+
+    # ---------------------------------------------------------------- learning
+    def importance_beta(self) -> float:
+        frac = min(1.0, self.env_steps / max(1, self.cfg.total_steps))
+        return self.cfg.priority_beta_start + frac * (1.0 - self.cfg.priority_beta_start)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample cross-entropy between projected target and online distributions (mixreg optional)."""
+        cfg = self.cfg
+        with torch.no_grad():
+            with self.rt.autocast():
+                next_online = self.online(batch["next_obs"])
+                next_target = self.target(batch["next_obs"])
+            best = self.expected_q(next_online.float()).argmax(1)
+            batch["next_probs"] = next_target.float().exp()[torch.arange(len(best)), best]
+        if cfg.mixreg:
+            batch, _ = mix_rainbow_batch(batch, cfg.mix_alpha)
+        with torch.no_grad():
+            target = project_distribution(batch["next_probs"], batch["returns"], batch["discounts"], self.support)
+        with self.rt.autocast():
+            log_probs = self.forward(batch["obs"])
+        chosen = log_probs.float()[torch.arange(len(target)), batch["actions"]]
+        per_sample = -(target * chosen).sum(1)
+        return per_sample, batch["weights"]
+
+    def update(self) -> dict[str, float]:
+        sample = self.replay.sample(self.cfg.batch_size, self.importance_beta(), self.rng)
+        batch = to_torch(sample, self.rt.device)
+        if self.cfg.mixreg:
+            batch["index"] = torch.from_numpy(sample["index"]).to(self.rt.device)
+        per_sample, weights = self.loss(batch)
+        loss = (weights * per_sample).mean()
+        if self.cfg.l2_coef > 0:
+            loss = loss + self.cfg.l2_coef * l2_penalty(self.online)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        index = batch["index"].cpu().numpy() if self.cfg.mixreg else sample["index"]
+        self.replay.update_priorities(index, per_sample.detach().cpu().numpy())
+        self.online.reset_noise()
+        self.target.reset_noise()
+        self.updates += 1
+        return {"loss": loss.item(), "grad_norm": float(grad_norm), "importance_beta": self.importance_beta()}
+
+    def train_iteration(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
+        cfg, n = self.cfg, self.env.num_envs
+        if self._obs is None:
+            self.env.reset()
+            self._obs = self.env.last_frames.copy()
+        totals, count, steps_done = {}, 0, 0
+        for _ in range(cfg.steps_per_iteration):
+            if should_stop():
+                break
+            actions = self.act(self.env.as_tensor(self._obs)).cpu().numpy()
+            next_obs, rewards, dones = self.env.step_numpy(actions)
+            self.replay.add(self._obs, actions, rewards, dones)
+            self._obs = next_obs.copy()
+            self.env_steps += n
+            steps_done += n
+            self._since_update += n
+            self._since_target += n
+            if len(self.replay) < cfg.warmup_steps:  # also after a resume without a saved replay
+                self._since_update = 0
+                continue
+            while self._since_update >= cfg.update_every:
+                self._since_update -= cfg.update_every
+                for k, v in self.update().items():
+                    totals[k] = totals.get(k, 0.0) + v
+                count += 1
+            if self._since_target >= cfg.target_update:
+                self._since_target = 0
+                self.target.load_state_dict(self.online.state_dict())
+        if steps_done == 0:
+            return None
+        self.iterations += 1
+        metrics = {k: v / count for k, v in totals.items()}
+        metrics.update(updates=float(self.updates), replay_size=float(len(self.replay)))
+        return metrics
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        state = {"online": self.online.state_dict(), "target": self.target.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "env_steps": self.env_steps,
+                 "iterations": self.iterations, "updates": self.updates, "config": asdict(self.cfg),
+                 "counters": (self._since_update, self._since_target), "rng": self.rng.bit_generator.state}
+        if self.cfg.save_replay:
+            state["replay"] = self.replay.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.online.load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.env_steps, self.iterations, self.updates = state["env_steps"], state["iterations"], state["updates"]
+        self._since_update, self._since_target = state["counters"]
+        self.rng.bit_generator.state = state["rng"]
+        if "replay" in state:
+            self.replay.load_state_dict(state["replay"])

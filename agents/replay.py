@@ -1,0 +1,139 @@
+"""Prioritised experience replay (Schaul et al. 2016) for vectorised envs, with n-step returns.
+
+Frames are stored once, as uint8, in a ring of shape (capacity // num_envs, num_envs, H, W, C):
+transition (t, e) is (obs[t, e], action[t, e], reward[t, e], done[t, e]) and its n-step target
+reads rewards t .. t+n-1 and the frame at t+n, so next observations cost no memory.
+
+Sampling is proportional to p_i^alpha through a sum tree; importance weights
+w_i = (N P(i))^-beta / max_j w_j correct the bias, with beta annealed by the caller.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class SumTree:
+    """Binary tree over `size` leaves whose internal nodes hold the sums of their children."""
+
+    def __init__(self, size: int):
+        self.size = 1
+        while self.size < size:
+            self.size *= 2
+        self.nodes = np.zeros(2 * self.size, dtype=np.float64)
+
+    @property
+    def total(self) -> float:
+        return float(self.nodes[1])
+
+    def leaves(self, index: np.ndarray) -> np.ndarray:
+        return self.nodes[self.size + np.asarray(index)]
+
+    def update(self, index: np.ndarray, values: np.ndarray) -> None:
+        index = np.asarray(index, dtype=np.int64) + self.size
+        self.nodes[index] = values
+        parents = np.unique(index // 2)
+        while parents[0] >= 1:
+            self.nodes[parents] = self.nodes[2 * parents] + self.nodes[2 * parents + 1]
+            if parents[0] == 1:
+                break
+            parents = np.unique(parents // 2)
+
+    def find(self, mass: np.ndarray) -> np.ndarray:
+        """Leaf index holding each cumulative `mass` (vectorised descent)."""
+        node = np.ones(len(mass), dtype=np.int64)
+        mass = np.asarray(mass, dtype=np.float64).copy()
+        while node[0] < self.size:
+            left = 2 * node
+            go_right = mass >= self.nodes[left]
+            mass -= np.where(go_right, self.nodes[left], 0.0)
+            node = left + go_right
+        return node - self.size
+
+
+class PrioritizedReplay:
+    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple, n_step: int = 3, gamma: float = 0.99,
+                 alpha: float = 0.5, eps: float = 1e-6):
+        self.rows = max(capacity // num_envs, n_step + 2)
+        self.num_envs, self.n_step, self.gamma, self.alpha, self.eps = num_envs, n_step, gamma, alpha, eps
+        self.obs = np.zeros((self.rows, num_envs, *obs_shape), dtype=np.uint8)
+        self.actions = np.zeros((self.rows, num_envs), dtype=np.int64)
+        self.rewards = np.zeros((self.rows, num_envs), dtype=np.float32)
+        self.dones = np.zeros((self.rows, num_envs), dtype=bool)
+        self.tree = SumTree(self.rows * num_envs)
+        self.max_priority = 1.0
+        self.t = 0          # rows written so far
+        self.valid = 0      # transitions whose n-step target is complete
+
+    @staticmethod
+    def bytes_needed(capacity: int, obs_shape: tuple) -> int:
+        return int(capacity * (np.prod(obs_shape) + 8 + 4 + 1) + 2 * capacity * 8)
+
+    @property
+    def capacity(self) -> int:
+        return self.rows * self.num_envs
+
+    def __len__(self) -> int:
+        return self.valid
+
+    def add(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, dones: np.ndarray) -> None:
+        """One vector step: obs the envs saw, the actions taken, and what followed."""
+        row = self.t % self.rows
+        self.obs[row], self.actions[row], self.rewards[row], self.dones[row] = obs, actions, rewards, dones
+        envs = np.arange(self.num_envs)
+        self.tree.update(row * self.num_envs + envs, np.zeros(self.num_envs))  # the row's old targets are gone
+        self.t += 1
+        if self.t > self.n_step:
+            ready = (self.t - 1 - self.n_step) % self.rows  # its frame t+n has just been written
+            self.tree.update(ready * self.num_envs + envs, np.full(self.num_envs, self.max_priority ** self.alpha))
+            self.valid = min(self.t - self.n_step, self.rows - self.n_step) * self.num_envs
+
+    def sample(self, batch_size: int, beta: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Stratified proportional sample with importance weights and n-step targets."""
+        total = self.tree.total
+        bounds = np.linspace(0.0, total, batch_size + 1)
+        index = self.tree.find(rng.uniform(bounds[:-1], bounds[1:]))
+        priorities = self.tree.leaves(index)
+        for _ in range(10):  # float round-off at a segment edge can land on an empty leaf: draw again
+            empty = priorities <= 0
+            if not empty.any():
+                break
+            index[empty] = self.tree.find(rng.uniform(0, total, empty.sum()))
+            priorities = self.tree.leaves(index)
+        probs = priorities / total
+        weights = (len(self) * probs) ** (-beta)
+        weights /= weights.max()
+        row, env = index // self.num_envs, index % self.num_envs
+        returns, discounts = self.n_step_targets(row, env)
+        return {"index": index, "obs": self.obs[row, env], "actions": self.actions[row, env], "returns": returns,
+                "discounts": discounts, "next_obs": self.obs[(row + self.n_step) % self.rows, env],
+                "weights": weights.astype(np.float32)}
+
+    def n_step_targets(self, row: np.ndarray, env: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """G = sum_k gamma^k r_{t+k} up to the first episode end; discount gamma^n, or 0 if it ended."""
+        returns = np.zeros(len(row), np.float32)
+        alive = np.ones(len(row), bool)
+        for k in range(self.n_step):
+            r = (row + k) % self.rows
+            returns += alive * (self.gamma ** k) * self.rewards[r, env]
+            alive &= ~self.dones[r, env]
+        return returns, (alive * self.gamma ** self.n_step).astype(np.float32)
+
+    def update_priorities(self, index: np.ndarray, priorities: np.ndarray) -> None:
+        priorities = np.asarray(priorities, dtype=np.float64) + self.eps
+        self.max_priority = max(self.max_priority, float(priorities.max()))
+        self.tree.update(index, priorities ** self.alpha)
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("obs", "actions", "rewards", "dones", "t", "valid", "max_priority")} | {
+            "tree": self.tree.nodes}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("obs", "actions", "rewards", "dones", "t", "valid", "max_priority"):
+            setattr(self, k, state[k])
+        self.tree.nodes = state["tree"]
+
+
+def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items() if k != "index"}

@@ -1,0 +1,148 @@
+"""Rainbow pieces against independent computations, plus short runs through the trainer."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from agents.mixreg import mix_rainbow_batch
+from agents.rainbow import NoisyLinear, project_distribution, support_for
+from agents.replay import PrioritizedReplay, SumTree
+
+
+def brute_force_projection(next_probs, returns, discounts, support):
+    """Spread each atom's mass over its two neighbours, one sample and one atom at a time."""
+    v_min, v_max = float(support[0]), float(support[-1])
+    dz = (v_max - v_min) / (len(support) - 1)
+    out = np.zeros_like(next_probs)
+    for i in range(len(next_probs)):
+        for j, z in enumerate(support):
+            tz = min(max(returns[i] + discounts[i] * z, v_min), v_max)
+            pos = (tz - v_min) / dz
+            lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+            if lo == hi:
+                out[i, lo] += next_probs[i, j]
+            else:
+                out[i, lo] += next_probs[i, j] * (hi - pos)
+                out[i, hi] += next_probs[i, j] * (pos - lo)
+    return out
+
+
+def test_projection_matches_brute_force():
+    g = np.random.default_rng(0)
+    support = np.linspace(-5, 27.2, 51)
+    probs = g.dirichlet(np.ones(51), size=32)
+    returns = g.uniform(-8, 30, 32)
+    discounts = np.where(g.random(32) < 0.3, 0.0, 0.99**3)
+    returns[0], discounts[0] = 0.0, 1.0  # lands exactly on atoms
+    expected = brute_force_projection(probs, returns, discounts, support)
+    got = project_distribution(torch.tensor(probs), torch.tensor(returns), torch.tensor(discounts),
+                               torch.tensor(support)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-10)
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-10)
+
+
+def test_default_supports():
+    assert support_for("starpilot") == (0.0, 35.0) and support_for("fruitbot") == (-5.0, 27.2)
+    assert support_for("coinrun") == (0.0, 10.0)
+
+
+def test_sum_tree_sampling_frequencies_and_updates():
+    tree = SumTree(5)
+    tree.update(np.arange(5), np.array([1.0, 2.0, 3.0, 0.0, 4.0]))
+    assert tree.total == pytest.approx(10.0)
+    g = np.random.default_rng(0)
+    counts = np.bincount(tree.find(g.uniform(0, tree.total, 200_000)), minlength=5)
+    np.testing.assert_allclose(counts / 200_000, [0.1, 0.2, 0.3, 0.0, 0.4], atol=0.005)
+    tree.update(np.array([1]), np.array([10.0]))
+    assert tree.total == pytest.approx(18.0)
+    counts = np.bincount(tree.find(g.uniform(0, tree.total, 200_000)), minlength=5)
+    np.testing.assert_allclose(counts / 200_000, np.array([1, 10, 3, 0, 4]) / 18, atol=0.005)
+
+
+def test_n_step_returns_stop_at_episode_end():
+    replay = PrioritizedReplay(capacity=40, num_envs=2, obs_shape=(1,), n_step=3, gamma=0.5)
+    # env 0: rewards 1,2,3,4,5 with the episode ending on the 2nd step; env 1: never ends
+    for t, (r, d) in enumerate([(1, False), (2, True), (3, False), (4, False), (5, False)]):
+        replay.add(np.full((2, 1), t, np.uint8), np.array([t, t]), np.array([r, 10 * r], np.float32),
+                   np.array([d, False]))
+    returns, discounts = replay.n_step_targets(np.array([0, 1, 2, 0]), np.array([0, 0, 0, 1]))
+    np.testing.assert_allclose(returns, [1 + 0.5 * 2, 2, 3 + 0.5 * 4 + 0.25 * 5, 10 + 5 * 2 + 2.5 * 3])
+    np.testing.assert_allclose(discounts, [0, 0, 0.125, 0.125])
+    assert len(replay) == 2 * 2, "transitions at t=0,1 have their 3-step frame; later ones do not yet"
+    batch = replay.sample(64, beta=0.4, rng=np.random.default_rng(0))
+    assert set((batch["index"] // 2).tolist()) <= {0, 1}
+    assert (batch["next_obs"][:, 0] == batch["obs"][:, 0] + 3).all()
+
+
+def test_priority_updates_change_sampling():
+    replay = PrioritizedReplay(capacity=64, num_envs=1, obs_shape=(1,), n_step=1, gamma=0.9)
+    for t in range(20):
+        replay.add(np.zeros((1, 1), np.uint8), np.zeros(1, np.int64), np.zeros(1, np.float32), np.zeros(1, bool))
+    replay.update_priorities(np.arange(len(replay)), np.full(len(replay), 1e-3))
+    replay.update_priorities(np.array([7]), np.array([100.0]))
+    batch = replay.sample(256, beta=1.0, rng=np.random.default_rng(1))
+    assert (batch["index"] == 7).mean() > 0.8
+    # importance weights: the over-sampled transition gets the smallest weight
+    assert batch["weights"][batch["index"] == 7].max() < batch["weights"][batch["index"] != 7].min()
+
+
+def test_noisy_layer_resampling():
+    layer = NoisyLinear(8, 4, sigma0=0.5)
+    x = torch.randn(3, 8)
+    a, b = layer(x), layer(x)
+    assert torch.equal(a, b), "the same noise until it is reset"
+    layer.reset_noise()
+    assert not torch.allclose(layer(x), a)
+    # factorised noise: eps_W = f(eps_out) f(eps_in)^T has rank one
+    eps_w = torch.outer(layer.eps_out, layer.eps_in)
+    assert torch.linalg.matrix_rank(eps_w) == 1
+    assert torch.allclose(layer.weight_sigma, torch.full((4, 8), 0.5 / 8**0.5))
+
+
+def test_mixreg_rainbow_targets():
+    g = torch.Generator().manual_seed(0)
+    b = 128
+    batch = {"obs": torch.randint(0, 256, (b, 4, 4, 3), generator=g, dtype=torch.uint8),
+             "next_probs": torch.softmax(torch.randn(b, 51, generator=g), 1),
+             "returns": torch.randn(b, generator=g), "actions": torch.randint(0, 15, (b,), generator=g),
+             "discounts": torch.rand(b, generator=g), "index": torch.arange(b) * 7,
+             "weights": torch.rand(b, generator=g), "next_obs": torch.zeros(b, 4, 4, 3, dtype=torch.uint8)}
+    mixed, idx = mix_rainbow_batch(batch, alpha=0.2)
+    assert (idx.lam >= 0.5).all()
+    for key in ("actions", "discounts", "index", "weights"):
+        assert torch.equal(mixed[key], batch[key][idx.dominant]), key
+    lam = idx.lam[:, None]
+    torch.testing.assert_close(mixed["next_probs"],
+                               lam * batch["next_probs"][idx.dominant] + (1 - lam) * batch["next_probs"][idx.other])
+    torch.testing.assert_close(mixed["next_probs"].sum(1), torch.ones(b))
+    torch.testing.assert_close(mixed["returns"], idx.lam * batch["returns"][idx.dominant]
+                               + (1 - idx.lam) * batch["returns"][idx.other])
+    assert "next_obs" not in mixed
+
+
+RAINBOW_TINY = ["--algo", "rainbow", "--env", "bigfish", "--num-envs", "4", "--buffer-size", "4000",
+                "--warmup-steps", "128", "--eval-episodes", "2", "--eval-interval", "1", "--no-progress",
+                "--no-video", "--precision", "fp32"]
+
+
+def test_rainbow_short_run_and_resume(tmp_path):
+    from agents.cli import train_main
+    from agents.train import Trainer
+    from workbench.checkpoint import load_checkpoint
+
+    assert train_main(RAINBOW_TINY + ["--total-steps", "512", "--save-replay", "--runs-root", str(tmp_path),
+                                      "--run-name", "rb"]) == 0
+    run = tmp_path / "rb"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["env_steps"] == 512 and metrics["algo"] == "rainbow" and metrics["mixreg"] is True
+    saved = load_checkpoint(run, kind="procgen-agent")["agent_state"]
+    assert saved["updates"] > 0 and "replay" in saved
+    resumed = Trainer.resume(run, total_steps=1024, progress=False)
+    for name, tensor in saved["online"].items():
+        assert torch.equal(resumed.agent.online.state_dict()[name], tensor), name
+    assert resumed.agent.updates == saved["updates"]
+    assert len(resumed.agent.replay) == saved["replay"]["valid"] > 0, "--save-replay restores the buffer"
+    out = resumed.run()
+    assert out["env_steps"] == 1024 and load_checkpoint(run)["agent_state"]["updates"] > saved["updates"]
