@@ -17,7 +17,7 @@ import sys
 
 # name -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS = {
-    "train-procgen": ("agents.cli", "train_main", "train a PPO agent (optionally with mixreg) on a Procgen game"),
+    "train-procgen": ("agents.cli", "train_main", "train a PPO or Rainbow agent (optionally with mixreg) on Procgen"),
     "evaluate-procgen": ("agents.cli", "evaluate_main", "evaluate a Procgen checkpoint on unseen levels"),
     "datasets": ("adaptation.cli", "datasets_main", "list or build the built-in digits domains"),
     "train-source": ("adaptation.cli", "train_source_main", "train a source model for adaptation"),
