@@ -126,6 +126,12 @@ def test_end_to_end_shot_improves_target_accuracy_and_keeps_classifier(source_ru
     classifier_keys = [k for k in source if k.startswith("classifier.")]
     assert classifier_keys and all(torch.equal(source[k], adapted[k]) for k in classifier_keys)
     assert any(not torch.equal(source[k], adapted[k]) for k in source if k.startswith("backbone."))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert {"loss/im", "loss/pseudo_ce", "loss/conditional_entropy", "loss/marginal_entropy",
+            "pseudo_labels/accuracy", "target/accuracy", "target/predicted_classes"} <= set(events.Tags()["scalars"])
+    assert "target/confusion_matrix" in events.Tags()["images"]
     rows = (out / "predictions.csv").read_text().splitlines()
     assert rows[0] == "path,label,prediction,confidence" and len(rows) == metrics["samples"] + 1
 
@@ -147,3 +153,20 @@ def test_class_count_mismatch_is_a_clear_error(source_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "12 classes but the model was trained for 10" in err and len(err.strip().splitlines()) == 1
     assert evaluate_main(["--model", str(tmp_path / "nothing"), "--data", "builtin:digits/uci"]) == 2
+
+
+def test_shot_im_and_shotpp_run(source_run, tmp_path):
+    from adaptation.shot import AdaptConfig, ShotAdapter
+
+    src_dir, _ = source_run
+    im = ShotAdapter(AdaptConfig(source=str(src_dir), target="builtin:digits/photo", method="shot-im", epochs=1,
+                                 run_dir=str(tmp_path / "im"), progress=False))
+    assert im.cfg.beta == 0.0 and im.rotation_head is None
+    im.run()
+    pp = ShotAdapter(AdaptConfig(source=str(src_dir), target="builtin:digits/photo", method="shot++", epochs=1,
+                                 rotation_epochs=1, transfer_epochs=1, run_dir=str(tmp_path / "pp"), progress=False))
+    assert pp.cfg.rotation_weight == 0.2 and pp.cfg.mix_alpha == 0.1  # the digits defaults
+    metrics = pp.run()
+    transfer = metrics["transfer"]
+    assert transfer["labelled"] + transfer["unlabelled"] == metrics["samples"]
+    assert 0 < transfer["labelled"] < metrics["samples"]
