@@ -11,7 +11,6 @@ An agent plugs in through a small interface:
 from __future__ import annotations
 
 import dataclasses
-import json
 import signal
 import time
 from dataclasses import dataclass, field

@@ -18,7 +18,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
 from agents.ppo import PPO, PPOConfig  # noqa: E402
 from envs.procgen import ProcgenVecEnv  # noqa: E402

@@ -78,7 +78,7 @@ def test_n_step_returns_stop_at_episode_end():
 
 def test_priority_updates_change_sampling():
     replay = PrioritizedReplay(capacity=64, num_envs=1, obs_shape=(1,), n_step=1, gamma=0.9)
-    for t in range(20):
+    for _ in range(20):
         replay.add(np.zeros((1, 1), np.uint8), np.zeros(1, np.int64), np.zeros(1, np.float32), np.zeros(1, bool))
     replay.update_priorities(np.arange(len(replay)), np.full(len(replay), 1e-3))
     replay.update_priorities(np.array([7]), np.array([100.0]))
