@@ -170,3 +170,30 @@ def test_shot_im_and_shotpp_run(source_run, tmp_path):
     transfer = metrics["transfer"]
     assert transfer["labelled"] + transfer["unlabelled"] == metrics["samples"]
     assert 0 < transfer["labelled"] < metrics["samples"]
+
+
+def test_train_source_with_pretrained_resnet_on_a_class_folder(tmp_path):
+    """ImageNet-style path: class folders, a torchvision weights file, 224 crops."""
+    import torchvision
+    from PIL import Image
+
+    from adaptation.cli import train_source_main
+    from workbench.checkpoint import load_checkpoint
+
+    g = np.random.default_rng(0)
+    for label, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        folder = tmp_path / "data" / f"class{label}"
+        folder.mkdir(parents=True)
+        for i in range(6):
+            img = np.clip(np.array(colour) + g.normal(0, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(folder / f"{i}.jpg")
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    out = tmp_path / "src"
+    assert train_source_main(["--data", str(tmp_path / "data"), "--backbone", "resnet18", "--pretrained",
+                              str(weights), "--epochs", "1", "--batch-size", "4", "--out", str(out),
+                              "--no-progress"]) == 0
+    state = load_checkpoint(out, kind="source-model")
+    assert state["model_config"]["transform"] == "imagenet" and state["model_config"]["num_classes"] == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["pretrained"] == str(weights)
