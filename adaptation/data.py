@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
@@ -114,12 +115,23 @@ class ImageFileDataset(Dataset):
         return self.transform(self.load_image(index)), int(self.labels[index]), index
 
 
+def is_deterministic(transform: Callable) -> bool:
+    """True for a torchvision Compose without random steps (its output can be computed once)."""
+    steps = getattr(transform, "transforms", None)
+    return steps is not None and not any(type(t).__name__.startswith("Random") for t in steps)
+
+
 class ArrayImageDataset(Dataset):
-    """In-memory uint8 images (N, H, W, 3), e.g. a built-in digits domain."""
+    """In-memory uint8 images (N, H, W, 3), e.g. a built-in digits domain.
+
+    With a deterministic transform the transformed tensors are computed once up front:
+    small images spend more time in per-sample PIL conversion than in the network."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable, source: str):
         self.images, self.labels, self.transform, self.source = images, labels.astype(np.int64), transform, source
         self.paths = [f"{source}#{i}" for i in range(len(images))]
+        self.tensors = (torch.stack([transform(self.load_image(i)) for i in range(len(images))])
+                        if is_deterministic(transform) else None)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -128,7 +140,8 @@ class ArrayImageDataset(Dataset):
         return Image.fromarray(self.images[index])
 
     def __getitem__(self, index: int):
-        return self.transform(self.load_image(index)), int(self.labels[index]), index
+        image = self.tensors[index] if self.tensors is not None else self.transform(self.load_image(index))
+        return image, int(self.labels[index]), index
 
 
 # ------------------------------------------------------------------ transforms

@@ -12,9 +12,9 @@ from .training import accuracy, make_loader, per_class_accuracy, predict
 MODEL_KINDS = ("source-model", "adapted-model")
 
 
-def load_model(path, device):
-    state = load_checkpoint(path, kind=MODEL_KINDS, map_location=device)
-    model = build_model(state["model_config"]).to(device)
+def load_model(path, runtime):
+    state = load_checkpoint(path, kind=MODEL_KINDS, map_location=runtime.device)
+    model = runtime.prepare_module(build_model(state["model_config"]))
     model.load_state_dict(state["model"])
     return model.eval(), state
 
@@ -30,10 +30,10 @@ def load_target(spec: str, model_config: dict, train: bool = False):
 
 
 def evaluate_model(path, data: str, device: str = "auto", batch_size: int = 256) -> dict:
-    rt = Runtime.create(device, "fp32", channels_last=False)
-    model, state = load_model(path, rt.device)
+    rt = Runtime.create(device, "fp32")
+    model, state = load_model(path, rt)
     dataset = load_target(data, state["model_config"])
-    out = predict(model, make_loader(dataset, batch_size, train=False), rt.device)
+    out = predict(model, make_loader(dataset, batch_size, train=False), rt)
     pred, labels = out["probs"].argmax(1), out["labels"]
     k = state["model_config"]["num_classes"]
     return {"data": data, "samples": len(dataset), "accuracy": accuracy(pred, labels),

@@ -119,7 +119,8 @@ def labeling_transfer(adapter, logger) -> dict:
             set_shot_lr(optimizer, cfg.lr, step / total)
             y_l = pseudo[idx_l.to(device)]  # data sets return their own index, also through a Subset
             weight = UNLABELLED_WEIGHT * min(1.0, step / total)
-            loss, terms = mixmatch_loss(model, x_l.to(device), y_l, x_u.to(device), cfg.mix_alpha, weight, flip)
+            loss, terms = mixmatch_loss(model, adapter.rt.images(x_l), y_l, adapter.rt.images(x_u), cfg.mix_alpha,
+                                        weight, flip)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -98,8 +98,8 @@ def rotation_loss(model, head: RotationHead, images: torch.Tensor) -> torch.Tens
 class ShotAdapter:
     def __init__(self, cfg: AdaptConfig):
         seed_everything(cfg.seed)
-        self.rt = Runtime.create(cfg.device, "fp32", channels_last=False)
-        self.model, self.source_state = load_model(cfg.source, self.rt.device)
+        self.rt = Runtime.create(cfg.device, "fp32")
+        self.model, self.source_state = load_model(cfg.source, self.rt)
         mcfg = self.source_state["model_config"]
         self.cfg = cfg.resolved(mcfg["transform"])
         self.train_set = load_target(cfg.target, mcfg, train=True)
@@ -117,7 +117,7 @@ class ShotAdapter:
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
-        out = predict(self.model, self.eval_loader, self.rt.device)
+        out = predict(self.model, self.eval_loader, self.rt)
         conf, pred = out["probs"].max(1)
         result = {"pred": pred, "confidence": conf, "features": out["features"], "probs": out["probs"],
                   "class_spread": torch.bincount(pred, minlength=self.num_classes).tolist()}
@@ -148,7 +148,7 @@ class ShotAdapter:
         for epoch in range(self.cfg.rotation_epochs):
             total = 0.0
             for images, _, _ in self.loader:
-                images = images.to(self.rt.device)
+                images = self.rt.images(images)
                 with torch.no_grad():
                     rotated, turns = rotate_batch(images)
                     feats, feats_rot = self.model.embed(images), self.model.embed(rotated)
@@ -171,7 +171,7 @@ class ShotAdapter:
         for epoch in range(cfg.epochs):
             pseudo = None
             if cfg.beta > 0:
-                out = predict(model, self.eval_loader, self.rt.device)
+                out = predict(model, self.eval_loader, self.rt)
                 pseudo = shot_pseudo_labels(out["features"], out["probs"], backend=cfg.cluster_backend)
                 if self.labels_known:
                     logger.scalars("pseudo_labels", {"accuracy": accuracy(pseudo, out["labels"])}, epoch)
@@ -180,7 +180,7 @@ class ShotAdapter:
             sums: dict[str, float] = {}
             for images, _, idx in self.loader:
                 set_shot_lr(optimizer, cfg.lr, step / total_iters)
-                images = images.to(self.rt.device)
+                images = self.rt.images(images)
                 logits = model(images)
                 im, cond_ent, marg_ent = information_maximization(logits)
                 terms = {"im": im.detach(), "conditional_entropy": cond_ent.detach(), "marginal_entropy": marg_ent.detach()}

@@ -59,7 +59,7 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
 
 def train_source(cfg: SourceConfig) -> dict:
     seed_everything(cfg.seed)
-    rt = Runtime.create(cfg.device, "fp32", channels_last=False)
+    rt = Runtime.create(cfg.device, "fp32")
     style = cfg.transform or default_style(cfg.data)
     train_set = load_dataset(cfg.data, image_transform(style, train=True), cfg.num_classes)
     eval_set = load_dataset(cfg.data, image_transform(style, train=False), cfg.num_classes)
@@ -68,7 +68,7 @@ def train_source(cfg: SourceConfig) -> dict:
 
     backbone_kwargs = {"pretrained": cfg.pretrained} if cfg.pretrained else {}
     config = model_config(cfg.backbone, num_classes, backbone_kwargs=backbone_kwargs, transform=style)
-    model = ShotModel(cfg.backbone, num_classes, backbone_kwargs=backbone_kwargs).to(rt.device)
+    model = rt.prepare_module(ShotModel(cfg.backbone, num_classes, backbone_kwargs=backbone_kwargs))
     backbone_mult = cfg.backbone_lr_mult if cfg.backbone_lr_mult is not None else (0.1 if cfg.pretrained else 1.0)
     optimizer = shot_optimizer([(model.backbone, backbone_mult), (model.bottleneck, 1.0), (model.classifier, 1.0)],
                                cfg.lr, cfg.weight_decay)
@@ -87,7 +87,7 @@ def train_source(cfg: SourceConfig) -> dict:
             model.train()
             for images, labels, _ in loader:
                 lr = set_shot_lr(optimizer, cfg.lr, step / total_iters)
-                loss = criterion(model(images.to(rt.device)), labels.to(rt.device))
+                loss = criterion(model(rt.images(images)), labels.to(rt.device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -95,7 +95,7 @@ def train_source(cfg: SourceConfig) -> dict:
                 if step % 20 == 0:
                     logger.scalars("source", {"loss": loss.item(), "lr": lr}, step)
                 logger.advance(1)
-            out = predict(model, hold_loader, rt.device)
+            out = predict(model, hold_loader, rt)
             hold_acc = accuracy(out["probs"].argmax(1), out["labels"])
             logger.scalars("source", {"holdout_accuracy": hold_acc}, step)
             if hold_acc > best["holdout_accuracy"]:

@@ -34,13 +34,13 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0
 
 
 @torch.no_grad()
-def predict(model, loader: DataLoader, device: torch.device) -> dict[str, torch.Tensor]:
+def predict(model, loader: DataLoader, runtime) -> dict[str, torch.Tensor]:
     """Bottleneck features, softmax outputs, labels and indices of a whole data set (eval mode)."""
     was_training = model.training
     model.eval()
     feats, probs, labels, indices = [], [], [], []
     for images, y, idx in loader:
-        f = model.embed(images.to(device))
+        f = model.embed(runtime.images(images))
         feats.append(f.float().cpu())
         probs.append(model.classifier(f).float().softmax(1).cpu())
         labels.append(y)

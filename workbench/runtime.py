@@ -93,6 +93,11 @@ class Runtime:
             module = module.to(memory_format=torch.channels_last)
         return module
 
+    def images(self, batch: torch.Tensor) -> torch.Tensor:
+        """Move an (N, C, H, W) image batch to the device in the memory format the runtime uses."""
+        batch = batch.to(self.device, non_blocking=True)
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
+
     def maybe_compile(self, module: torch.nn.Module) -> torch.nn.Module:
         return torch.compile(module) if self.compile else module
 
