@@ -118,3 +118,11 @@ def test_comparison_regularizers_train(tmp_path, regularizer):
                             "--runs-root", str(tmp_path), "--run-name", regularizer])
     assert rc == 0
     assert json.loads((tmp_path / regularizer / "metrics.json").read_text())["env_steps"] == 128
+
+
+def test_training_with_the_coordinate_attention_backbone(tmp_path):
+    rc = train_main(TINY + ["--total-steps", "128", "--backbone", "impala_1x_ca", "--no-video",
+                            "--runs-root", str(tmp_path), "--run-name", "ca"])
+    assert rc == 0
+    state = load_checkpoint(tmp_path / "ca")["agent_state"]
+    assert any("attention" in k for k in state["model"])

@@ -4,7 +4,8 @@ Per stage: conv3x3 -> maxpool 3x3/2 -> two residual blocks
 (relu, conv3x3, relu, conv3x3, + skip). After the stages: relu, flatten,
 linear to 256, relu. Widths: 1x [16,32,32], 2x [32,64,64], 4x [64,128,128].
 `batch_norm=True` puts BatchNorm after every convolution (the mixreg paper's
-batch-norm baseline). Inputs are float images scaled to [0, 1].
+batch-norm baseline); `coord_attention=True` (the `impala_*_ca` variants) applies coordinate
+attention to each residual branch before the skip addition. Inputs are float images in [0, 1].
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers import CoordAttention
 from . import register_backbone
 
 
@@ -24,26 +26,27 @@ def _conv3x3(cin: int, cout: int, batch_norm: bool) -> nn.Module:
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, channels: int, batch_norm: bool = False):
+    def __init__(self, channels: int, batch_norm: bool = False, coord_attention: bool = False):
         super().__init__()
         self.conv0 = _conv3x3(channels, channels, batch_norm)
         self.conv1 = _conv3x3(channels, channels, batch_norm)
+        self.attention = CoordAttention(channels) if coord_attention else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv0(F.relu(x))
         out = self.conv1(F.relu(out))
-        return x + out
+        return x + self.attention(out)
 
 
 class ConvSequence(nn.Module):
     """One IMPALA stage; halves the spatial size (rounding up)."""
 
-    def __init__(self, cin: int, cout: int, batch_norm: bool = False):
+    def __init__(self, cin: int, cout: int, batch_norm: bool = False, coord_attention: bool = False):
         super().__init__()
         self.conv = _conv3x3(cin, cout, batch_norm)
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.res0 = ResidualBlock(cout, batch_norm)
-        self.res1 = ResidualBlock(cout, batch_norm)
+        self.res0 = ResidualBlock(cout, batch_norm, coord_attention)
+        self.res1 = ResidualBlock(cout, batch_norm, coord_attention)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.res1(self.res0(self.pool(self.conv(x))))
@@ -51,11 +54,11 @@ class ConvSequence(nn.Module):
 
 class ImpalaCNN(nn.Module):
     def __init__(self, widths: Sequence[int] = (16, 32, 32), in_channels: int = 3, image_size: int = 64,
-                 out_dim: int = 256, batch_norm: bool = False):
+                 out_dim: int = 256, batch_norm: bool = False, coord_attention: bool = False):
         super().__init__()
         stages, cin, size = [], in_channels, image_size
         for width in widths:
-            stages.append(ConvSequence(cin, width, batch_norm))
+            stages.append(ConvSequence(cin, width, batch_norm, coord_attention))
             cin, size = width, (size + 1) // 2
         self.stages = nn.Sequential(*stages)
         self.fc = nn.Linear(cin * size * size, out_dim)
@@ -81,6 +84,10 @@ def _register(scale: str) -> None:
     @register_backbone(f"impala_{scale}")
     def build(**kwargs) -> ImpalaCNN:
         return ImpalaCNN(widths=WIDTHS[scale], **kwargs)
+
+    @register_backbone(f"impala_{scale}_ca")
+    def build_ca(**kwargs) -> ImpalaCNN:
+        return ImpalaCNN(widths=WIDTHS[scale], coord_attention=True, **kwargs)
 
 
 for _scale in WIDTHS:

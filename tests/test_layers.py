@@ -1,0 +1,104 @@
+"""Attention layers against plain global attention, shapes at awkward sizes, gradient flow."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from workbench.backbones import create_backbone
+from workbench.layers import CoordAttention, HRFormerBlock, InterlacedSparseAttention, LocalWindowAttention
+
+
+def global_attention_reference(module, x):
+    """softmax(q k^T / sqrt(d)) v over all H*W positions, from the module's own projections."""
+    n, _, h, w = x.shape
+    q = module.query(x).flatten(2)       # (N, Ck, HW)
+    k = module.key(x).flatten(2)
+    v = module.value(x).flatten(2)       # (N, Cv, HW)
+    weights = torch.softmax(torch.einsum("nci,ncj->nij", q, k) / q.shape[1] ** 0.5, dim=-1)
+    context = torch.einsum("nij,ncj->nci", weights, v).reshape(n, -1, h, w)
+    return module.out(context)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (13, 11), (5, 9)])
+def test_interlaced_attention_shapes_with_padding(size):
+    issa = InterlacedSparseAttention(16, 8, 16, group_size=(4, 4))
+    assert issa(torch.randn(2, 16, *size)).shape == (2, 16, *size)
+
+
+def test_short_range_stage_is_global_attention_when_one_group_covers_the_map():
+    issa = InterlacedSparseAttention(16, 8, 12, group_size=(6, 5)).eval()
+    issa.long_range = nn.Identity()
+    x = torch.randn(2, 16, 6, 5)
+    torch.testing.assert_close(issa(x), global_attention_reference(issa.short_range, x), rtol=1e-4, atol=1e-5)
+
+
+def test_long_range_stage_is_global_attention_with_unit_groups():
+    issa = InterlacedSparseAttention(16, 8, 12, group_size=(1, 1)).eval()
+    issa.short_range = nn.Identity()
+    x = torch.randn(2, 16, 6, 5)
+    torch.testing.assert_close(issa(x), global_attention_reference(issa.long_range, x), rtol=1e-4, atol=1e-5)
+
+
+def test_local_window_attention_is_global_attention_when_one_window_covers_the_map():
+    dim, heads = 32, 4
+    local = LocalWindowAttention(dim, heads, window_size=7)
+    nn.init.zeros_(local.relative_bias)
+    reference = nn.MultiheadAttention(dim, heads, batch_first=True)
+    reference.in_proj_weight.data.copy_(local.qkv.weight.data)
+    reference.in_proj_bias.data.copy_(local.qkv.bias.data)
+    reference.out_proj.weight.data.copy_(local.proj.weight.data)
+    reference.out_proj.bias.data.copy_(local.proj.bias.data)
+    x = torch.randn(3, dim, 7, 7)
+    tokens = x.flatten(2).transpose(1, 2)
+    expected = reference(tokens, tokens, tokens, need_weights=False)[0].transpose(1, 2).reshape(3, dim, 7, 7)
+    torch.testing.assert_close(local(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_relative_position_bias_depends_only_on_the_offset():
+    local = LocalWindowAttention(8, 2, window_size=3)
+    idx = local.bias_index
+    # positions (0,0)->(1,1) and (1,1)->(2,2) have the same offset, hence the same table entry
+    assert idx[0, 4] == idx[4, 8] and idx[0, 4] != idx[4, 0]
+    assert idx.max() == (2 * 3 - 1) ** 2 - 1
+
+
+@pytest.mark.parametrize("size", [(7, 7), (15, 9), (4, 20)])
+def test_local_window_attention_and_block_shapes(size):
+    x = torch.randn(2, 16, *size)
+    assert LocalWindowAttention(16, 2, 7)(x).shape == x.shape
+    assert HRFormerBlock(16, 2, 7)(x).shape == x.shape
+
+
+def test_coordinate_attention_gates_by_row_and_column():
+    ca = CoordAttention(32).eval()
+    x = torch.randn(2, 32, 9, 6)
+    out = ca(x)
+    assert out.shape == x.shape
+    ratio = out / x  # a_h[c, i] * a_w[c, j]: a rank-one map per channel
+    ranks = torch.linalg.matrix_rank(ratio.double(), atol=1e-6)
+    assert (ranks == 1).all()
+
+
+@pytest.mark.parametrize("module", [
+    CoordAttention(16), InterlacedSparseAttention(16, 8, 16, (3, 3)), LocalWindowAttention(16, 2, 4),
+    HRFormerBlock(16, 2, 4)])
+def test_gradients_reach_every_parameter(module):
+    out = module(torch.randn(2, 16, 7, 10))
+    out.square().mean().backward()
+    missing = [n for n, p in module.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+def test_mobilenetv2_ca_parameter_count_and_gradients():
+    net = create_backbone("mobilenetv2_ca")
+    with_head = sum(p.numel() for p in net.parameters()) + 1280 * 1000 + 1000  # the ImageNet-1k classifier
+    assert abs(with_head - 3.95e6) / 3.95e6 < 0.02
+    assert sum(isinstance(m, CoordAttention) for m in net.modules()) == 17
+    net(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_impala_ca_variant():
+    net = create_backbone("impala_1x_ca")
+    assert sum(isinstance(m, CoordAttention) for m in net.modules()) == 6
+    assert net(torch.rand(2, 3, 64, 64)).shape == (2, 256)

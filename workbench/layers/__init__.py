@@ -1,0 +1,8 @@
+"""Reusable blocks of this research line, shared by backbones and dense heads."""
+
+from .coord_attention import CoordAttention
+from .interlaced_attention import InterlacedSparseAttention, SelfAttention2d
+from .local_window_attention import DepthwiseConvFFN, HRFormerBlock, LayerNorm2d, LocalWindowAttention
+
+__all__ = ["CoordAttention", "InterlacedSparseAttention", "SelfAttention2d", "LocalWindowAttention",
+           "DepthwiseConvFFN", "HRFormerBlock", "LayerNorm2d"]
