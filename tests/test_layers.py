@@ -102,3 +102,41 @@ def test_impala_ca_variant():
     net = create_backbone("impala_1x_ca")
     assert sum(isinstance(m, CoordAttention) for m in net.modules()) == 6
     assert net(torch.rand(2, 3, 64, 64)).shape == (2, 256)
+
+
+def test_performer_attention_equals_explicit_kernel_attention():
+    from workbench.backbones.t2t_vit import PerformerTokenTransformer
+
+    layer = PerformerTokenTransformer(dim=20, emb=16)
+    x = torch.randn(2, 9, 20)
+    k, q, v = layer.kqv(x).split(16, dim=-1)
+    kernel = layer.random_features(q) @ layer.random_features(k).transpose(1, 2)   # (B, T, T), positive
+    assert (kernel > 0).all()
+    explicit = v + layer.proj((kernel / kernel.sum(-1, keepdim=True)) @ v)
+    torch.testing.assert_close(layer.attention(x), explicit, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,published", [("t2t_vit_7", 4.3e6), ("t2t_vit_14", 21.5e6)])
+def test_t2t_vit_parameter_counts_and_sizes(name, published):
+    net = create_backbone(name)
+    with_head = sum(p.numel() for p in net.parameters()) + net.out_dim * 1000 + 1000
+    assert abs(with_head - published) / published < 0.02
+    for size in [(224, 224), (32, 32), (50, 37)]:
+        assert net(torch.rand(1, 3, *size)).shape == (1, net.out_dim)
+
+
+def test_t2t_vit_gradients_reach_every_parameter():
+    net = create_backbone("t2t_vit_7")
+    net(torch.rand(2, 3, 32, 32)).sum().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+def test_train_source_with_t2t_vit(tmp_path, monkeypatch):
+    from adaptation.cli import train_source_main
+    from workbench.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+    assert train_source_main(["--data", "builtin:digits/uci", "--backbone", "t2t_vit_7", "--epochs", "1",
+                              "--out", str(tmp_path / "src"), "--no-progress"]) == 0
+    assert load_checkpoint(tmp_path / "src")["model_config"]["backbone"] == "t2t_vit_7"
