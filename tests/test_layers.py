@@ -140,3 +140,22 @@ def test_train_source_with_t2t_vit(tmp_path, monkeypatch):
     assert train_source_main(["--data", "builtin:digits/uci", "--backbone", "t2t_vit_7", "--epochs", "1",
                               "--out", str(tmp_path / "src"), "--no-progress"]) == 0
     assert load_checkpoint(tmp_path / "src")["model_config"]["backbone"] == "t2t_vit_7"
+
+
+@pytest.mark.parametrize("name,published", [("hrformer_t", 8.0e6), ("hrformer_s", 13.5e6), ("hrformer_b", 50.3e6)])
+def test_hrformer_parameter_counts(name, published):
+    net = create_backbone(name)
+    with_head = sum(p.numel() for p in net.parameters()) + 2048 * 1000 + 1000  # + the ImageNet-1k classifier
+    assert abs(with_head - published) / published < 0.02
+
+
+def test_hrformer_multi_resolution_features_and_gradients():
+    net = create_backbone("hrformer_t")
+    for size in [(64, 64), (70, 50)]:  # 70 x 50 is not a multiple of the 7x7 windows at any branch
+        maps = net.forward_features(torch.rand(1, 3, *size))
+        assert [m.shape[1] for m in maps] == [f["channels"] for f in net.feature_info]
+        for m, info in zip(maps, net.feature_info):
+            assert m.shape[2] == -(-size[0] // info["reduction"]) and m.shape[3] == -(-size[1] // info["reduction"])
+    net(torch.rand(2, 3, 64, 64)).sum().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None]
+    assert not missing, missing[:5]

@@ -38,4 +38,4 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
     return model
 
 
-from . import digits, impala, mobilenet_ca, resnet, t2t_vit  # noqa: E402,F401  (each module registers its backbones)
+from . import digits, hrformer, impala, mobilenet_ca, resnet, t2t_vit  # noqa: E402,F401  (each module registers its backbones)
