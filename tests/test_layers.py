@@ -159,3 +159,41 @@ def test_hrformer_multi_resolution_features_and_gradients():
     net(torch.rand(2, 3, 64, 64)).sum().backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None]
     assert not missing, missing[:5]
+
+
+def test_middle_range_attention_is_global_attention_inside_one_patch():
+    from workbench.layers import MiddleRangeAttention
+
+    layer = MiddleRangeAttention(16, 8, 16, patch_size=6).eval()
+    x = torch.randn(2, 16, 6, 6)
+    torch.testing.assert_close(layer(x), global_attention_reference(layer.attention, x), rtol=1e-4, atol=1e-5)
+    assert layer(torch.randn(1, 16, 13, 7)).shape == (1, 16, 13, 7)
+
+
+def test_reweighted_long_range_attention_by_hand():
+    from workbench.layers import ReweightedLongRangeAttention
+
+    layer = ReweightedLongRangeAttention(8, 4, 8).eval()
+    x = torch.randn(1, 8, 3, 4)
+    q = layer.query(x).flatten(2)[0].T   # (HW, Ck)
+    k = layer.key(x).flatten(2)[0].T
+    v = layer.value(x).flatten(2)[0].T
+    a = torch.softmax(q @ k.T / 2.0, dim=-1)
+    r = a.mean(0)                        # attention each position receives
+    weights = torch.stack([a[i] * r / (a[i] * r).sum() for i in range(12)])
+    expected = layer.out((weights @ v).T.reshape(1, 8, 3, 4))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cifs_rescales_channels_by_probe_gradient():
+    from workbench.layers import CIFS
+
+    block = CIFS(channels=6, num_classes=4, top_k=1)
+    x = torch.rand(3, 6, 5, 5, requires_grad=True)
+    out, logits = block(x)
+    # linear probe: d(top logit)/d(pooled) is the top class's weight row
+    top = logits.argmax(1)
+    expected = torch.softmax(block.probe.weight[top], dim=1) * 6
+    torch.testing.assert_close(out, x * expected[:, :, None, None])
+    (out.sum() + logits.sum()).backward()
+    assert x.grad is not None and block.probe.weight.grad is not None
