@@ -123,7 +123,8 @@ def test_mixreg_rainbow_targets():
 
 
 RAINBOW_TINY = ["--algo", "rainbow", "--env", "bigfish", "--num-envs", "4", "--buffer-size", "4000",
-                "--warmup-steps", "128", "--eval-episodes", "2", "--eval-interval", "1", "--no-progress",
+                "--warmup-steps", "128", "--batch-size", "64", "--eval-episodes", "2", "--eval-interval", "2",
+                "--no-progress",
                 "--no-video", "--precision", "fp32"]
 
 
