@@ -5,14 +5,22 @@
     model = stable_baselines3.PPO("CnnPolicy", venv)
 
 Finished episodes are reported in `info["episode"] = {"r", "l"}` as SB3's
-Monitor does, so SB3's logger shows `rollout/ep_rew_mean`.
+Monitor does, so SB3's logger shows `rollout/ep_rew_mean`. `BackboneExtractor` puts any
+registry backbone into an SB3 policy:
+
+    PPO("CnnPolicy", venv, policy_kwargs={"features_extractor_class": BackboneExtractor,
+                                          "features_extractor_kwargs": {"backbone": "impala_1x"}})
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from gymnasium import spaces
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv
+
+from workbench.backbones import create_backbone
 
 from .procgen import ProcgenVecEnv
 
@@ -65,3 +73,15 @@ class ProcgenSB3VecEnv(VecEnv):
 
     def seed(self, seed=None):
         return [None] * self.num_envs  # Procgen levels are seeded at construction (ProcgenVecEnv(seed=...))
+
+
+class BackboneExtractor(BaseFeaturesExtractor):
+    """A registry backbone as an SB3 features extractor (SB3 hands it NCHW images scaled to [0, 1])."""
+
+    def __init__(self, observation_space: spaces.Box, backbone: str = "impala_1x"):
+        net = create_backbone(backbone)
+        super().__init__(observation_space, net.out_dim)
+        self.net = net
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.net(observations)

@@ -13,7 +13,6 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from workbench.backbones import create_backbone, list_backbones  # noqa: E402
+from workbench.runtime import seconds_per_call  # noqa: E402
 
 INPUT_SIZE = {"impala": 64, "lenet": 32, "dtn": 32}
 
@@ -33,18 +33,6 @@ def peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
 
 
 def measure_backbone(name: str, batch: int, repeats: int, device: torch.device) -> dict:
@@ -62,8 +50,8 @@ def measure_backbone(name: str, batch: int, repeats: int, device: torch.device) 
         model.zero_grad(set_to_none=True)
         model(x).float().square().mean().backward()
 
-    fwd = timed(forward, repeats, device)
-    train = timed(forward_backward, repeats, device)
+    fwd = seconds_per_call(forward, repeats, device)
+    train = seconds_per_call(forward_backward, repeats, device)
     return {"name": name, "params_m": params / 1e6, "input": size, "batch": batch, "forward_per_s": batch / fwd,
             "train_per_s": batch / train, "peak_mib": (peak_bytes(device) - before) / 2**20}
 
@@ -80,7 +68,7 @@ def measure_attention(kind: str, size: int, channels: int, repeats: int, device:
         layer.zero_grad(set_to_none=True)
         layer(x).square().mean().backward()
 
-    seconds = timed(forward_backward, repeats, device)
+    seconds = seconds_per_call(forward_backward, repeats, device)
     return {"name": kind, "seconds": seconds, "peak_mib": (peak_bytes(device) - before) / 2**20}
 
 

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from agents.ppo import PPO, PPOConfig  # noqa: E402
 from envs.procgen import ProcgenVecEnv  # noqa: E402
 from workbench.backbones import create_backbone  # noqa: E402
-from workbench.runtime import PRECISION_CHOICES, Runtime  # noqa: E402
+from workbench.runtime import PRECISION_CHOICES, Runtime, seconds_per_call  # noqa: E402
 
 
 def bench_network(args) -> None:
@@ -56,22 +56,10 @@ def bench_network(args) -> None:
                 loss.backward()
                 optimizer.step()
 
-            fwd = _rate(forward, args.num_envs, device)
-            step = _rate(train_step, train_batch, device, repeats=2)
+            fwd = args.num_envs / seconds_per_call(forward, 10, device)
+            step = train_batch / seconds_per_call(train_step, 2, device)
             print(f"  {'channels_last' if channels_last else 'NCHW':13s} {precision}: "
                   f"forward {fwd:8.0f}   train step {step:7.0f}")
-
-
-def _rate(fn, samples: int, device: torch.device, repeats: int = 10) -> float:
-    fn()  # warm-up (kernel selection, allocator)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return samples * repeats / (time.perf_counter() - start)
 
 
 def bench_ours(args) -> float:
@@ -91,19 +79,9 @@ def bench_ours(args) -> float:
 
 def bench_sb3(args) -> float:
     from stable_baselines3 import PPO as SB3PPO
-    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
     from stable_baselines3.common.vec_env import VecNormalize
 
-    from envs.sb3 import ProcgenSB3VecEnv
-
-    class ImpalaExtractor(BaseFeaturesExtractor):
-        def __init__(self, observation_space, backbone: str = "impala_1x"):
-            net = create_backbone(backbone)
-            super().__init__(observation_space, net.out_dim)
-            self.net = net
-
-        def forward(self, obs: torch.Tensor) -> torch.Tensor:
-            return self.net(obs)  # SB3 has already transposed to NCHW and scaled to [0, 1]
+    from envs.sb3 import BackboneExtractor, ProcgenSB3VecEnv
 
     torch.manual_seed(args.seed)
     venv = VecNormalize(ProcgenSB3VecEnv(ProcgenVecEnv(args.env, args.num_envs, num_levels=200, seed=args.seed)),
@@ -113,7 +91,7 @@ def bench_sb3(args) -> float:
                    learning_rate=5e-4, gamma=0.999, gae_lambda=0.95, clip_range=0.2, clip_range_vf=0.2,
                    ent_coef=0.01, vf_coef=0.5, max_grad_norm=0.5, device=args.device if args.device != "auto"
                    else ("cuda" if torch.cuda.is_available() else "cpu"), seed=args.seed, verbose=0,
-                   policy_kwargs=dict(features_extractor_class=ImpalaExtractor,
+                   policy_kwargs=dict(features_extractor_class=BackboneExtractor,
                                       features_extractor_kwargs={"backbone": args.backbone},
                                       net_arch=[], optimizer_kwargs={"eps": 1e-5}))
     print(f"sb3: device {model.device}, fp32, default memory format")

@@ -21,7 +21,6 @@ import torch  # noqa: E402
 
 from agents.rainbow import Rainbow, RainbowConfig  # noqa: E402
 from envs.procgen import ProcgenVecEnv  # noqa: E402
-from workbench.backbones import create_backbone  # noqa: E402
 from workbench.runtime import PRECISION_CHOICES, Runtime  # noqa: E402
 
 
@@ -44,18 +43,8 @@ def bench_ours(args) -> float:
 
 def bench_sb3(args) -> float:
     from stable_baselines3 import DQN
-    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
-    from envs.sb3 import ProcgenSB3VecEnv
-
-    class ImpalaExtractor(BaseFeaturesExtractor):
-        def __init__(self, observation_space, backbone: str = "impala_1x"):
-            net = create_backbone(backbone)
-            super().__init__(observation_space, net.out_dim)
-            self.net = net
-
-        def forward(self, obs: torch.Tensor) -> torch.Tensor:
-            return self.net(obs)
+    from envs.sb3 import BackboneExtractor, ProcgenSB3VecEnv
 
     torch.manual_seed(args.seed)
     venv = ProcgenSB3VecEnv(ProcgenVecEnv(args.env, args.num_envs, num_levels=200, seed=args.seed))
@@ -63,7 +52,7 @@ def bench_sb3(args) -> float:
     model = DQN("CnnPolicy", venv, buffer_size=args.buffer_size, batch_size=args.batch_size,
                 learning_starts=args.warmup, train_freq=(max(1, args.update_every // args.num_envs), "step"),
                 gradient_steps=1, target_update_interval=8192, learning_rate=2.5e-4, gamma=0.99, device=device,
-                seed=args.seed, verbose=0, policy_kwargs=dict(features_extractor_class=ImpalaExtractor,
+                seed=args.seed, verbose=0, policy_kwargs=dict(features_extractor_class=BackboneExtractor,
                                                               features_extractor_kwargs={"backbone": args.backbone},
                                                               net_arch=[]))
     print(f"sb3 DQN: device {model.device}, fp32")

@@ -74,8 +74,12 @@ def test_sb3_adapter_speaks_vecenv():
 def test_sb3_ppo_runs_on_the_adapter():
     from stable_baselines3 import PPO
 
+    from envs.sb3 import BackboneExtractor
+
     venv = ProcgenSB3VecEnv(ProcgenVecEnv("bigfish", 2, seed=0))
     model = PPO("CnnPolicy", venv, n_steps=16, batch_size=16, n_epochs=1, device="cpu",
-                policy_kwargs={"features_extractor_kwargs": {"features_dim": 32}})
+                policy_kwargs={"features_extractor_class": BackboneExtractor,
+                               "features_extractor_kwargs": {"backbone": "impala_1x"}})
     model.learn(total_timesteps=32)
     assert model.num_timesteps == 32
+    assert sum(p.numel() for p in model.policy.features_extractor.parameters()) == 622_144

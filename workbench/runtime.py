@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,6 +101,19 @@ class Runtime:
 
     def maybe_compile(self, module: torch.nn.Module) -> torch.nn.Module:
         return torch.compile(module) if self.compile else module
+
+
+def seconds_per_call(fn, repeats: int, device: torch.device) -> float:
+    """Mean wall time of fn() after one warm-up call, synchronising the GPU around the timing."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
 
 
 def available_memory_bytes() -> int:
