@@ -197,3 +197,12 @@ def test_cifs_rescales_channels_by_probe_gradient():
     torch.testing.assert_close(out, x * expected[:, :, None, None])
     (out.sum() + logits.sum()).backward()
     assert x.grad is not None and block.probe.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["resnet18", "hrformer_t"])
+def test_features_only_returns_the_multi_resolution_maps(name):
+    net = create_backbone(name, features_only=True)
+    maps = net(torch.rand(1, 3, 64, 48))
+    assert isinstance(maps, list) and len(maps) == len(net.feature_info) == 4
+    for m, info in zip(maps, net.feature_info):
+        assert m.shape[1] == info["channels"] and m.shape[2] == 64 // info["reduction"]

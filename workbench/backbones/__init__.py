@@ -32,7 +32,10 @@ def list_backbones() -> list[str]:
 def create_backbone(name: str, **kwargs) -> nn.Module:
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join(list_backbones())}")
-    model = _REGISTRY[name](**kwargs)
+    try:
+        model = _REGISTRY[name](**kwargs)
+    except TypeError as exc:  # an option this backbone does not have, e.g. features_only on a flat CNN
+        raise ValueError(f"backbone {name!r} cannot be built with {sorted(kwargs)}: {exc}") from None
     if not hasattr(model, "out_dim") and not hasattr(model, "feature_info"):
         raise TypeError(f"backbone {name!r} exposes neither out_dim nor feature_info")
     return model

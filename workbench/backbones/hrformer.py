@@ -12,8 +12,8 @@ local-window transformer blocks.
 Variants (channels / heads / stage-3 modules): hrformer_t [18,36,72,144] / [1,2,4,8] / 3 (8.0M
 parameters with the ImageNet-1k classifier), hrformer_s [32,64,128,256] / [1,2,4,8] / 4 (13.5M),
 hrformer_b [78,156,312,624] / [2,4,8,16] / 4 (50.3M). `forward` gives the pooled 2048-d feature;
-`forward_features` the four branch maps (`feature_info` lists their widths and strides), e.g.
-for a pose head on the 1/4 branch.
+`forward_features` (or `forward` with `features_only=True`) the four branch maps
+(`feature_info` lists their widths and strides), e.g. for a pose head on the 1/4 branch.
 """
 
 from __future__ import annotations
@@ -96,8 +96,9 @@ class HRFormerModule(nn.Module):
 
 class HRFormer(nn.Module):
     def __init__(self, channels: Sequence[int], heads: Sequence[int], stage_modules: Sequence[int] = (1, 4, 2),
-                 window: int = 7, mlp_ratio: float = 4.0, in_channels: int = 3):
+                 window: int = 7, mlp_ratio: float = 4.0, in_channels: int = 3, features_only: bool = False):
         super().__init__()
+        self.features_only = features_only
         self.stem = nn.Sequential(conv_bn(in_channels, STEM_CHANNELS, 3, stride=2, relu=True),
                                   conv_bn(STEM_CHANNELS, STEM_CHANNELS, 3, stride=2, relu=True),
                                   Bottleneck(STEM_CHANNELS, STEM_CHANNELS), Bottleneck(4 * STEM_CHANNELS, STEM_CHANNELS))
@@ -137,8 +138,10 @@ class HRFormer(nn.Module):
             xs = stage(xs)
         return xs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         maps = self.forward_features(x)
+        if self.features_only:
+            return maps
         y = self.widen[0](maps[0])
         for widen, merge, feature in zip(self.widen[1:], self.merge, maps[1:]):
             y = widen(feature) + merge(y)

@@ -1,7 +1,8 @@
 """torchvision ResNets as backbones: pooled features, or the four stage maps for dense heads.
 
 `pretrained=<file>` loads a torchvision-format state dict from a local file (nothing is
-downloaded); the classification layer `fc.*` in the file is ignored.
+downloaded); the classification layer `fc.*` in the file is ignored. `features_only=True` makes
+`forward` return the four stage maps (strides 4-32, described by `feature_info`).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def load_torchvision_weights(model: nn.Module, path: str | Path) -> None:
 
 
 class ResNetBackbone(nn.Module):
-    def __init__(self, arch: str = "resnet50", pretrained: str | None = None):
+    def __init__(self, arch: str = "resnet50", pretrained: str | None = None, features_only: bool = False):
         super().__init__()
+        self.features_only = features_only
         net = getattr(torchvision.models, arch)(weights=None)
         if pretrained:
             load_torchvision_weights(net, pretrained)
@@ -60,14 +62,17 @@ class ResNetBackbone(nn.Module):
             maps.append(x)
         return maps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.forward_features(x)[-1], 1), 1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        maps = self.forward_features(x)
+        if self.features_only:
+            return maps
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(maps[-1], 1), 1)
 
 
 def _register(arch: str) -> None:
     @register_backbone(arch)
-    def build(pretrained: str | None = None) -> ResNetBackbone:
-        return ResNetBackbone(arch, pretrained)
+    def build(pretrained: str | None = None, features_only: bool = False) -> ResNetBackbone:
+        return ResNetBackbone(arch, pretrained, features_only)
 
 
 for _arch in ("resnet18", "resnet50", "resnet101"):
