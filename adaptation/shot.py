@@ -102,8 +102,9 @@ class ShotAdapter:
         self.model, self.source_state = load_model(cfg.source, self.rt)
         mcfg = self.source_state["model_config"]
         self.cfg = cfg.resolved(mcfg["transform"])
-        self.train_set = load_target(cfg.target, mcfg, train=True)
         self.eval_set = load_target(cfg.target, mcfg, train=False)
+        # digits use the same (deterministic) transform for training: share the prepared data set
+        self.train_set = self.eval_set if mcfg["transform"] == "digits" else load_target(cfg.target, mcfg, train=True)
         self.num_classes = mcfg["num_classes"]
         self.labels_known = bool((self.eval_set.labels >= 0).all())
         self.run_dir = Path(cfg.run_dir or Path("runs") / default_run_name("adapt", cfg.method, f"s{cfg.seed}"))

@@ -61,8 +61,10 @@ def train_source(cfg: SourceConfig) -> dict:
     seed_everything(cfg.seed)
     rt = Runtime.create(cfg.device, "fp32")
     style = cfg.transform or default_style(cfg.data)
-    train_set = load_dataset(cfg.data, image_transform(style, train=True), cfg.num_classes)
     eval_set = load_dataset(cfg.data, image_transform(style, train=False), cfg.num_classes)
+    # digits use the same (deterministic) transform for training: share the prepared data set
+    train_set = eval_set if style == "digits" else load_dataset(cfg.data, image_transform(style, train=True),
+                                                                cfg.num_classes)
     num_classes = train_set.num_classes
     fit_idx, hold_idx = split_holdout(len(train_set), cfg.holdout, cfg.seed)
 

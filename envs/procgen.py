@@ -170,17 +170,6 @@ class ProcgenVecEnv:
         self.env = None
 
 
-def make_train_and_test_envs(env_name: str, protocol: Protocol, num_envs: int, num_test_envs: int,
-                             device: torch.device, seed: int, visual: Sequence[str] = ()) -> tuple:
-    """Training levels [start_level, start_level + num_levels) and the full distribution for testing."""
-    options = visual_options(visual)
-    train = ProcgenVecEnv(env_name, num_envs, protocol.distribution_mode, protocol.num_levels,
-                          protocol.start_level, device, seed=seed, **options)
-    test = ProcgenVecEnv(env_name, num_test_envs, protocol.distribution_mode, 0, 0, device,
-                         seed=seed + 10_000, **options)
-    return train, test
-
-
 VISUAL_OPTIONS = {"no-backgrounds": ("use_backgrounds", False), "restrict-themes": ("restrict_themes", True),
                   "monochrome": ("use_monochrome_assets", True)}
 
