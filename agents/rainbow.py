@@ -201,8 +201,11 @@ class Rainbow:
         frac = min(1.0, self.env_steps / max(1, self.cfg.total_steps))
         return self.cfg.priority_beta_start + frac * (1.0 - self.cfg.priority_beta_start)
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample cross-entropy between projected target and online distributions (mixreg optional)."""
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample cross-entropy between projected target and online distributions (mixreg optional).
+
+        Returns (loss per sample, importance weights, replay index), all in the order of the
+        samples the loss was computed on: with mixreg, the dominant samples'."""
         cfg = self.cfg
         with torch.no_grad():
             with self.rt.autocast():
@@ -218,14 +221,12 @@ class Rainbow:
             log_probs = self.forward(batch["obs"])
         chosen = log_probs.float()[torch.arange(len(target)), batch["actions"]]
         per_sample = -(target * chosen).sum(1)
-        return per_sample, batch["weights"]
+        return per_sample, batch["weights"], batch["index"]
 
     def update(self) -> dict[str, float]:
         sample = self.replay.sample(self.cfg.batch_size, self.importance_beta(), self.rng)
         batch = to_torch(sample, self.rt.device)
-        if self.cfg.mixreg:
-            batch["index"] = torch.from_numpy(sample["index"]).to(self.rt.device)
-        per_sample, weights = self.loss(batch)
+        per_sample, weights, index = self.loss(batch)
         loss = (weights * per_sample).mean()
         if self.cfg.l2_coef > 0:
             loss = loss + self.cfg.l2_coef * l2_penalty(self.online)
@@ -233,8 +234,7 @@ class Rainbow:
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
-        index = batch["index"].cpu().numpy() if self.cfg.mixreg else sample["index"]
-        self.replay.update_priorities(index, per_sample.detach().cpu().numpy())
+        self.replay.update_priorities(index.cpu().numpy(), per_sample.detach().cpu().numpy())
         self.online.reset_noise()
         self.target.reset_noise()
         self.updates += 1

@@ -147,3 +147,26 @@ def test_rainbow_short_run_and_resume(tmp_path):
     assert len(resumed.agent.replay) == saved["replay"]["valid"] > 0, "--save-replay restores the buffer"
     out = resumed.run()
     assert out["env_steps"] == 1024 and load_checkpoint(run)["agent_state"]["updates"] > saved["updates"]
+
+
+def test_mixreg_priority_updates_go_to_the_dominant_samples():
+    """The per-sample losses of a mixed batch are in dominant-sample order; so must the replay index be."""
+    from agents.mixreg import draw_mix
+    from agents.rainbow import Rainbow, RainbowConfig
+    from envs.procgen import ProcgenVecEnv
+    from workbench.runtime import Runtime
+
+    env = ProcgenVecEnv("bigfish", 2, seed=0)
+    agent = Rainbow(env, RainbowConfig(num_envs=2, buffer_size=256, batch_size=32, mixreg=True),
+                    Runtime.create("cpu", "fp32"))
+    g = torch.Generator().manual_seed(0)
+    batch = {"obs": torch.randint(0, 256, (32, 64, 64, 3), generator=g, dtype=torch.uint8),
+             "next_obs": torch.randint(0, 256, (32, 64, 64, 3), generator=g, dtype=torch.uint8),
+             "actions": torch.randint(0, 15, (32,), generator=g), "returns": torch.rand(32, generator=g),
+             "discounts": torch.full((32,), 0.97), "weights": torch.ones(32), "index": torch.arange(32) * 3 + 1}
+    torch.manual_seed(11)
+    _, _, index = agent.loss(dict(batch))
+    torch.manual_seed(11)
+    dominant = draw_mix(32, agent.cfg.mix_alpha).dominant  # the same draws loss() made
+    assert torch.equal(index, batch["index"][dominant])
+    assert not torch.equal(index, batch["index"]), "mixing reorders which sample each loss belongs to"
