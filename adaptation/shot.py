@@ -160,7 +160,9 @@ class ShotAdapter:
                 total += loss.item()
             logger.scalars("rotation", {"pretrain_loss": total / len(self.loader)}, epoch)
 
-    def adapt(self, logger: RunLogger) -> dict:
+    def adapt(self, logger: RunLogger, latest: dict) -> dict:
+        """The shared loop; `latest` is an evaluation of the current model (features and softmax
+        over the whole target), which seeds each epoch's pseudo-labels."""
         cfg, model = self.cfg, self.model
         groups = [(model.backbone, cfg.backbone_lr_mult), (model.bottleneck, 1.0)]
         if self.rotation_head is not None:
@@ -171,11 +173,11 @@ class ShotAdapter:
         history = []
         for epoch in range(cfg.epochs):
             pseudo = None
-            if cfg.beta > 0:
-                out = predict(model, self.eval_loader, self.rt)
-                pseudo = shot_pseudo_labels(out["features"], out["probs"], backend=cfg.cluster_backend)
+            if cfg.beta > 0:  # the model is unchanged since `latest` was evaluated (F, B frozen for rotation)
+                pseudo = shot_pseudo_labels(latest["features"], latest["probs"], backend=cfg.cluster_backend)
                 if self.labels_known:
-                    logger.scalars("pseudo_labels", {"accuracy": accuracy(pseudo, out["labels"])}, epoch)
+                    logger.scalars("pseudo_labels", {"accuracy": accuracy(pseudo, torch.as_tensor(
+                        self.eval_set.labels))}, epoch)
                 pseudo = pseudo.to(self.rt.device)
             model.train()
             sums: dict[str, float] = {}
@@ -200,9 +202,9 @@ class ShotAdapter:
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 logger.advance(1)
             logger.scalars("loss", {k: v / len(self.loader) for k, v in sums.items()}, epoch)
-            result = self.evaluate()
-            self._log_evaluation(logger, result, epoch)
-            history.append(result.get("accuracy"))
+            latest = self.evaluate()
+            self._log_evaluation(logger, latest, epoch)
+            history.append(latest.get("accuracy"))
         return {"accuracy_per_epoch": history}
 
     # ------------------------------------------------------------ outputs
@@ -227,7 +229,7 @@ class ShotAdapter:
         try:
             before = self.evaluate()
             self._log_evaluation(logger, before, -1)
-            history = self.adapt(logger)
+            history = self.adapt(logger, before)
             if cfg.method == "shot++":
                 from .mixmatch import labeling_transfer
 
