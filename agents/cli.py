@@ -37,6 +37,8 @@ def parse_train_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-replay", action="store_true", help="Rainbow: keep the replay in checkpoints")
     p.add_argument("--warmup-steps", type=int, default=20_000, help="Rainbow: env steps before learning")
     p.add_argument("--batch-size", type=int, default=512, help="Rainbow: replay batch size")
+    p.add_argument("--update-every", type=int, default=64, help="Rainbow: env steps per gradient update")
+    p.add_argument("--target-update", type=int, default=8192, help="Rainbow: env steps between target-network copies")
     p.add_argument("--mixreg", action=argparse.BooleanOptionalAction, default=True,
                    help="mixture regularisation (default on; --no-mixreg for the plain algorithm)")
     p.add_argument("--mix-alpha", type=float, default=0.2, help="Beta(alpha, alpha) of the mixing weights")
@@ -81,7 +83,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         agent["num_steps"] = args.num_steps
     elif args.algo == "rainbow":
         agent.update(buffer_size=args.buffer_size, save_replay=args.save_replay, warmup_steps=args.warmup_steps,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, update_every=args.update_every, target_update=args.target_update)
     run_dir = str(Path(args.runs_root) / args.run_name) if args.run_name else ""
     return TrainConfig(env=args.env, algo=args.algo, protocol=args.protocol,
                        total_steps=total if total is not None else TrainConfig.total_steps,

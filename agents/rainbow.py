@@ -150,9 +150,10 @@ class Rainbow:
 
     def __init__(self, env, cfg: RainbowConfig, runtime: Runtime):
         self.env, self.cfg, self.rt = env, cfg, runtime
-        v_min, v_max = support_for(env.env_name)
-        v_min = cfg.v_min if cfg.v_min is not None else v_min
-        v_max = cfg.v_max if cfg.v_max is not None else v_max
+        v_min, v_max = cfg.v_min, cfg.v_max
+        if v_min is None or v_max is None:  # the game's support fills whichever end was not given
+            game_min, game_max = support_for(env.env_name)
+            v_min, v_max = game_min if v_min is None else v_min, game_max if v_max is None else v_max
         self.support = torch.linspace(v_min, v_max, cfg.num_atoms, device=runtime.device)
         self.online = runtime.prepare_module(self._build_net(env))
         self.target = runtime.prepare_module(self._build_net(env))
@@ -258,7 +259,9 @@ class Rainbow:
             self._since_update += n
             self._since_target += n
             if len(self.replay) < cfg.warmup_steps:  # also after a resume without a saved replay
-                self._since_update = 0
+                if self._since_update >= cfg.update_every:  # keep exploring: new noise each update period
+                    self._since_update = 0
+                    self.online.reset_noise()
                 continue
             while self._since_update >= cfg.update_every:
                 self._since_update -= cfg.update_every

@@ -77,8 +77,9 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    # Cheap methods first over all pairs, SHOT++ last, so that a stopped run leaves whole columns.
-    for seed, method in itertools.product(args.seeds, args.methods):
+    # Each method over all seeds and pairs before the next, SHOT++ (the costliest) last, so that a
+    # stopped run leaves whole columns.
+    for method, seed in itertools.product(args.methods, args.seeds):
         for source, target in itertools.permutations(DOMAINS, 2):
             src = source_model(out, source, seed, args.backbone, args.source_epochs)
             if method == args.methods[0]:
