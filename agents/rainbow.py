@@ -96,7 +96,9 @@ class NoisyLinear(nn.Module):
         self.eps_in.copy_(self._scaled(self.in_features, self.eps_in.device))
         self.eps_out.copy_(self._scaled(self.out_features, self.eps_out.device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, noise: bool = True) -> torch.Tensor:
+        if not noise:  # the mean network
+            return F.linear(x, self.weight_mu, self.bias_mu)
         weight = self.weight_mu + self.weight_sigma * torch.outer(self.eps_out, self.eps_in)
         bias = self.bias_mu + self.bias_sigma * self.eps_out
         return F.linear(x, weight, bias)
@@ -111,13 +113,13 @@ class RainbowNet(nn.Module):
         self.value = NoisyLinear(backbone.out_dim, num_atoms, sigma0)
         self.advantage = NoisyLinear(backbone.out_dim, num_actions * num_atoms, sigma0)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, noise: bool = True) -> torch.Tensor:
         x = obs.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
         features = self.backbone(x)
         with torch.autocast(device_type=features.device.type, enabled=False):
             features = features.float()
-            value = self.value(features).view(-1, 1, self.num_atoms)
-            advantage = self.advantage(features).view(-1, self.num_actions, self.num_atoms)
+            value = self.value(features, noise).view(-1, 1, self.num_atoms)
+            advantage = self.advantage(features, noise).view(-1, self.num_actions, self.num_atoms)
             return F.log_softmax(value + advantage - advantage.mean(1, keepdim=True), dim=2)
 
     def reset_noise(self) -> None:
@@ -192,9 +194,12 @@ class Rainbow:
 
     @torch.inference_mode()
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
-        """Greedy in the noisy network's expected return (exploration comes from the noise)."""
+        """Greedy in the expected return of the noisy network, with fresh noise at every call
+        (exploration comes from the noise), or of the mean network when `deterministic`."""
+        if not deterministic:
+            self.online.reset_noise()
         with self.rt.autocast():
-            log_probs = self.forward(obs)
+            log_probs = self.forward(obs, noise=not deterministic)
         return self.expected_q(log_probs).argmax(1)
 
     # ---------------------------------------------------------------- learning
@@ -259,9 +264,7 @@ class Rainbow:
             self._since_update += n
             self._since_target += n
             if len(self.replay) < cfg.warmup_steps:  # also after a resume without a saved replay
-                if self._since_update >= cfg.update_every:  # keep exploring: new noise each update period
-                    self._since_update = 0
-                    self.online.reset_noise()
+                self._since_update = 0
                 continue
             while self._since_update >= cfg.update_every:
                 self._since_update -= cfg.update_every

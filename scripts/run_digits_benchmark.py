@@ -77,9 +77,10 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    # Each method over all seeds and pairs before the next, SHOT++ (the costliest) last, so that a
-    # stopped run leaves whole columns.
-    for method, seed in itertools.product(args.methods, args.seeds):
+    # First seed: every method. Further seeds: each method over all of them before the next, SHOT++
+    # (the costliest) last. A stopped run so leaves whole columns, and as many seeds as it reached.
+    order = [(args.seeds[0], m) for m in args.methods] + [(s, m) for m in args.methods for s in args.seeds[1:]]
+    for seed, method in order:
         for source, target in itertools.permutations(DOMAINS, 2):
             src = source_model(out, source, seed, args.backbone, args.source_epochs)
             if method == args.methods[0]:

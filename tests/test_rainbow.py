@@ -99,6 +99,7 @@ def test_noisy_layer_resampling():
     eps_w = torch.outer(layer.eps_out, layer.eps_in)
     assert torch.linalg.matrix_rank(eps_w) == 1
     assert torch.allclose(layer.weight_sigma, torch.full((4, 8), 0.5 / 8**0.5))
+    assert torch.allclose(layer(x, noise=False), x @ layer.weight_mu.T + layer.bias_mu), "the mean network"
 
 
 def test_mixreg_rainbow_targets():
@@ -217,4 +218,7 @@ def test_rainbow_learns_a_contextual_bandit(mixreg):
     paying = q[torch.arange(8), torch.from_numpy(env.context)]
     other = q[torch.arange(8), torch.from_numpy(1 - env.context)]
     assert (paying > 0.7).all() and (other < 0.3).all(), q
+    eps_before = agent.online.value.eps_in.clone()
     assert torch.equal(agent.act(frames), torch.from_numpy(env.context))
+    assert not torch.equal(agent.online.value.eps_in, eps_before), "acting draws fresh exploration noise"
+    assert torch.equal(agent.act(frames, deterministic=True), torch.from_numpy(env.context))
