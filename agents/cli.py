@@ -136,7 +136,8 @@ def parse_evaluate_args(argv=None) -> argparse.Namespace:
                    help="default: the training protocol's")
     p.add_argument("--visual", nargs="*", default=None, choices=sorted(VISUAL_OPTIONS),
                    help="visual-domain variants (default: as in training)")
-    p.add_argument("--deterministic", action="store_true", help="PPO: the most likely action instead of a sample; Rainbow: the noise-free mean network")
+    p.add_argument("--deterministic", action="store_true",
+                   help="PPO: the most likely action instead of a sample; Rainbow: the noise-free mean network")
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--out", default=None, help="JSON file to write (default: <run dir>/evaluation.json)")
