@@ -41,7 +41,9 @@ def evaluate(agent, env: ProcgenVecEnv, num_episodes: int, deterministic: bool =
         raise RuntimeError(f"evaluation did not finish {num_episodes} episodes within {max_steps} steps")
     episode_returns = [r for env_returns in zip(*returns) for r in env_returns][:num_episodes]
     mean = float(np.mean(episode_returns))
-    result = {"episodes": len(episode_returns), "mean_return": mean, "std_return": float(np.std(episode_returns)),
+    n = len(episode_returns)
+    result = {"episodes": n, "mean_return": mean, "std_return": float(np.std(episode_returns)),
+              "stderr_return": float(np.std(episode_returns, ddof=1) / math.sqrt(n)) if n > 1 else None,
               "normalized_score": env.normalized_score(mean), "env": env.env_name,
               "distribution_mode": env.distribution_mode, "num_levels": env.num_levels,
               "start_level": env.start_level, "deterministic": deterministic}
@@ -64,7 +66,7 @@ def evaluate_checkpoint(path, episodes: int = 100, num_envs: int = 64, num_level
     env = ProcgenVecEnv(config["env"], min(num_envs, episodes), mode, num_levels, start_level, runtime.device,
                         seed=seed, **visual_options(config.get("visual", []) if visual is None else visual))
     agent_cls, agent_cfg_cls = ALGORITHMS[config["algo"]]
-    agent = agent_cls(env, agent_cfg_cls(**config["agent"]), runtime)
+    agent = agent_cls.for_evaluation(env, agent_cfg_cls(**config["agent"]), runtime)
     agent.load_state_dict(state["agent_state"])
     result = evaluate(agent, env, episodes, deterministic=deterministic)
     result.update(checkpoint=str(ckpt_path), algo=config["algo"], env_steps=agent.env_steps,

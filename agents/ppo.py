@@ -204,6 +204,10 @@ class PPO:
         self._obs = None
         self.buffer: dict[str, torch.Tensor] | None = None  # allocated by the first rollout
 
+    @classmethod
+    def for_evaluation(cls, env, cfg: PPOConfig, runtime: Runtime) -> "PPO":
+        return cls(env, cfg, runtime)  # nothing to leave out: the rollout buffer is allocated on first use
+
     def _allocate_buffer(self) -> dict[str, torch.Tensor]:
         dev, t, n = self.rt.device, self.cfg.num_steps, self.cfg.num_envs
         return {

@@ -150,7 +150,7 @@ def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discou
 class Rainbow:
     kind = "rainbow"
 
-    def __init__(self, env, cfg: RainbowConfig, runtime: Runtime):
+    def __init__(self, env, cfg: RainbowConfig, runtime: Runtime, with_replay: bool = True):
         self.env, self.cfg, self.rt = env, cfg, runtime
         v_min, v_max = cfg.v_min, cfg.v_max
         if v_min is None or v_max is None:  # the game's support fills whichever end was not given
@@ -163,11 +163,16 @@ class Rainbow:
         self.target.requires_grad_(False)
         self.forward = runtime.maybe_compile(self.online)
         self.optimizer = torch.optim.Adam(self.online.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps)
-        self.replay = self._make_replay(env)
+        self.replay = self._make_replay(env) if with_replay else None
         self.rng = np.random.default_rng(int(torch.randint(0, 2**31, ()).item()))
         self.env_steps = self.iterations = self.updates = 0
         self._obs: np.ndarray | None = None
         self._since_update = self._since_target = 0
+
+    @classmethod
+    def for_evaluation(cls, env, cfg: RainbowConfig, runtime: Runtime) -> "Rainbow":
+        """An agent that only acts: no replay, so the training run's buffer size needs no memory here."""
+        return cls(env, cfg, runtime, with_replay=False)
 
     def _build_net(self, env) -> RainbowNet:
         backbone = create_backbone(self.cfg.backbone, **self.cfg.backbone_kwargs)
@@ -298,5 +303,5 @@ class Rainbow:
         self.env_steps, self.iterations, self.updates = state["env_steps"], state["iterations"], state["updates"]
         self._since_update, self._since_target = state["counters"]
         self.rng.bit_generator.state = state["rng"]
-        if "replay" in state:
+        if "replay" in state and self.replay is not None:
             self.replay.load_state_dict(state["replay"])

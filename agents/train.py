@@ -6,6 +6,7 @@ An agent plugs in through a small interface:
     agent.train_iteration(should_stop) -> metrics dict, or None if interrupted before updating
     agent.act(obs, deterministic) -> actions
     agent.state_dict() / agent.load_state_dict(state)
+    agent_cls.for_evaluation(env, cfg, runtime) -> an agent that only acts (no training buffers)
 """
 
 from __future__ import annotations

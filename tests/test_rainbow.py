@@ -150,6 +150,25 @@ def test_rainbow_short_run_and_resume(tmp_path):
     assert out["env_steps"] == 1024 and load_checkpoint(run)["agent_state"]["updates"] > saved["updates"]
 
 
+
+def test_evaluating_a_rainbow_checkpoint_allocates_no_replay(tmp_path, monkeypatch):
+    """A checkpoint from a run with a huge replay evaluates on a machine that could not hold it."""
+    from agents import rainbow
+    from agents.cli import evaluate_main, train_main
+    from workbench.checkpoint import load_checkpoint, save_checkpoint
+
+    assert train_main(RAINBOW_TINY + ["--total-steps", "256", "--runs-root", str(tmp_path), "--run-name", "rb"]) == 0
+    state = load_checkpoint(tmp_path / "rb", kind="procgen-agent")
+    state["config"]["agent"]["buffer_size"] = 10**13
+    save_checkpoint(tmp_path / "big.pt", "procgen-agent", {k: v for k, v in state.items() if k not in ("format", "kind")})
+    monkeypatch.setattr(rainbow, "available_memory_bytes", lambda: 2**30)
+    out = tmp_path / "eval.json"
+    assert evaluate_main([str(tmp_path / "big.pt"), "--episodes", "4", "--num-envs", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["episodes"] == 4 and result["algo"] == "rainbow"
+    # standard error of the mean from the population std of 4 episodes: std * sqrt(4/3) / sqrt(4)
+    assert result["stderr_return"] == pytest.approx(result["std_return"] / np.sqrt(3))
+
 def test_mixreg_priority_updates_go_to_the_dominant_samples():
     """The per-sample losses of a mixed batch are in dominant-sample order; so must the replay index be."""
     from agents.mixreg import draw_mix
