@@ -24,8 +24,12 @@ that finishes in a few minutes on 2 CPU cores. The paper-scale recipe:
 
 
 
+def steps_arg(value: str) -> int:
+    return int(float(value))  # accepts 5e6
+
+
 def total_steps_arg(value: str):
-    return value if value == "protocol" else int(float(value))
+    return value if value == "protocol" else steps_arg(value)
 
 
 def parse_train_args(argv=None) -> argparse.Namespace:
@@ -65,6 +69,8 @@ def parse_train_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-interval", type=int, default=5, help="iterations between test evaluations")
     p.add_argument("--eval-episodes", type=int, default=32)
     p.add_argument("--no-video", action="store_true", help="skip the test-episode GIF in TensorBoard")
+    p.add_argument("--snapshot-every", type=steps_arg, default=0, metavar="STEPS",
+                   help="also keep snapshots/checkpoint-<steps>.pt every STEPS env steps, to evaluate later (0: off)")
     p.add_argument("--run-name", default=None, help="run directory name under runs/")
     p.add_argument("--runs-root", default="runs")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
@@ -90,7 +96,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        seed=args.seed, device=args.device, precision="bf16" if args.amp else args.precision,
                        compile=args.compile, visual=list(args.visual), eval_interval=args.eval_interval,
                        eval_episodes=args.eval_episodes, num_test_envs=min(args.eval_episodes, 64),
-                       video=not args.no_video, run_dir=run_dir, progress=not args.no_progress,
+                       video=not args.no_video, snapshot_interval=args.snapshot_every, run_dir=run_dir,
+                       progress=not args.no_progress,
                        agent=apply_regularizer(agent, args.regularizer, args.l2_coef, args.algo))
 
 

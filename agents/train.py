@@ -48,6 +48,7 @@ class TrainConfig:
     eval_episodes: int = 32
     video: bool = True
     checkpoint_interval: int = 1    # iterations between checkpoints
+    snapshot_interval: int = 0      # env steps between kept snapshots (snapshots/checkpoint-<steps>.pt); 0 = none
     run_dir: str = ""
     progress: bool = True
     agent: dict = field(default_factory=dict)  # the algorithm's own config (e.g. PPOConfig fields)
@@ -139,9 +140,17 @@ class Trainer:
         return cls(TrainConfig(**config), resume_state={"agent": state["agent_state"], "rng": state["rng"]})
 
     def save(self) -> Path:
-        return save_checkpoint(self.run_dir / LATEST, "procgen-agent", {
-            "algo": self.cfg.algo, "config": dataclasses.asdict(self.cfg),
-            "agent_state": self.agent.state_dict(), "rng": rng_state()})
+        return save_checkpoint(self.run_dir / LATEST, "procgen-agent", self._payload(self.agent.state_dict()))
+
+    def save_snapshot(self) -> Path:
+        """Keep this moment of the run for later evaluation; the replay stays out (it can be GiBs)."""
+        agent_state = {k: v for k, v in self.agent.state_dict().items() if k != "replay"}
+        return save_checkpoint(self.run_dir / "snapshots" / f"checkpoint-{self.agent.env_steps}.pt",
+                               "procgen-agent", self._payload(agent_state))
+
+    def _payload(self, agent_state: dict) -> dict:
+        return {"algo": self.cfg.algo, "config": dataclasses.asdict(self.cfg), "agent_state": agent_state,
+                "rng": rng_state()}
 
     def evaluate(self, logger: RunLogger | None = None, record_video: bool = False) -> dict:
         test_env = ProcgenVecEnv(self.cfg.env, min(self.cfg.num_test_envs, self.cfg.eval_episodes),
@@ -188,6 +197,7 @@ class Trainer:
         last_test = None
         interrupted, stop_signal = False, None
         start_steps, start_time = agent.env_steps, time.time()
+        snapshots_done = agent.env_steps // cfg.snapshot_interval if cfg.snapshot_interval else 0
         try:
             with StopFlag() as stop:
                 while agent.env_steps < cfg.total_steps and not stop():
@@ -203,6 +213,9 @@ class Trainer:
                                      f"{last_test['episodes']} episodes on unseen levels")
                     if agent.iterations % cfg.checkpoint_interval == 0:
                         self.save()
+                    if cfg.snapshot_interval and agent.env_steps // cfg.snapshot_interval > snapshots_done:
+                        snapshots_done = agent.env_steps // cfg.snapshot_interval
+                        self.save_snapshot()
                 interrupted, stop_signal = stop(), stop.signum
         finally:
             self.save()

@@ -134,13 +134,20 @@ def test_rainbow_short_run_and_resume(tmp_path):
     from agents.train import Trainer
     from workbench.checkpoint import load_checkpoint
 
-    assert train_main(RAINBOW_TINY + ["--total-steps", "512", "--save-replay", "--runs-root", str(tmp_path),
-                                      "--run-name", "rb"]) == 0
+    assert train_main(RAINBOW_TINY + ["--total-steps", "512", "--save-replay", "--snapshot-every", "256",
+                                      "--runs-root", str(tmp_path), "--run-name", "rb"]) == 0
     run = tmp_path / "rb"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["env_steps"] == 512 and metrics["algo"] == "rainbow" and metrics["mixreg"] is True
     saved = load_checkpoint(run, kind="procgen-agent")["agent_state"]
     assert saved["updates"] > 0 and "replay" in saved
+    # snapshots: one per 256 steps (an iteration here), weights of that moment, without the replay
+    snapshots = {p.name: load_checkpoint(p)["agent_state"] for p in (run / "snapshots").iterdir()}
+    assert sorted(snapshots) == ["checkpoint-256.pt", "checkpoint-512.pt"]
+    assert [snapshots[f"checkpoint-{n}.pt"]["env_steps"] for n in (256, 512)] == [256, 512]
+    assert all("replay" not in state for state in snapshots.values())
+    for name, tensor in saved["online"].items():
+        assert torch.equal(snapshots["checkpoint-512.pt"]["online"][name], tensor), name
     resumed = Trainer.resume(run, total_steps=1024, progress=False)
     for name, tensor in saved["online"].items():
         assert torch.equal(resumed.agent.online.state_dict()[name], tensor), name
