@@ -280,7 +280,7 @@ def test_rainbow_learns_a_contextual_bandit(mixreg):
 def test_rainbow_propagates_value_down_a_corridor(mixreg):
     """Bootstrapping through 3-step returns and the target network: the value of the first step of a
     5-step corridor must rise towards gamma^4 (about 0.96)."""
-    agent, env = train_on_corridor(length=5, iterations=48, mixreg=mixreg, precision="bf16")
+    agent, env = train_on_corridor(length=5, iterations=96, mixreg=mixreg, precision="bf16")
     # Reward arrives only at the end: without bootstrapping beyond the 3-step return, step 0 would stay
     # near 0. Wrong actions are checked only through the greedy choice: once the policy is right, the
     # replay holds no wrong transitions to pin their values to 0.
