@@ -197,7 +197,6 @@ class Trainer:
         last_test = None
         interrupted, stop_signal = False, None
         start_steps, start_time = agent.env_steps, time.time()
-        snapshots_done = agent.env_steps // cfg.snapshot_interval if cfg.snapshot_interval else 0
         try:
             with StopFlag() as stop:
                 while agent.env_steps < cfg.total_steps and not stop():
@@ -213,9 +212,8 @@ class Trainer:
                                      f"{last_test['episodes']} episodes on unseen levels")
                     if agent.iterations % cfg.checkpoint_interval == 0:
                         self.save()
-                    if cfg.snapshot_interval and agent.env_steps // cfg.snapshot_interval > snapshots_done:
-                        snapshots_done = agent.env_steps // cfg.snapshot_interval
-                        self.save_snapshot()
+                    if cfg.snapshot_interval and agent.env_steps // cfg.snapshot_interval > s0 // cfg.snapshot_interval:
+                        self.save_snapshot()  # this iteration crossed a multiple of the interval
                 interrupted, stop_signal = stop(), stop.signum
         finally:
             self.save()

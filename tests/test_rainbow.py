@@ -157,7 +157,6 @@ def test_rainbow_short_run_and_resume(tmp_path):
     assert out["env_steps"] == 1024 and load_checkpoint(run)["agent_state"]["updates"] > saved["updates"]
 
 
-
 def test_evaluating_a_rainbow_checkpoint_allocates_no_replay(tmp_path, monkeypatch):
     """A checkpoint from a run with a huge replay evaluates on a machine that could not hold it."""
     from agents import rainbow
@@ -175,6 +174,7 @@ def test_evaluating_a_rainbow_checkpoint_allocates_no_replay(tmp_path, monkeypat
     assert result["episodes"] == 4 and result["algo"] == "rainbow"
     # standard error of the mean from the population std of 4 episodes: std * sqrt(4/3) / sqrt(4)
     assert result["stderr_return"] == pytest.approx(result["std_return"] / np.sqrt(3))
+
 
 def test_mixreg_priority_updates_go_to_the_dominant_samples():
     """The per-sample losses of a mixed batch are in dominant-sample order; so must the replay index be."""
