@@ -50,7 +50,7 @@ def train_source_main(argv=None) -> int:
 
     d = SourceConfig()
     p = argparse.ArgumentParser(prog="workbench train-source",
-                                description="Train the source model (label smoothing, held-out best checkpoint).")
+                                description="Train the source model (label smoothing; the best of ten checks on a selection set is kept).")
     p.add_argument("--data", default=d.data, help="builtin:digits/<domain>, a list file or a class-folder root")
     p.add_argument("--backbone", default=d.backbone, help=f"one of {', '.join(list_backbones())}")
     p.add_argument("--pretrained", default=None, help="a local torchvision-format weights file for the backbone")
@@ -59,6 +59,8 @@ def train_source_main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--transform", choices=("digits", "imagenet"), default=None, help="default: from the data")
+    p.add_argument("--select-on", default=None, help="data to select the checkpoint on (default: the test split "
+                   "of built-in digits, else a held-out 10%% of --data)")
     p.add_argument("--eval-target", default=None, help="also report accuracy on this data at the end")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, choices=DEVICE_CHOICES)
@@ -69,11 +71,13 @@ def train_source_main(argv=None) -> int:
     try:
         metrics = train_source(SourceConfig(
             data=a.data, backbone=a.backbone, num_classes=a.num_classes, epochs=a.epochs, batch_size=a.batch_size,
-            lr=a.lr, pretrained=a.pretrained, transform=a.transform, eval_target=a.eval_target, seed=a.seed,
+            lr=a.lr, pretrained=a.pretrained, transform=a.transform, select_on=a.select_on,
+            eval_target=a.eval_target, seed=a.seed,
             device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress))
     except USER_ERRORS as exc:
         return _fail(exc)
-    print(f"held-out accuracy {metrics['holdout_accuracy']:.2f}% (epoch {metrics['epoch'] + 1}); "
+    print(f"selected model: {metrics['selection_accuracy']:.2f}% on {metrics['selection_data']} "
+          f"(iteration {metrics['iteration']}, epoch {metrics['epoch']:.1f}); "
           f"checkpoint {metrics['checkpoint']}")
     if "target" in metrics:
         print(f"accuracy on {metrics['target']['data']}: {metrics['target']['accuracy']:.2f}%")
@@ -96,6 +100,8 @@ def adapt_main(argv=None) -> int:
     p.add_argument("--rotation-epochs", type=int, default=d.rotation_epochs)
     p.add_argument("--transfer-epochs", type=int, default=d.transfer_epochs)
     p.add_argument("--cluster-backend", default="auto", choices=("auto", "faiss", "torch"))
+    p.add_argument("--test-on", default=None, help="held-out target data scored before and after adapting "
+                   "(default: the test split of built-in digits)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, choices=DEVICE_CHOICES)
     p.add_argument("--workers", type=int, default=0)
@@ -105,7 +111,7 @@ def adapt_main(argv=None) -> int:
         adapter = ShotAdapter(AdaptConfig(
             source=a.source, target=a.target, method=a.method, epochs=a.epochs, beta=a.beta, batch_size=a.batch_size,
             lr=a.lr, rotation_epochs=a.rotation_epochs, transfer_epochs=a.transfer_epochs,
-            cluster_backend=a.cluster_backend, seed=a.seed, device=a.device, workers=a.workers, run_dir=a.out,
+            cluster_backend=a.cluster_backend, test_on=a.test_on, seed=a.seed, device=a.device, workers=a.workers, run_dir=a.out,
             progress=not a.no_progress))
         metrics = adapter.run()
     except USER_ERRORS as exc:
@@ -113,6 +119,9 @@ def adapt_main(argv=None) -> int:
     if metrics["accuracy"] is not None:
         print(f"{a.method}: target accuracy {metrics['source_only_accuracy']:.2f}% (source model) -> "
               f"{metrics['accuracy']:.2f}%")
+    if metrics["test_accuracy"] is not None:
+        print(f"{a.method}: held-out {metrics['test_data']} {metrics['source_only_test_accuracy']:.2f}% -> "
+              f"{metrics['test_accuracy']:.2f}%")
     print(f"adapted model, predictions.csv and metrics.json in {adapter.run_dir}; "
           f"tensorboard --logdir {adapter.run_dir}")
     return 0

@@ -2,7 +2,11 @@
 
     f_i  <- [f_i, 1] / ||[f_i, 1]||                       (features with a constant 1, L2-normalised)
     c_k   = sum_i w_ik f_i / sum_i w_ik                   (round 1: w = softmax; round 2: one-hot labels)
-    y_i   = argmin_{k in S} cos_dist(f_i, c_k)            (S: classes the model predicts at least once)
+    y_i   = argmin_{k in S} cos_dist(f_i, c_k)            (S: classes holding at least one sample under
+                                                           the labels the round starts from: the model's
+                                                           argmax, then the previous round's labels)
+
+A class that empties in one round drops out of the next, as in the official image code.
 
 Nearest-centroid search runs on faiss (inner product on normalised vectors) when it is
 importable and on torch otherwise; both give the same labels.
@@ -47,11 +51,10 @@ def shot_pseudo_labels(features: torch.Tensor, probs: torch.Tensor, rounds: int 
     features = features.float()
     features = F.normalize(torch.cat([features, torch.ones_like(features[:, :1])], dim=1), dim=1)
     num_classes = probs.shape[1]
-    candidates = torch.bincount(probs.argmax(1), minlength=num_classes).nonzero().squeeze(1)
-    weights = probs.float()
-    labels = None
+    weights, labels = probs.float(), probs.argmax(1)
     for _ in range(rounds):
         centroids = weights.T @ features / (weights.sum(0)[:, None] + 1e-8)
+        candidates = torch.bincount(labels, minlength=num_classes).nonzero().squeeze(1)
         labels = candidates[_nearest_centroid(features, centroids[candidates], backend)]
         weights = F.one_hot(labels, num_classes).float()
     return labels

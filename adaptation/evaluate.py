@@ -19,6 +19,15 @@ def load_model(path, runtime):
     return model.eval(), state
 
 
+def builtin_test_split(spec: str) -> str | None:
+    """`builtin:digits/<d>[:train]` -> `builtin:digits/<d>:test` (the official digits protocol trains or adapts on
+    the train split and reports the test split); None for any other data."""
+    if not spec.startswith("builtin:digits/"):
+        return None
+    domain, _, split = spec[len("builtin:digits/"):].partition(":")
+    return f"builtin:digits/{domain}:test" if split in ("", "train") else None
+
+
 def load_target(spec: str, model_config: dict, train: bool = False):
     """A data set transformed as the model expects; its class count must match the model's."""
     dataset = load_dataset(spec, image_transform(model_config["transform"], train, model_config.get("image_size")))

@@ -1,7 +1,13 @@
 """The SHOT network split: feature extractor F (a registry backbone), bottleneck B, classifier C.
 
-    B: Linear(d, 256) + BatchNorm1d(256)
+    B: Linear(d, 256) + BatchNorm1d(256) [+ Dropout(0.5) for the digit networks]
     C: weight-normalised Linear(256, K)
+
+Initialisation follows what the official code ends up with: B's linear layer Xavier-normal
+with zero bias; C keeps PyTorch's default Linear weight (the official code calls Xavier on the
+weight-normed layer's derived `weight`, which the next forward recomputes from g and v, so it
+has no effect) with a zero bias. This sets the initial norm g of each class prototype, and with
+it how sharp the source logits start.
 
 Adaptation trains F and B and keeps C frozen: C's class prototypes are the hypothesis
 that the target features are moved to match.
@@ -16,25 +22,27 @@ from torch.nn.utils.parametrizations import weight_norm
 from workbench.backbones import create_backbone
 
 BOTTLENECK_DIM = 256
+# The official digit network drops half the bottleneck units after its batch norm; the image one has no dropout.
+BOTTLENECK_DROPOUT = {"digits": 0.5, "imagenet": 0.0}
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, in_dim: int, dim: int = BOTTLENECK_DIM):
+    def __init__(self, in_dim: int, dim: int = BOTTLENECK_DIM, dropout: float = 0.0):
         super().__init__()
         self.fc = nn.Linear(in_dim, dim)
         self.bn = nn.BatchNorm1d(dim)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         nn.init.xavier_normal_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.fc(x))
+        return self.dropout(self.bn(self.fc(x)))
 
 
 class Classifier(nn.Module):
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
-        linear = nn.Linear(dim, num_classes)
-        nn.init.xavier_normal_(linear.weight)
+        linear = nn.Linear(dim, num_classes)  # default weight init, see the module docstring
         nn.init.zeros_(linear.bias)
         self.fc = weight_norm(linear)
 
@@ -44,10 +52,10 @@ class Classifier(nn.Module):
 
 class ShotModel(nn.Module):
     def __init__(self, backbone: str, num_classes: int, bottleneck_dim: int = BOTTLENECK_DIM,
-                 backbone_kwargs: dict | None = None):
+                 backbone_kwargs: dict | None = None, bottleneck_dropout: float = 0.0):
         super().__init__()
         self.backbone = create_backbone(backbone, **(backbone_kwargs or {}))
-        self.bottleneck = Bottleneck(self.backbone.out_dim, bottleneck_dim)
+        self.bottleneck = Bottleneck(self.backbone.out_dim, bottleneck_dim, bottleneck_dropout)
         self.classifier = Classifier(bottleneck_dim, num_classes)
         self.num_classes = num_classes
 
@@ -60,12 +68,18 @@ class ShotModel(nn.Module):
 
 
 def model_config(backbone: str, num_classes: int, bottleneck_dim: int = BOTTLENECK_DIM,
-                 backbone_kwargs: dict | None = None, transform: str = "digits", image_size: int | None = None) -> dict:
+                 backbone_kwargs: dict | None = None, transform: str = "digits", image_size: int | None = None,
+                 bottleneck_dropout: float | None = None) -> dict:
     """Everything needed to rebuild a ShotModel and its input pipeline from a checkpoint."""
+    if bottleneck_dropout is None:
+        bottleneck_dropout = BOTTLENECK_DROPOUT[transform]
     return {"backbone": backbone, "num_classes": num_classes, "bottleneck_dim": bottleneck_dim,
-            "backbone_kwargs": dict(backbone_kwargs or {}), "transform": transform, "image_size": image_size}
+            "backbone_kwargs": dict(backbone_kwargs or {}), "transform": transform, "image_size": image_size,
+            "bottleneck_dropout": bottleneck_dropout}
 
 
 def build_model(config: dict) -> ShotModel:
     kwargs = {k: v for k, v in config["backbone_kwargs"].items() if k != "pretrained"}
-    return ShotModel(config["backbone"], config["num_classes"], config["bottleneck_dim"], kwargs)
+    # checkpoints written before the dropout was recorded had none
+    return ShotModel(config["backbone"], config["num_classes"], config["bottleneck_dim"], kwargs,
+                     config.get("bottleneck_dropout", 0.0))

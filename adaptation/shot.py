@@ -30,7 +30,7 @@ from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import Runtime, seed_everything
 
 from .cluster import shot_pseudo_labels
-from .evaluate import load_model, load_target
+from .evaluate import builtin_test_split, load_model, load_target
 from .losses import information_maximization, rotate_batch
 from .training import (accuracy, confusion_matrix, make_loader, per_class_accuracy, predict, set_shot_lr,
                        shot_optimizer)
@@ -61,6 +61,7 @@ class AdaptConfig:
     transfer_epochs: int = 10        # SHOT++: labeling transfer with MixMatch
     mix_alpha: float | None = None
     cluster_backend: str = "auto"
+    test_on: str | None = None       # held-out target data scored before and after; default: built-in test split
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -115,6 +116,10 @@ class ShotAdapter:
                               if self.cfg.method == "shot++" else None)
         self.loader = make_loader(self.train_set, self.cfg.batch_size, train=True, workers=cfg.workers)
         self.eval_loader = make_loader(self.eval_set, 256, train=False, workers=cfg.workers)
+        # adaptation is transductive on `target`; a held-out split is scored as well, as the official digits code does
+        self.test_on = cfg.test_on or builtin_test_split(cfg.target)
+        self.test_loader = (make_loader(load_target(self.test_on, mcfg), 256, train=False, workers=cfg.workers)
+                            if self.test_on else None)
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
@@ -127,6 +132,13 @@ class ShotAdapter:
             result["per_class_accuracy"] = per_class_accuracy(pred, out["labels"], self.num_classes)
             result["confusion"] = confusion_matrix(pred, out["labels"], self.num_classes)
         return result
+
+    def test_accuracy(self) -> float | None:
+        """Accuracy on the held-out target split (None without one)."""
+        if self.test_loader is None:
+            return None
+        out = predict(self.model, self.test_loader, self.rt)
+        return accuracy(out["probs"].argmax(1), out["labels"])
 
     def _log_evaluation(self, logger: RunLogger, result: dict, epoch: int) -> None:
         spread = np.array(result["class_spread"], dtype=np.float64)
@@ -227,19 +239,23 @@ class ShotAdapter:
         logger = RunLogger(self.run_dir, total=total, desc=cfg.method, progress=cfg.progress)
         start = time.time()
         try:
-            before = self.evaluate()
+            before, test_before = self.evaluate(), self.test_accuracy()
             self._log_evaluation(logger, before, -1)
             history = self.adapt(logger, before)
             if cfg.method == "shot++":
                 from .mixmatch import labeling_transfer
 
                 history["transfer"] = labeling_transfer(self, logger)
-            after = self.evaluate()
+            after, test_after = self.evaluate(), self.test_accuracy()
+            if test_after is not None:
+                logger.scalars("test", {"source_only_accuracy": test_before, "accuracy": test_after}, cfg.epochs)
         finally:
             logger.close()
         metrics = {"method": cfg.method, "source": str(cfg.source), "target": cfg.target, "seed": cfg.seed,
                    "samples": len(self.eval_set), "source_only_accuracy": before.get("accuracy"),
-                   "accuracy": after.get("accuracy"), "per_class_accuracy": after.get("per_class_accuracy"),
+                   "accuracy": after.get("accuracy"), "test_data": self.test_on,
+                   "source_only_test_accuracy": test_before, "test_accuracy": test_after,
+                   "per_class_accuracy": after.get("per_class_accuracy"),
                    "class_spread": after["class_spread"], "wall_seconds": time.time() - start,
                    "config": dataclasses.asdict(cfg), **history}
         self.save(after, metrics)

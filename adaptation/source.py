@@ -1,9 +1,15 @@
 """Source training for SHOT (Liang et al. 2020): the model that adaptation starts from.
 
-Cross-entropy with label smoothing 0.1 on 90% of the source data; the checkpoint with
-the best accuracy on the held-out 10% is kept. SGD (momentum 0.9, Nesterov, weight decay
-1e-3) with lr = lr0 (1 + 10 p)^-0.75, the backbone at 0.1x when it starts from
-pretrained weights.
+Cross-entropy with label smoothing 0.1. SGD (momentum 0.9, Nesterov, weight decay 1e-3) with
+lr = lr0 (1 + 10 p)^-0.75, the backbone at 0.1x when it starts from pretrained weights.
+
+Model selection as the official code does it: the accuracy on a selection set is checked ten
+times over the run (every tenth of the iterations) and the last of the best checks is kept
+(`>=`). The selection set is
+- for built-in digits, the domain's test split, training on all of its train split (the
+  official digits protocol: train on the train set, select on the test set);
+- otherwise a held-out 10% of the source data, training on the other 90% (the official
+  image protocol), or any data passed as `select_on`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import Runtime, seed_everything
 
 from .data import default_style, image_transform, load_dataset
+from .evaluate import builtin_test_split
 from .model import ShotModel, model_config
 from .training import accuracy, make_loader, predict, set_shot_lr, shot_optimizer
 
@@ -39,7 +46,9 @@ class SourceConfig:
     lr: float = 1e-2
     weight_decay: float = 1e-3
     label_smoothing: float = 0.1
-    holdout: float = 0.1
+    holdout: float = 0.1                   # fraction held out for selection when there is no `select_on`
+    select_on: str | None = None           # selection data; default: the test split of built-in digits
+    selection_checks: int = 10             # how many times over the run the selection accuracy is checked
     pretrained: str | None = None
     backbone_lr_mult: float | None = None  # default: 0.1 with pretrained weights, else 1
     transform: str | None = None           # digits | imagenet; default from the data
@@ -57,16 +66,32 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return sorted(order[n_hold:]), sorted(order[:n_hold])
 
 
-def train_source(cfg: SourceConfig) -> dict:
-    seed_everything(cfg.seed)
-    rt = Runtime.create(cfg.device, "fp32")
-    style = cfg.transform or default_style(cfg.data)
+def selection_sets(cfg: SourceConfig, style: str):
+    """(training set, selection set, name of the selection data) as the config asks."""
     eval_set = load_dataset(cfg.data, image_transform(style, train=False), cfg.num_classes)
     # digits use the same (deterministic) transform for training: share the prepared data set
     train_set = eval_set if style == "digits" else load_dataset(cfg.data, image_transform(style, train=True),
                                                                 cfg.num_classes)
-    num_classes = train_set.num_classes
+    select_on = cfg.select_on or builtin_test_split(cfg.data)
+    if select_on:
+        selection = load_dataset(select_on, image_transform(style, train=False), train_set.num_classes)
+        return train_set, selection, select_on
     fit_idx, hold_idx = split_holdout(len(train_set), cfg.holdout, cfg.seed)
+    return Subset(train_set, fit_idx), Subset(eval_set, hold_idx), f"{cfg.holdout:.0%} of {cfg.data}"
+
+
+def cycle(loader):
+    """Batches forever, reshuffling at every pass (the official loop counts iterations, not epochs)."""
+    while True:
+        yield from loader
+
+
+def train_source(cfg: SourceConfig) -> dict:
+    seed_everything(cfg.seed)
+    rt = Runtime.create(cfg.device, "fp32")
+    style = cfg.transform or default_style(cfg.data)
+    train_set, selection_set, selection_name = selection_sets(cfg, style)
+    num_classes = (train_set.dataset if isinstance(train_set, Subset) else train_set).num_classes
 
     backbone_kwargs = {"pretrained": cfg.pretrained} if cfg.pretrained else {}
     config = model_config(cfg.backbone, num_classes, backbone_kwargs=backbone_kwargs, transform=style)
@@ -75,36 +100,38 @@ def train_source(cfg: SourceConfig) -> dict:
     optimizer = shot_optimizer([(model.backbone, backbone_mult), (model.bottleneck, 1.0), (model.classifier, 1.0)],
                                cfg.lr, cfg.weight_decay)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    loader = make_loader(Subset(train_set, fit_idx), cfg.batch_size, train=True, workers=cfg.workers)
-    hold_loader = make_loader(Subset(eval_set, hold_idx), 256, train=False, workers=cfg.workers)
+    loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers)
+    selection_loader = make_loader(selection_set, 256, train=False, workers=cfg.workers)
 
     run_dir = Path(cfg.run_dir or Path("runs") / default_run_name("source", cfg.backbone, f"s{cfg.seed}"))
     write_json(run_dir / "config.json", dataclasses.asdict(cfg))
     total_iters = cfg.epochs * len(loader)
+    check_every = max(1, total_iters // cfg.selection_checks)
     logger = RunLogger(run_dir, total=total_iters, desc=f"source {cfg.backbone}", progress=cfg.progress)
-    best = {"holdout_accuracy": -1.0, "epoch": -1}
-    step, start = 0, time.time()
+    best = {"selection_accuracy": -1.0, "selection_data": selection_name, "iteration": -1}
+    batches, start = cycle(loader), time.time()
     try:
-        for epoch in range(cfg.epochs):
-            model.train()
-            for images, labels, _ in loader:
-                lr = set_shot_lr(optimizer, cfg.lr, step / total_iters)
-                loss = criterion(model(rt.images(images)), labels.to(rt.device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                if step % 20 == 0:
-                    logger.scalars("source", {"loss": loss.item(), "lr": lr}, step)
-                logger.advance(1)
-            out = predict(model, hold_loader, rt)
-            hold_acc = accuracy(out["probs"].argmax(1), out["labels"])
-            logger.scalars("source", {"holdout_accuracy": hold_acc}, step)
-            if hold_acc > best["holdout_accuracy"]:
-                best = {"holdout_accuracy": hold_acc, "epoch": epoch}
-                save_checkpoint(run_dir / CHECKPOINT, SOURCE_KIND, {"model_config": config,
-                                                                     "model": model.state_dict(),
-                                                                     "source_data": cfg.data, **best})
+        model.train()
+        for step in range(1, total_iters + 1):
+            images, labels, _ = next(batches)
+            lr = set_shot_lr(optimizer, cfg.lr, step / total_iters)
+            loss = criterion(model(rt.images(images)), labels.to(rt.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step % 20 == 0:
+                logger.scalars("source", {"loss": loss.item(), "lr": lr}, step)
+            logger.advance(1)
+            if step % check_every == 0 or step == total_iters:
+                out = predict(model, selection_loader, rt)
+                selection_acc = accuracy(out["probs"].argmax(1), out["labels"])
+                logger.scalars("source", {"selection_accuracy": selection_acc}, step)
+                if selection_acc >= best["selection_accuracy"]:  # ties go to the later model, as officially
+                    best = {**best, "selection_accuracy": selection_acc, "iteration": step,
+                            "epoch": step / len(loader)}
+                    save_checkpoint(run_dir / CHECKPOINT, SOURCE_KIND, {"model_config": config,
+                                                                         "model": model.state_dict(),
+                                                                         "source_data": cfg.data, **best})
     finally:
         logger.close()
     metrics = {"source_data": cfg.data, "backbone": cfg.backbone, "num_classes": num_classes, **best,

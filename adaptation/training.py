@@ -29,7 +29,10 @@ def set_shot_lr(optimizer: torch.optim.Optimizer, lr0: float, progress: float) -
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) > batch_size,
+    """Training loaders shuffle and keep the last, smaller batch as the official code does; only a last
+    batch of one sample is dropped (batch norm cannot train on it; the official loop skips it)."""
+    drop_last = train and len(dataset) % batch_size == 1
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=drop_last,
                       num_workers=workers, persistent_workers=workers > 0)
 
 

@@ -35,11 +35,10 @@ def brute_force_pseudo_labels(features, probs, rounds=2):
     f = np.concatenate([features, np.ones((len(features), 1))], 1)
     f = f / np.linalg.norm(f, axis=1, keepdims=True)
     k = probs.shape[1]
-    predicted = probs.argmax(1)
-    candidates = [c for c in range(k) if (predicted == c).any()]
+    labels = probs.argmax(1)
     weights = probs.copy()
-    labels = None
     for _ in range(rounds):
+        candidates = [c for c in range(k) if (labels == c).any()]  # classes the round starts with
         centroids = np.stack([(weights[:, c:c + 1] * f).sum(0) / (weights[:, c].sum() + 1e-8) for c in range(k)])
         labels = np.empty(len(f), dtype=np.int64)
         for i in range(len(f)):
@@ -72,6 +71,17 @@ def test_pseudo_labels_equal_brute_force():
     assert (got != probs.shape[1] - 1).all(), "a class the model never predicts is not a candidate"
 
 
+def test_a_class_emptied_by_the_first_round_drops_out_of_the_second():
+    g = np.random.default_rng(89)  # 12 points in 2-d, 3 classes: class 0 is predicted 4 times, then empties
+    feats, logits = g.normal(size=(12, 2)) * 5, g.normal(size=(12, 3)) * 2
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert (probs.argmax(1) == 0).sum() == 4
+    assert not (brute_force_pseudo_labels(feats, probs, rounds=1) == 0).any()
+    expected = brute_force_pseudo_labels(feats, probs)
+    got = shot_pseudo_labels(torch.tensor(feats), torch.tensor(probs), backend="torch").numpy()
+    assert np.array_equal(got, expected) and not (got == 0).any()
+
+
 @pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
 def test_faiss_and_torch_paths_agree():
     g = torch.Generator().manual_seed(1)
@@ -91,6 +101,31 @@ def test_shotpp_split_rule():
     # (0.6 beats 0.55); class 1 (samples 3-5) keeps 5 (0.99) and 3 (0.98)
     assert fraction == pytest.approx(4 / 6)
     assert labelled.tolist() == [0, 1, 3, 5] and unlabelled.tolist() == [2, 4]
+
+
+def test_digit_bottleneck_drops_out_after_batch_norm_and_image_bottleneck_does_not():
+    from adaptation.model import build_model, model_config
+
+    digits = build_model(model_config("dtn", 10, transform="digits"))
+    assert isinstance(digits.bottleneck.dropout, torch.nn.Dropout) and digits.bottleneck.dropout.p == 0.5
+    assert not isinstance(build_model(model_config("dtn", 10, transform="imagenet")).bottleneck.dropout,
+                          torch.nn.Dropout)
+    old = {k: v for k, v in model_config("dtn", 10).items() if k != "bottleneck_dropout"}
+    assert not isinstance(build_model(old).bottleneck.dropout, torch.nn.Dropout), "old checkpoints had none"
+    digits.train()
+    feats = digits.embed(torch.randn(64, 3, 32, 32))
+    assert 0.4 < (feats == 0).float().mean() < 0.6  # dropout acts after the batch norm in training mode
+
+
+def test_classifier_starts_from_the_default_linear_init_as_the_official_code_does():
+    """The official code's Xavier call on a weight-normed layer is undone by the next forward, so each class
+    prototype keeps PyTorch's default init: uniform(+-1/sqrt(256)), squared row norm 256 * (1/256) / 3 = 1/3."""
+    from adaptation.model import Classifier
+
+    torch.manual_seed(0)
+    rows = torch.stack([Classifier(256, 10).fc.weight.detach().norm(dim=1) for _ in range(20)])
+    assert rows.pow(2).mean().item() == pytest.approx(1 / 3, rel=0.05)  # Xavier-normal would give 512/266 = 1.92
+    assert torch.equal(Classifier(256, 10).fc.bias, torch.zeros(10))
 
 
 def test_sharpen():
@@ -115,12 +150,16 @@ def test_end_to_end_shot_improves_target_accuracy_and_keeps_classifier(source_ru
     from workbench.checkpoint import load_checkpoint
 
     src_dir, src_metrics = source_run
-    assert src_metrics["holdout_accuracy"] > 90
+    assert src_metrics["selection_accuracy"] > 90
+    assert src_metrics["selection_data"] == "builtin:digits/uci:test"
     out = tmp_path / "adapt"
     assert adapt_main(["--method", "shot", "--source", str(src_dir), "--target", "builtin:digits/photo",
                        "--epochs", "4", "--out", str(out), "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy"] > metrics["source_only_accuracy"] + 3, metrics
+    # adapted on photo's train split, also scored on its test split (the official digits protocol)
+    assert metrics["test_data"] == "builtin:digits/photo:test"
+    assert metrics["test_accuracy"] > metrics["source_only_test_accuracy"], metrics
     source = load_checkpoint(src_dir / "source.pt")["model"]
     adapted = load_checkpoint(out / "adapted.pt", kind="adapted-model")["model"]
     classifier_keys = [k for k in source if k.startswith("classifier.")]
