@@ -6,10 +6,13 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch.nn as nn
 
 from envs.procgen import PROTOCOLS, ProcgenVecEnv, visual_options
 from workbench.checkpoint import load_checkpoint, resolve_checkpoint_path
 from workbench.runtime import Runtime
+
+from .regularizers import running_stats_frozen
 
 
 def evaluate(agent, env: ProcgenVecEnv, num_episodes: int, deterministic: bool = False,
@@ -18,17 +21,22 @@ def evaluate(agent, env: ProcgenVecEnv, num_episodes: int, deterministic: bool =
 
     Each env contributes its first ceil(num_episodes / num_envs) episodes, so that
     short episodes are not over-represented. With `record_video`, env 0's frames
-    are kept (up to `max_video_frames`) as a (T, H, W, 3) uint8 array.
+    are kept (up to `max_video_frames`) as a (T, H, W, 3) uint8 array. The agent
+    sees clean frames (no training augmentation, as the paper's test workers), and
+    its networks' batch-norm running statistics are left as training made them.
     """
     per_env = math.ceil(num_episodes / env.num_envs)
     returns = [[] for _ in range(env.num_envs)]
     running = np.zeros(env.num_envs)
     frames = []
     obs = env.reset()
+    networks = [value for value in vars(agent).values() if isinstance(value, nn.Module)]
     for _ in range(max_steps):
         if record_video and len(returns[0]) == 0 and len(frames) < max_video_frames:
             frames.append(env.last_frames[0].copy())
-        _, rewards, dones = env.step_numpy(agent.act(obs, deterministic=deterministic).cpu().numpy())
+        with running_stats_frozen(*networks):
+            actions = agent.act(obs, deterministic=deterministic)
+        _, rewards, dones = env.step_numpy(actions.cpu().numpy())
         obs = env.as_tensor(env.last_frames)
         running += rewards
         for i in np.flatnonzero(dones):

@@ -9,11 +9,18 @@ One iteration = collect a rollout of `num_steps` x `num_envs` transitions, then
 
 with advantages from GAE(gamma, lambda), normalised per minibatch (after
 mixreg when it is on), and rewards scaled by a running std of the discounted
-return. Defaults are the Procgen paper's.
+return (discounted by its own `reward_norm_gamma`, VecNormalize's 0.99 in the
+baselines-based paper code, not GAE's 0.999). Defaults are the Procgen paper's.
+
+The mixreg paper's augmentations (regularizers.py) act in the rollout: the
+policy acts on the augmented frame, the buffer stores it and the update trains
+on it unchanged. With the batch-norm regulariser the network stays in training
+mode for rollouts, updates and evaluation, as in the paper's code.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -26,7 +33,7 @@ from workbench.backbones import create_backbone
 from workbench.runtime import Runtime
 
 from .mixreg import DEFAULT_ALPHA as DEFAULT_MIX_ALPHA, mix_ppo_minibatch
-from .regularizers import AUGMENTATIONS, l2_penalty
+from .regularizers import AUGMENTATIONS, l2_penalty, running_stats_frozen
 
 
 @dataclass
@@ -44,11 +51,12 @@ class PPOConfig:
     ent_coef: float = 0.01
     max_grad_norm: float = 0.5
     normalize_rewards: bool = True
+    reward_norm_gamma: float = 0.99  # discount of the reward scaler's return (VecNormalize's default), not GAE's
     backbone: str = "impala_1x"
     backbone_kwargs: dict = field(default_factory=dict)
     mixreg: bool = False
     mix_alpha: float = DEFAULT_MIX_ALPHA
-    augment: str | None = None  # one of regularizers.AUGMENTATIONS
+    augment: str | None = None  # one of regularizers.AUGMENTATIONS, applied in the rollout
     l2_coef: float = 0.0
 
     def __post_init__(self):
@@ -198,7 +206,12 @@ class PPO:
         self.model = runtime.prepare_module(ActorCritic(backbone, env.num_actions))
         self.forward = runtime.maybe_compile(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps)
-        self.reward_normalizer = RewardNormalizer(cfg.num_envs, cfg.gamma) if cfg.normalize_rewards else None
+        self.reward_normalizer = (RewardNormalizer(cfg.num_envs, cfg.reward_norm_gamma)
+                                  if cfg.normalize_rewards else None)
+        self.augmentation = AUGMENTATIONS[cfg.augment]() if cfg.augment is not None else None
+        # The paper's batch-norm baseline never leaves training mode: rollout log-probs then come from the
+        # same (batch-statistics) mode as the update's.
+        self.batch_norm_always_training = bool(cfg.backbone_kwargs.get("batch_norm", False))
         self.env_steps = 0
         self.iterations = 0
         self._obs = None
@@ -210,60 +223,79 @@ class PPO:
 
     def _allocate_buffer(self) -> dict[str, torch.Tensor]:
         dev, t, n = self.rt.device, self.cfg.num_steps, self.cfg.num_envs
+        # The stored frames are the augmented ones; random conv's leave [0, 255] and are kept in float32.
+        obs_dtype = self.augmentation.dtype if self.augmentation is not None else torch.uint8
         return {
-            "obs": torch.zeros((t, n, *self.env.observation_shape), dtype=torch.uint8, device=dev),
+            "obs": torch.zeros((t, n, *self.env.observation_shape), dtype=obs_dtype, device=dev),
             "actions": torch.zeros((t, n), dtype=torch.long, device=dev),
             "logprobs": torch.zeros((t, n), device=dev),
             "values": torch.zeros((t, n), device=dev),
             "rewards": torch.zeros((t, n), device=dev),
             "dones": torch.zeros((t, n), dtype=torch.bool, device=dev),
+            "next_value": torch.zeros(n, device=dev),  # V of the frame after the rollout, for GAE's bootstrap
         }
 
     # ---------------------------------------------------------------- acting
-    @torch.inference_mode()
+    @contextmanager
+    def _acting(self):
+        """Eval mode for acting, except batch norm as a regulariser, which stays in training mode; either way
+        acting writes no batch-norm running statistics (evaluation's test frames least of all)."""
+        self.model.train(self.batch_norm_always_training)
+        with torch.inference_mode(), self.rt.autocast(), running_stats_frozen(self.model):
+            yield
+
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
-        with self.rt.autocast():
+        """Actions on clean frames: evaluation sees no augmentation, as the paper's test workers."""
+        with self._acting():
             logits, _ = self.forward(obs)
         return logits.argmax(-1) if deterministic else torch.multinomial(logits.softmax(-1), 1).squeeze(1)
 
-    @torch.inference_mode()
     def _policy_step(self, obs: torch.Tensor):
-        with self.rt.autocast():
+        with self._acting():
             logits, value = self.forward(obs)
-        log_probs = F.log_softmax(logits, -1)
-        action = torch.multinomial(log_probs.exp(), 1).squeeze(1)
-        return action, log_probs.gather(1, action.unsqueeze(1)).squeeze(1), value
+            log_probs = F.log_softmax(logits, -1)
+            action = torch.multinomial(log_probs.exp(), 1).squeeze(1)
+            return action, log_probs.gather(1, action.unsqueeze(1)).squeeze(1), value
+
+    def _value(self, obs: torch.Tensor) -> torch.Tensor:
+        with self._acting():
+            return self.forward(obs)[1]
+
+    def _view(self, obs: torch.Tensor) -> torch.Tensor:
+        """The frame the agent acts on and trains on: augmented with this rollout's per-env parameters."""
+        return obs if self.augmentation is None else self.augmentation(obs)
 
     def collect_rollout(self, should_stop: Callable[[], bool] = lambda: False) -> bool:
         """Fill the buffer with num_steps transitions; False if interrupted (the partial rollout is discarded)."""
-        self.model.eval()
         if self.buffer is None:
             self.buffer = self._allocate_buffer()
         buf = self.buffer
         if self._obs is None:
             self._obs = self.env.reset()
+        if self.augmentation is not None:
+            self.augmentation.resample(self.cfg.num_envs, self.rt.device)  # fixed per env for this rollout
         for t in range(self.cfg.num_steps):
             if should_stop():
                 return False
-            action, logprob, value = self._policy_step(self._obs)
-            buf["obs"][t].copy_(self._obs)
+            obs = self._view(self._obs)
+            action, logprob, value = self._policy_step(obs)
+            buf["obs"][t].copy_(obs)
             buf["actions"][t], buf["logprobs"][t], buf["values"][t] = action, logprob, value
-            obs, rewards, dones = self.env.step_numpy(action.cpu().numpy())
+            next_obs, rewards, dones = self.env.step_numpy(action.cpu().numpy())
             if self.reward_normalizer is not None:
                 rewards = self.reward_normalizer(rewards, dones)
             buf["rewards"][t].copy_(torch.from_numpy(rewards))
             buf["dones"][t].copy_(torch.from_numpy(dones))
-            self._obs = self.env.as_tensor(obs)
+            self._obs = self.env.as_tensor(next_obs)
+        buf["next_value"].copy_(self._value(self._view(self._obs)))  # GAE's bootstrap: same view and mode
         self.env_steps += self.cfg.batch_size
         return True
 
     # ---------------------------------------------------------------- learning
     def _minibatch_loss(self, mb: dict[str, torch.Tensor]):
         cfg = self.cfg
-        if cfg.mixreg:
+        if cfg.mixreg:  # on the stored frames, i.e. after augmentation
             mb, _ = mix_ppo_minibatch(mb, cfg.mix_alpha)
-        if cfg.augment is not None:
-            mb = {**mb, "obs": AUGMENTATIONS[cfg.augment](mb["obs"])}
         with self.rt.autocast():
             logits, values = self.forward(mb["obs"])
         loss, stats = ppo_loss(logits, values, mb, cfg)
@@ -274,9 +306,7 @@ class PPO:
     def update(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, float]:
         cfg, buf = self.cfg, self.buffer
         with torch.inference_mode():
-            with self.rt.autocast():
-                _, next_value = self.forward(self._obs)
-            advantages, returns = compute_gae(buf["rewards"], buf["values"], buf["dones"], next_value.float(),
+            advantages, returns = compute_gae(buf["rewards"], buf["values"], buf["dones"], buf["next_value"],
                                               cfg.gamma, cfg.gae_lambda)
         flat = {"obs": buf["obs"].flatten(0, 1), "actions": buf["actions"].flatten(),
                 "old_logprobs": buf["logprobs"].flatten(), "old_values": buf["values"].flatten(),

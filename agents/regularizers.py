@@ -1,66 +1,147 @@
-"""The comparison regularisers of the mixreg paper, as functions of a batch.
+"""The comparison regularisers of the mixreg paper, as its code runs them.
 
-Observation augmentations act on a training minibatch of (B, H, W, C) images
-in pixel units (uint8 or float in [0, 255]) and return float images:
+Augmentations live in the rollout, as in the paper's runner: the agent acts on
+the augmented frame, that frame is stored, and PPO trains on the stored frames
+(so old log-probs and values come from the very frames the update sees, and
+mixreg, when combined, mixes frames that are already augmented). Each
+augmentation is a per-env object: `resample(num_envs, device)` draws one set of
+parameters per env, kept for the whole rollout and redrawn for all envs before
+the next one; `aug(obs)` augments an (N, H, W, C) batch of pixel frames, row i
+with env i's parameters. Evaluation on unseen levels acts on clean frames, as
+the paper's test workers do.
 
-- cutout_color:  one random box per image filled with a random colour (Laskin et al. 2020)
-- random_crop:   replicate-pad by `pad` pixels and crop back at a random offset
-- random_conv:   a random 3x3 convolution per image, Xavier-normal weights (Lee et al. 2020)
+- CutoutColor (Laskin et al. 2020): one box per env filled with one random colour;
+  its size h, w ~ U{7..21} also fixes its position (rows 12+h..12+2h, columns 24+w..24+2w).
+- RandomCrop: resize 64x64 -> 75x75 (bilinear), crop 64x64 at a per-env offset in [0, 10].
+- RandomConv (Lee et al. 2020, network randomisation): one untrained 3->3 conv, 3x3,
+  'same' padding, Glorot-normal weights, applied to pixels / 255 and scaled back by 255,
+  never clamped. The paper's code draws one kernel per worker before every rollout and
+  uses it for that rollout and the update on it; here each env gets its own kernel, fixed
+  for the rollout like the other augmentations' parameters, and the update trains on
+  the stored convolved frames. (NetRand's 10% clean rollouts and feature-matching loss
+  are not part of this comparator.)
 
-L2 is a weight penalty added to the loss; batch norm is an IMPALA option
-(`batch_norm=True` in the backbone).
+L2 is the TF `l2_loss` penalty, 0.5 * sum of squared weights, at coefficient 1e-4.
+Batch norm is an IMPALA option (`batch_norm=True`); the paper's code keeps it in
+training mode everywhere (rollout, update, evaluation), and `running_stats_frozen`
+keeps acting from writing its statistics into the running buffers.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def cutout_color(obs: torch.Tensor, min_size: int = 8, max_size: int = 24) -> torch.Tensor:
-    b, h, w, _ = obs.shape
-    dev = obs.device
-    size_h = torch.randint(min_size, max_size + 1, (b, 1, 1), device=dev)
-    size_w = torch.randint(min_size, max_size + 1, (b, 1, 1), device=dev)
-    top = (torch.rand(b, 1, 1, device=dev) * (h - size_h + 1)).long()
-    left = (torch.rand(b, 1, 1, device=dev) * (w - size_w + 1)).long()
-    rows = torch.arange(h, device=dev).view(1, h, 1)
-    cols = torch.arange(w, device=dev).view(1, 1, w)
-    inside = (rows >= top) & (rows < top + size_h) & (cols >= left) & (cols < left + size_w)
-    colour = torch.randint(0, 256, (b, 1, 1, obs.shape[-1]), device=dev).float()
-    return torch.where(inside.unsqueeze(-1), colour, obs.float())
+# TF's glorot_normal is a normal truncated at 2 std, widened by this factor so that its std is the Glorot one.
+TRUNCATED_NORMAL_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
 
 
-def random_crop(obs: torch.Tensor, pad: int = 12) -> torch.Tensor:
-    b, h, w, _ = obs.shape
-    dev = obs.device
-    padded = F.pad(obs.float().permute(0, 3, 1, 2), (pad, pad, pad, pad), mode="replicate").permute(0, 2, 3, 1)
-    dy = torch.randint(0, 2 * pad + 1, (b, 1), device=dev)
-    dx = torch.randint(0, 2 * pad + 1, (b, 1), device=dev)
-    rows = (dy + torch.arange(h, device=dev)).unsqueeze(2)  # (B, H, 1)
-    cols = (dx + torch.arange(w, device=dev)).unsqueeze(1)  # (B, 1, W)
-    return padded[torch.arange(b, device=dev).view(b, 1, 1), rows, cols]
+class CutoutColor:
+    """One random-colour box per env; the box's size (uniform in [box_min, box_max]) also sets its position."""
+
+    dtype = torch.uint8
+
+    def __init__(self, box_min: int = 7, box_max: int = 21, pivot_h: int = 12, pivot_w: int = 24,
+                 max_colour: int = 254):
+        self.box_min, self.box_max = box_min, box_max
+        self.pivot_h, self.pivot_w = pivot_h, pivot_w
+        self.max_colour = max_colour
+
+    def resample(self, num_envs: int, device: torch.device | str = "cpu") -> None:
+        size = lambda: torch.randint(self.box_min, self.box_max + 1, (num_envs,), device=device)  # noqa: E731
+        self.h, self.w = size(), size()
+        self.colour = torch.randint(0, self.max_colour + 1, (num_envs, 3), device=device, dtype=torch.uint8)
+
+    def box(self, height: int, width: int) -> torch.Tensor:
+        """(N, H, W) mask of each env's box: rows pivot_h + h .. pivot_h + 2h, columns pivot_w + w .. pivot_w + 2w."""
+        rows = torch.arange(height, device=self.h.device).view(1, -1, 1)
+        cols = torch.arange(width, device=self.h.device).view(1, 1, -1)
+        top, left = (self.pivot_h + self.h).view(-1, 1, 1), (self.pivot_w + self.w).view(-1, 1, 1)
+        return ((rows >= top) & (rows < top + self.h.view(-1, 1, 1)) &
+                (cols >= left) & (cols < left + self.w.view(-1, 1, 1)))
+
+    def __call__(self, obs: torch.Tensor) -> torch.Tensor:
+        inside = self.box(obs.shape[1], obs.shape[2]).unsqueeze(-1)
+        return torch.where(inside, self.colour.view(-1, 1, 1, 3), obs)
 
 
-def random_conv(obs: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
-    b, h, w, c = obs.shape
-    weight = torch.empty(b * c, c, kernel_size, kernel_size, device=obs.device)
-    nn.init.xavier_normal_(weight)
-    x = obs.float().permute(0, 3, 1, 2).reshape(1, b * c, h, w)
-    out = F.conv2d(x, weight, padding=kernel_size // 2, groups=b)
-    return out.view(b, c, h, w).permute(0, 2, 3, 1).clamp(0, 255)
+class RandomCrop:
+    """Resize to `resized` x `resized`, then take the frame-sized window at a per-env offset."""
+
+    dtype = torch.uint8
+
+    def __init__(self, resized: int = 75, frame_size: int = 64):
+        self.resized = resized
+        # The paper's code draws offsets in [0, resized - frame_size), so the last window (offset 11) is never used.
+        self.max_offset = resized - frame_size - 1
+
+    def resample(self, num_envs: int, device: torch.device | str = "cpu") -> None:
+        self.dy = torch.randint(0, self.max_offset + 1, (num_envs,), device=device)
+        self.dx = torch.randint(0, self.max_offset + 1, (num_envs,), device=device)
+
+    def __call__(self, obs: torch.Tensor) -> torch.Tensor:
+        n, h, w, _ = obs.shape
+        big = F.interpolate(obs.permute(0, 3, 1, 2).float(), size=(self.resized, self.resized), mode="bilinear",
+                            align_corners=False).permute(0, 2, 3, 1)
+        big = big.to(torch.uint8)  # truncated, as the paper's code casts the resized frame
+        rows = (self.dy.view(-1, 1) + torch.arange(h, device=obs.device)).view(n, h, 1)
+        cols = (self.dx.view(-1, 1) + torch.arange(w, device=obs.device)).view(n, 1, w)
+        return big[torch.arange(n, device=obs.device).view(n, 1, 1), rows, cols]
 
 
-AUGMENTATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "cutout_color": cutout_color,
-    "random_crop": random_crop,
-    "random_conv": random_conv,
-}
+def glorot_std(fan_in: int, fan_out: int) -> float:
+    return math.sqrt(2.0 / (fan_in + fan_out))
+
+
+class RandomConv:
+    """A per-env c->c random convolution with Glorot-normal weights, on pixels / 255, no clamp."""
+
+    dtype = torch.float32  # the output leaves [0, 255] and is stored as it is
+
+    def __init__(self, kernel_size: int = 3, channels: int = 3):
+        self.kernel_size, self.channels = kernel_size, channels
+
+    def resample(self, num_envs: int, device: torch.device | str = "cpu") -> None:
+        c, k = self.channels, self.kernel_size
+        # Each env's kernel is its own (c, c, k, k) layer, so its fans are c*k*k each, whatever the number of envs.
+        std = glorot_std(fan_in=c * k * k, fan_out=c * k * k) / TRUNCATED_NORMAL_STD
+        self.weight = nn.init.trunc_normal_(torch.empty(num_envs * c, c, k, k, device=device),
+                                            std=std, a=-2 * std, b=2 * std)
+
+    @property
+    def kernels(self) -> torch.Tensor:
+        """(N, c_out, c_in, k, k): env i's kernel."""
+        return self.weight.view(-1, self.channels, self.channels, self.kernel_size, self.kernel_size)
+
+    def __call__(self, obs: torch.Tensor) -> torch.Tensor:
+        n, h, w, c = obs.shape
+        x = obs.permute(0, 3, 1, 2).float().reshape(1, n * c, h, w) / 255.0
+        out = F.conv2d(x, self.weight, padding=self.kernel_size // 2, groups=n) * 255.0
+        return out.view(n, c, h, w).permute(0, 2, 3, 1).contiguous()
+
+
+AUGMENTATIONS = {"cutout_color": CutoutColor, "random_crop": RandomCrop, "random_conv": RandomConv}
 
 
 def l2_penalty(module: nn.Module) -> torch.Tensor:
-    """Sum of squared weights (biases and norm parameters excluded)."""
-    return torch.stack([p.pow(2).sum() for p in module.parameters() if p.dim() > 1]).sum()
+    """TF's l2_loss over the weights: 0.5 * sum of squared weights (biases and norm parameters excluded)."""
+    return 0.5 * torch.stack([p.pow(2).sum() for p in module.parameters() if p.dim() > 1]).sum()
+
+
+@contextmanager
+def running_stats_frozen(*modules: nn.Module):
+    """Batch norm in training mode normalises with the batch's statistics; inside this context it does so
+    without also writing them into the running buffers (acting and evaluation must not leave a trace)."""
+    norms = {id(m): m for module in modules for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    for m in norms.values():
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms.values():
+            m.track_running_stats = True

@@ -1,6 +1,10 @@
+from types import SimpleNamespace
+
+import numpy as np
 import torch
 
-from agents.ppo import compute_gae
+from agents.ppo import PPO, PPOConfig, compute_gae
+from workbench.runtime import Runtime
 
 
 def test_gae_hand_computed_with_episode_end():
@@ -45,3 +49,28 @@ def test_gae_matches_brute_force_sum():
     adv, ret = compute_gae(rewards, values, dones, next_value, 0.99, 0.95)
     torch.testing.assert_close(adv, brute_force_gae(rewards, values, dones, next_value, 0.99, 0.95))
     torch.testing.assert_close(ret, adv + values)
+
+
+def test_reward_scaler_discounts_its_return_with_its_own_gamma():
+    """VecNormalize's scaler: divide r_t by the running std of G_t = gamma_r G_{t-1} + r_t (reset after an
+    episode ends), clip to 10; gamma_r is 0.99 by default, not GAE's 0.999."""
+    cfg = PPOConfig(num_envs=1)
+    assert (cfg.reward_norm_gamma, cfg.gamma) == (0.99, 0.999)
+    agent = PPO(SimpleNamespace(num_actions=15), cfg, Runtime.create("cpu", "fp32"))
+    g = np.random.default_rng(0)
+    rewards = g.exponential(1.0, 300).astype(np.float32)
+    dones = np.zeros(300, bool)
+    dones[[99, 199]] = True
+    scaled = [agent.reward_normalizer(rewards[t:t + 1], dones[t:t + 1])[0] for t in range(300)]
+
+    returns, expected, g_t = [], [], 0.0
+    for r, d in zip(rewards.astype(np.float64), dones):
+        g_t = 0.99 * g_t + r
+        returns.append(g_t)
+        # pooled moments of every return so far and the scaler's prior (mean 0, var 1, weight 1e-4)
+        count = 1e-4 + len(returns)
+        mean = sum(returns) / count
+        var = (1e-4 * 1.0 + sum(x * x for x in returns)) / count - mean**2
+        expected.append(np.clip(r / np.sqrt(var + 1e-8), -10, 10))
+        g_t = 0.0 if d else g_t
+    np.testing.assert_allclose(scaled, expected, rtol=1e-5)

@@ -1,45 +1,119 @@
+"""The mixreg paper's comparators against independent computations (numpy loops, hand values)."""
+
+import math
+
+import numpy as np
 import torch
 
-from agents.regularizers import cutout_color, l2_penalty, random_conv, random_crop
-from workbench.backbones import create_backbone
+from agents.regularizers import CutoutColor, RandomConv, RandomCrop, l2_penalty, running_stats_frozen
 
 
-def images(b=6):
-    return torch.randint(0, 256, (b, 64, 64, 3), dtype=torch.uint8)
+def frames(n, h=64, w=64, seed=0):
+    return torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-def test_cutout_changes_one_rectangle_to_one_colour():
-    x = images()
-    out = cutout_color(x, min_size=8, max_size=24)
-    for i in range(x.shape[0]):
-        changed = (out[i] != x[i].float()).any(-1)
-        rows, cols = changed.any(1).nonzero().squeeze(1), changed.any(0).nonzero().squeeze(1)
-        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-        assert 1 <= bottom - top <= 24 and 1 <= right - left <= 24
-        box = out[i, top:bottom, left:right].reshape(-1, 3)
-        assert (box == box[0]).all(), "the box is filled with one colour"
+def test_cutout_color_box_follows_its_size_and_stays_fixed_until_resampled():
+    aug = CutoutColor()
+    aug.resample(6)
+    for x in (frames(6, seed=1), frames(6, seed=2)):  # two steps of one rollout: same boxes, same colours
+        out = aug(x)
+        assert out.dtype == torch.uint8
+        for i in range(6):
+            h, w = int(aug.h[i]), int(aug.w[i])
+            expected = x[i].numpy().copy()
+            expected[12 + h:12 + 2 * h, 24 + w:24 + 2 * w] = aug.colour[i].numpy()  # numpy clips at the border
+            np.testing.assert_array_equal(out[i].numpy(), expected)
+
+    aug.resample(5000)
+    for size in (aug.h, aug.w):
+        assert int(size.min()) == 7 and int(size.max()) == 21
+    assert int(aug.colour.min()) == 0 and int(aug.colour.max()) == 254
 
 
-def test_random_crop_is_a_window_of_the_replicate_padded_image():
-    x = images(4)
-    torch.manual_seed(7)
-    out = random_crop(x, pad=12)
-    padded = torch.nn.functional.pad(x.float().permute(0, 3, 1, 2), (12,) * 4, mode="replicate").permute(0, 2, 3, 1)
+def bilinear_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Half-pixel-centre bilinear resize of an (H, W, C) image, one axis at a time, in float64."""
+    def along(axis_len):
+        src = np.maximum((np.arange(size) + 0.5) * axis_len / size - 0.5, 0.0)
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(lo + 1, axis_len - 1)
+        return lo, hi, src - lo
+
+    out = image.astype(np.float64)
+    lo, hi, f = along(out.shape[0])
+    out = out[lo] * (1 - f)[:, None, None] + out[hi] * f[:, None, None]
+    lo, hi, f = along(out.shape[1])
+    return out[:, lo] * (1 - f)[None, :, None] + out[:, hi] * f[None, :, None]
+
+
+def test_random_crop_resizes_to_75_and_takes_a_window_at_the_envs_offset():
+    aug = RandomCrop()
+    aug.resample(4)
+    x = frames(4)
+    out = aug(x)
+    assert out.shape == x.shape and out.dtype == torch.uint8
     for i in range(4):
-        matches = [(dy, dx) for dy in range(25) for dx in range(25)
-                   if torch.equal(padded[i, dy:dy + 64, dx:dx + 64], out[i])]
-        assert matches, "each crop is some 64x64 window of the padded frame"
+        dy, dx = int(aug.dy[i]), int(aug.dx[i])
+        big = bilinear_resize(x[i].numpy(), 75).astype(np.uint8)  # truncated, as the paper's code
+        diff = np.abs(out[i].numpy().astype(int) - big[dy:dy + 64, dx:dx + 64].astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01  # float32 vs float64 at integer boundaries
+
+    aug.resample(5000)
+    for offset in (aug.dy, aug.dx):
+        assert int(offset.min()) == 0 and int(offset.max()) == 10
 
 
-def test_random_conv_differs_per_image_and_keeps_shape():
-    x = torch.full((2, 64, 64, 3), 128, dtype=torch.uint8)
-    out = random_conv(x)
-    assert out.shape == (2, 64, 64, 3) and out.min() >= 0 and out.max() <= 255
-    assert not torch.allclose(out[0], out[1]), "each image gets its own random kernel"
+def test_random_conv_kernel_has_the_glorot_std_of_one_c_to_c_layer():
+    # A 3->3 3x3 layer has fan-in = fan-out = 3 * 3 * 3 = 27. The old (batch*3, 3, 3, 3) draw had
+    # fan-out 27 * batch, about 30x too small a std for a 2048-frame minibatch.
+    for channels in (3, 4):
+        fan = channels * 9
+        glorot = math.sqrt(2 / (fan + fan))
+        aug = RandomConv(channels=channels)
+        aug.resample(3000)
+        w = aug.kernels
+        assert w.shape == (3000, channels, channels, 3, 3)
+        assert abs(float(w.std()) / glorot - 1) < 0.02 and abs(float(w.mean())) < 0.01 * glorot
+        assert float(w.abs().max()) <= 2 * glorot / 0.87962566103423978 + 1e-6  # TF's truncation at 2 std
 
 
-def test_l2_penalty_counts_weights_not_biases():
-    net = create_backbone("impala_1x")
-    manual = sum((m.weight.detach() ** 2).sum() for m in net.modules() if isinstance(m, (torch.nn.Conv2d,
-                                                                                         torch.nn.Linear)))
-    torch.testing.assert_close(l2_penalty(net).detach(), manual)
+def test_random_conv_is_each_envs_kernel_on_pixels_over_255_without_clamp():
+    aug = RandomConv()
+    aug.resample(3)
+    x = frames(3, h=6, w=7)
+    out = aug(x)
+    w = aug.kernels.double().numpy()
+    padded = np.pad(x.double().numpy() / 255.0, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    expected = np.zeros((3, 6, 7, 3))
+    for n in range(3):
+        for y in range(6):
+            for xx in range(7):
+                for o in range(3):
+                    patch = padded[n, y:y + 3, xx:xx + 3, :]  # (ky, kx, c_in)
+                    expected[n, y, xx, o] = 255 * np.sum(w[n, o].transpose(1, 2, 0) * patch)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-3)
+    assert out.min() < 0 or out.max() > 255, "no clamp to [0, 255]"
+    assert not torch.allclose(out[0], out[1]), "each env has its own kernel"
+
+
+def test_l2_penalty_is_half_the_sum_of_squared_weights():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 2), torch.nn.Flatten(), torch.nn.Linear(2, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[[[1.0, -1.0], [2.0, 0.0]]]]))
+        net[2].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        net[0].bias.fill_(5.0)
+        net[2].bias.fill_(6.0)
+    # 0.5 * ((1 + 1 + 4 + 0) + (1 + 4 + 9 + 16)) = 18; biases are not penalised
+    torch.testing.assert_close(l2_penalty(net).detach(), torch.tensor(18.0))
+
+
+def test_running_stats_frozen_normalises_with_batch_statistics_and_writes_nothing():
+    bn = torch.nn.BatchNorm2d(3).train()
+    x = torch.randn(5, 3, 4, 4) * 3 + 2
+    with running_stats_frozen(bn):
+        y = bn(x)
+    mean, var = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True)
+    torch.testing.assert_close(y, (x - mean) / torch.sqrt(var + bn.eps))
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and torch.equal(bn.running_var, torch.ones(3))
+    assert int(bn.num_batches_tracked) == 0 and bn.track_running_stats
+    bn(x)  # outside the context, training writes the buffers again
+    assert int(bn.num_batches_tracked) == 1 and not torch.equal(bn.running_mean, torch.zeros(3))
