@@ -48,7 +48,8 @@ def parse_train_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mix-alpha", type=float, default=0.2, help="Beta(alpha, alpha) of the mixing weights")
     p.add_argument("--regularizer", default="none", choices=REGULARIZERS,
                    help="the mixreg paper's comparison regularisers")
-    p.add_argument("--l2-coef", type=float, default=1e-4, help="weight of the L2 penalty (--regularizer l2)")
+    p.add_argument("--l2-coef", type=float, default=1e-4,
+                   help="coefficient of the L2 penalty, 0.5 * sum of squared weights (--regularizer l2)")
     p.add_argument("--protocol", default="easy-200", choices=sorted(PROTOCOLS),
                    help="level split and distribution mode (easy-200: easy, levels [0,200); hard-500: hard, 500)")
     p.add_argument("--total-steps", type=total_steps_arg, default=None,
@@ -56,6 +57,8 @@ def parse_train_args(argv=None) -> argparse.Namespace:
                         "default 40960 (a few minutes on a CPU)")
     p.add_argument("--num-envs", type=int, default=16, help="parallel training envs (the recipe uses 64)")
     p.add_argument("--num-steps", type=int, default=256, help="PPO: rollout length per env")
+    p.add_argument("--reward-norm-gamma", type=float, default=0.99,
+                   help="PPO: discount of the reward scaler's running return (VecNormalize's 0.99; GAE uses 0.999)")
     p.add_argument("--backbone", default="impala_1x", help=f"registered backbone: {', '.join(list_backbones())}")
     p.add_argument("--lr", type=float, default=None, help="default: 5e-4 (PPO), 2.5e-4 (Rainbow)")
     p.add_argument("--seed", type=int, default=0)
@@ -86,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.lr is not None:
         agent["learning_rate"] = args.lr
     if args.algo == "ppo":
-        agent["num_steps"] = args.num_steps
+        agent.update(num_steps=args.num_steps, reward_norm_gamma=args.reward_norm_gamma)
     elif args.algo == "rainbow":
         agent.update(buffer_size=args.buffer_size, save_replay=args.save_replay, warmup_steps=args.warmup_steps,
                      batch_size=args.batch_size, update_every=args.update_every, target_update=args.target_update)

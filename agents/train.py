@@ -60,6 +60,8 @@ class TrainConfig:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
         visual_options(self.visual)
+        if self.total_steps <= 0:
+            raise ValueError(f"--total-steps must be positive, got {self.total_steps}")
 
 
 def apply_regularizer(agent_cfg: dict, regularizer: str, l2_coef: float, algo: str = "ppo") -> dict:

@@ -11,7 +11,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from agents.cli import evaluate_main, train_main
+from agents.cli import config_from_args, evaluate_main, parse_train_args, train_main
+from agents.ppo import PPOConfig
 from agents.train import Trainer, TrainConfig
 from workbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -101,6 +102,21 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
             load_checkpoint(path, kind="procgen-agent")
         assert evaluate_main([str(path), "--episodes", "1"]) == 2
         assert pattern.split("'")[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", ["-5", "0"])
+def test_a_run_without_steps_is_refused_with_one_line(tmp_path, capsys, steps):
+    assert train_main(["--total-steps", steps, "--no-progress", "--runs-root", str(tmp_path), "--run-name", "r"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--total-steps" in err[0] and steps in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_reward_scaler_discount_is_its_own_flag_recorded_in_the_config():
+    assert config_from_args(parse_train_args([])).agent["reward_norm_gamma"] == 0.99
+    cfg = config_from_args(parse_train_args(["--reward-norm-gamma", "0.999"]))
+    assert cfg.agent["reward_norm_gamma"] == 0.999  # cfg.agent is what config.json records
+    assert PPOConfig(**cfg.agent).reward_norm_gamma == 0.999
 
 
 def test_evaluate_script_writes_json(tmp_path):
