@@ -3,8 +3,9 @@
 Three domains of 32x32 RGB digits (10 classes), each with a fixed train/test split:
 
 - `uci`:   scikit-learn's 1,797 handwritten digits (8x8, UCI), upsampled to 32x32 grey-as-RGB;
-- `fonts`: digits printed with matplotlib's bundled TrueType faces under random size, offset,
-           rotation, stroke, colours and blur (a SynDigits-like printed domain);
+- `fonts`: digits printed with matplotlib's bundled TrueType faces, each glyph filling most of the
+           frame as in house-number crops, under random face, colours (either polarity), offset,
+           rotation, stroke and blur (a SynDigits-like printed domain);
 - `photo`: the handwritten digits blended over random crops of scikit-image's photos by
            absolute difference, the MNIST-M recipe.
 
@@ -15,6 +16,7 @@ a data argument is accepted.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -23,9 +25,12 @@ import numpy as np
 DOMAINS = ("uci", "fonts", "photo")
 NUM_CLASSES = 10
 SIZE = 32
-VERSION = 1
+VERSION = 2  # 2: printed glyphs fill the frame (in v1 they covered about 60% of its height)
 TEST_FRACTION = 0.2
 FONT_IMAGES_PER_CLASS = 600
+GLYPH_RENDER_SIZE = 96          # points; glyphs are drawn large, then fitted to the frame
+GLYPH_HEIGHT = (0.72, 0.92)     # fraction of the frame height the ink spans (house-number crops)
+GLYPH_MAX_WIDTH = 0.8           # wide faces are squeezed to this fraction of the frame width
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
           "hubble_deep_field.jpg", "ihc.png", "retina.jpg")
 
@@ -106,22 +111,46 @@ def _contrasting_colours(rng: np.random.Generator) -> tuple[tuple, tuple]:
             return tuple(int(v) for v in fg), tuple(int(v) for v in bg)
 
 
+@functools.lru_cache(maxsize=None)
+def _font(path: Path):
+    from PIL import ImageFont
+
+    return ImageFont.truetype(str(path), GLYPH_RENDER_SIZE)
+
+
+def _glyph_mask(font_path: Path, label: int, stroke: int, scale: int):
+    """The ink of one digit as a tight 'L' mask, drawn large so that resizing it stays smooth."""
+    from PIL import Image, ImageDraw
+
+    size, font = GLYPH_RENDER_SIZE, _font(font_path)
+    mask = Image.new("L", (2 * size, 2 * size), 0)
+    ImageDraw.Draw(mask).text((size, size), str(label), fill=255, font=font, anchor="mm",
+                              stroke_width=stroke * size // (16 * scale), stroke_fill=255)
+    return mask.crop(mask.getbbox())
+
+
 def build_fonts(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+    """Printed digits framed as house-number crops are: the glyph's ink fills most of the frame height
+    (GLYPH_HEIGHT of it), centred up to a few pixels off. Face, colours (either polarity), stroke weight,
+    rotation and blur vary per image."""
+    from PIL import Image, ImageFilter
 
     fonts = digit_fonts()
-    scale = 2  # render at 64x64, then downsample: anti-aliased strokes
+    scale = 2  # compose at 64x64, then downsample: anti-aliased strokes
+    side = SIZE * scale
     images, labels = [], []
     for label in range(NUM_CLASSES):
         for _ in range(FONT_IMAGES_PER_CLASS):
             fg, bg = _contrasting_colours(rng)
-            size = int(rng.integers(18, 30)) * scale
-            font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), size)
-            canvas = Image.new("RGB", (SIZE * scale, SIZE * scale), bg)
-            centre = (SIZE * scale / 2 + rng.integers(-3, 4) * scale, SIZE * scale / 2 + rng.integers(-3, 4) * scale)
-            ImageDraw.Draw(canvas).text(centre, str(label), fill=fg, font=font, anchor="mm",
-                                        stroke_width=int(rng.integers(0, 3)), stroke_fill=fg)
-            canvas = canvas.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR, fillcolor=bg)
+            glyph = _glyph_mask(fonts[rng.integers(len(fonts))], label, int(rng.integers(0, 3)), scale)
+            height = rng.uniform(*GLYPH_HEIGHT) * side
+            width = min(height * glyph.width / glyph.height, GLYPH_MAX_WIDTH * side)
+            glyph = glyph.resize((max(1, int(round(width))), max(1, int(round(height)))), Image.LANCZOS)
+            left = (side - glyph.width) // 2 + int(rng.integers(-2, 3)) * scale
+            top = (side - glyph.height) // 2 + int(rng.integers(-2, 3)) * scale
+            canvas = Image.new("RGB", (side, side), bg)
+            canvas.paste(Image.new("RGB", glyph.size, fg), (left, top), glyph)
+            canvas = canvas.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR, fillcolor=bg)
             canvas = canvas.resize((SIZE, SIZE), Image.LANCZOS)
             blur = float(rng.uniform(0, 1.0))
             if blur > 0.3:
