@@ -36,6 +36,7 @@ class DataError(ValueError):
 class Sample:
     path: str
     label: int
+    line: int | None = None  # its line in the list file it came from, for error messages
 
 
 # ------------------------------------------------------------------ sources
@@ -57,7 +58,7 @@ def read_list_file(list_file: str | Path, root: str | Path | None = None) -> lis
         if not path.strip():
             raise DataError(f"{list_file}:{number}: expected '<path> <int label>', got {line.strip()!r}")
         image = Path(path.strip())
-        samples.append(Sample(str(image if image.is_absolute() else base / image), label_value))
+        samples.append(Sample(str(image if image.is_absolute() else base / image), label_value, number))
     if not samples:
         raise DataError(f"list file {list_file} holds no samples: add '<path> <label>' lines")
     missing = [(i, s.path) for i, s in enumerate(samples) if not Path(s.path).is_file()]
@@ -81,11 +82,24 @@ def scan_class_folders(root: str | Path) -> tuple[list[Sample], list[str]]:
     return samples, classes
 
 
-def check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:
+def check_labels(dataset: Dataset, num_classes: int, source: str) -> None:
+    """Every label must lie in 0..num_classes-1; name the first offending list-file line, or the class folders."""
+    labels = dataset.labels
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if len(bad):
-        raise DataError(f"{source}: label {int(labels[bad[0]])} (sample {int(bad[0]) + 1}) is outside the "
-                        f"{num_classes} classes [0, {num_classes - 1}]: fix the label or --num-classes")
+    if not len(bad):
+        return
+    index, label = int(bad[0]), int(labels[bad[0]])
+    valid = f"0..{num_classes - 1} for a {num_classes}-class model"
+    classes = getattr(dataset, "classes", None)
+    if classes is not None:
+        raise DataError(f"{source} has {len(classes)} class folders: folder {classes[label]!r} gets label {label}, "
+                        f"outside {valid}; pass a folder with the model's classes")
+    samples = getattr(dataset, "samples", None)
+    line = samples[index].line if samples is not None else None
+    if line is None:  # built-in data: no file to fix
+        raise DataError(f"{source} sample {index + 1}: label {label} is outside {valid}: pass data with its classes")
+    raise DataError(f"{source} line {line}: label {label} is outside {valid}: "
+                    f"fix the label or pass the right list file")
 
 
 # ------------------------------------------------------------------ datasets
@@ -190,8 +204,10 @@ def load_dataset(spec: str, transform: Callable, num_classes: int | None = None,
             raise DataError(f"data {spec!r} is neither a list file, a folder of class folders, nor "
                             f"builtin:digits/<domain>")
         dataset = ImageFileDataset(samples, transform, spec)
+        if path.is_dir():
+            dataset.classes = classes
     if num_classes is not None:
-        check_labels(dataset.labels, num_classes, spec)
+        check_labels(dataset, num_classes, spec)
     dataset.num_classes = num_classes or found_classes
     return dataset
 

@@ -93,13 +93,29 @@ def test_label_outside_class_range_and_corrupt_image(tmp_path):
     paths = write_images(tmp_path / "imgs", 2)
     lst = tmp_path / "list.txt"
     lst.write_text(f"imgs/{paths[0].name} 0\nimgs/{paths[1].name} 12\n")
-    with pytest.raises(DataError, match="label 12 .* outside the 10 classes"):
+    with pytest.raises(DataError, match="list.txt line 2: label 12 is outside 0..9 for a 10-class model"):
         load_dataset(str(lst), image_transform("digits", False), num_classes=10)
     paths[1].write_bytes(b"not a png at all")
     lst.write_text(f"imgs/{paths[0].name} 0\nimgs/{paths[1].name} 1\n")
     ds = load_dataset(str(lst), image_transform("digits", False), num_classes=10)
     with pytest.raises(DataError, match="corrupt"):
         ds[1]
+
+
+def test_a_label_outside_the_model_classes_names_its_line_and_the_valid_range(tmp_path):
+    paths = write_images(tmp_path / "imgs", 10)
+    lines = ["# target domain, one image per class", ""] + [f"imgs/{p.name} {i}" for i, p in enumerate(paths)]
+    lines[7] = f"imgs/{paths[5].name} 99"  # file line 8: the 6th sample, after a comment and a blank line
+    lst = tmp_path / "targets.txt"
+    lst.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as err:
+        load_dataset(str(lst), image_transform("digits", False), num_classes=10)
+    assert str(err.value) == (f"{lst} line 8: label 99 is outside 0..9 for a 10-class model: "
+                              f"fix the label or pass the right list file")
+    for name in ("a", "b", "c"):
+        write_images(tmp_path / "tree" / name, 1)
+    with pytest.raises(DataError, match="has 3 class folders: folder 'c' gets label 2, outside 0..1 for a 2-class"):
+        load_dataset(str(tmp_path / "tree"), image_transform("digits", False), num_classes=2)
 
 
 def test_unknown_builtin_and_missing_path():
