@@ -106,7 +106,8 @@ def test_v1_checkpoint_loads_and_resaves_as_data_only(tmp_path):
     loaded = load_checkpoint(tmp_path / "v1.pt", kind="procgen-agent")
     assert_same(loaded, old)
     set_rng_state(loaded["rng"])
-    save_checkpoint(tmp_path / "v2.pt", "procgen-agent", {k: v for k, v in loaded.items() if k not in ("format", "kind")})
+    payload = {k: v for k, v in loaded.items() if k not in ("format", "kind")}
+    save_checkpoint(tmp_path / "v2.pt", "procgen-agent", payload)
     assert torch.load(tmp_path / "v2.pt", weights_only=True)["format"] == FORMAT
     assert_same({**load_checkpoint(tmp_path / "v2.pt"), "format": FORMAT_V1}, old)
 
