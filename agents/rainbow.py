@@ -136,7 +136,8 @@ def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discou
     v_min, v_max = support[0].item(), support[-1].item()
     delta = (v_max - v_min) / (len(support) - 1)
     tz = (returns[:, None] + discounts[:, None] * support[None]).clamp(v_min, v_max)
-    b = (tz - v_min) / delta
+    # clamp the position as well: in float32, (v_max - v_min) / delta can round to just above the last atom
+    b = ((tz - v_min) / delta).clamp(0, len(support) - 1)
     lower, upper = b.floor().long(), b.ceil().long()
     # when b lands exactly on an atom, lower == upper: give it all the mass
     lower_weight = (upper.float() - b) + (lower == upper).float()

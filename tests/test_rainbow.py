@@ -43,6 +43,31 @@ def test_projection_matches_brute_force():
     np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-10)
 
 
+def triangle_projection(next_probs, returns, discounts, support):
+    """The projection written as a kernel (Rowland et al. 2018): atom z_j receives p_k (1 - |Tz_k - z_j| / dz)^+,
+    with Tz_k clamped to [z_1, z_n]; no atom index is ever computed."""
+    support = np.asarray(support, np.float64)
+    dz = (support[-1] - support[0]) / (len(support) - 1)
+    tz = np.clip(np.asarray(returns, np.float64)[:, None] + np.asarray(discounts, np.float64)[:, None] * support,
+                 support[0], support[-1])  # (B, atoms of the next-state distribution)
+    kernel = np.clip(1 - np.abs(tz[:, :, None] - support[None, None, :]) / dz, 0, None)  # (B, k, j)
+    return np.einsum("bk,bkj->bj", np.asarray(next_probs, np.float64), kernel)
+
+
+def test_projection_clamps_the_atom_index_on_a_support_whose_top_atom_rounds_up():
+    support = torch.linspace(-4.6, 6.0, 51)  # float32, as Rainbow builds it
+    dz = (support[-1].item() - support[0].item()) / 50
+    assert ((support[-1:] - support[0].item()) / dz).item() > 50, "the case: the top atom's position exceeds 50"
+    g = np.random.default_rng(3)
+    probs = torch.tensor(g.dirichlet(np.ones(51), size=6), dtype=torch.float32)
+    returns = torch.tensor([100.0, 6.0, 0.3, -2.0, 1.0, -50.0])  # above, at, inside and below the support
+    discounts = torch.tensor([0.97, 0.0, 0.97, 0.0, 1.0, 0.5])
+    got = project_distribution(probs, returns, discounts, support)
+    expected = triangle_projection(probs.numpy(), returns.numpy(), discounts.numpy(), support.numpy())
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+    assert got[0, -1] == pytest.approx(1.0, abs=1e-6), "all mass above the support lands on the top atom"
+
+
 def test_default_supports():
     assert support_for("starpilot") == (0.0, 35.0) and support_for("fruitbot") == (-5.0, 27.2)
     assert support_for("coinrun") == (0.0, 10.0)
