@@ -108,9 +108,82 @@ def test_priority_updates_change_sampling():
     replay.update_priorities(np.arange(len(replay)), np.full(len(replay), 1e-3))
     replay.update_priorities(np.array([7]), np.array([100.0]))
     batch = replay.sample(256, beta=1.0, rng=np.random.default_rng(1))
-    assert (batch["index"] == 7).mean() > 0.8
+    # p = (loss + 0.1)^0.5 over the 19 complete transitions: P(7) = 100.1^0.5 / (100.1^0.5 + 18 * 0.101^0.5)
+    assert (batch["index"] == 7).mean() == pytest.approx(100.1**0.5 / (100.1**0.5 + 18 * 0.101**0.5), abs=0.03)
     # importance weights: the over-sampled transition gets the smallest weight
     assert batch["weights"][batch["index"] == 7].max() < batch["weights"][batch["index"] != 7].min()
+
+
+def filled_replay(seed: int = 0) -> PrioritizedReplay:
+    """A wrapped-around replay (its oldest rows overwritten) with random losses on its transitions."""
+    g = np.random.default_rng(seed)
+    replay = PrioritizedReplay(capacity=48, num_envs=4, obs_shape=(1,), n_step=3, gamma=0.9)
+    for t in range(17):  # 12 rows: the ring wraps, and the 3 newest rows wait for their 3-step frame
+        replay.add(np.full((4, 1), t, np.uint8), g.integers(0, 3, 4), g.random(4).astype(np.float32),
+                   g.random(4) < 0.1)
+        if len(replay):
+            stored = np.flatnonzero(replay.tree.leaves(np.arange(replay.capacity)) > 0)
+            chosen = g.choice(stored, size=min(6, len(stored)), replace=False)
+            replay.update_priorities(chosen, g.uniform(1.0, 4.0, len(chosen)))
+    return replay
+
+
+def brute_force_weights(replay: PrioritizedReplay, index: np.ndarray, beta: float) -> np.ndarray:
+    """w_i = (N P(i))^-beta / max_j (N P(j))^-beta over every stored transition, read off the sum tree's leaves."""
+    leaves = np.array([replay.tree.nodes[replay.tree.size + i] for i in range(replay.capacity)])
+    stored = leaves > 0
+    n, probs = stored.sum(), leaves / leaves.sum()
+    largest = max((n * probs[j]) ** -beta for j in np.flatnonzero(stored))
+    return np.array([(n * probs[i]) ** -beta / largest for i in index])
+
+
+def test_priorities_are_loss_plus_epsilon_to_the_half():
+    replay = PrioritizedReplay(capacity=32, num_envs=2, obs_shape=(1,), n_step=1, gamma=0.9)
+    for _ in range(6):
+        replay.add(np.zeros((2, 1), np.uint8), np.zeros(2, np.int64), np.zeros(2, np.float32), np.zeros(2, bool))
+    np.testing.assert_allclose(replay.tree.leaves(np.arange(10)), 1.1**0.5, err_msg="new: (first max 1 + 0.1)^0.5")
+    replay.update_priorities(np.array([3, 4]), np.array([0.0, 2.5]))
+    np.testing.assert_allclose(replay.tree.leaves(np.array([3, 4])), [0.1**0.5, 2.6**0.5])
+    replay.add(np.zeros((2, 1), np.uint8), np.zeros(2, np.int64), np.zeros(2, np.float32), np.zeros(2, bool))
+    np.testing.assert_allclose(replay.tree.leaves(np.array([10, 11])), 2.6**0.5, err_msg="the largest loss seen")
+
+
+def test_importance_weights_match_brute_force_from_the_sum_tree():
+    replay = filled_replay()
+    smallest = np.flatnonzero(replay.tree.leaves(np.arange(replay.capacity)) > 0)[0]
+    replay.update_priorities(np.array([smallest]), np.array([0.0]))  # one transition far below the rest
+    for beta in (0.4, 1.0):
+        batch = replay.sample(8, beta=beta, rng=np.random.default_rng(5))
+        assert smallest not in batch["index"], "the normaliser must come from the buffer, not from the batch"
+        np.testing.assert_allclose(batch["weights"], brute_force_weights(replay, batch["index"], beta), rtol=1e-6)
+        assert batch["weights"].max() < 1
+
+
+def test_min_tree_holds_the_smallest_stored_priority():
+    from agents.replay import MinTree
+
+    g = np.random.default_rng(2)
+    tree, values = MinTree(13), np.full(13, np.inf)
+    for _ in range(50):
+        index = g.choice(13, size=3, replace=False)
+        values[index] = np.where(g.random(3) < 0.2, np.inf, g.uniform(0.1, 5.0, 3))
+        tree.update(index, values[index])
+        assert tree.min == values.min()
+    replay = filled_replay(seed=1)
+    leaves = replay.tree.leaves(np.arange(replay.capacity))
+    assert replay.min_tree.min == leaves[leaves > 0].min(), "overwritten rows leave the minimum"
+
+
+def test_replay_checkpoint_from_before_the_min_tree_rebuilds_it():
+    replay = filled_replay()
+    state = replay.state_dict()
+    old = {k: v for k, v in state.items() if k not in ("min_tree", "max_loss")} | {"max_priority": 3.0}
+    restored = PrioritizedReplay(capacity=48, num_envs=4, obs_shape=(1,), n_step=3, gamma=0.9)
+    restored.load_state_dict(old)
+    np.testing.assert_array_equal(restored.min_tree.nodes, state["min_tree"])
+    assert restored.max_loss == 3.0
+    a, b = (r.sample(8, beta=0.4, rng=np.random.default_rng(0)) for r in (replay, restored))
+    np.testing.assert_array_equal(a["weights"], b["weights"])
 
 
 def test_noisy_layer_resampling():
