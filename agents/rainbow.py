@@ -2,7 +2,8 @@
 
 C51 distributional Q-learning over a fixed support z_1..z_51, with
   - a dueling head:            q(s, a) = V(s) + A(s, a) - mean_a A(s, a)   (per atom, then softmax)
-  - factorised noisy layers:   W = mu_W + sigma_W * (f(eps_out) f(eps_in)^T),  f(x) = sgn(x) sqrt|x|, sigma0 0.5
+  - factorised noisy layers:   W = mu_W + sigma_W * (f(eps_out) f(eps_in)^T),  f(x) = sgn(x) sqrt|x|, sigma0 0.5,
+                               in both heads and in the backbone's final 256-unit dense layer
   - double-Q:                  a* = argmax_a E_z[p_online(s', a)],  target p_target(s', a*)
   - 3-step returns:            T z_j = G_t^(n) + gamma^n z_j, projected onto the support
   - prioritised replay:        p_i = KL loss_i^0.5, IS exponent annealed 0.4 -> 1
@@ -14,6 +15,7 @@ With mixreg, each replay batch is mixed (agents.mixreg.mix_rainbow_batch) before
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -55,6 +57,7 @@ class RainbowConfig:
     v_min: float | None = None  # default: the game's support (SUPPORTS)
     v_max: float | None = None
     noisy_sigma0: float = 0.5
+    noisy_trunk: bool = True        # the backbone's final dense layer is noisy too, as in the paper's network
     priority_alpha: float = 0.5
     priority_beta_start: float = 0.4
     update_every: int = 64        # env steps per gradient update
@@ -105,17 +108,33 @@ class NoisyLinear(nn.Module):
 
 
 class RainbowNet(nn.Module):
-    """Backbone + dueling noisy C51 head; returns log-probabilities (N, A, atoms)."""
+    """Backbone + dueling noisy C51 head; returns log-probabilities (N, A, atoms).
 
-    def __init__(self, backbone: nn.Module, num_actions: int, num_atoms: int, sigma0: float):
+    With `noisy_trunk` the backbone's final dense layer (IMPALA's 256-unit `fc`) becomes a NoisyLinear,
+    as in the paper's anyrl network; `noise=False` runs every noisy layer as its mean (the mean network).
+    """
+
+    def __init__(self, backbone: nn.Module, num_actions: int, num_atoms: int, sigma0: float,
+                 noisy_trunk: bool = True):
         super().__init__()
         self.backbone, self.num_actions, self.num_atoms = backbone, num_actions, num_atoms
+        self.noisy_trunk = noisy_trunk and isinstance(getattr(backbone, "fc", None), nn.Linear) \
+            and hasattr(backbone, "flat_features")
+        if noisy_trunk and not self.noisy_trunk:
+            warnings.warn(f"{type(backbone).__name__} has no final dense layer to make noisy: only the heads are")
+        if self.noisy_trunk:
+            backbone.fc = NoisyLinear(backbone.fc.in_features, backbone.fc.out_features, sigma0)
         self.value = NoisyLinear(backbone.out_dim, num_atoms, sigma0)
         self.advantage = NoisyLinear(backbone.out_dim, num_actions * num_atoms, sigma0)
 
+    def features(self, x: torch.Tensor, noise: bool = True) -> torch.Tensor:
+        if self.noisy_trunk:
+            return F.relu(self.backbone.fc(self.backbone.flat_features(x), noise))
+        return self.backbone(x)
+
     def forward(self, obs: torch.Tensor, noise: bool = True) -> torch.Tensor:
         x = obs.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
-        features = self.backbone(x)
+        features = self.features(x, noise)
         with torch.autocast(device_type=features.device.type, enabled=False):
             features = features.float()
             value = self.value(features, noise).view(-1, 1, self.num_atoms)
@@ -123,8 +142,9 @@ class RainbowNet(nn.Module):
             return F.log_softmax(value + advantage - advantage.mean(1, keepdim=True), dim=2)
 
     def reset_noise(self) -> None:
-        self.value.reset_noise()
-        self.advantage.reset_noise()
+        for module in self.modules():
+            if isinstance(module, NoisyLinear):
+                module.reset_noise()
 
 
 def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discounts: torch.Tensor,
@@ -177,7 +197,7 @@ class Rainbow:
 
     def _build_net(self, env) -> RainbowNet:
         backbone = create_backbone(self.cfg.backbone, **self.cfg.backbone_kwargs)
-        return RainbowNet(backbone, env.num_actions, self.cfg.num_atoms, self.cfg.noisy_sigma0)
+        return RainbowNet(backbone, env.num_actions, self.cfg.num_atoms, self.cfg.noisy_sigma0, self.cfg.noisy_trunk)
 
     def _make_replay(self, env) -> PrioritizedReplay:
         need = PrioritizedReplay.bytes_needed(self.cfg.buffer_size, env.observation_shape)
@@ -298,6 +318,8 @@ class Rainbow:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if self.online.noisy_trunk and "backbone.fc.weight" in state["online"]:
+            state = self._with_noisy_trunk(state)
         self.online.load_state_dict(state["online"])
         self.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -306,3 +328,29 @@ class Rainbow:
         self.rng.bit_generator.state = state["rng"]
         if "replay" in state and self.replay is not None:
             self.replay.load_state_dict(state["replay"])
+
+    def _with_noisy_trunk(self, state: dict) -> dict:
+        """A checkpoint from before the trunk's dense layer was noisy: its weights become the layer's mean
+        and its sigma 0 (the same function), and Adam keeps its moments for every parameter it had."""
+        def noisy(net: dict) -> dict:
+            net = dict(net)
+            weight, bias = net.pop("backbone.fc.weight"), net.pop("backbone.fc.bias")
+            return net | {"backbone.fc.weight_mu": weight, "backbone.fc.bias_mu": bias,
+                          "backbone.fc.weight_sigma": torch.zeros_like(weight),
+                          "backbone.fc.bias_sigma": torch.zeros_like(bias),
+                          "backbone.fc.eps_in": torch.zeros(weight.shape[1]),
+                          "backbone.fc.eps_out": torch.zeros(weight.shape[0])}
+
+        def old_name(name: str) -> str | None:  # None: a sigma the plain layer did not have
+            if not name.startswith("backbone.fc."):
+                return name
+            return name.removesuffix("_mu") if name.endswith("_mu") else None
+
+        was = [old_name(name) for name, _ in self.online.named_parameters()]
+        position = {name: i for i, name in enumerate(name for name in was if name is not None)}
+        optimizer = state["optimizer"]
+        moments = {i: optimizer["state"][position[name]] for i, name in enumerate(was)
+                   if name is not None and position[name] in optimizer["state"]}
+        groups = [dict(optimizer["param_groups"][0], params=list(range(len(was))))]
+        return dict(state, online=noisy(state["online"]), target=noisy(state["target"]),
+                    optimizer={"state": moments, "param_groups": groups})

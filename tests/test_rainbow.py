@@ -221,6 +221,79 @@ def test_mixreg_rainbow_targets():
     assert "next_obs" not in mixed
 
 
+def tiny_agent(**overrides):
+    """A Rainbow on a stand-in env (5 actions, 64x64 frames) with a support that targets overshoot."""
+    from types import SimpleNamespace
+
+    from agents.rainbow import Rainbow, RainbowConfig
+    from workbench.runtime import Runtime
+
+    env = SimpleNamespace(env_name="stand-in", num_envs=2, num_actions=5, observation_shape=(64, 64, 3))
+    cfg = RainbowConfig(**{"num_envs": 2, "buffer_size": 64, "batch_size": 16, "num_atoms": 21, "v_min": -1.0,
+                           "v_max": 2.0, **overrides})
+    return Rainbow(env, cfg, Runtime.create("cpu", "fp32"))
+
+
+def random_batch(size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"obs": torch.randint(0, 256, (size, 64, 64, 3), generator=g, dtype=torch.uint8),
+            "next_obs": torch.randint(0, 256, (size, 64, 64, 3), generator=g, dtype=torch.uint8),
+            "actions": torch.randint(0, 5, (size,), generator=g), "returns": torch.rand(size, generator=g) * 2.5,
+            "discounts": torch.where(torch.arange(size) % 2 == 0, 0.0, 0.99**3),  # every other one ended
+            "weights": torch.ones(size), "index": torch.arange(size) * 3 + 1}
+
+
+def test_the_trunk_dense_layer_is_noisy():
+    import torch.nn.functional as F
+
+    from agents.rainbow import RainbowNet
+    from workbench.backbones import create_backbone
+
+    torch.manual_seed(0)
+    net = RainbowNet(create_backbone("impala_1x"), num_actions=5, num_atoms=11, sigma0=0.5)
+    fc = net.backbone.fc
+    assert isinstance(fc, NoisyLinear) and (fc.in_features, fc.out_features) == (32 * 8 * 8, 256)
+    obs = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        before = net(obs)
+        fc.reset_noise()  # the trunk's noise alone: the heads keep theirs
+        assert not torch.allclose(net(obs), before)
+        # the mean network by hand: relu(W_mu x + b_mu) on the flattened conv output, into the heads' means
+        x = torch.flatten(F.relu(net.backbone.stages(obs.permute(0, 3, 1, 2).float() / 255)), 1)
+        h = F.relu(x @ fc.weight_mu.T + fc.bias_mu)
+        v = (h @ net.value.weight_mu.T + net.value.bias_mu)[:, None]
+        a = (h @ net.advantage.weight_mu.T + net.advantage.bias_mu).view(3, 5, 11)
+        torch.testing.assert_close(net(obs, noise=False), F.log_softmax(v + a - a.mean(1, keepdim=True), 2))
+    eps = fc.eps_in.clone()
+    net.reset_noise()
+    assert not torch.equal(fc.eps_in, eps), "the net's fresh noise includes the trunk's"
+
+
+def test_a_checkpoint_from_before_the_noisy_trunk_loads_as_the_same_function():
+    torch.manual_seed(0)
+    old = tiny_agent(noisy_trunk=False)
+    assert isinstance(old.online.backbone.fc, torch.nn.Linear)
+    batch = random_batch(8)
+    per_sample, _, _ = old.loss(dict(batch))
+    per_sample.mean().backward()
+    old.optimizer.step()
+    new = tiny_agent()
+    new.load_state_dict(old.state_dict())
+    fc = new.online.backbone.fc
+    assert isinstance(fc, NoisyLinear) and not fc.weight_sigma.any()
+    with torch.no_grad():
+        for noise in (True, False):
+            torch.testing.assert_close(new.online(batch["obs"], noise), old.online(batch["obs"], noise))
+    for param, old_param in ((fc.weight_mu, old.online.backbone.fc.weight),
+                             (new.online.value.weight_sigma, old.online.value.weight_sigma)):
+        assert torch.equal(new.optimizer.state[param]["exp_avg"], old.optimizer.state[old_param]["exp_avg"])
+    new.online.reset_noise()
+    per_sample, _, _ = new.loss(dict(batch))
+    per_sample.mean().backward()
+    new.optimizer.step()
+    assert fc.weight_sigma.any(), "the trunk's noise scale learns from 0"
+
+
 RAINBOW_TINY = ["--algo", "rainbow", "--env", "bigfish", "--num-envs", "4", "--buffer-size", "4000",
                 "--warmup-steps", "128", "--batch-size", "64", "--eval-episodes", "2", "--eval-interval", "2",
                 "--no-progress",

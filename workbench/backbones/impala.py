@@ -2,7 +2,7 @@
 
 Per stage: conv3x3 -> maxpool 3x3/2 -> two residual blocks
 (relu, conv3x3, relu, conv3x3, + skip). After the stages: relu, flatten,
-linear to 256, relu. Widths: 1x [16,32,32], 2x [32,64,64], 4x [64,128,128].
+linear to 256 (`fc`), relu. Widths: 1x [16,32,32], 2x [32,64,64], 4x [64,128,128].
 `batch_norm=True` puts BatchNorm after every convolution (the mixreg paper's
 batch-norm baseline); `coord_attention=True` (the `impala_*_ca` variants) applies coordinate
 attention to each residual branch before the skip addition. Inputs are float images in [0, 1].
@@ -72,9 +72,13 @@ class ImpalaCNN(nn.Module):
                 nn.init.orthogonal_(m.weight, gain=nn.init.calculate_gain("relu"))
                 nn.init.zeros_(m.bias)
 
+    def flat_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of the final dense layer `fc`: the last stage's output, relu'd and flattened.
+        Lets a head swap `fc` for a layer of its own (Rainbow's noisy one) and call it itself."""
+        return torch.flatten(F.relu(self.stages(x)), 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.stages(x))
-        return F.relu(self.fc(torch.flatten(x, 1)))
+        return F.relu(self.fc(self.flat_features(x)))
 
 
 WIDTHS = {"1x": (16, 32, 32), "2x": (32, 64, 64), "4x": (64, 128, 128)}
