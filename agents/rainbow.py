@@ -6,8 +6,10 @@ C51 distributional Q-learning over a fixed support z_1..z_51, with
                                in both heads and in the backbone's final 256-unit dense layer
   - double-Q:                  a* = argmax_a E_z[p_online(s', a)],  target p_target(s', a*)
   - 3-step returns:            T z_j = G_t^(n) + gamma^n z_j, projected onto the support
-  - prioritised replay:        p_i = KL loss_i^0.5, IS exponent annealed 0.4 -> 1
+  - the loss:                  KL(projected target || p_online(s, a)), importance-weighted
+  - prioritised replay:        p_i = (KL_i + 0.1)^0.5, IS exponent 0.4 (constant), weights over the largest possible
   - a target network copied every 8192 env steps, updates once per 64 env steps after 20k warm-up steps.
+These are the mixreg paper's settings (its code builds Rainbow on the anyrl library).
 
 With mixreg, each replay batch is mixed (agents.mixreg.mix_rainbow_batch) before the loss.
 """
@@ -59,7 +61,9 @@ class RainbowConfig:
     noisy_sigma0: float = 0.5
     noisy_trunk: bool = True        # the backbone's final dense layer is noisy too, as in the paper's network
     priority_alpha: float = 0.5
-    priority_beta_start: float = 0.4
+    priority_eps: float = 0.1       # added to the KL loss before the exponent
+    priority_beta: float = 0.4      # importance-sampling exponent, constant in the paper's anyrl code
+    priority_beta_anneal: bool = False  # anneal beta to 1 over total_steps instead (Schaul et al., Hessel et al.)
     update_every: int = 64        # env steps per gradient update
     target_update: int = 8192     # env steps between target-network copies
     warmup_steps: int = 20_000
@@ -69,7 +73,7 @@ class RainbowConfig:
     backbone_kwargs: dict = field(default_factory=dict)
     mixreg: bool = False
     mix_alpha: float = DEFAULT_MIX_ALPHA
-    total_steps: int = 25_000_000  # horizon of the importance-sampling anneal; set by the trainer
+    total_steps: int = 25_000_000  # horizon of the optional importance-sampling anneal; set by the trainer
     save_replay: bool = False
     l2_coef: float = 0.0
 
@@ -208,7 +212,7 @@ class Rainbow:
             raise MemoryError(f"a replay of {self.cfg.buffer_size:,} transitions needs {need / 2**30:.1f} GiB but only "
                               f"{free / 2**30:.1f} GiB is available: lower --buffer-size")
         return PrioritizedReplay(self.cfg.buffer_size, env.num_envs, env.observation_shape, self.cfg.n_step,
-                                 self.cfg.gamma, self.cfg.priority_alpha)
+                                 self.cfg.gamma, self.cfg.priority_alpha, self.cfg.priority_eps)
 
     @property
     def learning_rate(self) -> float:
@@ -230,14 +234,17 @@ class Rainbow:
 
     # ---------------------------------------------------------------- learning
     def importance_beta(self) -> float:
+        if not self.cfg.priority_beta_anneal:
+            return self.cfg.priority_beta
         frac = min(1.0, self.env_steps / max(1, self.cfg.total_steps))
-        return self.cfg.priority_beta_start + frac * (1.0 - self.cfg.priority_beta_start)
+        return self.cfg.priority_beta + frac * (1.0 - self.cfg.priority_beta)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-sample cross-entropy between projected target and online distributions (mixreg optional).
+        """Per-sample KL divergence from the projected target to the online distribution (mixreg optional).
 
-        Returns (loss per sample, importance weights, replay index), all in the order of the
-        samples the loss was computed on: with mixreg, the dominant samples'."""
+        KL = cross-entropy - H(target): the cross-entropy's gradient, and the paper's priority (0 for a
+        perfect fit). Returns (loss per sample, importance weights, replay index), all in the order of
+        the samples the loss was computed on: with mixreg, the dominant samples'."""
         cfg = self.cfg
         with torch.no_grad():
             with self.rt.autocast():
@@ -252,7 +259,7 @@ class Rainbow:
         with self.rt.autocast():
             log_probs = self.forward(batch["obs"])
         chosen = log_probs.float()[torch.arange(len(target)), batch["actions"]]
-        per_sample = -(target * chosen).sum(1)
+        per_sample = (torch.xlogy(target, target) - target * chosen).sum(1)
         return per_sample, batch["weights"], batch["index"]
 
     def update(self) -> dict[str, float]:

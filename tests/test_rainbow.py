@@ -243,6 +243,43 @@ def random_batch(size: int, seed: int = 0) -> dict[str, torch.Tensor]:
             "weights": torch.ones(size), "index": torch.arange(size) * 3 + 1}
 
 
+def losses_by_hand(agent, batch) -> np.ndarray:
+    """KL(target || online) one sample at a time, in float64, from the networks' outputs."""
+    with torch.no_grad():
+        next_online = agent.online(batch["next_obs"]).exp().double().numpy()
+        next_target = agent.target(batch["next_obs"]).exp().double().numpy()
+    z = agent.support.double().numpy()
+    best = [int(np.argmax(next_online[i] @ z)) for i in range(len(next_online))]
+    returns, discounts = batch["returns"].double().numpy(), batch["discounts"].double().numpy()
+    losses = []
+    for i in range(len(best)):
+        target = triangle_projection(next_target[i, best[i]][None], returns[i:i + 1], discounts[i:i + 1], z)[0]
+        with torch.no_grad():
+            log_p = agent.online(batch["obs"][i:i + 1])[0, batch["actions"][i]].double().numpy()
+        positive = target > 0
+        losses.append(np.sum(target[positive] * (np.log(target[positive]) - log_p[positive])))
+    return np.array(losses)
+
+
+def test_rainbow_loss_is_the_kl_divergence_to_the_projected_target():
+    torch.manual_seed(0)
+    agent = tiny_agent()
+    batch = random_batch(8)
+    per_sample, weights, index = agent.loss(dict(batch))
+    expected = losses_by_hand(agent, batch)
+    np.testing.assert_allclose(per_sample.detach().double().numpy(), expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(index, batch["index"]) and torch.equal(weights, batch["weights"])
+
+
+def test_importance_exponent_is_the_papers_constant():
+    agent = tiny_agent(total_steps=1000)
+    agent.env_steps = 500
+    assert agent.importance_beta() == 0.4 and agent.replay.eps == 0.1
+    annealed = tiny_agent(total_steps=1000, priority_beta_anneal=True)
+    annealed.env_steps = 500
+    assert annealed.importance_beta() == pytest.approx(0.4 + 0.5 * 0.6)
+
+
 def test_the_trunk_dense_layer_is_noisy():
     import torch.nn.functional as F
 
