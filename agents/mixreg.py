@@ -76,13 +76,19 @@ def mix_ppo_minibatch(batch: dict[str, torch.Tensor], alpha: float = DEFAULT_ALP
     return mix_batch(batch, PPO_MIXED_KEYS, PPO_TAKEN_KEYS, alpha)
 
 
-# Rainbow: observations, the target network's next-state distributions (all atoms) and the n-step
-# returns are interpolated; the action, the discount (done), the replay index for the priority
-# update and its importance weight come from the dominant sample.
-RAINBOW_MIXED_KEYS = ("obs", "next_probs", "returns")
-RAINBOW_TAKEN_KEYS = ("actions", "discounts", "index", "weights")
+# Rainbow: observations are interpolated and, with the same weight, the targets. How (`targets`):
+#   "paper"      the paper's code: the target network's next-state distributions of every action and the n-step
+#                returns are interpolated; the double-Q next action and the discount come from the dominant
+#                sample, and the loss projects the mixed distribution once (agents.rainbow.Rainbow.loss);
+#   "projected"  each sample's projected target distribution ("target") is interpolated.
+# Either way the action, the replay index for the priority update and its importance weight come from
+# the dominant sample.
+MIXREG_TARGETS = ("paper", "projected")
+RAINBOW_MIXED_KEYS = {"paper": ("obs", "next_dists", "returns"), "projected": ("obs", "target")}
+RAINBOW_TAKEN_KEYS = {"paper": ("actions", "next_actions", "discounts", "index", "weights"),
+                      "projected": ("actions", "index", "weights")}
 
 
-def mix_rainbow_batch(batch: dict[str, torch.Tensor], alpha: float = DEFAULT_ALPHA):
-    """mixreg for a Rainbow replay batch; the categorical projection runs on the mixed targets."""
-    return mix_batch(batch, RAINBOW_MIXED_KEYS, RAINBOW_TAKEN_KEYS, alpha)
+def mix_rainbow_batch(batch: dict[str, torch.Tensor], alpha: float = DEFAULT_ALPHA, targets: str = "paper"):
+    """mixreg for a Rainbow replay batch, its targets mixed as `targets` says (see above)."""
+    return mix_batch(batch, RAINBOW_MIXED_KEYS[targets], RAINBOW_TAKEN_KEYS[targets], alpha)

@@ -11,7 +11,7 @@ C51 distributional Q-learning over a fixed support z_1..z_51, with
   - a target network copied every 8192 env steps, updates once per 64 env steps after 20k warm-up steps.
 These are the mixreg paper's settings (its code builds Rainbow on the anyrl library).
 
-With mixreg, each replay batch is mixed (agents.mixreg.mix_rainbow_batch) before the loss.
+With mixreg, each replay batch is mixed (agents.mixreg.mix_rainbow_batch) before the loss; see Rainbow.loss.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from envs.procgen import SCORE_RANGES
 from workbench.backbones import create_backbone
 from workbench.runtime import Runtime, available_memory_bytes
 
-from .mixreg import DEFAULT_ALPHA as DEFAULT_MIX_ALPHA, mix_rainbow_batch
+from .mixreg import DEFAULT_ALPHA as DEFAULT_MIX_ALPHA, MIXREG_TARGETS, mix_rainbow_batch
 from .regularizers import l2_penalty
 from .replay import PrioritizedReplay, to_torch
 
@@ -73,9 +73,14 @@ class RainbowConfig:
     backbone_kwargs: dict = field(default_factory=dict)
     mixreg: bool = False
     mix_alpha: float = DEFAULT_MIX_ALPHA
+    mixreg_targets: str = "paper"  # or "projected": how mixreg mixes the targets, see Rainbow.loss
     total_steps: int = 25_000_000  # horizon of the optional importance-sampling anneal; set by the trainer
     save_replay: bool = False
     l2_coef: float = 0.0
+
+    def __post_init__(self):
+        if self.mixreg_targets not in MIXREG_TARGETS:
+            raise ValueError(f"mixreg_targets must be one of {MIXREG_TARGETS}, not {self.mixreg_targets!r}")
 
 
 class NoisyLinear(nn.Module):
@@ -244,23 +249,43 @@ class Rainbow:
 
         KL = cross-entropy - H(target): the cross-entropy's gradient, and the paper's priority (0 for a
         perfect fit). Returns (loss per sample, importance weights, replay index), all in the order of
-        the samples the loss was computed on: with mixreg, the dominant samples'."""
+        the samples the loss was computed on: with mixreg, the dominant samples'.
+
+        mixreg mixes the targets as `cfg.mixreg_targets` says:
+          "paper"      as the paper's code does: mix the target network's next-state distributions of every
+                       action and the n-step returns, then project once at the dominant sample's double-Q
+                       action with its discount. A terminal sample's next-state distribution is uniform
+                       (anyrl's placeholder), so a terminal partner mixes (1 - lam) of a uniform distribution
+                       into what the dominant's discount carries forward, and its return into the returns.
+          "projected"  project each sample's own target (its action, return, discount) and mix the projected
+                       distributions: a convex combination of two Bellman targets; a terminal partner
+                       contributes its return alone.
+        """
         cfg = self.cfg
         with torch.no_grad():
             with self.rt.autocast():
                 next_online = self.online(batch["next_obs"])
                 next_target = self.target(batch["next_obs"])
-            best = self.expected_q(next_online.float()).argmax(1)
-            batch["next_probs"] = next_target.float().exp()[torch.arange(len(best)), best]
+            batch["next_actions"] = self.expected_q(next_online.float()).argmax(1)
+            next_dists = next_target.float().exp()
+            next_dists[batch["discounts"] == 0] = 1.0 / cfg.num_atoms  # the episode ended within the n steps
+            batch["next_dists"] = next_dists
         if cfg.mixreg:
-            batch, _ = mix_rainbow_batch(batch, cfg.mix_alpha)
-        with torch.no_grad():
-            target = project_distribution(batch["next_probs"], batch["returns"], batch["discounts"], self.support)
+            if cfg.mixreg_targets == "projected":
+                batch["target"] = self.projected_target(batch)
+            batch, _ = mix_rainbow_batch(batch, cfg.mix_alpha, cfg.mixreg_targets)
+        target = batch["target"] if "target" in batch else self.projected_target(batch)
         with self.rt.autocast():
             log_probs = self.forward(batch["obs"])
         chosen = log_probs.float()[torch.arange(len(target)), batch["actions"]]
         per_sample = (torch.xlogy(target, target) - target * chosen).sum(1)
         return per_sample, batch["weights"], batch["index"]
+
+    @torch.no_grad()
+    def projected_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Phi(G + discount * z) of the target network's next-state distribution at the double-Q action."""
+        next_probs = batch["next_dists"][torch.arange(len(batch["next_actions"])), batch["next_actions"]]
+        return project_distribution(next_probs, batch["returns"], batch["discounts"], self.support)
 
     def update(self) -> dict[str, float]:
         sample = self.replay.sample(self.cfg.batch_size, self.importance_beta(), self.rng)

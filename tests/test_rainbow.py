@@ -200,25 +200,29 @@ def test_noisy_layer_resampling():
     assert torch.allclose(layer(x, noise=False), x @ layer.weight_mu.T + layer.bias_mu), "the mean network"
 
 
-def test_mixreg_rainbow_targets():
+def test_mixreg_rainbow_batch_mixes_the_targets():
     g = torch.Generator().manual_seed(0)
     b = 128
     batch = {"obs": torch.randint(0, 256, (b, 4, 4, 3), generator=g, dtype=torch.uint8),
-             "next_probs": torch.softmax(torch.randn(b, 51, generator=g), 1),
+             "next_dists": torch.softmax(torch.randn(b, 15, 51, generator=g), 2),
+             "target": torch.softmax(torch.randn(b, 51, generator=g), 1),
              "returns": torch.randn(b, generator=g), "actions": torch.randint(0, 15, (b,), generator=g),
+             "next_actions": torch.randint(0, 15, (b,), generator=g),
              "discounts": torch.rand(b, generator=g), "index": torch.arange(b) * 7,
              "weights": torch.rand(b, generator=g), "next_obs": torch.zeros(b, 4, 4, 3, dtype=torch.uint8)}
-    mixed, idx = mix_rainbow_batch(batch, alpha=0.2)
-    assert (idx.lam >= 0.5).all()
-    for key in ("actions", "discounts", "index", "weights"):
-        assert torch.equal(mixed[key], batch[key][idx.dominant]), key
-    lam = idx.lam[:, None]
-    torch.testing.assert_close(mixed["next_probs"],
-                               lam * batch["next_probs"][idx.dominant] + (1 - lam) * batch["next_probs"][idx.other])
-    torch.testing.assert_close(mixed["next_probs"].sum(1), torch.ones(b))
-    torch.testing.assert_close(mixed["returns"], idx.lam * batch["returns"][idx.dominant]
-                               + (1 - idx.lam) * batch["returns"][idx.other])
-    assert "next_obs" not in mixed
+    for targets, mixed_keys, taken_keys in (
+            ("paper", ("next_dists", "returns"), ("actions", "next_actions", "discounts", "index", "weights")),
+            ("projected", ("target",), ("actions", "index", "weights"))):
+        mixed, idx = mix_rainbow_batch(batch, alpha=0.2, targets=targets)
+        assert (idx.lam >= 0.5).all()
+        assert set(mixed) == {"obs", *mixed_keys, *taken_keys}, targets
+        for key in taken_keys:
+            assert torch.equal(mixed[key], batch[key][idx.dominant]), key
+        for key in mixed_keys:
+            lam = idx.lam.view(-1, *[1] * (batch[key].dim() - 1))
+            torch.testing.assert_close(mixed[key], lam * batch[key][idx.dominant] + (1 - lam) * batch[key][idx.other])
+        if targets == "paper":
+            torch.testing.assert_close(mixed["next_dists"].sum(2), torch.ones(b, 15))
 
 
 def tiny_agent(**overrides):
@@ -243,19 +247,39 @@ def random_batch(size: int, seed: int = 0) -> dict[str, torch.Tensor]:
             "weights": torch.ones(size), "index": torch.arange(size) * 3 + 1}
 
 
-def losses_by_hand(agent, batch) -> np.ndarray:
-    """KL(target || online) one sample at a time, in float64, from the networks' outputs."""
+def losses_by_hand(agent, batch, mix=None, targets="paper") -> np.ndarray:
+    """KL(target || online) one sample at a time, in float64, from the networks' outputs. An episode end's
+    next-state distribution is uniform (anyrl's placeholder), so a terminal partner adds a uniform one."""
     with torch.no_grad():
         next_online = agent.online(batch["next_obs"]).exp().double().numpy()
         next_target = agent.target(batch["next_obs"]).exp().double().numpy()
     z = agent.support.double().numpy()
+    atoms = len(z)
     best = [int(np.argmax(next_online[i] @ z)) for i in range(len(next_online))]
     returns, discounts = batch["returns"].double().numpy(), batch["discounts"].double().numpy()
+
+    def next_dist(i, action):
+        return np.full(atoms, 1 / atoms) if discounts[i] == 0 else next_target[i, action]
+
+    def own_target(i):
+        return triangle_projection(next_dist(i, best[i])[None], returns[i:i + 1], discounts[i:i + 1], z)[0]
+
     losses = []
     for i in range(len(best)):
-        target = triangle_projection(next_target[i, best[i]][None], returns[i:i + 1], discounts[i:i + 1], z)[0]
+        if mix is None:
+            target, obs, action = own_target(i), batch["obs"][i].float(), batch["actions"][i]
+        else:
+            lam, d, o = mix.lam[i].item(), mix.dominant[i].item(), mix.other[i].item()
+            if targets == "paper":  # mix the distributions at the dominant's action, then project once
+                dist = lam * next_dist(d, best[d]) + (1 - lam) * next_dist(o, best[d])
+                ret = lam * returns[d] + (1 - lam) * returns[o]
+                target = triangle_projection(dist[None], [ret], discounts[d:d + 1], z)[0]
+            else:
+                target = lam * own_target(d) + (1 - lam) * own_target(o)
+            obs = mix.lam[i] * batch["obs"][d].float() + (1 - mix.lam[i]) * batch["obs"][o].float()
+            action = batch["actions"][d]
         with torch.no_grad():
-            log_p = agent.online(batch["obs"][i:i + 1])[0, batch["actions"][i]].double().numpy()
+            log_p = agent.online(obs[None])[0, action].double().numpy()
         positive = target > 0
         losses.append(np.sum(target[positive] * (np.log(target[positive]) - log_p[positive])))
     return np.array(losses)
@@ -269,6 +293,25 @@ def test_rainbow_loss_is_the_kl_divergence_to_the_projected_target():
     expected = losses_by_hand(agent, batch)
     np.testing.assert_allclose(per_sample.detach().double().numpy(), expected, rtol=1e-4, atol=1e-5)
     assert torch.equal(index, batch["index"]) and torch.equal(weights, batch["weights"])
+
+
+@pytest.mark.parametrize("targets", ["paper", "projected"])
+def test_mixreg_rainbow_targets_by_hand(targets):
+    """The mixed loss against a per-sample computation, including rows whose partner's episode ended."""
+    from agents.mixreg import draw_mix
+
+    torch.manual_seed(0)
+    agent = tiny_agent(mixreg=True, mixreg_targets=targets)
+    batch = random_batch(16)
+    torch.manual_seed(11)
+    per_sample, _, index = agent.loss(dict(batch))
+    torch.manual_seed(11)
+    mix = draw_mix(16, agent.cfg.mix_alpha)  # the same draws loss() made
+    ended = batch["discounts"] == 0
+    assert (ended[mix.other] & ~ended[mix.dominant] & (mix.lam < 0.99)).any(), "a terminal partner, mixed in"
+    np.testing.assert_allclose(per_sample.detach().double().numpy(), losses_by_hand(agent, batch, mix, targets),
+                               rtol=1e-4, atol=1e-5)
+    assert torch.equal(index, batch["index"][mix.dominant])
 
 
 def test_importance_exponent_is_the_papers_constant():
