@@ -8,8 +8,9 @@ unlabelled target data with
 
 where y_hat are cosine k-means pseudo-labels recomputed at the start of every epoch
 (adaptation.cluster). SHOT++ adds rotation self-supervision to the same loop (a linear head
-on [B(F(x)); B(F(rot x))], first fitted with F and B frozen, then weighted into L), and a
-final labeling-transfer stage trained with MixMatch (adaptation.mixmatch).
+on [B(F(x)); B(F(rot x))], first fitted with F and B frozen, then weighted into L;
+adaptation.rotation), and a final labeling-transfer stage trained with MixMatch
+(adaptation.mixmatch).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from workbench.checkpoint import save_checkpoint
@@ -31,7 +31,8 @@ from workbench.runtime import Runtime, seed_everything
 
 from .cluster import shot_pseudo_labels
 from .evaluate import builtin_test_split, load_model, load_target
-from .losses import information_maximization, rotate_batch
+from .losses import information_maximization
+from .rotation import KEEP_CHOICES, RotationHead, pretrain_rotation_head, rotation_loss
 from .training import (accuracy, confusion_matrix, make_loader, per_class_accuracy, predict, set_shot_lr,
                        shot_optimizer)
 
@@ -58,6 +59,9 @@ class AdaptConfig:
     backbone_lr_mult: float | None = None
     rotation_weight: float | None = None
     rotation_epochs: int = 5         # SHOT++: fit the rotation head with F, B frozen
+    # "best": the head with the best rotation accuracy (the official intent); "last" is what the official code
+    # ends up with, its un-copied state_dict() following the live weights
+    rotation_keep: str = "best"
     transfer_epochs: int = 10        # SHOT++: labeling transfer with MixMatch
     mix_alpha: float | None = None
     cluster_backend: str = "auto"
@@ -71,6 +75,8 @@ class AdaptConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.rotation_keep not in KEEP_CHOICES:
+            raise ValueError(f"unknown rotation_keep {self.rotation_keep!r}: choose one of {', '.join(KEEP_CHOICES)}")
 
     def resolved(self, style: str) -> "AdaptConfig":
         """Fill unset hyperparameters with the paper's values for this kind of data."""
@@ -78,22 +84,6 @@ class AdaptConfig:
         if self.method == "shot-im":
             values["beta"] = 0.0
         return dataclasses.replace(self, **values)
-
-
-class RotationHead(nn.Module):
-    """Predicts which of 4 rotations relates x and rot(x) from [B(F(x)); B(F(rot x))]."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.fc = nn.Linear(2 * dim, 4)
-
-    def forward(self, feat: torch.Tensor, feat_rot: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.cat([feat, feat_rot], dim=1))
-
-
-def rotation_loss(model, head: RotationHead, images: torch.Tensor) -> torch.Tensor:
-    rotated, turns = rotate_batch(images)
-    return F.cross_entropy(head(model.embed(images), model.embed(rotated)), turns)
 
 
 class ShotAdapter:
@@ -153,32 +143,16 @@ class ShotAdapter:
                                     dataformats="HWC")
 
     # ------------------------------------------------------------ the shared loop
-    def _fit_rotation_head(self, logger: RunLogger) -> None:
-        """SHOT++ step 1: the rotation head alone, with F and B frozen."""
-        opt = torch.optim.SGD(self.rotation_head.parameters(), lr=self.cfg.lr, momentum=0.9, nesterov=True,
-                              weight_decay=self.cfg.weight_decay)
-        self.model.eval()
-        for epoch in range(self.cfg.rotation_epochs):
-            total = 0.0
-            for images, _, _ in self.loader:
-                images = self.rt.images(images)
-                with torch.no_grad():
-                    rotated, turns = rotate_batch(images)
-                    feats, feats_rot = self.model.embed(images), self.model.embed(rotated)
-                loss = F.cross_entropy(self.rotation_head(feats, feats_rot), turns)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item()
-            logger.scalars("rotation", {"pretrain_loss": total / len(self.loader)}, epoch)
-
     def adapt(self, logger: RunLogger, latest: dict) -> dict:
         """The shared loop; `latest` is an evaluation of the current model (features and softmax
         over the whole target), which seeds each epoch's pseudo-labels."""
         cfg, model = self.cfg, self.model
         groups = [(model.backbone, cfg.backbone_lr_mult), (model.bottleneck, 1.0)]
-        if self.rotation_head is not None:
-            self._fit_rotation_head(logger)
+        out = {}
+        if self.rotation_head is not None:  # SHOT++ step 1: the rotation head alone, F and B frozen
+            out["rotation_pretrain"] = pretrain_rotation_head(
+                model, self.rotation_head, self.loader, self.rt, cfg.rotation_epochs, cfg.lr, cfg.weight_decay,
+                logger, keep=cfg.rotation_keep)
             groups.append((self.rotation_head, 1.0))
         optimizer = shot_optimizer(groups, cfg.lr, cfg.weight_decay)
         total_iters, step = cfg.epochs * len(self.loader), 0
@@ -217,7 +191,7 @@ class ShotAdapter:
             latest = self.evaluate()
             self._log_evaluation(logger, latest, epoch)
             history.append(latest.get("accuracy"))
-        return {"accuracy_per_epoch": history}
+        return {"accuracy_per_epoch": history, **out}
 
     # ------------------------------------------------------------ outputs
     def save(self, result: dict, metrics: dict) -> None:

@@ -1,5 +1,6 @@
 """SHOT pieces against independent computations, and an end-to-end source -> adapt run."""
 
+import copy
 import json
 import math
 
@@ -131,6 +132,71 @@ def test_classifier_starts_from_the_default_linear_init_as_the_official_code_doe
 def test_sharpen():
     p = torch.tensor([[0.6, 0.4]])
     torch.testing.assert_close(sharpen(p, 0.5), torch.tensor([[0.36 / 0.52, 0.16 / 0.52]]))
+
+
+class _TinyModel(torch.nn.Module):
+    """embed = a linear map of the flattened image; enough to follow gradients exactly."""
+
+    def __init__(self, size=4, dim=3):
+        super().__init__()
+        self.lin = torch.nn.Linear(3 * size * size, dim)
+
+    def embed(self, x):
+        return self.lin(x.flatten(1))
+
+
+def test_rotation_loss_detaches_the_unrotated_features():
+    from adaptation.losses import rotate_batch
+    from adaptation.rotation import RotationHead, rotation_loss
+
+    torch.manual_seed(0)
+    model, head = _TinyModel(), RotationHead(3)
+    images = torch.randn(8, 3, 4, 4)
+
+    def grad_of(loss_fn):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same random rotations every time
+        loss_fn().backward()
+        return model.lin.weight.grad.clone()
+
+    def by_hand(detach):
+        rotated, turns = rotate_batch(images)
+        feat = model.embed(images)
+        feat = feat.detach() if detach else feat
+        return torch.nn.functional.cross_entropy(head(feat, model.embed(rotated)), turns)
+
+    got = grad_of(lambda: rotation_loss(model, head, images))
+    torch.testing.assert_close(got, grad_of(lambda: by_hand(detach=True)))
+    assert not torch.allclose(got, grad_of(lambda: by_hand(detach=False)))
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_rotation_pretraining_schedule_checks_and_kept_head(monkeypatch, keep):
+    import adaptation.rotation as rotation
+    from adaptation.model import ShotModel
+    from adaptation.training import set_shot_lr
+    from workbench.runtime import Runtime
+
+    torch.manual_seed(0)
+    model = ShotModel("lenet", 10)
+    head = rotation.RotationHead(256)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = torch.utils.data.TensorDataset(torch.randn(40, 3, 32, 32), torch.zeros(40, dtype=torch.long),
+                                          torch.arange(40))
+    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)   # 5 batches, 4 epochs: 20 iterations
+    scripted = iter([10.0, 20.0, 70.0, 30.0, 70.0, 40.0, 50.0, 60.0, 65.0, 20.0])
+    heads, progress = [], []
+    monkeypatch.setattr(rotation, "rotation_accuracy",
+                        lambda *a: heads.append(copy.deepcopy(head.state_dict())) or next(scripted))
+    monkeypatch.setattr(rotation, "set_shot_lr", lambda opt, lr, p: progress.append(p) or set_shot_lr(opt, lr, p))
+    out = rotation.pretrain_rotation_head(model, head, loader, Runtime.create("cpu", "fp32"), epochs=4, lr=0.01,
+                                          weight_decay=1e-3, keep=keep)
+    assert progress == pytest.approx([k / 20 for k in range(1, 21)])   # lr0 (1 + 10 p)^-0.75 from the first step
+    assert len(out["checks"]) == 10                                     # every tenth of the iterations
+    kept = heads[2] if keep == "best" else heads[-1]                    # the first of the two 70% heads
+    assert all(torch.equal(v, kept[k]) for k, v in head.state_dict().items())
+    assert out["accuracy"] == (70.0 if keep == "best" else 20.0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "F and B stay frozen"
 
 
 @pytest.fixture(scope="module")
