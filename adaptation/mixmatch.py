@@ -1,8 +1,9 @@
 """SHOT++ labeling transfer: trust the confident half of the target, learn the rest with MixMatch.
 
 1. Split: with entropies H(p_i) of the adapted model's predictions, let r be the fraction of
-   target samples whose entropy is below the mean. Within every predicted class, the r
-   lowest-entropy samples become labelled (by their prediction); the others unlabelled.
+   target samples whose entropy is below the mean. Within every predicted class of n members, the
+   int(r n) (rounded down) lowest-entropy samples become labelled (by their prediction); the
+   others unlabelled.
 2. MixMatch (Berthelot et al. 2019): for unlabelled x, guess q = sharpen(mean of the model's
    predictions on two augmented views, T = 0.5); mix all (input, target) pairs with
    lam ~ Beta(alpha, alpha), lam = max(lam, 1 - lam); train on
@@ -29,12 +30,12 @@ def split_by_entropy(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (labelled, unlabelled) by the per-class entropy rule above."""
     ent = entropy(probs)
     pred = probs.argmax(1)
-    fraction = float((ent < ent.mean()).float().mean())
+    fraction = int((ent < ent.mean()).sum()) / len(ent)
     labelled = []
     for k in pred.unique():
         members = (pred == k).nonzero().squeeze(1)
-        keep = int(round(fraction * len(members)))
-        labelled.append(members[ent[members].argsort()[:keep]])
+        keep = int(len(members) * fraction)  # rounded down, as the official int(c_num * PS)
+        labelled.append(members[ent[members].argsort(stable=True)[:keep]])
     labelled = torch.cat(labelled).sort().values if labelled else torch.zeros(0, dtype=torch.long)
     mask = torch.ones(len(probs), dtype=torch.bool)
     mask[labelled] = False

@@ -134,6 +134,18 @@ def test_sharpen():
     torch.testing.assert_close(sharpen(p, 0.5), torch.tensor([[0.36 / 0.52, 0.16 / 0.52]]))
 
 
+def test_shotpp_split_rounds_per_class_counts_down():
+    # 10 samples, 8 below the mean entropy (fraction 0.8): class 0 has 2 members -> int(1.6) = 1 labelled (not 2),
+    # class 1 has 8 -> int(6.4) = 6 (official: c_num_s = int(c_num * PS))
+    confident, unsure = [0.999, 0.001], [0.4, 0.6]
+    rows = [confident] * 2 + [confident[::-1]] * 6 + [unsure] * 2
+    # nudged apart so that no entropies tie: sample 1 is a little more confident than sample 0
+    probs = torch.tensor(rows) + torch.linspace(0, 1e-4, 10)[:, None] * torch.tensor([1.0, -1.0])
+    labelled, unlabelled = split_by_entropy(probs)
+    assert labelled.tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert unlabelled.tolist() == [0, 8, 9]
+
+
 class _TinyModel(torch.nn.Module):
     """embed = a linear map of the flattened image; enough to follow gradients exactly."""
 
