@@ -84,8 +84,10 @@ def train_source_main(argv=None) -> int:
     return 0
 
 
-def adapt_main(argv=None) -> int:
-    from .shot import METHODS, AdaptConfig, ShotAdapter
+def adapt_config(argv=None):
+    """The AdaptConfig of an `adapt` command line; options left out take the benchmark's official value."""
+    from .shot import BENCHMARKS, METHODS, AdaptConfig
+    from .rotation import KEEP_CHOICES
 
     d = AdaptConfig()
     p = argparse.ArgumentParser(prog="workbench adapt", description="Source-free adaptation of a source model.")
@@ -93,12 +95,25 @@ def adapt_main(argv=None) -> int:
     p.add_argument("--source", required=True, help="a source checkpoint (or its run directory)")
     p.add_argument("--target", required=True, help="unlabelled target data (labels, if present, only for metrics)")
     p.add_argument("--out", default="", help="run directory (default runs/adapt-<method>-s<seed>-<time>)")
-    p.add_argument("--epochs", type=int, default=None, help="default 30 for digits, 15 for images")
+    p.add_argument("--benchmark", default=None, choices=BENCHMARKS,
+                   help="whose official settings to use (default: digits for digits data, office-home for images)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="default 30 for digits (SHOT++ 15), 15 for images")
     p.add_argument("--beta", type=float, default=None, help="pseudo-label weight (default 0.1 digits, 0.3 images)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--rotation-epochs", type=int, default=d.rotation_epochs)
-    p.add_argument("--transfer-epochs", type=int, default=d.transfer_epochs)
+    p.add_argument("--lr", type=float, default=None, help="default 0.01 (VisDA-C 0.001)")
+    p.add_argument("--rotation-weight", type=float, default=None, help="SHOT++ (default 0.2 digits, 0.6 images)")
+    p.add_argument("--rotation-epochs", type=int, default=None, help="SHOT++ rotation-head pre-training "
+                   "(default: the adaptation epochs)")
+    p.add_argument("--rotation-keep", default=d.rotation_keep, choices=KEEP_CHOICES,
+                   help="pre-trained rotation head to keep: best rotation accuracy, or the last")
+    p.add_argument("--transfer-epochs", type=int, default=None, help="SHOT++ labeling transfer (default: digits "
+                   "30, office31 100, office-home 50, visda-c 10)")
+    p.add_argument("--transfer-batch-size", type=int, default=None, help="default 36 (24 with resnet101)")
+    p.add_argument("--transfer-classifier", default=d.transfer_classifier, choices=("fresh", "adapted"),
+                   help="classifier MixMatch starts from: a new one (the official code) or the adapted one")
+    p.add_argument("--mix-alpha", type=float, default=None, help="MixMatch Beta(alpha, alpha) (default 0.1 digits, "
+                   "0.75 images)")
     p.add_argument("--cluster-backend", default="auto", choices=("auto", "faiss", "torch"))
     p.add_argument("--test-on", default=None, help="held-out target data scored before and after adapting "
                    "(default: the test split of built-in digits)")
@@ -107,20 +122,29 @@ def adapt_main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    return AdaptConfig(
+        source=a.source, target=a.target, method=a.method, benchmark=a.benchmark, epochs=a.epochs, beta=a.beta,
+        batch_size=a.batch_size, lr=a.lr, rotation_weight=a.rotation_weight, rotation_epochs=a.rotation_epochs,
+        rotation_keep=a.rotation_keep, transfer_epochs=a.transfer_epochs, transfer_batch_size=a.transfer_batch_size,
+        transfer_classifier=a.transfer_classifier, mix_alpha=a.mix_alpha, cluster_backend=a.cluster_backend,
+        test_on=a.test_on, seed=a.seed, device=a.device, workers=a.workers, run_dir=a.out,
+        progress=not a.no_progress)
+
+
+def adapt_main(argv=None) -> int:
+    from .shot import ShotAdapter
+
+    cfg = adapt_config(argv)
     try:
-        adapter = ShotAdapter(AdaptConfig(
-            source=a.source, target=a.target, method=a.method, epochs=a.epochs, beta=a.beta, batch_size=a.batch_size,
-            lr=a.lr, rotation_epochs=a.rotation_epochs, transfer_epochs=a.transfer_epochs,
-            cluster_backend=a.cluster_backend, test_on=a.test_on, seed=a.seed, device=a.device, workers=a.workers, run_dir=a.out,
-            progress=not a.no_progress))
+        adapter = ShotAdapter(cfg)
         metrics = adapter.run()
     except USER_ERRORS as exc:
         return _fail(exc)
     if metrics["accuracy"] is not None:
-        print(f"{a.method}: target accuracy {metrics['source_only_accuracy']:.2f}% (source model) -> "
+        print(f"{cfg.method}: target accuracy {metrics['source_only_accuracy']:.2f}% (source model) -> "
               f"{metrics['accuracy']:.2f}%")
     if metrics["test_accuracy"] is not None:
-        print(f"{a.method}: held-out {metrics['test_data']} {metrics['source_only_test_accuracy']:.2f}% -> "
+        print(f"{cfg.method}: held-out {metrics['test_data']} {metrics['source_only_test_accuracy']:.2f}% -> "
               f"{metrics['test_accuracy']:.2f}%")
     print(f"adapted model, predictions.csv and metrics.json in {adapter.run_dir}; "
           f"tensorboard --logdir {adapter.run_dir}")

@@ -1,29 +1,32 @@
-"""SHOT++ labeling transfer: trust the confident half of the target, learn the rest with MixMatch.
+"""SHOT++ labeling transfer: trust the confident part of the target, learn the rest with MixMatch.
 
 1. Split: with entropies H(p_i) of the adapted model's predictions, let r be the fraction of
    target samples whose entropy is below the mean. Within every predicted class of n members, the
    int(r n) (rounded down) lowest-entropy samples become labelled (by their prediction); the
    others unlabelled.
 2. MixMatch (Berthelot et al. 2019): for unlabelled x, guess q = sharpen(mean of the model's
-   predictions on two augmented views, T = 0.5); mix all (input, target) pairs with
+   predictions on two views of x, T = 0.5); mix all (input, target) pairs with
    lam ~ Beta(alpha, alpha), lam = max(lam, 1 - lam); train on
        L = CE(mixed labelled) + w(t) * MSE(mixed unlabelled),  w ramped linearly to 100.
-   The whole network (F, B and C) trains in this stage.
+   The views are the data set's own training transform (random crop and flip for images; the
+   fixed digits transform gives two equal views, as in the official code). F trains at 0.1x lr,
+   B and a newly initialised C at 1x (the official code loads only F and B for this stage).
+   An epoch is as many batches as the larger of the two parts has (full batches only).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from workbench.mixing import sample_beta
 
 from .losses import entropy
-from .training import make_loader, set_shot_lr, shot_optimizer
+from .model import Classifier
+from .training import set_shot_lr, shot_optimizer
 
-SHARPEN_T = 0.5
-UNLABELLED_WEIGHT = 100.0
+CHECKS = 10  # target accuracy is measured every tenth of the stage (and at its end)
 
 
 def split_by_entropy(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,45 +45,68 @@ def split_by_entropy(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return labelled, mask.nonzero().squeeze(1)
 
 
-def sharpen(p: torch.Tensor, temperature: float = SHARPEN_T) -> torch.Tensor:
+def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
     p = p ** (1.0 / temperature)
     return p / p.sum(dim=1, keepdim=True)
 
 
-def augment(images: torch.Tensor, flip: bool) -> torch.Tensor:
-    """A random shift of up to 1/16 of the image side (reflect padding), and a horizontal flip for photos."""
-    n, _, h, w = images.shape
-    pad = max(1, h // 16)
-    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n))
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    if flip:
-        flipped = torch.rand(n, device=images.device) < 0.5
-        out[flipped] = out[flipped].flip(-1)
-    return out
+class TwoViews(Dataset):
+    """(view 1, view 2, index) of a data set's samples, each view drawn through its own transform."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        x1, _, index = self.dataset[self.indices[i]]
+        x2, _, _ = self.dataset[self.indices[i]]
+        return x1, x2, index
 
 
-def mixmatch_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, alpha: float,
-                  unlabelled_weight: float, flip: bool) -> tuple[torch.Tensor, dict]:
-    num_classes = model.num_classes
+def forever(loader: DataLoader):
+    """Batches of `loader`, reshuffled at every pass, without end."""
+    while True:
+        yield from loader
+
+
+def interleaved_forward(model, groups: list[torch.Tensor], passes: int = 3) -> list[torch.Tensor]:
+    """Logits of each group, computed in `passes` forward passes that each hold an equal share of
+    every group, so that batch norm sees the same labelled/unlabelled mix in every pass (MixMatch's
+    interleaving, which also keeps the batch of each pass at the size of one group)."""
+    shares = [g.tensor_split(passes) for g in groups]
+    outputs = [model(torch.cat([s[j] for s in shares])) for j in range(passes)]
+    sizes = [[len(s[j]) for s in shares] for j in range(passes)]
+    parts = [out.split(size) for out, size in zip(outputs, sizes)]
+    return [torch.cat([parts[j][i] for j in range(passes)]) for i in range(len(groups))]
+
+
+def mixmatch_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor, alpha: float,
+                  temperature: float, unlabelled_weight: float) -> tuple[torch.Tensor, dict]:
     with torch.no_grad():
-        u1, u2 = augment(x_u, flip), augment(x_u, flip)
-        guess = sharpen((model(u1).softmax(1) + model(u2).softmax(1)) / 2)
-    inputs = torch.cat([augment(x_l, flip), u1, u2])
-    targets = torch.cat([F.one_hot(y_l, num_classes).float(), guess, guess])
+        guess = sharpen((model(u1).softmax(1) + model(u2).softmax(1)) / 2, temperature)
+    inputs = torch.cat([x_l, u1, u2])
+    targets = torch.cat([F.one_hot(y_l, model.num_classes).float(), guess, guess])
     lam = float(sample_beta(alpha, 1))
     lam = max(lam, 1 - lam)
     perm = torch.randperm(len(inputs), device=inputs.device)
-    logits = model(lam * inputs + (1 - lam) * inputs[perm])
-    mixed_targets = lam * targets + (1 - lam) * targets[perm]
-    n_l = len(x_l)
-    loss_l = -(mixed_targets[:n_l] * F.log_softmax(logits[:n_l], 1)).sum(1).mean()
-    loss_u = F.mse_loss(logits[n_l:].softmax(1), mixed_targets[n_l:])
+    mixed, mixed_targets = lam * inputs + (1 - lam) * inputs[perm], lam * targets + (1 - lam) * targets[perm]
+    n_l, n_u = len(x_l), len(u1)
+    logits_l, *logits_u = interleaved_forward(model, list(mixed.split([n_l, n_u, n_u])))
+    loss_l = -(mixed_targets[:n_l] * F.log_softmax(logits_l, 1)).sum(1).mean()
+    loss_u = F.mse_loss(torch.cat(logits_u).softmax(1), mixed_targets[n_l:])
     return loss_l + unlabelled_weight * loss_u, {"labelled_ce": loss_l.item(), "unlabelled_mse": loss_u.item()}
 
 
+def _loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
+    # full batches only (official drop_last=True), unless the part is smaller than one batch
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size,
+                      num_workers=workers, persistent_workers=workers > 0)
+
+
 def labeling_transfer(adapter, logger) -> dict:
-    """SHOT++ stage 2 on a ShotAdapter whose model has been adapted; returns split statistics."""
+    """SHOT++ stage 2 on a ShotAdapter whose model has been adapted; returns split and accuracy statistics."""
     cfg, model, device = adapter.cfg, adapter.model, adapter.rt.device
     result = adapter.evaluate()
     labelled, unlabelled = split_by_entropy(result["probs"])
@@ -91,44 +117,43 @@ def labeling_transfer(adapter, logger) -> dict:
         stats["labelled_pseudo_label_accuracy"] = float((pseudo[labelled] == truth[labelled]).float().mean()) * 100
     if len(labelled) == 0 or len(unlabelled) == 0:
         return stats
+    if cfg.transfer_classifier == "fresh":
+        fc = model.classifier.fc
+        fresh = Classifier(fc.in_features, fc.out_features)
+        model.classifier.load_state_dict(fresh.state_dict())
     for p in model.parameters():
         p.requires_grad_(True)
-    optimizer = shot_optimizer([(model.backbone, cfg.backbone_lr_mult), (model.bottleneck, 1.0),
+    optimizer = shot_optimizer([(model.backbone, cfg.transfer_backbone_lr_mult), (model.bottleneck, 1.0),
                                 (model.classifier, 1.0)], cfg.lr, cfg.weight_decay)
-    lab_loader = make_loader(Subset(adapter.train_set, labelled.tolist()), cfg.batch_size, train=True)
-    unl_loader = make_loader(Subset(adapter.train_set, unlabelled.tolist()), cfg.batch_size, train=True)
+    lab_loader = _loader(Subset(adapter.train_set, labelled.tolist()), cfg.transfer_batch_size, cfg.workers)
+    unl_loader = _loader(TwoViews(adapter.train_set, unlabelled.tolist()), cfg.transfer_batch_size, cfg.workers)
     iters_per_epoch = max(len(lab_loader), len(unl_loader))
     total = cfg.transfer_epochs * iters_per_epoch
-    flip = adapter.source_state["model_config"]["transform"] == "imagenet"
+    every = max(1, total // CHECKS)
     pseudo = pseudo.to(device)
+    lab_batches, unl_batches = forever(lab_loader), forever(unl_loader)
+    stats["accuracy_checks"] = []
     step = 0
     for epoch in range(cfg.transfer_epochs):
-        model.train()
-        lab_iter, unl_iter = iter(lab_loader), iter(unl_loader)
         sums = {}
         for _ in range(iters_per_epoch):
-            try:
-                x_l, _, idx_l = next(lab_iter)
-            except StopIteration:
-                lab_iter = iter(lab_loader)
-                x_l, _, idx_l = next(lab_iter)
-            try:
-                x_u, _, _ = next(unl_iter)
-            except StopIteration:
-                unl_iter = iter(unl_loader)
-                x_u, _, _ = next(unl_iter)
+            model.train()
+            step += 1
             set_shot_lr(optimizer, cfg.lr, step / total)
+            x_l, _, idx_l = next(lab_batches)
+            u1, u2, _ = next(unl_batches)
             y_l = pseudo[idx_l.to(device)]  # data sets return their own index, also through a Subset
-            weight = UNLABELLED_WEIGHT * min(1.0, step / total)
-            loss, terms = mixmatch_loss(model, adapter.rt.images(x_l), y_l, adapter.rt.images(x_u), cfg.mix_alpha,
-                                        weight, flip)
+            on_device = adapter.rt.images
+            loss, terms = mixmatch_loss(model, on_device(x_l), y_l, on_device(u1), on_device(u2), cfg.mix_alpha,
+                                        cfg.mix_temperature, cfg.unlabelled_weight * min(1.0, step / total))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
+            if step % every == 0 or step == total:
+                acc = adapter.evaluate().get("accuracy")
+                stats["accuracy_checks"].append(acc)
+                logger.scalars("transfer", {"accuracy": acc}, step)
         logger.scalars("transfer", {k: v / iters_per_epoch for k, v in sums.items()}, epoch)
-        evaluation = adapter.evaluate()
-        logger.scalars("transfer", {"accuracy": evaluation.get("accuracy")}, epoch)
     return stats

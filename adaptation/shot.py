@@ -11,6 +11,8 @@ where y_hat are cosine k-means pseudo-labels recomputed at the start of every ep
 on [B(F(x)); B(F(rot x))], first fitted with F and B frozen, then weighted into L;
 adaptation.rotation), and a final labeling-transfer stage trained with MixMatch
 (adaptation.mixmatch).
+
+Hyperparameters default to the official code's values for the chosen benchmark (BENCHMARK_DEFAULTS).
 """
 
 from __future__ import annotations
@@ -40,30 +42,66 @@ METHODS = ("shot-im", "shot", "shot++")
 ADAPTED_KIND = "adapted-model"
 CHECKPOINT = "adapted.pt"
 
-# Paper defaults per data style: (epochs, beta, backbone lr multiplier, rotation weight, mixup alpha)
-DEFAULTS = {"digits": dict(epochs=30, beta=0.1, backbone_lr_mult=1.0, rotation_weight=0.2, mix_alpha=0.1),
-            "imagenet": dict(epochs=15, beta=0.3, backbone_lr_mult=0.1, rotation_weight=0.6, mix_alpha=0.75)}
+# The official settings per benchmark, from tim-learn/SHOT (digit/, object/) and tim-learn/SHOT-plus (code/digit/,
+# code/uda/):
+#   epochs           SHOT, SHOT-IM adaptation: SHOT digit/uda_digit.py --max_epoch 30; object/image_target.py 15
+#   shotpp_epochs    SHOT++ adaptation, and its rotation pre-training (the same max_epoch): SHOT-plus
+#                    code/digit/uda_digit.py sets args.max_epoch = 15 before adapting; code/uda/image_target.py 15
+#   lr               1e-2; 1e-3 for VisDA-C (image_target.py, image_mixmatch.py: args.lr = 1e-3), in every stage
+#   beta             --cls_par: 0.1 digits (run_digit.sh), 0.3 images (run_uda.sh)
+#   backbone_lr_mult adaptation: 1 digits (uda_digit.py, one lr for F and B), 0.1 images (image_target.py --lr_decay1)
+#   rotation_weight  --ssl: 0.2 digits (run_digit.sh), 0.6 images (run_uda.sh)
+#   transfer_epochs  labeling transfer (MixMatch): digit_mixmatch.py --max_epoch 30; run_uda.sh --max_epoch 100
+#                    (office), 50 (office-home), 10 (VISDA-C)
+#   mix_alpha        digit_mixmatch.py --alpha 0.1; image_mixmatch.py 0.75
+BENCHMARKS = ("digits", "office31", "office-home", "visda-c")
+_IMAGES = dict(epochs=15, shotpp_epochs=15, lr=1e-2, beta=0.3, backbone_lr_mult=0.1, rotation_weight=0.6,
+               mix_alpha=0.75)
+BENCHMARK_DEFAULTS = {
+    "digits": dict(epochs=30, shotpp_epochs=15, lr=1e-2, beta=0.1, backbone_lr_mult=1.0, rotation_weight=0.2,
+                   mix_alpha=0.1, transfer_epochs=30),
+    "office31": dict(_IMAGES, transfer_epochs=100),
+    "office-home": dict(_IMAGES, transfer_epochs=50),
+    "visda-c": dict(_IMAGES, lr=1e-3, transfer_epochs=10),
+}
+# Without --benchmark: digits data -> digits; image data -> office-home, the official image scripts' default --dset.
+DEFAULT_BENCHMARK = {"digits": "digits", "imagenet": "office-home"}
+# Labeling transfer batch on every benchmark (digit_mixmatch.py, image_mixmatch.py --batch_size 36); image_mixmatch.py
+# lowers it to 24 for ResNet-101 (the VisDA-C network in run_uda.sh).
+TRANSFER_BATCH_SIZE = 36
+TRANSFER_BATCH_SIZE_BY_BACKBONE = {"resnet101": 24}
 
 
 @dataclass
 class AdaptConfig:
+    """None means: the official value for the benchmark (BENCHMARK_DEFAULTS), filled in by `resolved`."""
     source: str = ""
     target: str = ""
     method: str = "shot"
+    benchmark: str | None = None     # one of BENCHMARKS; default from the data style (DEFAULT_BENCHMARK)
     epochs: int | None = None
     batch_size: int = 64
-    lr: float = 1e-2
+    lr: float | None = None
     weight_decay: float = 1e-3
     beta: float | None = None
     im_weight: float = 1.0
     backbone_lr_mult: float | None = None
+    # SHOT++ rotation: the head is pre-trained with F, B frozen, then trained with them
     rotation_weight: float | None = None
-    rotation_epochs: int = 5         # SHOT++: fit the rotation head with F, B frozen
+    rotation_epochs: int | None = None   # default: the adaptation epochs (the official code uses one max_epoch)
     # "best": the head with the best rotation accuracy (the official intent); "last" is what the official code
     # ends up with, its un-copied state_dict() following the live weights
     rotation_keep: str = "best"
-    transfer_epochs: int = 10        # SHOT++: labeling transfer with MixMatch
+    # SHOT++ labeling transfer (MixMatch, adaptation.mixmatch)
+    transfer_epochs: int | None = None
+    transfer_batch_size: int | None = None
+    transfer_backbone_lr_mult: float = 0.1   # every benchmark (image_mixmatch.py, digit_mixmatch.py: args.lr * 0.1)
+    # "fresh": MixMatch trains a newly initialised C, as the official code does (it loads only F and B);
+    # "adapted" starts from the adapted C instead (this workbench's earlier behaviour, for comparison)
+    transfer_classifier: str = "fresh"
     mix_alpha: float | None = None
+    mix_temperature: float = 0.5             # --T
+    unlabelled_weight: float = 100.0         # --lambda_u, ramped up linearly over the whole stage
     cluster_backend: str = "auto"
     test_on: str | None = None       # held-out target data scored before and after; default: built-in test split
     seed: int = 0
@@ -75,15 +113,27 @@ class AdaptConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.benchmark is not None and self.benchmark not in BENCHMARKS:
+            raise ValueError(f"unknown benchmark {self.benchmark!r}: choose one of {', '.join(BENCHMARKS)}")
         if self.rotation_keep not in KEEP_CHOICES:
             raise ValueError(f"unknown rotation_keep {self.rotation_keep!r}: choose one of {', '.join(KEEP_CHOICES)}")
+        if self.transfer_classifier not in ("fresh", "adapted"):
+            raise ValueError(f"unknown transfer_classifier {self.transfer_classifier!r}: choose fresh or adapted")
 
-    def resolved(self, style: str) -> "AdaptConfig":
-        """Fill unset hyperparameters with the paper's values for this kind of data."""
-        values = {k: (v if getattr(self, k) is None else getattr(self, k)) for k, v in DEFAULTS[style].items()}
+    def resolved(self, style: str, backbone: str = "") -> "AdaptConfig":
+        """Fill unset hyperparameters with the official values for the benchmark (by default the one of
+        this data style) and method; `backbone` picks the labeling-transfer batch."""
+        benchmark = self.benchmark or DEFAULT_BENCHMARK[style]
+        table = dict(BENCHMARK_DEFAULTS[benchmark])
+        shotpp_epochs = table.pop("shotpp_epochs")
+        if self.method == "shot++":
+            table["epochs"] = shotpp_epochs
+        table["transfer_batch_size"] = TRANSFER_BATCH_SIZE_BY_BACKBONE.get(backbone, TRANSFER_BATCH_SIZE)
+        values = {k: (v if getattr(self, k) is None else getattr(self, k)) for k, v in table.items()}
         if self.method == "shot-im":
             values["beta"] = 0.0
-        return dataclasses.replace(self, **values)
+        values["rotation_epochs"] = values["epochs"] if self.rotation_epochs is None else self.rotation_epochs
+        return dataclasses.replace(self, benchmark=benchmark, **values)
 
 
 class ShotAdapter:
@@ -92,7 +142,7 @@ class ShotAdapter:
         self.rt = Runtime.create(cfg.device, "fp32")
         self.model, self.source_state = load_model(cfg.source, self.rt)
         mcfg = self.source_state["model_config"]
-        self.cfg = cfg.resolved(mcfg["transform"])
+        self.cfg = cfg.resolved(mcfg["transform"], mcfg["backbone"])
         self.eval_set = load_target(cfg.target, mcfg, train=False)
         # digits use the same (deterministic) transform for training: share the prepared data set
         self.train_set = self.eval_set if mcfg["transform"] == "digits" else load_target(cfg.target, mcfg, train=True)

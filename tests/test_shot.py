@@ -1,6 +1,7 @@
 """SHOT pieces against independent computations, and an end-to-end source -> adapt run."""
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -134,6 +135,76 @@ def test_sharpen():
     torch.testing.assert_close(sharpen(p, 0.5), torch.tensor([[0.36 / 0.52, 0.16 / 0.52]]))
 
 
+# ---------------------------------------------------------------- SHOT++ settings and stages
+# The official values, per benchmark, as the official code runs them:
+#   tim-learn/SHOT-plus code/digit/uda_digit.py: SHOT++ adaptation epochs (args.max_epoch = 15 after source training),
+#     also the rotation pre-training's (train_target_rot reads the same max_epoch); one lr for F, B and the head;
+#   code/digit/run_digit.sh: --cls_par 0.1 --ssl 0.2;  code/digit/digit_mixmatch.py: --max_epoch 30, --batch_size 36,
+#     --alpha 0.1, --lambda_u 100, --T 0.5, backbone optimiser at args.lr * 0.1;
+#   code/uda/image_target.py: --max_epoch 15, --batch_size 64, --lr_decay1 0.1, VISDA-C args.lr = 1e-3;
+#   code/uda/run_uda.sh: --ssl 0.6 --cls_par 0.3; image_mixmatch --max_epoch 100 (office), 50 (office-home),
+#     10 (VISDA-C, with --net resnet101);
+#   code/uda/image_mixmatch.py: --batch_size 36 (24 for resnet101), --alpha 0.75, --lambda_u 100, --T 0.5,
+#     backbone at args.lr * 0.1, VISDA-C args.lr = 1e-3.
+_SHOTPP_COMMON = dict(batch_size=64, transfer_batch_size=36, transfer_backbone_lr_mult=0.1, mix_temperature=0.5,
+                      unlabelled_weight=100.0)
+OFFICIAL_SHOTPP = {
+    "digits": dict(_SHOTPP_COMMON, epochs=15, rotation_epochs=15, lr=1e-2, beta=0.1, backbone_lr_mult=1.0,
+                   rotation_weight=0.2, transfer_epochs=30, mix_alpha=0.1),
+    "office31": dict(_SHOTPP_COMMON, epochs=15, rotation_epochs=15, lr=1e-2, beta=0.3, backbone_lr_mult=0.1,
+                     rotation_weight=0.6, transfer_epochs=100, mix_alpha=0.75),
+    "office-home": dict(_SHOTPP_COMMON, epochs=15, rotation_epochs=15, lr=1e-2, beta=0.3, backbone_lr_mult=0.1,
+                        rotation_weight=0.6, transfer_epochs=50, mix_alpha=0.75),
+    "visda-c": dict(_SHOTPP_COMMON, epochs=15, rotation_epochs=15, lr=1e-3, beta=0.3, backbone_lr_mult=0.1,
+                    rotation_weight=0.6, transfer_epochs=10, mix_alpha=0.75, transfer_batch_size=24),
+}
+# (data style, backbone) each benchmark runs with; VisDA-C uses ResNet-101 in run_uda.sh
+BENCHMARK_DATA = {"digits": ("digits", "dtn"), "office31": ("imagenet", "resnet50"),
+                  "office-home": ("imagenet", "resnet50"), "visda-c": ("imagenet", "resnet101")}
+
+
+def _adapt_config(*args):
+    from adaptation.cli import adapt_config
+
+    return adapt_config(["--source", "src", "--target", "tgt", *args])
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_SHOTPP))  # not `benchmark`: pytest-benchmark owns that name
+def test_shotpp_settings_per_benchmark_are_the_official_ones(name):
+    style, backbone = BENCHMARK_DATA[name]
+    cfg = _adapt_config("--method", "shot++", "--benchmark", name).resolved(style, backbone)
+    resolved = dataclasses.asdict(cfg)
+    assert resolved["benchmark"] == name
+    assert {k: resolved[k] for k in OFFICIAL_SHOTPP[name]} == OFFICIAL_SHOTPP[name]
+
+
+def test_benchmark_defaults_by_data_style_and_method():
+    from adaptation.shot import AdaptConfig
+
+    # without --benchmark: digits data -> digits, image data -> office-home (the official scripts' default --dset)
+    assert AdaptConfig(method="shot++").resolved("digits", "lenet").benchmark == "digits"
+    images = AdaptConfig(method="shot++").resolved("imagenet", "resnet50")
+    assert images.benchmark == "office-home" and images.transfer_epochs == 50
+    # SHOT and SHOT-IM keep the SHOT code's epochs (30 on digits); SHOT++'s own code adapts digits for 15
+    assert AdaptConfig(method="shot").resolved("digits").epochs == 30
+    assert AdaptConfig(method="shot-im").resolved("digits").beta == 0.0
+    assert AdaptConfig(method="shot++").resolved("digits").epochs == 15
+    assert AdaptConfig(method="shot++", benchmark="visda-c").resolved("imagenet", "resnet50").transfer_batch_size == 36
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        AdaptConfig(benchmark="office")
+
+
+def test_adapt_command_line_overrides_the_benchmark_settings():
+    cfg = _adapt_config("--method", "shot++", "--benchmark", "visda-c", "--epochs", "3", "--lr", "0.05",
+                        "--transfer-epochs", "2", "--transfer-batch-size", "8", "--mix-alpha", "0.5",
+                        "--rotation-weight", "0.1", "--beta", "0.2").resolved("imagenet", "resnet101")
+    assert (cfg.epochs, cfg.lr, cfg.transfer_epochs, cfg.transfer_batch_size, cfg.mix_alpha, cfg.rotation_weight,
+            cfg.beta) == (3, 0.05, 2, 8, 0.5, 0.1, 0.2)
+    assert cfg.rotation_epochs == 3, "rotation pre-training runs as many epochs as the adaptation"
+    assert _adapt_config("--method", "shot++", "--epochs", "3", "--rotation-epochs", "1").resolved(
+        "digits").rotation_epochs == 1
+
+
 def test_shotpp_split_rounds_per_class_counts_down():
     # 10 samples, 8 below the mean entropy (fraction 0.8): class 0 has 2 members -> int(1.6) = 1 labelled (not 2),
     # class 1 has 8 -> int(6.4) = 6 (official: c_num_s = int(c_num * PS))
@@ -209,6 +280,55 @@ def test_rotation_pretraining_schedule_checks_and_kept_head(monkeypatch, keep):
     assert all(torch.equal(v, kept[k]) for k, v in head.state_dict().items())
     assert out["accuracy"] == (70.0 if keep == "best" else 20.0)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "F and B stay frozen"
+
+
+def test_labeling_transfer_stage_settings(monkeypatch):
+    """Digits: batch 36, full batches, as many per epoch as the larger part has; F at 0.1x lr (1x in adaptation);
+    B and a newly initialised C at 1x."""
+    import types
+
+    import adaptation.mixmatch as mixmatch
+    from adaptation.model import ShotModel
+    from adaptation.shot import AdaptConfig
+    from adaptation.training import make_loader, predict
+    from workbench.runtime import Runtime
+
+    torch.manual_seed(0)
+    rt = Runtime.create("cpu", "fp32")
+    model = rt.prepare_module(ShotModel("lenet", 10, bottleneck_dropout=0.5))
+    data = torch.utils.data.TensorDataset(torch.randn(300, 3, 32, 32), torch.zeros(300, dtype=torch.long),
+                                          torch.arange(300))
+    cfg = dataclasses.replace(AdaptConfig(method="shot++").resolved("digits", "lenet"), transfer_epochs=1)
+    assert cfg.backbone_lr_mult == 1.0 and cfg.transfer_batch_size == 36
+
+    def evaluate():
+        out = predict(model, make_loader(data, 100, train=False), rt)
+        return {"probs": out["probs"], "pred": out["probs"].argmax(1)}
+
+    adapter = types.SimpleNamespace(cfg=cfg, model=model, rt=rt, evaluate=evaluate, labels_known=False,
+                                    train_set=data, eval_set=data)
+    adapted_classifier = copy.deepcopy(model.classifier.state_dict())
+    optimizers, batches, classifiers = [], [], []
+    real_optimizer, real_loss = mixmatch.shot_optimizer, mixmatch.mixmatch_loss
+    monkeypatch.setattr(mixmatch, "shot_optimizer", lambda *a, **k: optimizers.append(real_optimizer(*a, **k))
+                        or optimizers[-1])
+
+    def spy_loss(model, *args, **kwargs):
+        batches.append([len(a) for a in args if torch.is_tensor(a) and a.dim() == 4])
+        classifiers.append(copy.deepcopy(model.classifier.state_dict()))
+        return real_loss(model, *args, **kwargs)
+
+    monkeypatch.setattr(mixmatch, "mixmatch_loss", spy_loss)
+    logger = types.SimpleNamespace(scalars=lambda *a, **k: None)
+    stats = mixmatch.labeling_transfer(adapter, logger)
+    n_l, n_u = stats["labelled"], stats["unlabelled"]
+    assert n_l >= 36 and n_u >= 36
+    assert len(batches) == max(n_l // 36, n_u // 36)
+    assert all(all(size == 36 for size in sizes) for sizes in batches)
+    mult = {id(p): g["lr_mult"] for g in optimizers[0].param_groups for p in g["params"]}
+    assert {mult[id(p)] for p in model.backbone.parameters()} == {0.1}
+    assert {mult[id(p)] for p in [*model.bottleneck.parameters(), *model.classifier.parameters()]} == {1.0}
+    assert any(not torch.equal(v, adapted_classifier[k]) for k, v in classifiers[0].items()), "C starts anew"
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +407,13 @@ def test_shot_im_and_shotpp_run(source_run, tmp_path):
     transfer = metrics["transfer"]
     assert transfer["labelled"] + transfer["unlabelled"] == metrics["samples"]
     assert 0 < transfer["labelled"] < metrics["samples"]
+    assert len(metrics["rotation_pretrain"]["checks"]) == 12  # 23 iterations: at 2, 4, ..., 22 and at the end
+    assert metrics["rotation_pretrain"]["accuracy"] == max(metrics["rotation_pretrain"]["checks"])
+    # the resolved settings are recorded with the run: the digits benchmark's, with the overrides given
+    config = json.loads((tmp_path / "pp" / "config.json").read_text())
+    assert config == metrics["config"]
+    expected = dict(OFFICIAL_SHOTPP["digits"], epochs=1, rotation_epochs=1, transfer_epochs=1)
+    assert config["benchmark"] == "digits" and {k: config[k] for k in expected} == expected
 
 
 def test_train_source_with_pretrained_resnet_on_a_class_folder(tmp_path):
