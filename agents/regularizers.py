@@ -1,25 +1,29 @@
 """The comparison regularisers of the mixreg paper, as its code runs them.
 
 Augmentations live in the rollout, as in the paper's runner: the agent acts on
-the augmented frame, that frame is stored, and PPO trains on the stored frames
-(so old log-probs and values come from the very frames the update sees, and
-mixreg, when combined, mixes frames that are already augmented). Each
-augmentation is a per-env object: `resample(num_envs, device)` draws one set of
-parameters per env, kept for the whole rollout and redrawn for all envs before
-the next one; `aug(obs)` augments an (N, H, W, C) batch of pixel frames, row i
-with env i's parameters. Evaluation on unseen levels acts on clean frames, as
-the paper's test workers do.
+the augmented frame and PPO trains on that very frame (so old log-probs and
+values come from the frames the update sees, and mixreg, when combined, mixes
+frames that are already augmented). Each augmentation is an object:
+`resample(num_envs, device)` draws the rollout's parameters (one set per env;
+RandomConv: one kernel for all envs), kept for the whole rollout and redrawn
+before the next one; `aug(obs)` augments an (N, H, W, C) batch of pixel frames,
+row i with env i's parameters. Evaluation on unseen levels acts on clean
+frames, as the paper's test workers do.
 
 - CutoutColor (Laskin et al. 2020): one box per env filled with one random colour;
   its size h, w ~ U{7..21} also fixes its position (rows 12+h..12+2h, columns 24+w..24+2w).
 - RandomCrop: resize 64x64 -> 75x75 (bilinear), crop 64x64 at a per-env offset in [0, 10].
-- RandomConv (Lee et al. 2020, network randomisation): one untrained 3->3 conv, 3x3,
-  'same' padding, Glorot-normal weights, applied to pixels / 255 and scaled back by 255,
-  never clamped. The paper's code draws one kernel per worker before every rollout and
-  uses it for that rollout and the update on it; here each env gets its own kernel, fixed
-  for the rollout like the other augmentations' parameters, and the update trains on
-  the stored convolved frames. (NetRand's 10% clean rollouts and feature-matching loss
-  are not part of this comparator.)
+- RandomConv (Lee et al. 2020, network randomisation), as the paper's netrand code: one
+  untrained 3->3 conv, 3x3, 'same' padding, Glorot-normal weights, applied to pixels / 255
+  and scaled back by 255, never clamped. One kernel for all envs (the paper's code has one
+  per worker process, shared by its envs), drawn at the start of every rollout and kept for
+  the update on that rollout. With probability `clean_rollout_prob` = 0.1 a rollout is
+  clean: the agent acts on un-randomised frames and the update's PPO loss uses clean
+  frames. Both updates add fm_coef * MSE(latent(randomised), stop_gradient(latent(clean)))
+  (`feature_matching_loss`, fm_coef = 0.002), latent being the trunk's final feature vector.
+  The buffer keeps the clean uint8 frames and the update re-applies the rollout's kernel,
+  as the paper's code does: the feature-matching target needs the clean frame, and uint8
+  takes a quarter of the memory of the float32 convolved frame.
 
 L2 is the TF `l2_loss` penalty, 0.5 * sum of squared weights, at coefficient 1e-4.
 Batch norm is an IMPALA option (`batch_norm=True`); the paper's code keeps it in
@@ -97,31 +101,45 @@ def glorot_std(fan_in: int, fan_out: int) -> float:
     return math.sqrt(2.0 / (fan_in + fan_out))
 
 
+# Network randomisation's settings in the paper's code (netrand_runner.py, netrand_model.py).
+CLEAN_ROLLOUT_PROB = 0.1  # chance that a rollout (and its update) runs on un-randomised frames
+FM_COEF = 0.002           # weight of the feature-matching loss
+
+
 class RandomConv:
-    """A per-env c->c random convolution with Glorot-normal weights, on pixels / 255, no clamp."""
+    """One c->c random convolution per rollout, shared by all envs, with Glorot-normal weights, on pixels / 255,
+    no clamp; a rollout is clean (no convolution while acting, PPO loss on clean frames) with `clean_rollout_prob`."""
 
-    dtype = torch.float32  # the output leaves [0, 255] and is stored as it is
+    dtype = torch.float32  # what the rollout stores until PPO keeps the clean frames instead
 
-    def __init__(self, kernel_size: int = 3, channels: int = 3):
+    def __init__(self, kernel_size: int = 3, channels: int = 3, clean_rollout_prob: float = CLEAN_ROLLOUT_PROB):
         self.kernel_size, self.channels = kernel_size, channels
+        self.clean_rollout_prob = clean_rollout_prob
 
     def resample(self, num_envs: int, device: torch.device | str = "cpu") -> None:
+        """Draw this rollout's clean flag and kernel (a kernel in clean rollouts too: the feature-matching loss
+        uses it). `num_envs` is unused: every env sees the same kernel, as the paper's worker."""
+        self.clean = bool(torch.rand(()) < self.clean_rollout_prob)
         c, k = self.channels, self.kernel_size
-        # Each env's kernel is its own (c, c, k, k) layer, so its fans are c*k*k each, whatever the number of envs.
+        # A (c, c, k, k) layer has fan-in = fan-out = c*k*k.
         std = glorot_std(fan_in=c * k * k, fan_out=c * k * k) / TRUNCATED_NORMAL_STD
-        self.weight = nn.init.trunc_normal_(torch.empty(num_envs * c, c, k, k, device=device),
-                                            std=std, a=-2 * std, b=2 * std)
+        self.weight = nn.init.trunc_normal_(torch.empty(c, c, k, k, device=device), std=std, a=-2 * std, b=2 * std)
 
-    @property
-    def kernels(self) -> torch.Tensor:
-        """(N, c_out, c_in, k, k): env i's kernel."""
-        return self.weight.view(-1, self.channels, self.channels, self.kernel_size, self.kernel_size)
+    def randomise(self, obs: torch.Tensor) -> torch.Tensor:
+        """The convolved (N, H, W, C) frames, float32, whatever the rollout's clean flag."""
+        x = obs.permute(0, 3, 1, 2).float() / 255.0
+        out = F.conv2d(x, self.weight, padding=self.kernel_size // 2) * 255.0
+        return out.permute(0, 2, 3, 1).contiguous()
 
     def __call__(self, obs: torch.Tensor) -> torch.Tensor:
-        n, h, w, c = obs.shape
-        x = obs.permute(0, 3, 1, 2).float().reshape(1, n * c, h, w) / 255.0
-        out = F.conv2d(x, self.weight, padding=self.kernel_size // 2, groups=n) * 255.0
-        return out.view(n, c, h, w).permute(0, 2, 3, 1).contiguous()
+        """The frame the agent acts on (and PPO trains on): clean in a clean rollout, else convolved."""
+        return obs if self.clean else self.randomise(obs)
+
+
+def feature_matching_loss(randomised: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """MSE(latent(randomised), stop_gradient(latent(clean))), averaged over samples and features as
+    tf.losses.mean_squared_error: the clean features are a fixed target."""
+    return F.mse_loss(randomised.float(), clean.detach().float())
 
 
 AUGMENTATIONS = {"cutout_color": CutoutColor, "random_crop": RandomCrop, "random_conv": RandomConv}

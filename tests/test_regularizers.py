@@ -5,7 +5,8 @@ import math
 import numpy as np
 import torch
 
-from agents.regularizers import CutoutColor, RandomConv, RandomCrop, l2_penalty, running_stats_frozen
+from agents.regularizers import (CutoutColor, RandomConv, RandomCrop, feature_matching_loss, l2_penalty,
+                                 running_stats_frozen)
 
 
 def frames(n, h=64, w=64, seed=0):
@@ -65,23 +66,28 @@ def test_random_crop_resizes_to_75_and_takes_a_window_at_the_envs_offset():
 def test_random_conv_kernel_has_the_glorot_std_of_one_c_to_c_layer():
     # A 3->3 3x3 layer has fan-in = fan-out = 3 * 3 * 3 = 27. The old (batch*3, 3, 3, 3) draw had
     # fan-out 27 * batch, about 30x too small a std for a 2048-frame minibatch.
+    torch.manual_seed(0)
     for channels in (3, 4):
         fan = channels * 9
         glorot = math.sqrt(2 / (fan + fan))
         aug = RandomConv(channels=channels)
-        aug.resample(3000)
-        w = aug.kernels
-        assert w.shape == (3000, channels, channels, 3, 3)
+        draws = []
+        for _ in range(3000):  # one kernel per rollout: many rollouts for the statistics
+            aug.resample(num_envs=8)
+            assert aug.weight.shape == (channels, channels, 3, 3), "one kernel for all envs"
+            draws.append(aug.weight)
+        w = torch.stack(draws)
         assert abs(float(w.std()) / glorot - 1) < 0.02 and abs(float(w.mean())) < 0.01 * glorot
         assert float(w.abs().max()) <= 2 * glorot / 0.87962566103423978 + 1e-6  # TF's truncation at 2 std
 
 
-def test_random_conv_is_each_envs_kernel_on_pixels_over_255_without_clamp():
-    aug = RandomConv()
+def test_random_conv_is_one_kernel_for_every_env_on_pixels_over_255_without_clamp():
+    aug = RandomConv(clean_rollout_prob=0.0)
     aug.resample(3)
     x = frames(3, h=6, w=7)
     out = aug(x)
-    w = aug.kernels.double().numpy()
+    torch.testing.assert_close(aug.randomise(x), out, rtol=0, atol=0)
+    w = aug.weight.double().numpy()
     padded = np.pad(x.double().numpy() / 255.0, ((0, 0), (1, 1), (1, 1), (0, 0)))
     expected = np.zeros((3, 6, 7, 3))
     for n in range(3):
@@ -89,10 +95,41 @@ def test_random_conv_is_each_envs_kernel_on_pixels_over_255_without_clamp():
             for xx in range(7):
                 for o in range(3):
                     patch = padded[n, y:y + 3, xx:xx + 3, :]  # (ky, kx, c_in)
-                    expected[n, y, xx, o] = 255 * np.sum(w[n, o].transpose(1, 2, 0) * patch)
+                    expected[n, y, xx, o] = 255 * np.sum(w[o].transpose(1, 2, 0) * patch)  # the same w for every n
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-3)
     assert out.min() < 0 or out.max() > 255, "no clamp to [0, 255]"
-    assert not torch.allclose(out[0], out[1]), "each env has its own kernel"
+
+
+def test_random_conv_rollouts_are_clean_with_probability_one_tenth():
+    assert RandomConv().clean_rollout_prob == 0.1
+    torch.manual_seed(0)
+    aug, draws = RandomConv(), 4000
+    clean = 0
+    for _ in range(draws):
+        aug.resample(2)
+        clean += aug.clean
+    sigma = math.sqrt(0.1 * 0.9 / draws)  # 0.0047
+    assert abs(clean / draws - 0.1) < 4 * sigma, clean / draws
+
+    x = frames(2, h=5, w=5)
+    for prob, is_clean in ((1.0, True), (0.0, False)):
+        aug = RandomConv(clean_rollout_prob=prob)
+        aug.resample(2)
+        assert aug.clean is is_clean
+        # a clean rollout acts on the frames as they are; its kernel still exists for the feature-matching term
+        torch.testing.assert_close(aug(x).float(), x.float() if is_clean else aug.randomise(x), rtol=0, atol=0)
+
+
+def test_feature_matching_loss_is_the_mean_square_with_a_fixed_clean_target():
+    g = torch.Generator().manual_seed(0)
+    prediction = torch.randn(5, 4, generator=g, requires_grad=True)
+    target = torch.randn(5, 4, generator=g, requires_grad=True)
+    p, t = prediction.detach().numpy().astype(np.float64), target.detach().numpy().astype(np.float64)
+    loss = feature_matching_loss(prediction, target)
+    np.testing.assert_allclose(loss.item(), ((p - t) ** 2).sum() / 20, rtol=1e-6)  # over samples and features
+    loss.backward()
+    np.testing.assert_allclose(prediction.grad.numpy(), 2 * (p - t) / 20, rtol=1e-5)
+    assert target.grad is None, "stop-gradient on the clean features"
 
 
 def test_l2_penalty_is_half_the_sum_of_squared_weights():
