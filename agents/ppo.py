@@ -14,8 +14,16 @@ baselines-based paper code, not GAE's 0.999). Defaults are the Procgen paper's.
 
 The mixreg paper's augmentations (regularizers.py) act in the rollout: the
 policy acts on the augmented frame, the buffer stores it and the update trains
-on it unchanged. With the batch-norm regulariser the network stays in training
-mode for rollouts, updates and evaluation, as in the paper's code.
+on it unchanged. Random conv (network randomisation) stores the clean frame
+instead, convolves it again in the update with the rollout's kernel, and adds
+its feature-matching term
+
+    L += fm_coef * MSE(phi(conv(s)), stop_gradient(phi(s)))    phi = the trunk's 256-d features
+
+while the PPO terms use conv(s), or s in a clean rollout. With mixreg both
+views are mixed, after the convolution, with the same weights and partners.
+With the batch-norm regulariser the network stays in training mode for
+rollouts, updates and evaluation, as in the paper's code.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ from workbench.backbones import create_backbone
 from workbench.runtime import Runtime
 
 from .mixreg import DEFAULT_ALPHA as DEFAULT_MIX_ALPHA, mix_ppo_minibatch
-from .regularizers import AUGMENTATIONS, l2_penalty, running_stats_frozen
+from .regularizers import (AUGMENTATIONS, CLEAN_ROLLOUT_PROB, FM_COEF, RandomConv, feature_matching_loss,
+                           l2_penalty, running_stats_frozen)
 
 
 @dataclass
@@ -58,6 +67,8 @@ class PPOConfig:
     mix_alpha: float = DEFAULT_MIX_ALPHA
     augment: str | None = None  # one of regularizers.AUGMENTATIONS, applied in the rollout
     l2_coef: float = 0.0
+    clean_rollout_prob: float = CLEAN_ROLLOUT_PROB  # random_conv: share of rollouts acted on and trained on clean
+    fm_coef: float = FM_COEF  # random_conv: weight of the feature-matching loss
 
     def __post_init__(self):
         if (self.num_envs * self.num_steps) % self.num_minibatches:
@@ -88,14 +99,16 @@ class ActorCritic(nn.Module):
         nn.init.zeros_(self.policy_head.bias)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, obs: torch.Tensor, with_features: bool = False):
+        """(logits, values), and the backbone's features (fp32) as a third item `with_features`."""
         # NHWC -> NCHW is a free view that is channels_last in memory: no copy of the frames.
         x = obs.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
         features = self.backbone(x)
         # Heads in fp32 even under autocast: log-prob ratios and values need the precision.
         with torch.autocast(device_type=features.device.type, enabled=False):
             features = features.float()
-            return self.policy_head(features), self.value_head(features).squeeze(-1)
+            logits, values = self.policy_head(features), self.value_head(features).squeeze(-1)
+        return (logits, values, features) if with_features else (logits, values)
 
 
 class RunningMeanStd:
@@ -208,7 +221,13 @@ class PPO:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps)
         self.reward_normalizer = (RewardNormalizer(cfg.num_envs, cfg.reward_norm_gamma)
                                   if cfg.normalize_rewards else None)
-        self.augmentation = AUGMENTATIONS[cfg.augment]() if cfg.augment is not None else None
+        if cfg.augment == "random_conv":
+            self.augmentation = RandomConv(clean_rollout_prob=cfg.clean_rollout_prob)
+        else:
+            self.augmentation = AUGMENTATIONS[cfg.augment]() if cfg.augment is not None else None
+        # Network randomisation keeps the clean frames in the buffer and re-applies the rollout's kernel in the
+        # update, as the paper's code: its feature-matching target needs the clean frame.
+        self.random_conv = self.augmentation if isinstance(self.augmentation, RandomConv) else None
         # The paper's batch-norm baseline never leaves training mode: rollout log-probs then come from the
         # same (batch-statistics) mode as the update's.
         self.batch_norm_always_training = bool(cfg.backbone_kwargs.get("batch_norm", False))
@@ -223,10 +242,8 @@ class PPO:
 
     def _allocate_buffer(self) -> dict[str, torch.Tensor]:
         dev, t, n = self.rt.device, self.cfg.num_steps, self.cfg.num_envs
-        # The stored frames are the augmented ones; random conv's leave [0, 255] and are kept in float32.
-        obs_dtype = self.augmentation.dtype if self.augmentation is not None else torch.uint8
-        return {
-            "obs": torch.zeros((t, n, *self.env.observation_shape), dtype=obs_dtype, device=dev),
+        return {  # the frames acted on; random conv: the clean frames, convolved again in the update
+            "obs": torch.zeros((t, n, *self.env.observation_shape), dtype=torch.uint8, device=dev),
             "actions": torch.zeros((t, n), dtype=torch.long, device=dev),
             "logprobs": torch.zeros((t, n), device=dev),
             "values": torch.zeros((t, n), device=dev),
@@ -262,7 +279,7 @@ class PPO:
             return self.forward(obs)[1]
 
     def _view(self, obs: torch.Tensor) -> torch.Tensor:
-        """The frame the agent acts on and trains on: augmented with this rollout's per-env parameters."""
+        """The frame the agent acts on and trains on: augmented with this rollout's parameters."""
         return obs if self.augmentation is None else self.augmentation(obs)
 
     def collect_rollout(self, should_stop: Callable[[], bool] = lambda: False) -> bool:
@@ -273,13 +290,13 @@ class PPO:
         if self._obs is None:
             self._obs = self.env.reset()
         if self.augmentation is not None:
-            self.augmentation.resample(self.cfg.num_envs, self.rt.device)  # fixed per env for this rollout
+            self.augmentation.resample(self.cfg.num_envs, self.rt.device)  # fixed for this rollout and its update
         for t in range(self.cfg.num_steps):
             if should_stop():
                 return False
             obs = self._view(self._obs)
             action, logprob, value = self._policy_step(obs)
-            buf["obs"][t].copy_(obs)
+            buf["obs"][t].copy_(self._obs if self.random_conv is not None else obs)
             buf["actions"][t], buf["logprobs"][t], buf["values"][t] = action, logprob, value
             next_obs, rewards, dones = self.env.step_numpy(action.cpu().numpy())
             if self.reward_normalizer is not None:
@@ -293,15 +310,34 @@ class PPO:
 
     # ---------------------------------------------------------------- learning
     def _minibatch_loss(self, mb: dict[str, torch.Tensor]):
-        cfg = self.cfg
-        if cfg.mixreg:  # on the stored frames, i.e. after augmentation
-            mb, _ = mix_ppo_minibatch(mb, cfg.mix_alpha)
+        cfg, conv = self.cfg, self.random_conv
+        if conv is not None:  # the stored clean frames, convolved with the rollout's kernel as when acting
+            clean, randomised = mb["obs"], conv.randomise(mb["obs"])
+            mb = {**mb, "obs": clean if conv.clean else randomised}
+        if cfg.mixreg:  # after augmentation; random conv's other view gets the same weights and partners
+            mb, mix = mix_ppo_minibatch(mb, cfg.mix_alpha)
+            if conv is not None:
+                clean, randomised = mix.mix(clean), mix.mix(randomised)
         with self.rt.autocast():
-            logits, values = self.forward(mb["obs"])
+            logits, values, features = self.forward(mb["obs"], with_features=True)
         loss, stats = ppo_loss(logits, values, mb, cfg)
+        if conv is not None:
+            fm = self._feature_matching(features, clean, randomised)
+            loss = loss + cfg.fm_coef * fm
+            stats["feature_matching"] = fm.detach()
         if cfg.l2_coef > 0:
             loss = loss + cfg.l2_coef * l2_penalty(self.model)
         return loss, stats
+
+    def _feature_matching(self, features: torch.Tensor, clean: torch.Tensor, randomised: torch.Tensor):
+        """MSE(phi(randomised), stop_gradient(phi(clean))), reusing the PPO forward's `features` for the view it
+        saw; the other view's forward leaves the batch-norm running statistics to the PPO forward."""
+        with self.rt.autocast(), running_stats_frozen(self.model):
+            if self.random_conv.clean:  # PPO ran on clean frames: their features are the target
+                return feature_matching_loss(self.forward(randomised, with_features=True)[2], features)
+            with torch.no_grad():
+                target = self.forward(clean, with_features=True)[2]
+        return feature_matching_loss(features, target)
 
     def update(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, float]:
         cfg, buf = self.cfg, self.buffer

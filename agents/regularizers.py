@@ -47,8 +47,6 @@ TRUNCATED_NORMAL_STD = 0.87962566103423978  # std of a unit normal truncated to 
 class CutoutColor:
     """One random-colour box per env; the box's size (uniform in [box_min, box_max]) also sets its position."""
 
-    dtype = torch.uint8
-
     def __init__(self, box_min: int = 7, box_max: int = 21, pivot_h: int = 12, pivot_w: int = 24,
                  max_colour: int = 254):
         self.box_min, self.box_max = box_min, box_max
@@ -75,8 +73,6 @@ class CutoutColor:
 
 class RandomCrop:
     """Resize to `resized` x `resized`, then take the frame-sized window at a per-env offset."""
-
-    dtype = torch.uint8
 
     def __init__(self, resized: int = 75, frame_size: int = 64):
         self.resized = resized
@@ -109,8 +105,6 @@ FM_COEF = 0.002           # weight of the feature-matching loss
 class RandomConv:
     """One c->c random convolution per rollout, shared by all envs, with Glorot-normal weights, on pixels / 255,
     no clamp; a rollout is clean (no convolution while acting, PPO loss on clean frames) with `clean_rollout_prob`."""
-
-    dtype = torch.float32  # what the rollout stores until PPO keeps the clean frames instead
 
     def __init__(self, kernel_size: int = 3, channels: int = 3, clean_rollout_prob: float = CLEAN_ROLLOUT_PROB):
         self.kernel_size, self.channels = kernel_size, channels
