@@ -29,7 +29,7 @@ VERSION = 2  # 2: printed glyphs fill the frame (in v1 they covered about 60% of
 TEST_FRACTION = 0.2
 FONT_IMAGES_PER_CLASS = 600
 GLYPH_RENDER_SIZE = 96          # points; glyphs are drawn large, then fitted to the frame
-GLYPH_HEIGHT = (0.72, 0.92)     # fraction of the frame height the ink spans (house-number crops)
+GLYPH_HEIGHT = (0.8, 0.98)      # fraction of the frame height the ink spans (house-number crops)
 GLYPH_MAX_WIDTH = 0.8           # wide faces are squeezed to this fraction of the frame width
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
           "hubble_deep_field.jpg", "ihc.png", "retina.jpg")
