@@ -158,6 +158,7 @@ class ShotAdapter:
         self.eval_loader = make_loader(self.eval_set, 256, train=False, workers=cfg.workers)
         # adaptation is transductive on `target`; a held-out split is scored as well, as the official digits code does
         self.test_on = cfg.test_on or builtin_test_split(cfg.target)
+        self.cfg = dataclasses.replace(self.cfg, test_on=self.test_on)  # config.json names the data scored
         self.test_loader = (make_loader(load_target(self.test_on, mcfg), 256, train=False, workers=cfg.workers)
                             if self.test_on else None)
 

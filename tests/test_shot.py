@@ -357,6 +357,7 @@ def test_end_to_end_shot_improves_target_accuracy_and_keeps_classifier(source_ru
     assert metrics["accuracy"] > metrics["source_only_accuracy"] + 3, metrics
     # adapted on photo's train split, also scored on its test split (the official digits protocol)
     assert metrics["test_data"] == "builtin:digits/photo:test"
+    assert json.loads((out / "config.json").read_text())["test_on"] == "builtin:digits/photo:test"
     assert metrics["test_accuracy"] > metrics["source_only_test_accuracy"], metrics
     source = load_checkpoint(src_dir / "source.pt")["model"]
     adapted = load_checkpoint(out / "adapted.pt", kind="adapted-model")["model"]
