@@ -5,7 +5,7 @@ from __future__ import annotations
 from workbench.checkpoint import load_checkpoint
 from workbench.runtime import Runtime
 
-from .data import image_transform, load_dataset
+from .data import image_transform, load_dataset, parse_builtin
 from .model import build_model
 from .training import accuracy, make_loader, per_class_accuracy, predict
 
@@ -22,10 +22,10 @@ def load_model(path, runtime):
 def builtin_test_split(spec: str) -> str | None:
     """`builtin:digits/<d>[:train]` -> `builtin:digits/<d>:test` (the official digits protocol trains or adapts on
     the train split and reports the test split); None for any other data."""
-    if not spec.startswith("builtin:digits/"):
+    if not spec.startswith("builtin:"):
         return None
-    domain, _, split = spec[len("builtin:digits/"):].partition(":")
-    return f"builtin:digits/{domain}:test" if split in ("", "train") else None
+    domain, split = parse_builtin(spec)
+    return f"builtin:digits/{domain}:test" if split == "train" else None
 
 
 def load_target(spec: str, model_config: dict, train: bool = False):
