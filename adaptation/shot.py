@@ -219,6 +219,7 @@ class ShotAdapter:
             model.train()
             sums: dict[str, float] = {}
             for images, _, idx in self.loader:
+                step += 1   # the official loops count the step before scheduling: p runs 1/T .. 1
                 set_shot_lr(optimizer, cfg.lr, step / total_iters)
                 images = self.rt.images(images)
                 logits = model(images)
@@ -234,7 +235,6 @@ class ShotAdapter:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                step += 1
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 logger.advance(1)

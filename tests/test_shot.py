@@ -393,14 +393,20 @@ def test_class_count_mismatch_is_a_clear_error(source_run, tmp_path, capsys):
     assert evaluate_main(["--model", str(tmp_path / "nothing"), "--data", "builtin:digits/uci"]) == 2
 
 
-def test_shot_im_and_shotpp_run(source_run, tmp_path):
+def test_shot_im_and_shotpp_run(source_run, tmp_path, monkeypatch):
+    import adaptation.shot as shot
     from adaptation.shot import AdaptConfig, ShotAdapter
+    from adaptation.training import set_shot_lr
 
     src_dir, _ = source_run
     im = ShotAdapter(AdaptConfig(source=str(src_dir), target="builtin:digits/photo", method="shot-im", epochs=1,
                                  run_dir=str(tmp_path / "im"), progress=False))
     assert im.cfg.beta == 0.0 and im.rotation_head is None
+    progress = []
+    monkeypatch.setattr(shot, "set_shot_lr", lambda opt, lr, p: progress.append(p) or set_shot_lr(opt, lr, p))
     im.run()
+    # the official loop counts the step before scheduling it: lr0 (1 + 10 p)^-0.75 at p = 1/T, ..., 1
+    assert progress == pytest.approx([k / len(im.loader) for k in range(1, len(im.loader) + 1)])
     pp = ShotAdapter(AdaptConfig(source=str(src_dir), target="builtin:digits/photo", method="shot++", epochs=1,
                                  rotation_epochs=1, transfer_epochs=1, run_dir=str(tmp_path / "pp"), progress=False))
     assert pp.cfg.rotation_weight == 0.2 and pp.cfg.mix_alpha == 0.1  # the digits defaults
