@@ -29,3 +29,38 @@ def test_bf16_gradient_agrees_with_fp32():
     cosine = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0).item()
     assert cosine > 0.99, cosine
     assert abs(losses["fp32"] - losses["bf16"]) < 0.01 * abs(losses["fp32"]) + 1e-3
+
+
+def _load_script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_precision_comparison_reads_resumed_curves_and_tests_the_difference(tmp_path):
+    """A resumed run logs some steps twice: the curve keeps the later value once. Welch's t against the
+    formula by hand."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    compare = _load_script("compare_precision")
+    writer = SummaryWriter(tmp_path)
+    for step, value in [(100, 1.0), (200, 2.0), (300, 3.0)]:
+        writer.add_scalar("train/episode_return", value, step)
+    writer.close()
+    writer = SummaryWriter(tmp_path, purge_step=200)   # the resume repeats step 200 onwards
+    for step, value in [(200, 5.0), (300, 6.0), (400, 7.0)]:
+        writer.add_scalar("train/episode_return", value, step)
+    writer.close()
+    steps, values = compare.curves(tmp_path)["train"]
+    assert steps.tolist() == [100, 200, 300, 400] and values.tolist() == [1.0, 5.0, 6.0, 7.0]
+    assert len(compare.curves(tmp_path)["test"][0]) == 0
+
+    a, b = [10.0, 12.0, 14.0], [7.0, 8.0, 12.0]
+    ma, mb, va, vb = sum(a) / 3, sum(b) / 3, 4.0, 7.0   # sample variances
+    t, p = compare.welch(a, b)
+    assert abs(t - (ma - mb) / ((va / 3 + vb / 3) ** 0.5)) < 1e-9 and 0 < p < 1
