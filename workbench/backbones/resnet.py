@@ -3,6 +3,12 @@
 `pretrained=<file>` loads a torchvision-format state dict from a local file (nothing is
 downloaded); the classification layer `fc.*` in the file is ignored. `features_only=True` makes
 `forward` return the four stage maps (strides 4-32, described by `feature_info`).
+
+`output_stride=16` or `8` turns the stride-2 convolutions of the last one or two stages into
+stride 1 and dilates the 3x3 convolutions after them by the stride they replace (the "dilated
+ResNet" of DeepLab and of the segmentation heads, e.g. ResNet-101-D8 at OS 8), so the stage maps
+come out at strides 4, 8, 16, 16 or 4, 8, 8, 8 and `feature_info` says so. The weights are the
+same tensors at every output stride, so ImageNet weights load unchanged.
 """
 
 from __future__ import annotations
@@ -39,11 +45,43 @@ def load_torchvision_weights(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
+OUTPUT_STRIDES = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}
+
+
+def dilate_basic_blocks(net: torchvision.models.ResNet, replace: list[bool]) -> None:
+    """torchvision's `replace_stride_with_dilation` for BasicBlock stages, which torchvision refuses.
+
+    The same rule as torchvision applies to Bottleneck stages: in a stage whose stride is replaced,
+    the first block keeps the previous dilation (and loses its stride, in conv1 and the shortcut),
+    the following blocks dilate by the accumulated factor. Padding = dilation keeps the map size.
+    """
+    dilation = 1
+    for stage, dilate in zip((net.layer2, net.layer3, net.layer4), replace):
+        if not dilate:
+            continue
+        previous, dilation = dilation, dilation * 2
+        stage[0].conv1.stride = (1, 1)
+        if stage[0].downsample is not None:
+            stage[0].downsample[0].stride = (1, 1)
+        for i, block in enumerate(stage):
+            d = previous if i == 0 else dilation
+            for conv in (block.conv1, block.conv2):
+                conv.dilation, conv.padding = (d, d), (d, d)
+
+
 class ResNetBackbone(nn.Module):
-    def __init__(self, arch: str = "resnet50", pretrained: str | None = None, features_only: bool = False):
+    def __init__(self, arch: str = "resnet50", pretrained: str | None = None, features_only: bool = False,
+                 output_stride: int = 32):
         super().__init__()
+        if output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride must be one of {sorted(OUTPUT_STRIDES)}, not {output_stride}")
         self.features_only = features_only
-        net = getattr(torchvision.models, arch)(weights=None)
+        self.output_stride = output_stride
+        replace = OUTPUT_STRIDES[output_stride]
+        bottleneck = arch not in ("resnet18", "resnet34")
+        net = getattr(torchvision.models, arch)(weights=None, replace_stride_with_dilation=replace if bottleneck else None)
+        if not bottleneck:
+            dilate_basic_blocks(net, replace)
         if pretrained:
             load_torchvision_weights(net, pretrained)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
@@ -51,10 +89,10 @@ class ResNetBackbone(nn.Module):
         self.out_dim = net.fc.in_features
         widths = [stage[-1].conv3.out_channels if hasattr(stage[-1], "conv3") else stage[-1].conv2.out_channels
                   for stage in self.stages]
-        self.feature_info = [{"channels": c, "reduction": 4 * 2**i} for i, c in enumerate(widths)]
+        self.feature_info = [{"channels": c, "reduction": min(4 * 2**i, output_stride)} for i, c in enumerate(widths)]
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The four stage outputs, at strides 4, 8, 16 and 32."""
+        """The four stage outputs, at strides 4, 8, 16 and 32 (capped at the output stride)."""
         x = self.stem(x)
         maps = []
         for stage in self.stages:
@@ -71,8 +109,8 @@ class ResNetBackbone(nn.Module):
 
 def _register(arch: str) -> None:
     @register_backbone(arch)
-    def build(pretrained: str | None = None, features_only: bool = False) -> ResNetBackbone:
-        return ResNetBackbone(arch, pretrained, features_only)
+    def build(pretrained: str | None = None, features_only: bool = False, output_stride: int = 32) -> ResNetBackbone:
+        return ResNetBackbone(arch, pretrained, features_only, output_stride)
 
 
 for _arch in ("resnet18", "resnet50", "resnet101"):
