@@ -1,0 +1,108 @@
+"""SegmentationModel: a registry backbone's multi-scale features + a registry dense head.
+
+    model = SegmentationModel("resnet18", "issa", num_classes=11, head_kwargs={"channels": 128})
+    logits = model(images)                       # (N, K, H, W) at input resolution
+    logits, aux = model.forward_train(images)    # both at input resolution (aux None without aux head)
+    z = model.pixel_features(images)             # (N, D, h, w): what enters model.classifier
+
+The split is SHOT's: `model.classifier` (the head's final 1x1 conv) is the hypothesis that
+source-free adaptation freezes; backbone and the rest of the head are the feature extractor it
+adapts, and `pixel_features` gives the per-pixel "bottleneck" features it clusters.
+
+Any backbone with `forward_features` and `feature_info` works. ResNets are built at output stride
+8 (dilated last two stages, as segmentation uses them) unless `backbone_kwargs` says otherwise.
+Logits are upsampled bilinearly with align_corners=False.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+
+from workbench.backbones import create_backbone, list_backbones
+
+from .heads import DenseHead, create_head, resize
+
+# backbones built at another output stride than their classification default for segmentation
+SEGMENTATION_BACKBONE_DEFAULTS = {"resnet18": {"output_stride": 8}, "resnet50": {"output_stride": 8},
+                                  "resnet101": {"output_stride": 8}}
+
+
+def _has_dense_features(net: nn.Module) -> bool:
+    return callable(getattr(net, "forward_features", None)) and bool(getattr(net, "feature_info", None))
+
+
+@functools.lru_cache(maxsize=1)
+def dense_backbones() -> tuple[str, ...]:
+    """Registry backbones that give multi-scale features (built on the meta device: no memory, ~2 s)."""
+    names = []
+    for name in list_backbones():
+        try:
+            with torch.device("meta"):
+                net = create_backbone(name)
+        except Exception:  # noqa: BLE001  (a backbone that cannot be built this way is not offered)
+            continue
+        if _has_dense_features(net):
+            names.append(name)
+    return tuple(names)
+
+
+def segmentation_backbone_kwargs(backbone: str, backbone_kwargs: dict | None = None) -> dict:
+    """The caller's kwargs on top of the segmentation defaults (ResNets: output_stride=8)."""
+    return {**SEGMENTATION_BACKBONE_DEFAULTS.get(backbone, {}), **(backbone_kwargs or {})}
+
+
+class SegmentationModel(nn.Module):
+    def __init__(self, backbone: str, head: str, num_classes: int, backbone_kwargs: dict | None = None,
+                 head_kwargs: dict | None = None):
+        super().__init__()
+        net = create_backbone(backbone, **segmentation_backbone_kwargs(backbone, backbone_kwargs))
+        if not _has_dense_features(net):
+            raise ValueError(f"backbone {backbone!r} gives no multi-scale features (forward_features + feature_info) "
+                             f"for a dense head: choose one of {', '.join(dense_backbones())}")
+        self.backbone = net
+        self.head: DenseHead = create_head(head, net.feature_info, num_classes, **(head_kwargs or {}))
+        self.num_classes = num_classes
+
+    @property
+    def classifier(self) -> nn.Conv2d:
+        """The head's final 1x1 conv: frozen during adaptation."""
+        return self.head.classifier
+
+    def pixel_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D, h, w): the per-pixel features entering the classifier, at feature resolution."""
+        return self.head.pixel_features(self.backbone.forward_features(x), with_aux=False)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, K, H, W) at input resolution (the aux head, if separate, is skipped)."""
+        logits, _ = self.head(self.backbone.forward_features(x), with_aux=False)
+        return resize(logits, x.shape[-2:])
+
+    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, aux_logits or None), both at input resolution; loss = CE(logits) + aux_weight CE(aux)."""
+        logits, aux = self.head(self.backbone.forward_features(x), with_aux=True)
+        size = x.shape[-2:]
+        return resize(logits, size), (resize(aux, size) if aux is not None else None)
+
+
+def dense_model_config(backbone: str, head: str, num_classes: int, backbone_kwargs: dict | None = None,
+                       head_kwargs: dict | None = None, image_size: int | None = None) -> dict:
+    """Everything needed to rebuild a SegmentationModel (JSON-able; stored in checkpoints). The
+    backbone kwargs are recorded resolved, e.g. a ResNet's output_stride=8."""
+    return {"task": "segmentation", "backbone": backbone, "head": head, "num_classes": int(num_classes),
+            "backbone_kwargs": segmentation_backbone_kwargs(backbone, backbone_kwargs),
+            "head_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in (head_kwargs or {}).items()},
+            "image_size": image_size}
+
+
+def build_dense_model(config: dict) -> SegmentationModel:
+    """A SegmentationModel from `dense_model_config`'s dict (local pretrained-weight paths are
+    dropped: the checkpoint's state dict carries the weights)."""
+    missing = [k for k in ("backbone", "head", "num_classes") if k not in config]
+    if missing:
+        raise ValueError(f"not a segmentation model config: missing {', '.join(missing)}")
+    backbone_kwargs = {k: v for k, v in (config.get("backbone_kwargs") or {}).items() if k != "pretrained"}
+    return SegmentationModel(config["backbone"], config["head"], config["num_classes"], backbone_kwargs,
+                             config.get("head_kwargs") or {})
