@@ -1,0 +1,326 @@
+"""The built-in dense benchmark: scenes of several digits with per-pixel labels, from packaged data only.
+
+Every scene is a SIZE x SIZE (64 x 64) RGB canvas holding 3-5 digits that do not overlap (their
+boxes keep a 2-pixel gap), each 16-26 pixels tall and turned by up to 10 degrees. Eleven classes:
+0 = background, 1..10 = the digits 0..9 (class = digit + 1). The digit shapes come from the same
+sources as the built-in digits (`adaptation.digits`): printed glyphs of matplotlib's bundled
+TrueType faces (70%) and scikit-learn's handwritten UCI digits (30%). The two domains draw their
+shapes, sizes, rotations, counts and layouts from the SAME distributions; only the appearance
+changes, so that the shift is real but a model's shape knowledge still transfers:
+
+- `printed`  (the source): dark ink on plain light paper, crisp anti-aliased edges, nothing else
+             in the scene. Easy, clean, one polarity.
+- `textured` (the target): the digits painted in random colours of either polarity (chosen to
+             contrast with the background under each digit) over crops of scikit-image's photos
+             and tinted textures at random zoom, with 1-3 clutter strokes (lines and arcs,
+             labelled background) drawn under the digits, then blur and sensor noise. A source
+             model meets unseen colours, inverted polarity, textured backgrounds and digit-like
+             strokes, while the digits keep their printed shapes.
+
+Labels come from each digit's ink coverage, computed exactly: the glyph is drawn large and
+area-averaged (box filter) down to its size, so every pixel knows the fraction of it that ink
+covers, and the image uses that same fraction as the ink's alpha. A pixel is its digit's class
+where coverage >= INK_HIGH (0.75), background where coverage <= INK_LOW (0.25), and IGNORE (255)
+in between: the one-pixel anti-aliased rim whose label is ambiguous (about a fifth of the
+ink-touching pixels). The handwritten digits (8 x 8 grey levels 0..16) are upsampled smoothly and
+their ink is the level ramp 4..12 mapped to coverage 0..1 (half coverage at level 8, half ink).
+
+Train and test scenes come from separate random streams (one per domain and split, one per scene),
+and the handwritten test digits are the UCI test split of `adaptation.digits`, so no handwritten
+instance appears in both. Building is deterministic and cached as .npz under
+$WORKBENCH_DATA/scenes (default ~/.cache/workbench/scenes): x_train (N, 64, 64, 3) uint8,
+m_train (N, 64, 64) uint8, x_test, m_test. Smaller sets (for tests) come from `build_domain(...,
+n_train=, n_test=)` or WORKBENCH_SCENES_N="<train>,<test>"; they are prefixes of the full sets
+and are cached under their own file names. `builtin:scenes/<domain>[:train|test|all]` names a
+domain wherever segmentation data is accepted.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from .. import digits
+
+DOMAINS = ("printed", "textured")
+NUM_CLASSES = 11
+CLASS_NAMES = ("background",) + tuple(f"digit {d}" for d in range(10))
+IGNORE_INDEX = 255
+SIZE = 64
+VERSION = 1
+TRAIN_SCENES, TEST_SCENES = 3000, 500
+DIGITS_PER_SCENE = (3, 5)        # inclusive
+GLYPH_HEIGHT = (16, 26)          # pixels, after rotation
+MAX_WIDTH = 0.9                  # of the height
+MAX_ROTATION = 10.0              # degrees
+GAP = 2                          # pixels between digit boxes
+HANDWRITTEN_FRACTION = 0.3
+INK_LOW, INK_HIGH = 0.25, 0.75   # ink coverage: background <= LOW < ignore < HIGH <= digit
+RENDER_SIZE = 96                 # points: glyphs are drawn large, then area-averaged down
+SEEDS = {"printed": 21, "textured": 22}
+SPLIT_STREAM = {"train": 0, "test": 1}
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+          "hubble_deep_field.jpg", "ihc.png", "retina.jpg", "color.png")
+TEXTURES = ("brick.png", "grass.png", "gravel.png")  # grey; tinted with a random colour
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("WORKBENCH_DATA", Path.home() / ".cache" / "workbench")) / "scenes"
+
+
+def check_domain(domain: str) -> str:
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown built-in scenes domain {domain!r}: choose one of {', '.join(DOMAINS)} "
+                         f"(e.g. builtin:scenes/printed)")
+    return domain
+
+
+# ------------------------------------------------------------------ digit shapes (shared by the domains)
+@functools.lru_cache(maxsize=None)
+def _fonts() -> tuple[Path, ...]:
+    return tuple(digits.digit_fonts())
+
+
+@functools.lru_cache(maxsize=None)
+def _printed_alpha(font: Path, digit: int, stroke: int) -> np.ndarray:
+    """Ink of one printed digit at RENDER_SIZE points, tightly cropped, float32 coverage 0..1."""
+    face = ImageFont.truetype(str(font), RENDER_SIZE)
+    canvas = Image.new("L", (2 * RENDER_SIZE, 2 * RENDER_SIZE), 0)
+    ImageDraw.Draw(canvas).text((RENDER_SIZE, RENDER_SIZE), str(digit), fill=255, font=face, anchor="mm",
+                                stroke_width=3 * stroke, stroke_fill=255)
+    return np.asarray(canvas.crop(canvas.getbbox()), np.float32) / 255.0
+
+
+@functools.lru_cache(maxsize=None)
+def _handwritten() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """UCI digits as smooth 64 x 64 ink coverage (grey level 4..12 -> 0..1), labels, and the fixed
+    train / test indices of `adaptation.digits` (its 20% stratified split, same seed)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    big = np.stack([np.asarray(Image.fromarray(g.astype(np.float32)).resize((64, 64), Image.BICUBIC))
+                    for g in data.images])
+    alpha = np.clip((big - 4.0) / 8.0, 0.0, 1.0).astype(np.float32)
+    labels = data.target.astype(np.int64)
+    train, test = digits.stratified_split(labels, digits.TEST_FRACTION, np.random.default_rng(digits.SEEDS["uci"]))
+    return alpha, labels, train, test
+
+
+def _crop_to_ink(alpha: np.ndarray) -> np.ndarray:
+    rows, cols = np.flatnonzero(alpha.max(1) > 0.01), np.flatnonzero(alpha.max(0) > 0.01)
+    return alpha[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def _fit(alpha: np.ndarray, height: int, angle: float) -> np.ndarray:
+    """Rotate the large ink map, crop it to its ink, area-average it down to `height` rows: coverage."""
+    turned = Image.fromarray(np.ascontiguousarray(alpha, np.float32)).rotate(angle, resample=Image.BILINEAR, expand=True)
+    turned = _crop_to_ink(np.asarray(turned))
+    width = int(round(min(height * turned.shape[1] / turned.shape[0], MAX_WIDTH * height)))
+    small = Image.fromarray(np.ascontiguousarray(turned, np.float32)).resize((max(width, 2), height), Image.BOX)
+    return np.clip(np.asarray(small), 0.0, 1.0)
+
+
+def _sample_digit(rng: np.random.Generator, split: str) -> tuple[int, np.ndarray]:
+    """(digit 0..9, coverage map) of one digit instance."""
+    height = int(rng.integers(GLYPH_HEIGHT[0], GLYPH_HEIGHT[1] + 1))
+    angle = float(rng.uniform(-MAX_ROTATION, MAX_ROTATION))
+    if rng.random() < HANDWRITTEN_FRACTION:
+        alpha, labels, train, test = _handwritten()
+        index = int(rng.choice(train if split == "train" else test))
+        return int(labels[index]), _fit(alpha[index], height, angle)
+    digit = int(rng.integers(10))
+    fonts = _fonts()
+    glyph = _printed_alpha(fonts[int(rng.integers(len(fonts)))], digit, int(rng.integers(0, 3)))
+    return digit, _fit(glyph, height, angle)
+
+
+def _layout(rng: np.random.Generator, split: str) -> list[tuple[int, int, int, np.ndarray]]:
+    """3-5 digits at non-overlapping places: [(digit, top, left, coverage)]; a digit that finds no free
+    place in 50 draws is left out."""
+    placed, boxes = [], []
+    for _ in range(int(rng.integers(DIGITS_PER_SCENE[0], DIGITS_PER_SCENE[1] + 1))):
+        digit, cover = _sample_digit(rng, split)
+        h, w = cover.shape
+        for _ in range(50):
+            top, left = int(rng.integers(1, SIZE - h)), int(rng.integers(1, SIZE - w))
+            if all(top + h + GAP <= t or t + bh + GAP <= top or left + w + GAP <= l or l + bw + GAP <= left
+                   for t, l, bh, bw in boxes):
+                boxes.append((top, left, h, w))
+                placed.append((digit, top, left, cover))
+                break
+    return placed
+
+
+def label_map(placed) -> np.ndarray:
+    """The (SIZE, SIZE) uint8 labels of a layout: digit + 1 on ink, 255 on the ambiguous rim, 0 elsewhere."""
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    for digit, top, left, cover in placed:
+        region = mask[top:top + cover.shape[0], left:left + cover.shape[1]]
+        region[cover > INK_LOW] = IGNORE_INDEX
+        region[cover >= INK_HIGH] = digit + 1
+    return mask
+
+
+def _paint(image: np.ndarray, placed, colours) -> np.ndarray:
+    """Blend each digit's ink colour over the image with its coverage as alpha (float image)."""
+    for (digit, top, left, cover), colour in zip(placed, colours):
+        region = image[top:top + cover.shape[0], left:left + cover.shape[1]]
+        region[:] = region * (1.0 - cover[..., None]) + np.asarray(colour, np.float64) * cover[..., None]
+    return image
+
+
+# ------------------------------------------------------------------ appearances
+def _luma(rgb) -> float:
+    return float(np.asarray(rgb, np.float64) @ np.array([0.299, 0.587, 0.114]))
+
+
+def paint_printed(rng: np.random.Generator, placed) -> np.ndarray:
+    """Dark ink (a random near-black colour per digit) on plain light paper (one tint per scene)."""
+    paper = np.clip(rng.uniform(200, 250) + rng.uniform(-12, 12, 3), 0, 255)
+    image = np.broadcast_to(paper, (SIZE, SIZE, 3)).astype(np.float64)
+    inks = [rng.uniform(0, 80, 3) for _ in placed]
+    return np.round(_paint(image, placed, inks)).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _backgrounds() -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    photos = tuple(np.asarray(Image.open(folder / n).convert("RGB")) for n in PHOTOS)
+    textures = tuple(np.asarray(Image.open(folder / n).convert("L")) for n in TEXTURES)
+    return photos, textures
+
+
+def _textured_background(rng: np.random.Generator) -> np.ndarray:
+    """A random crop (48-160 pixels, so the zoom varies) of a photo, or of a grey texture tinted with a
+    random colour, resized to the canvas, maybe mirrored, its channels maybe shuffled."""
+    photos, textures = _backgrounds()
+    use_texture = rng.random() < 0.3
+    source = textures[int(rng.integers(len(textures)))] if use_texture else photos[int(rng.integers(len(photos)))]
+    side = int(rng.integers(48, 161))
+    top, left = int(rng.integers(source.shape[0] - side)), int(rng.integers(source.shape[1] - side))
+    crop = Image.fromarray(source[top:top + side, left:left + side]).resize((SIZE, SIZE), Image.BILINEAR)
+    crop = np.asarray(crop, np.float64)
+    if use_texture:
+        low, high = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        crop = low + (high - low) * (crop[..., None] / 255.0)
+    elif rng.random() < 0.5:
+        crop = crop[..., rng.permutation(3)]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return np.ascontiguousarray(crop)
+
+
+def _clutter(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """1-3 background strokes: straight lines and elliptic arcs, 1-3 pixels wide, random colours."""
+    canvas = Image.fromarray(np.round(np.clip(image, 0, 255)).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(1, 4))):
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        width = int(rng.integers(1, 4))
+        if rng.random() < 0.5:
+            draw.line([tuple(rng.uniform(0, SIZE, 2)), tuple(rng.uniform(0, SIZE, 2))], fill=colour, width=width)
+        else:
+            x0, y0 = rng.uniform(-SIZE / 4, SIZE * 0.75, 2)
+            w, h = rng.uniform(10, SIZE * 0.75, 2)
+            start = float(rng.uniform(0, 360))
+            draw.arc([x0, y0, x0 + w, y0 + h], start, start + float(rng.uniform(60, 270)), fill=colour, width=width)
+    return np.asarray(canvas, np.float64)
+
+
+def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
+    """A random colour whose luma differs by more than 70 from the mean colour under the digit:
+    lighter or darker, whichever the draw gives (both polarities occur)."""
+    target = _luma(under.reshape(-1, 3).mean(0))
+    for _ in range(30):
+        colour = rng.uniform(0, 256, 3)
+        if abs(_luma(colour) - target) > 70:
+            return colour
+    return np.full(3, 0.0 if target > 127 else 255.0)
+
+
+def paint_textured(rng: np.random.Generator, placed) -> np.ndarray:
+    """Photo or texture background, clutter strokes, digits in contrasting colours of either
+    polarity, then blur (half of the scenes, radius up to 0.8) and Gaussian noise (sigma up to 8)."""
+    image = _clutter(rng, _textured_background(rng))
+    colours = [_contrasting_colour(rng, image[t:t + c.shape[0], l:l + c.shape[1]]) for _, t, l, c in placed]
+    image = np.round(np.clip(_paint(image, placed, colours), 0, 255)).astype(np.uint8)
+    if rng.random() < 0.5:
+        image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 0.8)))))
+    noise = rng.normal(0.0, rng.uniform(0, 8), image.shape)
+    return np.round(np.clip(image + noise, 0, 255)).astype(np.uint8)
+
+
+PAINTERS = {"printed": paint_printed, "textured": paint_textured}
+
+
+def render_scene(domain: str, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scene `index` of a domain's split: (image (SIZE, SIZE, 3) uint8, labels (SIZE, SIZE) uint8).
+
+    Each scene has its own random stream (domain seed, split, index), so a scene never depends on
+    how many were built before it."""
+    rng = np.random.default_rng([SEEDS[check_domain(domain)], SPLIT_STREAM[split], index])
+    placed = _layout(rng, split)
+    return PAINTERS[domain](rng, placed), label_map(placed)
+
+
+# ------------------------------------------------------------------ cache
+def scene_counts(n_train: int | None = None, n_test: int | None = None) -> tuple[int, int]:
+    """The set sizes: arguments, else WORKBENCH_SCENES_N="<train>,<test>", else 3000 / 500."""
+    train, test = TRAIN_SCENES, TEST_SCENES
+    override = os.environ.get("WORKBENCH_SCENES_N", "").strip()
+    if override:
+        try:
+            train, test = (int(v) for v in override.split(","))
+        except ValueError:
+            raise ValueError(f"WORKBENCH_SCENES_N={override!r}: expected '<train>,<test>' scene counts, "
+                             f"e.g. 200,50") from None
+    train, test = n_train if n_train is not None else train, n_test if n_test is not None else test
+    if train < 1 or test < 1:
+        raise ValueError(f"scene counts must be positive, got {train} train / {test} test")
+    return train, test
+
+
+def cache_path(domain: str, n_train: int | None = None, n_test: int | None = None) -> Path:
+    train, test = scene_counts(n_train, n_test)
+    suffix = "" if (train, test) == (TRAIN_SCENES, TEST_SCENES) else f"-n{train}-{test}"
+    return cache_dir() / f"{check_domain(domain)}-v{VERSION}{suffix}.npz"
+
+
+def build_domain(domain: str, force: bool = False, n_train: int | None = None, n_test: int | None = None) -> Path:
+    """Build (or reuse) the cached scenes of one domain; returns the .npz path."""
+    path = cache_path(domain, n_train, n_test)
+    if path.exists() and not force:
+        return path
+    arrays = {}
+    for split, count in zip(("train", "test"), scene_counts(n_train, n_test)):
+        scenes = [render_scene(domain, split, i) for i in range(count)]
+        arrays[f"x_{split}"] = np.stack([s[0] for s in scenes])
+        arrays[f"m_{split}"] = np.stack([s[1] for s in scenes])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load_domain(domain: str, n_train: int | None = None, n_test: int | None = None) -> dict[str, np.ndarray]:
+    """{x_train, m_train, x_test, m_test} of one domain, building the cache if needed."""
+    with np.load(build_domain(domain, n_train=n_train, n_test=n_test)) as data:
+        return {key: data[key] for key in ("x_train", "m_train", "x_test", "m_test")}
+
+
+def load_split(domain: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 64, 64, 3) uint8, masks (N, 64, 64) uint8) of `train`, `test` or `all`."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"unknown split {split!r}: use train, test or all")
+    arrays = load_domain(domain)
+    if split == "all":
+        return (np.concatenate([arrays["x_train"], arrays["x_test"]]),
+                np.concatenate([arrays["m_train"], arrays["m_test"]]))
+    return arrays[f"x_{split}"], arrays[f"m_{split}"]
