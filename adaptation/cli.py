@@ -22,24 +22,48 @@ def _fail(exc: Exception) -> int:
 
 
 def datasets_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="workbench datasets", description="The built-in digits benchmark.")
+    from .dense import scenes
+
+    def builtin_domain(name: str) -> tuple[str, str]:
+        """`uci`, `digits/uci`, `builtin:scenes/printed` ... -> (family, domain)."""
+        families = {"digits": digits.DOMAINS, "scenes": scenes.DOMAINS}
+        family, _, domain = name.removeprefix("builtin:").rpartition("/")
+        matches = [f for f, domains in families.items() if domain in domains and family in ("", f)]
+        if not matches:
+            known = ", ".join(f"{f}/{d}" for f, domains in families.items() for d in domains)
+            raise ValueError(f"unknown built-in domain {name!r}: choose from {known}")
+        return matches[0], domain
+
+    p = argparse.ArgumentParser(prog="workbench datasets",
+                                description="The built-in benchmarks: digits (classification) and digit scenes "
+                                            "(segmentation).")
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="list the built-in domains and whether they are built")
     build = sub.add_parser("build", help="build (and cache) built-in domains")
-    build.add_argument("domains", nargs="*", default=list(digits.DOMAINS), help="default: all")
+    build.add_argument("domains", nargs="*", help="e.g. uci, digits/fonts, scenes/printed (default: all)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     args = p.parse_args(argv)
     try:
         if args.action == "list":
             for domain in digits.DOMAINS:
                 path = digits.cache_path(domain)
-                print(f"builtin:digits/{domain:6s} {'built' if path.exists() else 'not built'}  {path}")
+                print(f"builtin:digits/{domain:8s} {'built' if path.exists() else 'not built'}  {path}")
+            for domain in scenes.DOMAINS:
+                path = scenes.cache_path(domain)
+                print(f"builtin:scenes/{domain:8s} {'built' if path.exists() else 'not built'}  {path}")
             return 0
-        for domain in args.domains:
-            path = digits.build_domain(digits.check_domain(domain), force=args.force)
-            x_train, _ = digits.load_domain(domain, "train")
-            x_test, _ = digits.load_domain(domain, "test")
-            print(f"builtin:digits/{domain}: {len(x_train)} train / {len(x_test)} test images -> {path}")
+        names = args.domains or [f"digits/{d}" for d in digits.DOMAINS] + [f"scenes/{d}" for d in scenes.DOMAINS]
+        for family, domain in [builtin_domain(name) for name in names]:
+            if family == "digits":
+                path = digits.build_domain(domain, force=args.force)
+                x_train, _ = digits.load_domain(domain, "train")
+                x_test, _ = digits.load_domain(domain, "test")
+                print(f"builtin:digits/{domain}: {len(x_train)} train / {len(x_test)} test images -> {path}")
+            else:
+                path = scenes.build_domain(domain, force=args.force)
+                arrays = scenes.load_domain(domain)
+                print(f"builtin:scenes/{domain}: {len(arrays['x_train'])} train / {len(arrays['x_test'])} test "
+                      f"{scenes.SIZE}x{scenes.SIZE} scenes, {scenes.NUM_CLASSES} classes -> {path}")
     except USER_ERRORS as exc:
         return _fail(exc)
     return 0
