@@ -41,20 +41,48 @@ def _nearest_centroid(features: torch.Tensor, centroids: torch.Tensor, backend: 
     return (features @ centroids.T).argmax(dim=1)
 
 
-def shot_pseudo_labels(features: torch.Tensor, probs: torch.Tensor, rounds: int = ROUNDS,
-                       backend: str = "auto") -> torch.Tensor:
-    """Pseudo-labels (N,) for bottleneck features (N, d) and softmax outputs (N, K)."""
+def _augment(features: torch.Tensor) -> torch.Tensor:
+    """[f, 1] / ||[f, 1]||: the constant 1 keeps the zero vector away, the norm makes the dot product cosine."""
+    features = features.float()
+    return F.normalize(torch.cat([features, torch.ones_like(features[:, :1])], dim=1), dim=1)
+
+
+def _check_backend(backend: str) -> str:
     if backend == "auto":
         backend = "faiss" if faiss_available() else "torch"
     if backend not in ("faiss", "torch"):
         raise ValueError(f"unknown clustering backend {backend!r}: use auto, faiss or torch")
-    features = features.float()
-    features = F.normalize(torch.cat([features, torch.ones_like(features[:, :1])], dim=1), dim=1)
+    return backend
+
+
+def shot_centroids(features: torch.Tensor, probs: torch.Tensor, rounds: int = ROUNDS,
+                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The last round's centroids (in the augmented, normalised feature space) and the class of each.
+
+    Fitted on (N, d) features and (N, K) softmax outputs; `assign_to_centroids` then labels these or any
+    other features (the dense adapter fits on a sample of pixels and labels every pixel)."""
+    backend = _check_backend(backend)
+    features = _augment(features)
     num_classes = probs.shape[1]
     weights, labels = probs.float(), probs.argmax(1)
-    for _ in range(rounds):
+    for r in range(rounds):
         centroids = weights.T @ features / (weights.sum(0)[:, None] + 1e-8)
         candidates = torch.bincount(labels, minlength=num_classes).nonzero().squeeze(1)
+        if r == rounds - 1:
+            return centroids[candidates], candidates
         labels = candidates[_nearest_centroid(features, centroids[candidates], backend)]
         weights = F.one_hot(labels, num_classes).float()
-    return labels
+    raise ValueError("rounds must be at least 1")
+
+
+def assign_to_centroids(features: torch.Tensor, centroids: torch.Tensor, classes: torch.Tensor,
+                        backend: str = "auto") -> torch.Tensor:
+    """The class of the most cosine-similar centroid for every row of (N, d) raw features."""
+    return classes[_nearest_centroid(_augment(features), centroids, _check_backend(backend))]
+
+
+def shot_pseudo_labels(features: torch.Tensor, probs: torch.Tensor, rounds: int = ROUNDS,
+                       backend: str = "auto") -> torch.Tensor:
+    """Pseudo-labels (N,) for bottleneck features (N, d) and softmax outputs (N, K)."""
+    centroids, classes = shot_centroids(features, probs, rounds, backend)
+    return assign_to_centroids(features, centroids, classes, backend)
