@@ -1,0 +1,184 @@
+"""Source training of a segmentation model: the model that pixel-level SHOT adapts.
+
+The segmentation recipe of openseg / HRNet (REFERENCE 8.1, 8.2):
+
+    L  = CE(logits, y; ignore 255) + aux_weight * CE(aux_logits, y; ignore 255)   (aux_weight 0.4 where
+                                                                                   the head has an aux head)
+    SGD, momentum 0.9, weight decay 5e-4, lr = lr0 (1 - t/T)^0.9 (poly), lr0 = 0.01
+
+with the joint random scale (0.5-2.0) / crop / flip of adaptation.dense.data. As the classification
+source (adaptation.source), the model is selected on held-out data: mIoU on the selection set is
+checked `selection_checks` times over the run and the last of the best checks is kept (`>=`). The
+selection set is the test split for built-in scenes (training on the train split), otherwise a
+held-out 10% of the data (training on the other 90%), or any data passed as `select_on`.
+
+The checkpoint `source.pt` (kind "source-model") carries "task": "segmentation" and the
+`dense_model_config`, so `adapt` and `evaluate` pick the dense pipeline from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from workbench.checkpoint import save_checkpoint
+from workbench.logging import RunLogger, default_run_name, write_json
+from workbench.runtime import Runtime, seed_everything
+
+from ..source import cycle, split_holdout
+from .data import IGNORE_INDEX, builtin_scenes_test_split, load_segmentation
+from .evaluate import TASK, eval_loader, public_scores, segmentation_pass
+from .model import SegmentationModel, dense_model_config
+
+SOURCE_KIND = "source-model"
+CHECKPOINT = "source.pt"
+MOMENTUM, WEIGHT_DECAY, POLY_POWER, LR = 0.9, 5e-4, 0.9, 1e-2   # openseg / HRNet Cityscapes configs
+
+
+def poly_lr(lr0: float, progress: float, power: float = POLY_POWER) -> float:
+    """lr0 (1 - p)^power, p in [0, 1] the training progress."""
+    return lr0 * max(0.0, 1.0 - progress) ** power
+
+
+def segmentation_optimizer(groups: list[tuple[nn.Module, float]], lr: float, weight_decay: float = WEIGHT_DECAY,
+                           momentum: float = MOMENTUM) -> torch.optim.SGD:
+    """SGD over (module, lr multiplier) groups; frozen parameters are skipped."""
+    params = [{"params": [p for p in m.parameters() if p.requires_grad], "lr_mult": mult} for m, mult in groups]
+    params = [g for g in params if g["params"]]
+    for g in params:
+        g["lr"] = lr * g["lr_mult"]
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g["lr_mult"]
+    return lr
+
+
+def segmentation_loss(logits: torch.Tensor, aux: torch.Tensor | None, masks: torch.Tensor,
+                      aux_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CE(main) + aux_weight CE(aux), both ignoring 255; (total, terms)."""
+    terms = {"ce": F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)}
+    total = terms["ce"]
+    if aux is not None and aux_weight > 0:
+        terms["aux_ce"] = F.cross_entropy(aux, masks, ignore_index=IGNORE_INDEX)
+        total = total + aux_weight * terms["aux_ce"]
+    return total, terms
+
+
+@dataclass
+class DenseSourceConfig:
+    data: str = "builtin:scenes/printed"
+    backbone: str = "resnet18"
+    head: str = "fcn"
+    head_channels: int | None = None       # None: the head's published width (512); the scenes need far less
+    output_stride: int | None = None       # None: the segmentation default (8 for ResNets)
+    num_classes: int | None = None
+    crop_size: int | None = None           # None: the scenes' 64 x 64 canvas, 512 for user data
+    # Small batch and few epochs so that a run on the 64 x 64 scenes stays within CPU reach: the papers'
+    # batch 8-12 at 1024 x 512 crops is ~1000x the pixels of 16 scenes, and 10 epochs of 3000 scenes are
+    # ~1900 iterations, of the order of the papers' iteration counts scaled to a 64 x 64 problem.
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = LR
+    weight_decay: float = WEIGHT_DECAY
+    momentum: float = MOMENTUM
+    poly_power: float = POLY_POWER
+    holdout: float = 0.1                   # fraction held out for selection when there is no `select_on`
+    select_on: str | None = None           # default: the test split of built-in scenes
+    selection_checks: int = 5              # mIoU checks over the run (each is a full pass of the selection set)
+    pretrained: str | None = None
+    eval_target: str | None = None         # report mIoU on this data at the end
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    run_dir: str = ""
+    progress: bool = True
+
+
+def selection_sets(cfg: DenseSourceConfig):
+    """(training set, selection set, selection data name)."""
+    train_set = load_segmentation(cfg.data, cfg.num_classes, train=True, crop_size=cfg.crop_size)
+    select_on = cfg.select_on or builtin_scenes_test_split(cfg.data)
+    if select_on:
+        return train_set, load_segmentation(select_on, train_set.num_classes, train=False), select_on
+    eval_set = load_segmentation(cfg.data, train_set.num_classes, train=False)
+    if len(train_set) < 2:
+        raise ValueError(f"{cfg.data} holds {len(train_set)} image: a held-out selection set needs at least 2 "
+                         f"(or pass --select-on)")
+    fit_idx, hold_idx = split_holdout(len(train_set), cfg.holdout, cfg.seed)
+    return Subset(train_set, fit_idx), Subset(eval_set, hold_idx), f"{cfg.holdout:.0%} of {cfg.data}"
+
+
+def train_dense_source(cfg: DenseSourceConfig) -> dict:
+    seed_everything(cfg.seed)
+    rt = Runtime.create(cfg.device, "fp32")
+    train_set, selection_set, selection_name = selection_sets(cfg)
+    base = train_set.dataset if isinstance(train_set, Subset) else train_set
+    num_classes = base.num_classes
+
+    backbone_kwargs = {"pretrained": cfg.pretrained} if cfg.pretrained else {}
+    if cfg.output_stride is not None:
+        backbone_kwargs["output_stride"] = cfg.output_stride
+    head_kwargs = {"channels": cfg.head_channels} if cfg.head_channels else {}
+    config = dense_model_config(cfg.backbone, cfg.head, num_classes, backbone_kwargs, head_kwargs,
+                                image_size=cfg.crop_size)
+    model = rt.prepare_module(SegmentationModel(cfg.backbone, cfg.head, num_classes, backbone_kwargs, head_kwargs))
+    aux_weight = float(getattr(model.head, "aux_weight", 0.0))
+    optimizer = segmentation_optimizer([(model, 1.0)], cfg.lr, cfg.weight_decay, cfg.momentum)
+    # batch norm cannot train on a last batch of one image
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+                        drop_last=len(train_set) % cfg.batch_size == 1, persistent_workers=cfg.workers > 0)
+    selection_loader = eval_loader(selection_set, workers=cfg.workers)
+
+    run_dir = Path(cfg.run_dir or Path("runs") / default_run_name("source", cfg.backbone, cfg.head, f"s{cfg.seed}"))
+    write_json(run_dir / "config.json", {"task": TASK, **dataclasses.asdict(cfg)})
+    total_iters = max(1, cfg.epochs * len(loader))
+    check_every = max(1, total_iters // max(1, cfg.selection_checks))
+    logger = RunLogger(run_dir, total=total_iters, desc=f"source {cfg.backbone}+{cfg.head}", progress=cfg.progress)
+    best = {"miou": -1.0, "selection_data": selection_name, "iteration": -1}
+    batches, start = cycle(loader), time.time()
+    try:
+        model.train()
+        for step in range(1, total_iters + 1):
+            images, masks, _ = next(batches)
+            lr = set_lr(optimizer, poly_lr(cfg.lr, (step - 1) / total_iters, cfg.poly_power))
+            masks = masks.to(rt.device)
+            if (masks != IGNORE_INDEX).any():  # a crop of padding only carries no labels
+                logits, aux = model.forward_train(rt.images(images))
+                loss, terms = segmentation_loss(logits, aux, masks, aux_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if step % 10 == 0 or step == total_iters:
+                    logger.scalars("source", {"loss": loss.item(), **{k: v.item() for k, v in terms.items()},
+                                              "lr": lr}, step)
+            logger.advance(1)
+            if step % check_every == 0 or step == total_iters:
+                scores = segmentation_pass(model, selection_loader, rt, num_classes)
+                logger.scalars("selection", {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"]},
+                               step)
+                if scores["miou"] >= best["miou"]:  # ties go to the later model, as the classification source
+                    best = {**best, **public_scores(scores), "iteration": step, "epoch": step / len(loader)}
+                    save_checkpoint(run_dir / CHECKPOINT, SOURCE_KIND, {
+                        "task": TASK, "model_config": config, "model": model.state_dict(), "source_data": cfg.data,
+                        "class_names": list(base.class_names), **best})
+    finally:
+        logger.close()
+    metrics = {"task": TASK, "source_data": cfg.data, "backbone": cfg.backbone, "head": cfg.head,
+               "num_classes": num_classes, "class_names": list(base.class_names), **best,
+               "wall_seconds": time.time() - start, "checkpoint": str(run_dir / CHECKPOINT)}
+    if cfg.eval_target:
+        from .evaluate import evaluate_dense_model
+
+        metrics["target"] = evaluate_dense_model(run_dir / CHECKPOINT, cfg.eval_target, device=cfg.device)
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
