@@ -1,0 +1,305 @@
+"""Pixel-level SHOT-IM and SHOT: source-free adaptation of a segmentation model.
+
+SHOT (Liang, Hu, Feng, ICML 2020) with every pixel in the role of a sample. The head's final 1x1
+conv C (the hypothesis) is frozen; backbone F and the rest of the head g are trained on unlabelled
+target images with
+
+    L  = IM + beta * CE(C(z), y_hat)                              (beta = 0: SHOT-IM)
+    IM = mean_{n,u} H(p_{n,u}) - H(mean_{n,u} p_{n,u})             over the batch's pixels u of images n
+
+z = g(F(x)) the per-pixel features (`pixel_features`), p the softmax at input resolution. No pixel
+is ignored: no labels are used. The pseudo-labels y_hat are SHOT's, recomputed at the start of every
+epoch with the model in eval mode, from pixel features:
+
+  1. a random sample of at most `pixels_per_image` (default 128) feature pixels per target image
+     with their softmax (at feature resolution) fits the centroids, c_k = sum_i w_ik f_i / sum_i w_ik
+     on [f, 1] / ||[f, 1]||, soft weights then one hard round (adaptation.cluster.shot_centroids):
+     memory is O(images x pixels_per_image), not O(pixels);
+  2. EVERY feature pixel is then labelled by its most cosine-similar centroid (assign_to_centroids;
+     faiss when importable), at feature resolution, and the label map is upsampled with nearest
+     neighbour to the logits' (input) resolution for the CE term. Only the uint8 label maps are
+     kept, one per image.
+
+Target images are read without geometric augmentation (the evaluation transform), so a pseudo-label
+map stays aligned with its image by index across the epoch.
+
+Optimiser and schedule are SHOT's own (default `schedule="shot"`): SGD momentum 0.9, Nesterov,
+weight decay 1e-3, lr = lr0 (1 + 10 p)^-0.75, lr0 0.01, F at 0.1x lr as SHOT's image setting, beta 0.3
+(SHOT's image value), 15 epochs (SHOT's image value). The loss weights were tuned by SHOT under this
+schedule, and it keeps a non-zero lr (lr0/6) to the last epoch, where poly would stop the pseudo-label
+rounds of the last epochs from having any effect. `schedule="poly"` gives the segmentation source
+schedule (lr0 (1-p)^0.9, weight decay 5e-4) instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from workbench.checkpoint import save_checkpoint
+from workbench.logging import RunLogger, default_run_name, write_json
+from workbench.runtime import Runtime, seed_everything
+
+from ..cluster import assign_to_centroids, shot_centroids
+from ..losses import information_maximization
+from ..training import set_shot_lr, shot_optimizer
+from .data import builtin_scenes_test_split
+from .evaluate import TASK, eval_loader, load_dense_model, load_dense_target, public_scores, segmentation_pass
+from .metrics import ConfusionAccumulator, colorize
+from .source import poly_lr, segmentation_optimizer, set_lr
+
+METHODS = ("shot-im", "shot")
+DEFAULT_METHOD = "shot"
+ADAPTED_KIND = "adapted-model"
+CHECKPOINT = "adapted.pt"
+PIXELS_PER_IMAGE = 128     # feature pixels per image that fit the centroids (all of them on 8 x 8 maps)
+PANEL_IMAGES = 4           # fixed target images drawn as input | truth | prediction each epoch
+SCHEDULES = ("shot", "poly")
+
+
+@dataclass
+class DenseAdaptConfig:
+    source: str = ""
+    target: str = ""
+    method: str = DEFAULT_METHOD
+    epochs: int = 15                  # SHOT, images (object/image_target.py --max_epoch 15)
+    batch_size: int = 16              # 16 scenes of 64 x 64 = 65k pixels per IM batch
+    lr: float = 1e-2
+    schedule: str = "shot"            # see the module doc
+    weight_decay: float | None = None  # None: 1e-3 (shot) / 5e-4 (poly)
+    beta: float = 0.3                 # --cls_par for images; forced to 0 for shot-im
+    im_weight: float = 1.0
+    backbone_lr_mult: float = 0.1     # SHOT images: F at 0.1x
+    pixels_per_image: int = PIXELS_PER_IMAGE
+    panel_images: int = PANEL_IMAGES
+    cluster_backend: str = "auto"
+    test_on: str | None = None        # held-out target data; default: the built-in scenes' test split
+    save_predictions: bool = True
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    run_dir: str = ""
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is not available for segmentation: choose one of "
+                             f"{', '.join(METHODS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.pixels_per_image < 1:
+            raise ValueError(f"pixels_per_image must be positive, got {self.pixels_per_image}")
+        if self.method == "shot-im":
+            self.beta = 0.0
+        if self.weight_decay is None:
+            self.weight_decay = 1e-3 if self.schedule == "shot" else 5e-4
+
+
+def pixel_information_maximization(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IM over every pixel of a (N, K, H, W) batch: mean_{n,u} H(p_nu) - H(mean_{n,u} p_nu);
+    returns (loss, mean pixel entropy, entropy of the mean prediction)."""
+    k = logits.shape[1]
+    return information_maximization(logits.permute(0, 2, 3, 1).reshape(-1, k))
+
+
+def sample_pixels(z: torch.Tensor, probs: torch.Tensor, count: int, generator: torch.Generator):
+    """At most `count` random pixels of each image: features (sum_n m, D) and softmax (sum_n m, K)."""
+    n, d, h, w = z.shape
+    m = min(count, h * w)
+    idx = torch.stack([torch.randperm(h * w, generator=generator)[:m] for _ in range(n)]).to(z.device)
+    feats = z.flatten(2).gather(2, idx[:, None, :].expand(n, d, m))          # (N, D, m)
+    p = probs.flatten(2).gather(2, idx[:, None, :].expand(n, probs.shape[1], m))
+    return feats.permute(0, 2, 1).reshape(-1, d), p.permute(0, 2, 1).reshape(-1, probs.shape[1])
+
+
+def label_pixels(z: torch.Tensor, centroids: torch.Tensor, classes: torch.Tensor, backend: str = "auto"):
+    """(N, h, w) nearest-centroid labels of every pixel of a (N, D, h, w) feature map."""
+    n, d, h, w = z.shape
+    flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+    return assign_to_centroids(flat, centroids, classes, backend).reshape(n, h, w)
+
+
+def upsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
+    """Nearest-neighbour resize of (N, h, w) label maps to `size`."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels.long()
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+
+
+def panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """input | ground truth | prediction side by side, (H, 3W + 4, 3) uint8 with white gutters."""
+    h = image.shape[0]
+    gutter = np.full((h, 2, 3), 255, np.uint8)
+    colour = [np.asarray(colorize(m).convert("RGB")) for m in (truth, pred)]
+    return np.concatenate([image, gutter, colour[0], gutter, colour[1]], axis=1)
+
+
+class DenseShotAdapter:
+    def __init__(self, cfg: DenseAdaptConfig):
+        seed_everything(cfg.seed)
+        self.cfg = cfg
+        self.rt = Runtime.create(cfg.device, "fp32")
+        self.model, self.source_state = load_dense_model(cfg.source, self.rt)
+        mcfg = self.source_state["model_config"]
+        self.num_classes = mcfg["num_classes"]
+        self.target = load_dense_target(cfg.target, mcfg)   # evaluation transform: no geometry, aligned by index
+        self.test_on = cfg.test_on or builtin_scenes_test_split(cfg.target)
+        self.cfg = dataclasses.replace(cfg, test_on=self.test_on)
+        self.test_set = load_dense_target(self.test_on, mcfg) if self.test_on else None
+        self.run_dir = Path(cfg.run_dir or Path("runs") / default_run_name("adapt", "seg", cfg.method, f"s{cfg.seed}"))
+
+        for p in self.model.classifier.parameters():  # the source hypothesis stays fixed
+            p.requires_grad_(False)
+        self.loader = eval_loader(self.target, cfg.batch_size, cfg.workers, shuffle=True)
+        if len(self.target) % self.loader.batch_size == 1 and len(self.target) > 1:  # BN cannot train on one image
+            self.loader = DataLoader(self.target, batch_size=self.loader.batch_size, shuffle=True, drop_last=True,
+                                     num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+        self.eval_loader = eval_loader(self.target, workers=cfg.workers)
+        self.test_loader = eval_loader(self.test_set, workers=cfg.workers) if self.test_set is not None else None
+        n = len(self.target)
+        self.panel_indices = sorted({int(i) for i in np.linspace(0, n - 1, min(cfg.panel_images, n))}) if n else []
+
+    # ------------------------------------------------------------ passes over the target
+    def evaluate(self, sample: bool = False, epoch: int = 0, save_dir=None) -> dict:
+        """Scores on the whole target (eval mode) and, with `sample`, the pixel sample that fits the
+        centroids: (features, softmax) of at most pixels_per_image feature pixels per image."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+        feats, probs, panels = [], [], {}
+
+        def on_batch(images, masks, idx, z, logits):
+            if sample:
+                f, p = sample_pixels(z.float(), self.model.classifier(z).float().softmax(1),
+                                     self.cfg.pixels_per_image, gen)
+                feats.append(f.cpu())
+                probs.append(p.cpu())
+            for j, i in enumerate(idx.tolist()):
+                if i in self.panel_indices:
+                    panels[i] = logits[j].argmax(0).cpu().numpy()
+
+        scores = segmentation_pass(self.model, self.eval_loader, self.rt, self.num_classes, save_dir=save_dir,
+                                   names=self.target.names, on_batch=on_batch)
+        scores["panels"] = panels
+        if sample:
+            scores["sample"] = (torch.cat(feats), torch.cat(probs))
+        return scores
+
+    @torch.no_grad()
+    def pseudo_labels(self, sample: tuple[torch.Tensor, torch.Tensor]) -> tuple[list[torch.Tensor], dict | None]:
+        """Fit the centroids on the sample and label every feature pixel of every target image; returns
+        the per-image uint8 label maps (feature resolution) and their scores against the truth."""
+        centroids, classes = shot_centroids(*sample, backend=self.cfg.cluster_backend)
+        was_training = self.model.training
+        self.model.eval()
+        maps: list[torch.Tensor | None] = [None] * len(self.target)
+        acc = ConfusionAccumulator(self.num_classes)
+        for images, masks, idx in self.eval_loader:
+            z = self.model.pixel_features(self.rt.images(images)).float()
+            labels = label_pixels(z, centroids.to(z.device), classes.to(z.device), self.cfg.cluster_backend)
+            acc.update(upsample_labels(labels, masks.shape[-2:]), masks.to(labels.device))
+            for j, i in enumerate(idx.tolist()):
+                maps[i] = labels[j].to(torch.uint8).cpu()
+        self.model.train(was_training)
+        return maps, acc.scores()
+
+    def test_scores(self) -> dict | None:
+        if self.test_loader is None:
+            return None
+        return segmentation_pass(self.model, self.test_loader, self.rt, self.num_classes)
+
+    # ------------------------------------------------------------ logging
+    def _log_evaluation(self, logger: RunLogger, result: dict, epoch: int) -> None:
+        logger.scalars("target", {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]}, epoch)
+        if result["panels"]:
+            rows = []
+            for i in self.panel_indices:
+                image, truth = self.target.raw(i)
+                rows.append(panel(np.asarray(image), np.asarray(truth), result["panels"][i]))
+            grid = np.concatenate([np.concatenate([r, np.full((2, r.shape[1], 3), 255, np.uint8)]) for r in rows])
+            logger.writer.add_image("target/input_truth_prediction", grid, epoch, dataformats="HWC")
+
+    # ------------------------------------------------------------ the loop
+    def adapt(self, logger: RunLogger, latest: dict) -> dict:
+        cfg, model = self.cfg, self.model
+        groups = [(model.backbone, cfg.backbone_lr_mult), (model.head, 1.0)]  # C inside the head is frozen
+        if cfg.schedule == "shot":
+            optimizer = shot_optimizer(groups, cfg.lr, cfg.weight_decay)
+        else:
+            optimizer = segmentation_optimizer(groups, cfg.lr, cfg.weight_decay)
+        total_iters, step = max(1, cfg.epochs * len(self.loader)), 0
+        history = {"miou_per_epoch": [], "pseudo_label_miou_per_epoch": []}
+        for epoch in range(cfg.epochs):
+            maps = None
+            if cfg.beta > 0:   # `latest` evaluated the current model and sampled its pixels
+                maps, pl_scores = self.pseudo_labels(latest["sample"])
+                logger.scalars("pseudo_labels", {"miou": pl_scores["miou"],
+                                                 "pixel_accuracy": pl_scores["pixel_accuracy"]}, epoch)
+                history["pseudo_label_miou_per_epoch"].append(pl_scores["miou"])
+            model.train()
+            sums: dict[str, float] = {}
+            for images, _, idx in self.loader:
+                step += 1  # as SHOT: the step is counted before scheduling, p runs 1/T .. 1
+                if cfg.schedule == "shot":
+                    set_shot_lr(optimizer, cfg.lr, step / total_iters)
+                else:
+                    set_lr(optimizer, poly_lr(cfg.lr, (step - 1) / total_iters))
+                logits = model(self.rt.images(images))
+                im, cond_ent, marg_ent = pixel_information_maximization(logits)
+                terms = {"im": im.detach(), "conditional_entropy": cond_ent.detach(),
+                         "marginal_entropy": marg_ent.detach()}
+                loss = cfg.im_weight * im
+                if maps is not None:
+                    target = torch.stack([maps[i] for i in idx.tolist()]).to(logits.device)
+                    terms["pseudo_ce"] = F.cross_entropy(logits, upsample_labels(target, logits.shape[-2:]))
+                    loss = loss + cfg.beta * terms["pseudo_ce"]
+                terms["total"] = loss.detach()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                logger.advance(1)
+            logger.scalars("loss", {k: v / max(1, len(self.loader)) for k, v in sums.items()}, epoch)
+            latest = self.evaluate(sample=cfg.beta > 0, epoch=epoch + 1)
+            self._log_evaluation(logger, latest, epoch)
+            history["miou_per_epoch"].append(latest["miou"])
+        return history
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        write_json(self.run_dir / "config.json", {"task": TASK, **dataclasses.asdict(cfg)})
+        logger = RunLogger(self.run_dir, total=max(1, cfg.epochs * len(self.loader)), desc=f"{cfg.method} (seg)",
+                           progress=cfg.progress)
+        start = time.time()
+        try:
+            before, test_before = self.evaluate(sample=cfg.beta > 0, epoch=0), self.test_scores()
+            self._log_evaluation(logger, before, -1)
+            history = self.adapt(logger, before)
+            after = self.evaluate(save_dir=self.run_dir / "predictions" if cfg.save_predictions else None)
+            test_after = self.test_scores()
+            if test_after is not None:
+                logger.scalars("test", {"source_only_miou": test_before["miou"], "miou": test_after["miou"]},
+                               cfg.epochs)
+        finally:
+            logger.close()
+        metrics = {"task": TASK, "method": cfg.method, "source": str(cfg.source), "target": cfg.target,
+                   "seed": cfg.seed, "images": len(self.target), "class_names": list(self.target.class_names),
+                   **public_scores(before, "source_only_"), **public_scores(after),
+                   "test_data": self.test_on, "wall_seconds": time.time() - start,
+                   "config": dataclasses.asdict(cfg), **history}
+        if test_after is not None:
+            metrics.update(public_scores(test_before, "source_only_test_"))
+            metrics.update(public_scores(test_after, "test_"))
+        if cfg.save_predictions:
+            metrics["predictions"] = str(self.run_dir / "predictions")
+        save_checkpoint(self.run_dir / CHECKPOINT, ADAPTED_KIND, {
+            "task": TASK, "model_config": self.source_state["model_config"], "model": self.model.state_dict(),
+            "method": cfg.method, "source": str(cfg.source), "target": cfg.target})
+        write_json(self.run_dir / "metrics.json", metrics)
+        return metrics
