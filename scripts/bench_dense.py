@@ -247,7 +247,8 @@ def main(argv=None) -> None:
         print(json.dumps(attention_child(*args.child, args, device)))
         return
     print(f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, input {args.batch}x3x{args.size}x{args.size}, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"input {args.batch}x3x{args.size}x{args.size}, "
           f"{NUM_CLASSES} classes, head width {args.channels or 'paper (512)'}, repeats {args.repeats}")
     start = time.perf_counter()
     results = {(a, part): run_child(args, a, part) for a in ("interlaced", "full") for part in ("block", "head")}

@@ -38,8 +38,9 @@ def test_every_head_gives_input_resolution_logits_on_every_backbone(backbone, he
         assert aux is not None and aux.shape == (2, 5, 64, 48)
     else:
         assert aux is None
-    logits.mean().backward()   # the graph reaches the backbone
-    assert model.backbone.forward_features(x)[0] is not None
+    logits.logsumexp(1).mean().backward()   # the graph reaches the backbone's first layer
+    first = next(model.backbone.parameters())
+    assert first.grad is not None and first.grad.abs().sum() > 0
     model.eval()
     with torch.no_grad():
         z = model.pixel_features(x)
@@ -48,6 +49,16 @@ def test_every_head_gives_input_resolution_logits_on_every_backbone(backbone, he
         # forward is the classifier on the pixel features, upsampled: the classifier is the last layer
         expected = F.interpolate(model.classifier(z), size=(64, 48), mode="bilinear", align_corners=False)
         torch.testing.assert_close(model(x), expected)
+
+
+def test_issa_head_with_full_attention_for_the_benchmark():
+    info = [{"channels": 8, "reduction": 8}, {"channels": 12, "reduction": 8}]
+    feats = [torch.rand(2, 8, 9, 11), torch.rand(2, 12, 9, 11)]
+    head = create_head("issa", info, 3, channels=16, attention="full")
+    logits, aux = head(feats)
+    assert logits.shape == aux.shape == (2, 3, 9, 11) and head.aux_weight == 0.4
+    with pytest.raises(ValueError, match="attention"):
+        create_head("issa", info, 3, attention="sparse")
 
 
 def test_auto_inputs_read_the_stride_8_map_or_concatenate_down_to_stride_8():

@@ -1,4 +1,4 @@
-"""Dense segmentation heads: one registry, one interface, one file per idea's block in workbench.layers.
+"""Dense segmentation heads behind one registry and one interface (their attention blocks: workbench.layers).
 
     from adaptation.dense.heads import create_head
     head = create_head("issa", backbone.feature_info, num_classes=19)

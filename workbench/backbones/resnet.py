@@ -79,7 +79,8 @@ class ResNetBackbone(nn.Module):
         self.output_stride = output_stride
         replace = OUTPUT_STRIDES[output_stride]
         bottleneck = arch not in ("resnet18", "resnet34")
-        net = getattr(torchvision.models, arch)(weights=None, replace_stride_with_dilation=replace if bottleneck else None)
+        net = getattr(torchvision.models, arch)(weights=None,
+                                                replace_stride_with_dilation=replace if bottleneck else None)
         if not bottleneck:
             dilate_basic_blocks(net, replace)
         if pretrained:
