@@ -69,34 +69,80 @@ def datasets_main(argv=None) -> int:
     return 0
 
 
-def train_source_main(argv=None) -> int:
-    from .source import SourceConfig, train_source
+TASKS = ("classification", "segmentation")
 
-    d = SourceConfig()
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def _model_task(path) -> str | None:
+    """The task a model checkpoint names (None when it cannot be read: the pipeline then reports why)."""
+    from workbench.checkpoint import load_checkpoint
+
+    from .dense.evaluate import MODEL_KINDS, checkpoint_task
+
+    try:
+        return checkpoint_task(load_checkpoint(path, kind=MODEL_KINDS))
+    except Exception:  # noqa: BLE001  (missing or foreign files fail again, with their message, in the pipeline)
+        return None
+
+
+def _resolve_task(flag: str | None, path) -> str:
+    """--task if given, else the checkpoint's task; a --task the checkpoint contradicts is an error."""
+    stored = _model_task(path)
+    if flag and stored and flag != stored:
+        raise ValueError(f"{path} holds a {stored} model but --task {flag} was given: pass a {flag} checkpoint "
+                         f"or drop --task")
+    return flag or stored or "classification"
+
+
+def train_source_main(argv=None) -> int:
+    from .dense.source import DenseSourceConfig
+    from .source import SourceConfig
+
+    d, ds = SourceConfig(), DenseSourceConfig()
     p = argparse.ArgumentParser(prog="workbench train-source",
-                                description="Train the source model (label smoothing; the best of ten checks on a selection set is kept).")
-    p.add_argument("--data", default=d.data, help="builtin:digits/<domain>, a list file or a class-folder root")
-    p.add_argument("--backbone", default=d.backbone, help=f"one of {', '.join(list_backbones())}")
+                                description="Train the source model (classification: label smoothing; segmentation: "
+                                            "CE with ignore 255, SGD poly; the best check on a selection set is kept).")
+    p.add_argument("--task", default="classification", choices=TASKS)
+    p.add_argument("--data", default=None, help=f"builtin:digits/<domain>, a list file or a class-folder root "
+                   f"(default {d.data}); segmentation: builtin:scenes/<domain>, an images/+masks/ folder or a "
+                   f"'<image> <mask>' list (default {ds.data})")
+    p.add_argument("--backbone", default=None, help=f"one of {', '.join(list_backbones())} "
+                   f"(default {d.backbone}; segmentation {ds.backbone})")
+    p.add_argument("--head", default=ds.head, help="segmentation head: fcn, issa, ordnet, hrnet, ocr")
+    p.add_argument("--head-channels", type=int, default=None, help="segmentation head width (default: the "
+                   "head's published 512)")
+    p.add_argument("--output-stride", type=int, default=None, help="segmentation ResNet output stride (default 8)")
+    p.add_argument("--crop-size", type=int, default=None, help="segmentation training crop (default: 64 for the "
+                   "scenes, 512 for user data)")
     p.add_argument("--pretrained", default=None, help="a local torchvision-format weights file for the backbone")
     p.add_argument("--num-classes", type=int, default=None, help="default: from the data")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs} (segmentation {ds.epochs})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size} (segmentation "
+                   f"{ds.batch_size})")
+    p.add_argument("--lr", type=float, default=None, help=f"default {d.lr}")
     p.add_argument("--transform", choices=("digits", "imagenet"), default=None, help="default: from the data")
     p.add_argument("--select-on", default=None, help="data to select the checkpoint on (default: the test split "
-                   "of built-in digits, else a held-out 10%% of --data)")
-    p.add_argument("--eval-target", default=None, help="also report accuracy on this data at the end")
+                   "of built-in digits or scenes, else a held-out 10%% of --data)")
+    p.add_argument("--eval-target", default=None, help="also report accuracy (mIoU) on this data at the end")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, choices=DEVICE_CHOICES)
     p.add_argument("--workers", type=int, default=0, help="data-loading processes")
     p.add_argument("--out", default="", help="run directory (default runs/source-<backbone>-s<seed>-<time>)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.task == "segmentation":
+        return _train_dense_source(a, ds)
+    from .source import train_source
+
     try:
         metrics = train_source(SourceConfig(
-            data=a.data, backbone=a.backbone, num_classes=a.num_classes, epochs=a.epochs, batch_size=a.batch_size,
-            lr=a.lr, pretrained=a.pretrained, transform=a.transform, select_on=a.select_on,
-            eval_target=a.eval_target, seed=a.seed,
+            data=a.data or d.data, backbone=a.backbone or d.backbone, num_classes=a.num_classes,
+            epochs=_pick(a.epochs, d.epochs), batch_size=_pick(a.batch_size, d.batch_size),
+            lr=_pick(a.lr, d.lr), pretrained=a.pretrained, transform=a.transform,
+            select_on=a.select_on, eval_target=a.eval_target, seed=a.seed,
             device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress))
     except USER_ERRORS as exc:
         return _fail(exc)
@@ -108,23 +154,51 @@ def train_source_main(argv=None) -> int:
     return 0
 
 
-def adapt_config(argv=None):
-    """The AdaptConfig of an `adapt` command line; options left out take the benchmark's official value."""
-    from .shot import BENCHMARKS, METHODS, AdaptConfig
-    from .rotation import KEEP_CHOICES
+def _train_dense_source(a, ds) -> int:
+    from .dense.source import DenseSourceConfig, train_dense_source
 
-    d = AdaptConfig()
+    try:
+        metrics = train_dense_source(DenseSourceConfig(
+            data=a.data or ds.data, backbone=a.backbone or ds.backbone, head=a.head, head_channels=a.head_channels,
+            output_stride=a.output_stride, num_classes=a.num_classes, crop_size=a.crop_size,
+            epochs=_pick(a.epochs, ds.epochs), batch_size=_pick(a.batch_size, ds.batch_size),
+            lr=_pick(a.lr, ds.lr), pretrained=a.pretrained, select_on=a.select_on,
+            eval_target=a.eval_target, seed=a.seed, device=a.device, workers=a.workers, run_dir=a.out,
+            progress=not a.no_progress))
+    except USER_ERRORS as exc:
+        return _fail(exc)
+    print(f"selected model: mIoU {metrics['miou']:.2f} on {metrics['selection_data']} "
+          f"(iteration {metrics['iteration']}, epoch {metrics['epoch']:.1f}); checkpoint {metrics['checkpoint']}")
+    if "target" in metrics:
+        print(f"mIoU on {metrics['target']['data']}: {metrics['target']['miou']:.2f}")
+    return 0
+
+
+def adapt_config(argv=None):
+    """The config of an `adapt` command line: an AdaptConfig for classification (options left out take the
+    benchmark's official value), a DenseAdaptConfig for segmentation. Without --task the task is read from
+    the source checkpoint."""
+    from .dense.shot import DenseAdaptConfig
+    from .dense.shot import METHODS as DENSE_METHODS
+    from .rotation import KEEP_CHOICES
+    from .shot import BENCHMARKS, METHODS, AdaptConfig
+
+    d, dd = AdaptConfig(), DenseAdaptConfig()
     p = argparse.ArgumentParser(prog="workbench adapt", description="Source-free adaptation of a source model.")
-    p.add_argument("--method", default=d.method, choices=METHODS)
+    p.add_argument("--task", default=None, choices=TASKS, help="default: the task the --source checkpoint names")
+    p.add_argument("--method", default=None, choices=METHODS, help=f"default {d.method}; segmentation offers "
+                   f"{', '.join(DENSE_METHODS)} (default {dd.method})")
     p.add_argument("--source", required=True, help="a source checkpoint (or its run directory)")
     p.add_argument("--target", required=True, help="unlabelled target data (labels, if present, only for metrics)")
     p.add_argument("--out", default="", help="run directory (default runs/adapt-<method>-s<seed>-<time>)")
     p.add_argument("--benchmark", default=None, choices=BENCHMARKS,
                    help="whose official settings to use (default: digits for digits data, office-home for images)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="default 30 for digits (SHOT++ 15), 15 for images")
-    p.add_argument("--beta", type=float, default=None, help="pseudo-label weight (default 0.1 digits, 0.3 images)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+                   help="default 30 for digits (SHOT++ 15), 15 for images and segmentation")
+    p.add_argument("--beta", type=float, default=None, help="pseudo-label weight (default 0.1 digits, 0.3 images "
+                   "and segmentation)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size} (segmentation "
+                   f"{dd.batch_size})")
     p.add_argument("--lr", type=float, default=None, help="default 0.01 (VisDA-C 0.001)")
     p.add_argument("--rotation-weight", type=float, default=None, help="SHOT++ (default 0.2 digits, 0.6 images)")
     p.add_argument("--rotation-epochs", type=int, default=None, help="SHOT++ rotation-head pre-training "
@@ -138,28 +212,44 @@ def adapt_config(argv=None):
                    help="classifier MixMatch starts from: a new one (the official code) or the adapted one")
     p.add_argument("--mix-alpha", type=float, default=None, help="MixMatch Beta(alpha, alpha) (default 0.1 digits, "
                    "0.75 images)")
+    p.add_argument("--pixels-per-image", type=int, default=dd.pixels_per_image,
+                   help="segmentation: feature pixels per image sampled to fit the centroids")
+    p.add_argument("--schedule", default=dd.schedule, choices=("shot", "poly"),
+                   help="segmentation lr schedule: SHOT's (1+10p)^-0.75 or poly 0.9")
+    p.add_argument("--no-save-predictions", action="store_true", help="segmentation: skip the palette PNGs")
     p.add_argument("--cluster-backend", default="auto", choices=("auto", "faiss", "torch"))
     p.add_argument("--test-on", default=None, help="held-out target data scored before and after adapting "
-                   "(default: the test split of built-in digits)")
+                   "(default: the test split of built-in digits or scenes)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, choices=DEVICE_CHOICES)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    task = _resolve_task(a.task, a.source)
+    if task == "segmentation":
+        return DenseAdaptConfig(
+            source=a.source, target=a.target, method=a.method or dd.method, epochs=_pick(a.epochs, dd.epochs),
+            batch_size=_pick(a.batch_size, dd.batch_size), lr=_pick(a.lr, dd.lr), schedule=a.schedule,
+            beta=_pick(a.beta, dd.beta), pixels_per_image=a.pixels_per_image, cluster_backend=a.cluster_backend,
+            test_on=a.test_on, save_predictions=not a.no_save_predictions, seed=a.seed, device=a.device,
+            workers=a.workers, run_dir=a.out, progress=not a.no_progress)
     return AdaptConfig(
-        source=a.source, target=a.target, method=a.method, benchmark=a.benchmark, epochs=a.epochs, beta=a.beta,
-        batch_size=a.batch_size, lr=a.lr, rotation_weight=a.rotation_weight, rotation_epochs=a.rotation_epochs,
-        rotation_keep=a.rotation_keep, transfer_epochs=a.transfer_epochs, transfer_batch_size=a.transfer_batch_size,
-        transfer_classifier=a.transfer_classifier, mix_alpha=a.mix_alpha, cluster_backend=a.cluster_backend,
-        test_on=a.test_on, seed=a.seed, device=a.device, workers=a.workers, run_dir=a.out,
-        progress=not a.no_progress)
+        source=a.source, target=a.target, method=a.method or d.method, benchmark=a.benchmark, epochs=a.epochs,
+        beta=a.beta, batch_size=_pick(a.batch_size, d.batch_size), lr=a.lr, rotation_weight=a.rotation_weight,
+        rotation_epochs=a.rotation_epochs, rotation_keep=a.rotation_keep, transfer_epochs=a.transfer_epochs,
+        transfer_batch_size=a.transfer_batch_size, transfer_classifier=a.transfer_classifier,
+        mix_alpha=a.mix_alpha, cluster_backend=a.cluster_backend, test_on=a.test_on, seed=a.seed, device=a.device,
+        workers=a.workers, run_dir=a.out, progress=not a.no_progress)
 
 
 def adapt_main(argv=None) -> int:
+    from .dense.shot import DenseAdaptConfig, DenseShotAdapter
     from .shot import ShotAdapter
 
-    cfg = adapt_config(argv)
     try:
+        cfg = adapt_config(argv)
+        if isinstance(cfg, DenseAdaptConfig):
+            return _adapt_dense(cfg, DenseShotAdapter)
         adapter = ShotAdapter(cfg)
         metrics = adapter.run()
     except USER_ERRORS as exc:
@@ -175,17 +265,41 @@ def adapt_main(argv=None) -> int:
     return 0
 
 
+def _adapt_dense(cfg, adapter_cls) -> int:
+    adapter = adapter_cls(cfg)
+    metrics = adapter.run()
+    print(f"{cfg.method} (segmentation): target mIoU {metrics['source_only_miou']:.2f} (source model) -> "
+          f"{metrics['miou']:.2f}")
+    if metrics.get("test_miou") is not None:
+        print(f"{cfg.method} (segmentation): held-out {metrics['test_data']} mIoU "
+              f"{metrics['source_only_test_miou']:.2f} -> {metrics['test_miou']:.2f}")
+    print(f"adapted model, predictions/ and metrics.json in {adapter.run_dir}; tensorboard --logdir {adapter.run_dir}")
+    return 0
+
+
 def evaluate_main(argv=None) -> int:
     from .evaluate import evaluate_model
 
-    p = argparse.ArgumentParser(prog="workbench evaluate", description="Accuracy of a source or adapted model.")
+    p = argparse.ArgumentParser(prog="workbench evaluate", description="Accuracy (classification) or mIoU "
+                                "(segmentation) of a source or adapted model.")
     p.add_argument("--model", required=True, help="a source or adapted checkpoint (or its run directory)")
     p.add_argument("--data", required=True)
+    p.add_argument("--task", default=None, choices=TASKS, help="default: the task the checkpoint names")
+    p.add_argument("--save-predictions", default=None, metavar="DIR",
+                   help="segmentation: write one palette PNG label map per image into DIR")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--out", default=None, help="also write the result as JSON")
     a = p.parse_args(argv)
     try:
-        result = evaluate_model(a.model, a.data, device=a.device)
+        task = _resolve_task(a.task, a.model)
+        if task == "segmentation":
+            from .dense.evaluate import evaluate_dense_model
+
+            result = evaluate_dense_model(a.model, a.data, device=a.device, save_predictions=a.save_predictions)
+        else:
+            if a.save_predictions:
+                raise ValueError("--save-predictions writes label maps of segmentation models only")
+            result = evaluate_model(a.model, a.data, device=a.device)
     except USER_ERRORS as exc:
         return _fail(exc)
     if a.out:

@@ -1,0 +1,242 @@
+"""Pixel-level SHOT: pseudo-labels against a brute-force reference, IM over pixels by hand, the frozen
+classifier, the segmentation commands (task read from the checkpoint, one-line errors), outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from adaptation.cluster import faiss_available, shot_centroids
+from adaptation.dense.shot import label_pixels, pixel_information_maximization, sample_pixels, upsample_labels
+
+TINY = "24,8"   # scenes per split for the fast command-line tests
+
+
+# ------------------------------------------------------------------ pure functions
+def _brute_force_pixel_labels(z: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """SHOT's two rounds written out pixel by pixel: [f, 1]/||[f, 1]||, soft centroids, cosine nearest
+    centroid among the classes the argmax uses, hard centroids, nearest centroid among the classes used."""
+    n, d, h, w = z.shape
+    k = probs.shape[1]
+    pixels = [(a, i, j) for a in range(n) for i in range(h) for j in range(w)]
+    feats = []
+    for a, i, j in pixels:
+        f = np.append(z[a, :, i, j], 1.0)
+        feats.append(f / math.sqrt(sum(v * v for v in f)))
+    p = [probs[a, :, i, j] for a, i, j in pixels]
+
+    def nearest(f, centroids):
+        best, best_sim = None, -np.inf
+        for c, vec in centroids.items():
+            sim = float(np.dot(f, vec) / np.sqrt(np.dot(vec, vec)))
+            if sim > best_sim:
+                best, best_sim = c, sim
+        return best
+
+    used = sorted({int(np.argmax(q)) for q in p})
+    soft = {c: sum(q[c] * f for q, f in zip(p, feats)) / (sum(q[c] for q in p) + 1e-8) for c in used}
+    labels = [nearest(f, soft) for f in feats]
+    hard = {c: sum(f for f, lab in zip(feats, labels) if lab == c) / (labels.count(c) + 1e-8)
+            for c in sorted(set(labels))}
+    out = np.zeros((n, h, w), np.int64)
+    for (a, i, j), f in zip(pixels, feats):
+        out[a, i, j] = nearest(f, hard)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_pixel_pseudo_labels_match_brute_force(backend):
+    if backend == "faiss" and not faiss_available():
+        pytest.skip("faiss not importable")
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 6, 4, 5, generator=gen)
+    logits = torch.randn(3, 4, 4, 5, generator=gen) * 2
+    probs = logits.softmax(1)
+    # a sample of every pixel (more than h * w asked): the fit sees all pixels, in a random order
+    feats, p = sample_pixels(z, probs, 1000, torch.Generator().manual_seed(0))
+    assert feats.shape == (3 * 20, 6) and p.shape == (3 * 20, 4)
+    centroids, classes = shot_centroids(feats, p, backend=backend)
+    labels = label_pixels(z, centroids, classes, backend)
+    assert labels.shape == (3, 4, 5)
+    np.testing.assert_array_equal(labels.numpy(), _brute_force_pixel_labels(z.numpy(), probs.numpy()))
+
+
+def test_pixel_sample_is_bounded_and_consistent():
+    z = torch.randn(2, 3, 5, 5)
+    probs = torch.randn(2, 4, 5, 5).softmax(1)
+    feats, p = sample_pixels(z, probs, 7, torch.Generator().manual_seed(1))
+    assert feats.shape == (14, 3) and p.shape == (14, 4)
+    flat_z, flat_p = z.permute(0, 2, 3, 1).reshape(-1, 3), probs.permute(0, 2, 3, 1).reshape(-1, 4)
+    for f, q in zip(feats, p):  # each sampled row is one pixel's feature with that same pixel's softmax
+        hit = (flat_z == f).all(1).nonzero().squeeze(1)
+        assert len(hit) == 1 and torch.equal(flat_p[hit[0]], q)
+    # nearest-neighbour upsampling keeps the labels, 2x2 blocks per feature pixel
+    up = upsample_labels(torch.tensor([[[1, 2], [3, 4]]], dtype=torch.uint8), (4, 4))
+    assert up.tolist() == [[[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]]
+
+
+def test_pixel_im_loss_against_hand_computation():
+    logits = torch.randn(2, 3, 2, 3)
+    loss, cond, marg = pixel_information_maximization(logits)
+    eps = 1e-5
+    pix = [torch.softmax(logits[n, :, i, j], 0).tolist() for n in range(2) for i in range(2) for j in range(3)]
+    ent = [-sum(q * math.log(q + eps) for q in p) for p in pix]
+    mean_p = [sum(p[k] for p in pix) / len(pix) for k in range(3)]
+    hand_cond = sum(ent) / len(ent)
+    hand_marg = -sum(q * math.log(q + eps) for q in mean_p)
+    assert cond.item() == pytest.approx(hand_cond, rel=1e-5)
+    assert marg.item() == pytest.approx(hand_marg, rel=1e-5)
+    assert loss.item() == pytest.approx(hand_cond - hand_marg, rel=1e-4, abs=1e-6)
+
+
+# ------------------------------------------------------------------ commands on a tiny scene set
+@pytest.fixture(scope="module")
+def tiny_scenes(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORKBENCH_DATA", str(tmp_path_factory.getbasetemp() / "wbdata-dense-adapt"))
+        mp.setenv("WORKBENCH_SCENES_N", TINY)
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tiny_scenes, tmp_path_factory):
+    from adaptation.cli import train_source_main
+
+    out = tmp_path_factory.mktemp("dense-src")
+    assert train_source_main(["--task", "segmentation", "--data", "builtin:scenes/printed", "--backbone", "resnet18",
+                              "--head", "fcn", "--head-channels", "16", "--epochs", "1", "--batch-size", "8",
+                              "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def _tags(run_dir) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return set(acc.Tags()["scalars"]) | set(acc.Tags()["images"])
+
+
+def test_source_outputs(tiny_source):
+    from workbench.checkpoint import load_checkpoint
+
+    metrics = json.loads((tiny_source / "metrics.json").read_text())
+    assert {"miou", "per_class_iou", "pixel_accuracy", "selection_data"} <= set(metrics)
+    assert metrics["selection_data"] == "builtin:scenes/printed:test" and len(metrics["per_class_iou"]) == 11
+    state = load_checkpoint(tiny_source / "source.pt", kind="source-model")
+    assert state["task"] == "segmentation" and state["model_config"]["head"] == "fcn"
+    assert {"source/loss", "source/ce", "source/lr", "selection/miou"} <= _tags(tiny_source)
+
+
+def test_adapt_reads_task_from_checkpoint_freezes_classifier_and_writes_outputs(tiny_source, tmp_path):
+    from adaptation.cli import adapt_config, adapt_main
+    from adaptation.dense.shot import DenseAdaptConfig
+    from workbench.checkpoint import load_checkpoint
+
+    argv = ["--source", str(tiny_source), "--target", "builtin:scenes/textured", "--epochs", "1", "--batch-size", "8",
+            "--device", "cpu", "--out", str(tmp_path), "--no-progress"]
+    cfg = adapt_config(argv)
+    assert isinstance(cfg, DenseAdaptConfig) and cfg.method == "shot" and cfg.beta == 0.3
+    assert adapt_main(argv) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("source_only_miou", "miou", "per_class_iou", "pixel_accuracy", "test_miou", "source_only_test_miou",
+                "test_per_class_iou", "test_pixel_accuracy", "pseudo_label_miou_per_epoch", "miou_per_epoch"):
+        assert key in metrics, key
+    assert metrics["test_data"] == "builtin:scenes/textured:test"
+    pngs = sorted((tmp_path / "predictions").glob("*.png"))
+    assert len(pngs) == int(TINY.split(",")[0])
+    from PIL import Image
+
+    with Image.open(pngs[0]) as img:
+        assert img.mode == "P" and img.size == (64, 64) and np.asarray(img).max() < 11
+    assert {"loss/im", "loss/pseudo_ce", "loss/conditional_entropy", "loss/marginal_entropy", "pseudo_labels/miou",
+            "target/miou", "target/input_truth_prediction", "test/miou"} <= _tags(tmp_path)
+
+    src = load_checkpoint(tiny_source / "source.pt")["model"]
+    ada = load_checkpoint(tmp_path / "adapted.pt", kind="adapted-model")
+    assert ada["task"] == "segmentation"
+    classifier = [k for k in src if k.startswith("head.classifier.")]
+    assert classifier
+    for k in classifier:  # byte-identical
+        assert src[k].numpy().tobytes() == ada["model"][k].numpy().tobytes(), k
+    def changed(prefix):
+        return any(not torch.equal(src[k], ada["model"][k]) for k in src
+                   if k.startswith(prefix) and not k.startswith("head.classifier.") and src[k].is_floating_point())
+
+    assert changed("backbone.") and changed("head.")
+
+    # evaluate reads the task too, and saves label maps
+    from adaptation.cli import evaluate_main
+
+    out = tmp_path / "eval.json"
+    assert evaluate_main(["--model", str(tmp_path), "--data", "builtin:scenes/textured:test", "--device", "cpu",
+                          "--out", str(out), "--save-predictions", str(tmp_path / "eval_png")]) == 0
+    result = json.loads(out.read_text())
+    assert result["task"] == "segmentation" and 0 <= result["miou"] <= 100
+    assert result["miou"] == pytest.approx(metrics["test_miou"])
+    assert len(list((tmp_path / "eval_png").glob("*.png"))) == int(TINY.split(",")[1])
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_clear_errors(tiny_scenes, tmp_path, capsys):
+    from adaptation.cli import adapt_main, evaluate_main, train_source_main
+    from adaptation.dense.model import SegmentationModel, dense_model_config
+    from workbench.checkpoint import save_checkpoint
+
+    # a classification checkpoint given --task segmentation
+    cls_ckpt = save_checkpoint(tmp_path / "cls" / "source.pt", "source-model",
+                               {"model_config": {"backbone": "dtn", "num_classes": 10, "transform": "digits"},
+                                "model": {}})
+    assert adapt_main(["--task", "segmentation", "--source", str(cls_ckpt), "--target",
+                       "builtin:scenes/textured"]) == 2
+    assert "classification" in _one_line_error(capsys)
+    assert evaluate_main(["--task", "segmentation", "--model", str(cls_ckpt), "--data",
+                          "builtin:scenes/textured"]) == 2
+    _one_line_error(capsys)
+
+    # a segmentation checkpoint whose classes differ from the data's
+    model = SegmentationModel("resnet18", "fcn", 5, head_kwargs={"channels": 8})
+    seg_ckpt = save_checkpoint(tmp_path / "seg5" / "source.pt", "source-model", {
+        "task": "segmentation", "model_config": dense_model_config("resnet18", "fcn", 5, head_kwargs={"channels": 8}),
+        "model": model.state_dict()})
+    assert evaluate_main(["--model", str(seg_ckpt), "--data", "builtin:scenes/textured:test"]) == 2
+    assert "11 classes" in _one_line_error(capsys)
+    assert adapt_main(["--source", str(seg_ckpt), "--target", "builtin:scenes/textured", "--device", "cpu"]) == 2
+    _one_line_error(capsys)
+    # segmentation offers no SHOT++
+    assert adapt_main(["--method", "shot++", "--source", str(seg_ckpt), "--target", "builtin:scenes/textured"]) == 2
+    assert "shot++" in _one_line_error(capsys)
+    # --task classification on a segmentation checkpoint
+    assert evaluate_main(["--task", "classification", "--model", str(seg_ckpt), "--data", "builtin:digits/uci"]) == 2
+    _one_line_error(capsys)
+    # a backbone without multi-scale features
+    assert train_source_main(["--task", "segmentation", "--backbone", "dtn", "--epochs", "1", "--device", "cpu",
+                              "--out", str(tmp_path / "dtn"), "--no-progress"]) == 2
+    assert "no multi-scale features" in _one_line_error(capsys)
+
+
+# ------------------------------------------------------------------ end to end (slow)
+@pytest.mark.slow
+def test_end_to_end_adaptation_improves_target_miou(tmp_path, monkeypatch):
+    """train-source on printed scenes, then SHOT to textured scenes: the held-out target mIoU rises."""
+    from adaptation.cli import adapt_main, train_source_main
+
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "wbdata"))
+    monkeypatch.setenv("WORKBENCH_SCENES_N", os.environ.get("DENSE_E2E_SCENES", "400,100"))
+    assert train_source_main(["--task", "segmentation", "--data", "builtin:scenes/printed", "--backbone", "resnet18",
+                              "--head", "fcn", "--head-channels", "64", "--epochs", "8", "--device", "cpu",
+                              "--out", str(tmp_path / "src"), "--no-progress"]) == 0
+    assert adapt_main(["--source", str(tmp_path / "src"), "--target", "builtin:scenes/textured", "--epochs", "3",
+                       "--device", "cpu", "--out", str(tmp_path / "shot"), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "shot" / "metrics.json").read_text())
+    assert metrics["test_miou"] > metrics["source_only_test_miou"] + 1.0
