@@ -8,8 +8,11 @@ TrueType faces (70%) and scikit-learn's handwritten UCI digits (30%). The two do
 shapes, sizes, rotations, counts and layouts from the SAME distributions; only the appearance
 changes, so that the shift is real but a model's shape knowledge still transfers:
 
-- `printed`  (the source): dark ink on plain light paper, crisp anti-aliased edges, nothing else
-             in the scene. Easy, clean, one polarity.
+- `printed`  (the source): one flat ink colour on one flat paper colour per scene, random colours
+             of either polarity (luma contrast above 80, as the built-in `fonts` digits), crisp
+             anti-aliased edges, nothing else in the scene. A source with one polarity (dark on
+             light only) would leave a model at chance on inverted digits, as the handwritten
+             digits are on the coloured prints of the classification benchmark.
 - `textured` (the target): the digits painted in random colours of either polarity (chosen to
              contrast with the background under each digit) over crops of scikit-image's photos
              and tinted textures at random zoom, with 1-3 clutter strokes (lines and arcs,
@@ -17,13 +20,18 @@ changes, so that the shift is real but a model's shape knowledge still transfers
              model meets unseen colours, inverted polarity, textured backgrounds and digit-like
              strokes, while the digits keep their printed shapes.
 
+Calibration (v2, one CPU thread): a small from-scratch dilated FCN (8 conv layers, 0.6M
+parameters) trained on `printed` for 8 epochs (Adam 2e-3, batch 16, scale/crop/flip) reaches 70.3
+mIoU on the printed test split and 40.5 on the textured one (all-background scores about 8): the
+target sits well above chance and well below the source's own domain.
+
 Labels come from each digit's ink coverage, computed exactly: the glyph is drawn large and
 area-averaged (box filter) down to its size, so every pixel knows the fraction of it that ink
 covers, and the image uses that same fraction as the ink's alpha. A pixel is its digit's class
 where coverage >= INK_HIGH (0.75), background where coverage <= INK_LOW (0.25), and IGNORE (255)
-in between: the one-pixel anti-aliased rim whose label is ambiguous (about a fifth of the
-ink-touching pixels). The handwritten digits (8 x 8 grey levels 0..16) are upsampled smoothly and
-their ink is the level ramp 4..12 mapped to coverage 0..1 (half coverage at level 8, half ink).
+in between: the one-pixel anti-aliased rim whose label is ambiguous (about a quarter of the
+pixels that are not background). The handwritten digits (8 x 8 grey levels 0..16) are upsampled
+smoothly and their ink is the level ramp 4..12 mapped to coverage 0..1 (half at level 8).
 
 Train and test scenes come from separate random streams (one per domain and split, one per scene),
 and the handwritten test digits are the UCI test split of `adaptation.digits`, so no handwritten
@@ -51,7 +59,7 @@ NUM_CLASSES = 11
 CLASS_NAMES = ("background",) + tuple(f"digit {d}" for d in range(10))
 IGNORE_INDEX = 255
 SIZE = 64
-VERSION = 1
+VERSION = 2  # 2: printed scenes draw paper and ink colours of either polarity (v1: dark ink on light paper)
 TRAIN_SCENES, TEST_SCENES = 3000, 500
 DIGITS_PER_SCENE = (3, 5)        # inclusive
 GLYPH_HEIGHT = (16, 26)          # pixels, after rotation
@@ -179,11 +187,15 @@ def _luma(rgb) -> float:
 
 
 def paint_printed(rng: np.random.Generator, placed) -> np.ndarray:
-    """Dark ink (a random near-black colour per digit) on plain light paper (one tint per scene)."""
-    paper = np.clip(rng.uniform(200, 250) + rng.uniform(-12, 12, 3), 0, 255)
-    image = np.broadcast_to(paper, (SIZE, SIZE, 3)).astype(np.float64)
-    inks = [rng.uniform(0, 80, 3) for _ in placed]
-    return np.round(_paint(image, placed, inks)).astype(np.uint8)
+    """One ink colour on one plain paper colour per scene, either polarity: two random colours whose
+    lumas differ by more than 80 (as the built-in `fonts` digits draw them). Nothing else in the scene."""
+    luma = np.array([0.299, 0.587, 0.114])
+    while True:
+        ink, paper = rng.integers(0, 256, 3).astype(np.float64), rng.integers(0, 256, 3).astype(np.float64)
+        if abs(float((ink - paper) @ luma)) > 80:
+            break
+    image = np.broadcast_to(np.asarray(paper, np.float64), (SIZE, SIZE, 3)).copy()
+    return np.round(_paint(image, placed, [ink] * len(placed))).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=None)
