@@ -11,21 +11,30 @@ from torch.utils.data import DataLoader, Dataset
 LR_GAMMA, LR_POWER = 10.0, 0.75
 
 
-def shot_optimizer(groups: list[tuple[nn.Module, float]], lr: float, weight_decay: float = 1e-3) -> torch.optim.SGD:
-    """SGD (momentum 0.9, Nesterov) over (module, lr multiplier) groups; frozen parameters are skipped."""
+def lr_param_groups(groups: list[tuple[nn.Module, float]], lr: float) -> list[dict]:
+    """SGD parameter groups of (module, lr multiplier) pairs at lr * multiplier; frozen parameters are skipped."""
     params = [{"params": [p for p in m.parameters() if p.requires_grad], "lr_mult": mult} for m, mult in groups]
     params = [g for g in params if g["params"]]
     for g in params:
         g["lr"] = lr * g["lr_mult"]
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    return params
+
+
+def set_group_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Every group at lr times its multiplier; returns lr."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g["lr_mult"]
+    return lr
+
+
+def shot_optimizer(groups: list[tuple[nn.Module, float]], lr: float, weight_decay: float = 1e-3) -> torch.optim.SGD:
+    """SGD (momentum 0.9, Nesterov) over (module, lr multiplier) groups; frozen parameters are skipped."""
+    return torch.optim.SGD(lr_param_groups(groups, lr), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
 
 
 def set_shot_lr(optimizer: torch.optim.Optimizer, lr0: float, progress: float) -> float:
     """lr = lr0 * (1 + 10 p)^-0.75 with p in [0, 1] the training progress; returns the base lr."""
-    lr = lr0 * (1 + LR_GAMMA * progress) ** (-LR_POWER)
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g["lr_mult"]
-    return lr
+    return set_group_lr(optimizer, lr0 * (1 + LR_GAMMA * progress) ** (-LR_POWER))
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0) -> DataLoader:

@@ -22,7 +22,6 @@ def _brute_force_pixel_labels(z: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """SHOT's two rounds written out pixel by pixel: [f, 1]/||[f, 1]||, soft centroids, cosine nearest
     centroid among the classes the argmax uses, hard centroids, nearest centroid among the classes used."""
     n, d, h, w = z.shape
-    k = probs.shape[1]
     pixels = [(a, i, j) for a in range(n) for i in range(h) for j in range(w)]
     feats = []
     for a, i, j in pixels:

@@ -51,11 +51,15 @@ def load_dense_target(spec: str, model_config: dict) -> SegmentationDataset:
     return load_segmentation(spec, num_classes=model_config["num_classes"], train=False)
 
 
-def eval_loader(dataset, batch_size: int = EVAL_BATCH, workers: int = 0, shuffle: bool = False) -> DataLoader:
-    """Evaluation keeps each image whole; built-in scenes share one size and batch, user images may not (batch 1)."""
+def eval_batch_size(dataset, batch_size: int) -> int:
+    """Whole images batch only when they share one size: the built-in scenes do, user images may not (batch 1)."""
     base = getattr(dataset, "dataset", dataset)
-    same_size = getattr(base, "images", None) is not None
-    return DataLoader(dataset, batch_size=batch_size if same_size else 1, shuffle=shuffle, num_workers=workers,
+    return batch_size if getattr(base, "images", None) is not None else 1
+
+
+def eval_loader(dataset, batch_size: int = EVAL_BATCH, workers: int = 0) -> DataLoader:
+    """Evaluation keeps each image whole and in order."""
+    return DataLoader(dataset, batch_size=eval_batch_size(dataset, batch_size), shuffle=False, num_workers=workers,
                       persistent_workers=workers > 0)
 
 

@@ -41,7 +41,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from workbench.checkpoint import save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
@@ -49,11 +48,11 @@ from workbench.runtime import Runtime, seed_everything
 
 from ..cluster import assign_to_centroids, shot_centroids
 from ..losses import information_maximization
-from ..training import set_shot_lr, shot_optimizer
+from ..training import make_loader, set_group_lr, set_shot_lr, shot_optimizer
 from .data import builtin_scenes_test_split
-from .evaluate import TASK, eval_loader, load_dense_model, load_dense_target, public_scores, segmentation_pass
+from .evaluate import TASK, eval_batch_size, eval_loader, load_dense_model, load_dense_target, public_scores, segmentation_pass
 from .metrics import ConfusionAccumulator, colorize
-from .source import poly_lr, segmentation_optimizer, set_lr
+from .source import poly_lr, segmentation_optimizer
 
 METHODS = ("shot-im", "shot")
 DEFAULT_METHOD = "shot"
@@ -157,10 +156,10 @@ class DenseShotAdapter:
 
         for p in self.model.classifier.parameters():  # the source hypothesis stays fixed
             p.requires_grad_(False)
-        self.loader = eval_loader(self.target, cfg.batch_size, cfg.workers, shuffle=True)
-        if len(self.target) % self.loader.batch_size == 1 and len(self.target) > 1:  # BN cannot train on one image
-            self.loader = DataLoader(self.target, batch_size=self.loader.batch_size, shuffle=True, drop_last=True,
-                                     num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+        # images of one size batch, others go one at a time; a last batch of one image is dropped (batch
+        # norm), unless the target is that one image
+        self.loader = make_loader(self.target, eval_batch_size(self.target, cfg.batch_size),
+                                  train=len(self.target) > 1, workers=cfg.workers)
         self.eval_loader = eval_loader(self.target, workers=cfg.workers)
         self.test_loader = eval_loader(self.test_set, workers=cfg.workers) if self.test_set is not None else None
         n = len(self.target)
@@ -248,7 +247,7 @@ class DenseShotAdapter:
                 if cfg.schedule == "shot":
                     set_shot_lr(optimizer, cfg.lr, step / total_iters)
                 else:
-                    set_lr(optimizer, poly_lr(cfg.lr, (step - 1) / total_iters))
+                    set_group_lr(optimizer, poly_lr(cfg.lr, (step - 1) / total_iters))
                 logits = model(self.rt.images(images))
                 im, cond_ent, marg_ent = pixel_information_maximization(logits)
                 terms = {"im": im.detach(), "conditional_entropy": cond_ent.detach(),

@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from workbench.checkpoint import save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import Runtime, seed_everything
 
 from ..source import cycle, split_holdout
+from ..training import lr_param_groups, make_loader, set_group_lr
 from .data import IGNORE_INDEX, builtin_scenes_test_split, load_segmentation
 from .evaluate import TASK, eval_loader, public_scores, segmentation_pass
 from .model import SegmentationModel, dense_model_config
@@ -50,17 +51,7 @@ def poly_lr(lr0: float, progress: float, power: float = POLY_POWER) -> float:
 def segmentation_optimizer(groups: list[tuple[nn.Module, float]], lr: float, weight_decay: float = WEIGHT_DECAY,
                            momentum: float = MOMENTUM) -> torch.optim.SGD:
     """SGD over (module, lr multiplier) groups; frozen parameters are skipped."""
-    params = [{"params": [p for p in m.parameters() if p.requires_grad], "lr_mult": mult} for m, mult in groups]
-    params = [g for g in params if g["params"]]
-    for g in params:
-        g["lr"] = lr * g["lr_mult"]
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g["lr_mult"]
-    return lr
+    return torch.optim.SGD(lr_param_groups(groups, lr), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def segmentation_loss(logits: torch.Tensor, aux: torch.Tensor | None, masks: torch.Tensor,
@@ -134,9 +125,7 @@ def train_dense_source(cfg: DenseSourceConfig) -> dict:
     model = rt.prepare_module(SegmentationModel(cfg.backbone, cfg.head, num_classes, backbone_kwargs, head_kwargs))
     aux_weight = float(getattr(model.head, "aux_weight", 0.0))
     optimizer = segmentation_optimizer([(model, 1.0)], cfg.lr, cfg.weight_decay, cfg.momentum)
-    # batch norm cannot train on a last batch of one image
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                        drop_last=len(train_set) % cfg.batch_size == 1, persistent_workers=cfg.workers > 0)
+    loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers)  # fixed-size crops batch
     selection_loader = eval_loader(selection_set, workers=cfg.workers)
 
     run_dir = Path(cfg.run_dir or Path("runs") / default_run_name("source", cfg.backbone, cfg.head, f"s{cfg.seed}"))
@@ -150,7 +139,7 @@ def train_dense_source(cfg: DenseSourceConfig) -> dict:
         model.train()
         for step in range(1, total_iters + 1):
             images, masks, _ = next(batches)
-            lr = set_lr(optimizer, poly_lr(cfg.lr, (step - 1) / total_iters, cfg.poly_power))
+            lr = set_group_lr(optimizer, poly_lr(cfg.lr, (step - 1) / total_iters, cfg.poly_power))
             masks = masks.to(rt.device)
             if (masks != IGNORE_INDEX).any():  # a crop of padding only carries no labels
                 logits, aux = model.forward_train(rt.images(images))
