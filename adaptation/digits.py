@@ -35,8 +35,13 @@ PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycl
           "hubble_deep_field.jpg", "ihc.png", "retina.jpg")
 
 
+def data_root() -> Path:
+    """Where every built-in benchmark is cached: $WORKBENCH_DATA, default ~/.cache/workbench."""
+    return Path(os.environ.get("WORKBENCH_DATA", Path.home() / ".cache" / "workbench"))
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("WORKBENCH_DATA", Path.home() / ".cache" / "workbench")) / "digits"
+    return data_root() / "digits"
 
 
 def check_domain(domain: str) -> str:

@@ -77,7 +77,7 @@ TEXTURES = ("brick.png", "grass.png", "gravel.png")  # grey; tinted with a rando
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("WORKBENCH_DATA", Path.home() / ".cache" / "workbench")) / "scenes"
+    return digits.data_root() / "scenes"
 
 
 def check_domain(domain: str) -> str:
