@@ -30,6 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from workbench.logging import mean_sd  # noqa: E402
+
 PRECISIONS = ("bf16", "fp32")
 CURVES = {"train": "train/episode_return", "test": "test/episode_return"}
 
@@ -111,9 +113,6 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def report(rows: list[dict], env: str, total_steps: int, episodes: int) -> str:
-    def mean_std(xs):
-        return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
-
     lines = [f"PPO on {env}, {total_steps} env steps per run; final test return = mean over {episodes} episodes "
              "on unseen levels, in the run's own precision.", "",
              "| precision | seed | final test return | train return (last 100 episodes) | env steps/s |",
@@ -124,7 +123,7 @@ def report(rows: list[dict], env: str, total_steps: int, episodes: int) -> str:
     by = {p: [r for r in rows if r["precision"] == p] for p in PRECISIONS}
     for p, rs in by.items():
         if rs:
-            lines.append(f"| {p} | {mean_std([r['test'] for r in rs])} | {mean_std([r['train'] for r in rs])} | "
+            lines.append(f"| {p} | {mean_sd([r['test'] for r in rs], 2)} | {mean_sd([r['train'] for r in rs], 2)} | "
                          f"{statistics.mean(r['sps'] for r in rs):.0f} |")
     t, pval = welch([r["test"] for r in by["bf16"]], [r["test"] for r in by["fp32"]])
     lines += ["", f"Welch's t-test, final test return bf16 vs fp32: t = {t:.2f}, p = {pval:.2f} "

@@ -26,6 +26,7 @@ from adaptation.digits import DOMAINS  # noqa: E402
 from adaptation.evaluate import evaluate_model  # noqa: E402
 from adaptation.shot import METHODS, AdaptConfig, ShotAdapter  # noqa: E402
 from adaptation.source import SourceConfig, train_source  # noqa: E402
+from workbench.logging import mean_sd  # noqa: E402
 
 
 def source_model(out: Path, domain: str, seed: int, backbone: str, epochs: int | None) -> Path:
@@ -58,8 +59,7 @@ def table(rows: list[dict], methods: list[str], key: str = "test_accuracy") -> s
             accs = [r[key] for r in rows if (r["source"], r["target"], r["method"]) == (s, t, c)]
             if accs:
                 means[c].append(statistics.mean(accs))
-                sd = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
-                cells.append(f"{statistics.mean(accs):.1f}{sd} (n={len(accs)})")
+                cells.append(mean_sd(accs, count=True))
             else:
                 cells.append("—")
         lines.append(f"| {s} → {t} | " + " | ".join(cells) + " |")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,8 +220,8 @@ def test_clear_errors(tiny_scenes, tmp_path, capsys):
     assert evaluate_main(["--task", "classification", "--model", str(seg_ckpt), "--data", "builtin:digits/uci"]) == 2
     _one_line_error(capsys)
     # a backbone without multi-scale features
-    assert train_source_main(["--task", "segmentation", "--backbone", "dtn", "--epochs", "1", "--device", "cpu",
-                              "--out", str(tmp_path / "dtn"), "--no-progress"]) == 2
+    assert train_source_main(["--task", "segmentation", "--backbone", "lenet", "--epochs", "1", "--device", "cpu",
+                              "--out", str(tmp_path / "lenet"), "--no-progress"]) == 2
     assert "no multi-scale features" in _one_line_error(capsys)
 
 
@@ -232,10 +233,39 @@ def test_end_to_end_adaptation_improves_target_miou(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "wbdata"))
     monkeypatch.setenv("WORKBENCH_SCENES_N", os.environ.get("DENSE_E2E_SCENES", "400,100"))
-    assert train_source_main(["--task", "segmentation", "--data", "builtin:scenes/printed", "--backbone", "resnet18",
+    assert train_source_main(["--task", "segmentation", "--data", "builtin:scenes/printed", "--backbone", "dtn",
                               "--head", "fcn", "--head-channels", "64", "--epochs", "8", "--device", "cpu",
                               "--out", str(tmp_path / "src"), "--no-progress"]) == 0
     assert adapt_main(["--source", str(tmp_path / "src"), "--target", "builtin:scenes/textured", "--epochs", "3",
                        "--device", "cpu", "--out", str(tmp_path / "shot"), "--no-progress"]) == 0
     metrics = json.loads((tmp_path / "shot" / "metrics.json").read_text())
     assert metrics["test_miou"] > metrics["source_only_test_miou"] + 1.0
+
+
+def test_scenes_benchmark_reports_what_the_runs_score_and_resumes(tiny_scenes, tmp_path):
+    """The table's figures are the checkpoints' own scores on the textured test split, and a second
+    call reuses the finished runs instead of training again."""
+    import importlib.util
+
+    from adaptation.dense.evaluate import evaluate_dense_model
+
+    spec = importlib.util.spec_from_file_location("run_scenes_benchmark",
+                                                  Path(__file__).resolve().parents[1] / "scripts/run_scenes_benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--seeds", "0", "--heads", "fcn", "--methods", "shot-im", "--head-channels", "8", "--source-epochs", "1",
+            "--epochs", "1", "--out", str(tmp_path)]
+    bench.main(argv)
+    rows = {r["column"]: r["miou"] for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
+    assert set(rows) == {"in-domain", "source-only", "shot-im"}
+    target = "builtin:scenes/textured:test"
+    assert rows["source-only"] == pytest.approx(evaluate_dense_model(tmp_path / "source-fcn-s0" / "source.pt",
+                                                                     target, device="cpu")["miou"])
+    assert rows["shot-im"] == pytest.approx(evaluate_dense_model(tmp_path / "fcn-shot-im-s0" / "adapted.pt",
+                                                                 target, device="cpu")["miou"])
+    assert rows["in-domain"] == pytest.approx(evaluate_dense_model(tmp_path / "source-fcn-s0" / "source.pt",
+                                                                   "builtin:scenes/printed:test", device="cpu")["miou"])
+    stamp = (tmp_path / "fcn-shot-im-s0" / "metrics.json").stat().st_mtime_ns
+    bench.main(argv)
+    assert (tmp_path / "fcn-shot-im-s0" / "metrics.json").stat().st_mtime_ns == stamp
+    assert "| fcn |" in (tmp_path / "table.md").read_text()

@@ -28,6 +28,16 @@ def default_run_name(*parts: str) -> str:
     return "-".join([p for p in parts if p] + [stamp])
 
 
+def mean_sd(values, digits: int = 1, count: bool = False) -> str:
+    """'m ± sd' of a list of figures for result tables (the sample sd; no sd for one value), with
+    ' (n=k)' when `count`."""
+    values = [float(v) for v in values]
+    text = f"{np.mean(values):.{digits}f}"
+    if len(values) > 1:
+        text += f" ± {np.std(values, ddof=1):.{digits}f}"
+    return text + (f" (n={len(values)})" if count else "")
+
+
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
     """Write JSON atomically (temp file + rename), so readers never see half a file."""
     path = Path(path)

@@ -3,7 +3,10 @@
 - LeNet (28x28 grey in the paper): conv 20 k5 -> maxpool 2 -> relu -> conv 50 k5 -> dropout2d 0.5
   -> maxpool 2 -> relu -> flatten (800-d at 28x28).
 - DTN (32x32 RGB): three conv k5 stride 2 with 64 / 128 / 256 channels, each followed by BatchNorm,
-  dropout2d 0.1 / 0.3 / 0.5 and relu -> flatten (4096-d at 32x32).
+  dropout2d 0.1 / 0.3 / 0.5 and relu -> flatten (4096-d at 32x32). For dense heads the last two stage
+  maps (strides 4 and 8, 128 and 256 channels; `forward_features`, described by `feature_info`; the
+  stride-2 map is left out as ResNets leave out their stem): a segmentation backbone sized for the
+  64 x 64 digit scenes on a CPU.
 
 `in_channels` and `image_size` set the input; `out_dim` follows from them.
 """
@@ -44,6 +47,12 @@ class DTN(nn.Module):
             cin = cout
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.out_dim = _flat_dim(self.features.eval(), in_channels, image_size)
+        self.feature_info = [{"channels": 128, "reduction": 4}, {"channels": 256, "reduction": 8}]
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The maps after the second and third stage's relu (strides 4 and 8)."""
+        stride4 = self.features[:8](x)
+        return [stride4, self.features[8:12](stride4)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Every segmentation head on the built-in scenes pair: source-only, SHOT-IM and SHOT target mIoU.
+
+For each seed and head: train a source model on `printed` (train split, selected by mIoU on the
+printed test split), score it on the `textured` test split (source-only), then adapt it to the
+textured train split with each method and score the adapted model on the textured test split.
+Finished runs (a metrics.json in their directory) are skipped, so the script can be stopped and
+started again. Writes results.jsonl and a markdown table (table.md) to the output folder.
+
+    python scripts/run_scenes_benchmark.py --seeds 0 1 2 --out runs/scenes-benchmark
+
+The default backbone is the DTN of the digits experiments (strides 4 and 8 for the heads) with
+64-channel heads: it keeps a whole table within a few CPU-hours; `--backbone resnet18` and
+`--head-channels 512` give the papers' widths for a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adaptation.dense.heads import list_heads  # noqa: E402
+from adaptation.dense.shot import METHODS, DenseAdaptConfig, DenseShotAdapter  # noqa: E402
+from adaptation.dense.source import DenseSourceConfig, train_dense_source  # noqa: E402
+from workbench.logging import mean_sd  # noqa: E402
+
+SOURCE, TARGET = "builtin:scenes/printed", "builtin:scenes/textured"
+COLUMNS = ("in-domain", "source-only", *METHODS)
+
+
+def source_model(out: Path, head: str, seed: int, args) -> dict:
+    run = out / f"source-{head}-s{seed}"
+    if not (run / "metrics.json").exists():
+        cfg = DenseSourceConfig(data=SOURCE, backbone=args.backbone, head=head, head_channels=args.head_channels,
+                                eval_target=f"{TARGET}:test", seed=seed, run_dir=str(run), progress=False)
+        if args.source_epochs is not None:
+            cfg.epochs = args.source_epochs
+        train_dense_source(cfg)
+    return json.loads((run / "metrics.json").read_text())
+
+
+def adapted(out: Path, head: str, method: str, seed: int, args) -> dict:
+    run = out / f"{head}-{method}-s{seed}"
+    if not (run / "metrics.json").exists():
+        cfg = DenseAdaptConfig(source=str(out / f"source-{head}-s{seed}"), target=TARGET, method=method, seed=seed,
+                               run_dir=str(run), progress=False)
+        if args.epochs is not None:
+            cfg.epochs = args.epochs
+        DenseShotAdapter(cfg).run()
+    return json.loads((run / "metrics.json").read_text())
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| head | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for head in sorted({r["head"] for r in rows}):
+        cells = []
+        for column in COLUMNS:
+            values = [r["miou"] for r in rows if (r["head"], r["column"]) == (head, column)]
+            cells.append(mean_sd(values, count=True) if values else "—")
+        lines.append(f"| {head} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--heads", nargs="+", default=list_heads(), choices=list_heads())
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--backbone", default="dtn")
+    p.add_argument("--head-channels", type=int, default=64)
+    p.add_argument("--source-epochs", type=int, default=None, help="default: DenseSourceConfig's (10)")
+    p.add_argument("--epochs", type=int, default=None, help="adaptation epochs; default: DenseAdaptConfig's (15)")
+    p.add_argument("--out", default="runs/scenes-benchmark")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in args.seeds:  # seed-major: a stopped run leaves every head at as many seeds as it reached
+        for head in args.heads:
+            src = source_model(out, head, seed, args)
+            rows += [{"head": head, "seed": seed, "column": "in-domain", "miou": src["miou"]},
+                     {"head": head, "seed": seed, "column": "source-only", "miou": src["target"]["miou"]}]
+            for method in args.methods:
+                rows.append({"head": head, "seed": seed, "column": method,
+                             "miou": adapted(out, head, method, seed, args)["test_miou"]})
+            print(f"seed {seed} {head}: " + ", ".join(f"{r['column']} {r['miou']:.1f}" for r in rows
+                                                      if (r["head"], r["seed"]) == (head, seed)), flush=True)
+            (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (out / "table.md").write_text(report(rows, args))
+    print(report(rows, args))
+
+
+def report(rows: list[dict], args) -> str:
+    seeds = statistics.mean(len({r["seed"] for r in rows if r["head"] == h}) for h in {r["head"] for r in rows})
+    return (f"mIoU (%) on {TARGET}:test (in-domain: {SOURCE}:test), backbone {args.backbone}, head width "
+            f"{args.head_channels}, {seeds:.0f} seed(s) per head\n\n" + table(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
