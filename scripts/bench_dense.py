@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from adaptation.dense.heads import create_head, list_heads  # noqa: E402
-from adaptation.dense.model import segmentation_backbone_kwargs  # noqa: E402
+from adaptation.dense.model import backbone_kwargs_for  # noqa: E402
 from workbench.backbones import create_backbone  # noqa: E402
 
 NUM_CLASSES = 19  # Cityscapes
@@ -82,7 +82,7 @@ def training_loss(logits, aux, aux_weight, size, labels):
 
 
 def bench_backbone(name: str, args, device: torch.device) -> None:
-    net = create_backbone(name, **segmentation_backbone_kwargs(name)).to(device)
+    net = create_backbone(name, **backbone_kwargs_for("segmentation", name)).to(device)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     start = time.perf_counter()
     with torch.no_grad():   # not inference mode: the heads' backward must be able to save these
@@ -101,7 +101,7 @@ def bench_backbone(name: str, args, device: torch.device) -> None:
     fwd = seconds(forward, args.backbone_repeats, device, warmup=0)
     train = seconds(forward_backward, args.backbone_repeats, device, warmup=0)
     shapes = ", ".join(f"{f.shape[1]}@{f.shape[2]}x{f.shape[3]}" for f in feats)
-    print(f"\n{name} {segmentation_backbone_kwargs(name) or ''} maps {shapes}")
+    print(f"\n{name} {backbone_kwargs_for('segmentation', name) or ''} maps {shapes}")
     print(f"  backbone alone: forward {fwd * 1e3:9.0f} ms (first call {first * 1e3:.0f}), "
           f"forward+backward {train * 1e3:9.0f} ms")
     print(f"  {'head':8s} {'params':>8s} {'inputs':>14s} {'D':>5s} {'head fwd ms':>12s} {'head f+b ms':>12s} "
@@ -168,7 +168,7 @@ def resident_bytes() -> int:
 def resnet_feature_shapes(size: int, batch: int) -> tuple[list[dict], list[tuple[int, ...]]]:
     with torch.device("meta"):   # only its description: allocating (and freeing) its weights would
         # leave freed memory for the measured pass to reuse, hiding part of its peak
-        info = create_backbone("resnet18", **segmentation_backbone_kwargs("resnet18")).feature_info
+        info = create_backbone("resnet18", **backbone_kwargs_for("segmentation", "resnet18")).feature_info
     return info, [(batch, f["channels"], math.ceil(size / f["reduction"]), math.ceil(size / f["reduction"]))
                   for f in info]
 
@@ -232,14 +232,15 @@ def main(argv=None) -> None:
     p.add_argument("--backbone-repeats", type=int, default=1,
                    help="timed backbone calls (the feature computation is the forward's warm-up)")
     p.add_argument("--backbones", nargs="+", default=["resnet18", "hrformer_t"])
-    p.add_argument("--heads", nargs="+", default=None, help=f"default: all ({', '.join(list_heads())})")
+    p.add_argument("--heads", nargs="+", default=None,
+                   help=f"default: all segmentation heads ({', '.join(list_heads('segmentation'))})")
     p.add_argument("--channels", type=int, default=None, help="head width (default: the papers' 512)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--skip-heads", action="store_true", help="only the ISSA vs full attention comparison")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.heads = args.heads or list_heads()
+    args.heads = args.heads or list_heads("segmentation")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")

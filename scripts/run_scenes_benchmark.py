@@ -69,7 +69,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--heads", nargs="+", default=list_heads(), choices=list_heads())
+    p.add_argument("--heads", nargs="+", default=list_heads("segmentation"), choices=list_heads("segmentation"))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--backbone", default="dtn")
     p.add_argument("--head-channels", type=int, default=64)

@@ -19,7 +19,7 @@ TINY = {"channels": 16}
 
 
 def test_registry_lists_every_head_and_rejects_unknown_names_and_options():
-    assert set(HEADS) <= set(list_heads())
+    assert set(HEADS) == set(list_heads("segmentation"))
     info = [{"channels": 8, "reduction": 8}]
     with pytest.raises(ValueError, match="choose one of.*issa"):
         create_head("nope", info, 3)

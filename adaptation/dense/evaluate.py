@@ -34,13 +34,14 @@ def checkpoint_task(state: dict) -> str:
     return state.get("task", "classification")
 
 
-def load_dense_model(path, runtime):
-    """(model in eval mode, checkpoint dict) of a segmentation checkpoint; any other task is a clear error."""
+def load_dense_model(path, runtime, task: str = TASK):
+    """(model in eval mode, checkpoint dict) of a dense checkpoint of `task` (segmentation or pose); any
+    other task is a clear error."""
     state = load_checkpoint(path, kind=MODEL_KINDS, map_location=runtime.device)
-    task = checkpoint_task(state)
-    if task != TASK:
-        raise CheckpointError(f"{path} holds a {task} model, not a segmentation model: pass a checkpoint from "
-                              f"`train-source --task segmentation` or use --task {task}")
+    stored = checkpoint_task(state)
+    if stored != task:
+        raise CheckpointError(f"{path} holds a {stored} model, not a {task} model: pass a checkpoint from "
+                              f"`train-source --task {task}` or use --task {stored}")
     model = runtime.prepare_module(build_dense_model(state["model_config"]))
     model.load_state_dict(state["model"])
     return model.eval(), state

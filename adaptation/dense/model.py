@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from workbench.backbones import create_backbone, list_backbones
 
-from .heads import DenseHead, create_head, resize
+from .heads import DenseHead, create_head, list_heads, resize
 
 # backbones built at another output stride than their classification default for segmentation
 SEGMENTATION_BACKBONE_DEFAULTS = {"resnet18": {"output_stride": 8}, "resnet50": {"output_stride": 8},
@@ -49,16 +49,26 @@ def dense_backbones() -> tuple[str, ...]:
     return tuple(names)
 
 
-def segmentation_backbone_kwargs(backbone: str, backbone_kwargs: dict | None = None) -> dict:
-    """The caller's kwargs on top of the segmentation defaults (ResNets: output_stride=8)."""
-    return {**SEGMENTATION_BACKBONE_DEFAULTS.get(backbone, {}), **(backbone_kwargs or {})}
+def backbone_kwargs_for(task: str, backbone: str, backbone_kwargs: dict | None = None) -> dict:
+    """The caller's kwargs on top of the task's defaults (segmentation ResNets: output_stride=8; pose
+    keeps the classification strides, SimpleBaseline's deconvolutions start from stride 32)."""
+    defaults = SEGMENTATION_BACKBONE_DEFAULTS.get(backbone, {}) if task == "segmentation" else {}
+    return {**defaults, **(backbone_kwargs or {})}
 
 
-class SegmentationModel(nn.Module):
+class DenseModel(nn.Module):
+    """A registry backbone's `forward_features` + a dense head of this model's task; `classifier` is
+    the head's final 1x1 conv, the frozen hypothesis of source-free adaptation."""
+
+    task = "segmentation"
+
     def __init__(self, backbone: str, head: str, num_classes: int, backbone_kwargs: dict | None = None,
                  head_kwargs: dict | None = None):
         super().__init__()
-        net = create_backbone(backbone, **segmentation_backbone_kwargs(backbone, backbone_kwargs))
+        heads = list_heads(self.task)
+        if head in list_heads() and head not in heads:
+            raise ValueError(f"head {head!r} is not a {self.task} head: choose one of {', '.join(heads)}")
+        net = create_backbone(backbone, **backbone_kwargs_for(self.task, backbone, backbone_kwargs))
         if not _has_dense_features(net):
             raise ValueError(f"backbone {backbone!r} gives no multi-scale features (forward_features + feature_info) "
                              f"for a dense head: choose one of {', '.join(dense_backbones())}")
@@ -75,6 +85,8 @@ class SegmentationModel(nn.Module):
         """(N, D, h, w): the per-pixel features entering the classifier, at feature resolution."""
         return self.head.pixel_features(self.backbone.forward_features(x), with_aux=False)[0]
 
+
+class SegmentationModel(DenseModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, K, H, W) at input resolution (the aux head, if separate, is skipped)."""
         logits, _ = self.head(self.backbone.forward_features(x), with_aux=False)
@@ -87,22 +99,35 @@ class SegmentationModel(nn.Module):
         return resize(logits, size), (resize(aux, size) if aux is not None else None)
 
 
+class PoseModel(DenseModel):
+    """Top-down pose: a person crop -> K joint heatmaps at the head's resolution (1/4 of the input
+    for `heatmap` and `deconv`). `num_classes` is the number of joints."""
+
+    task = "pose"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.forward_features(x), with_aux=False)[0]
+
+
+MODELS = {"segmentation": SegmentationModel, "pose": PoseModel}
+
+
 def dense_model_config(backbone: str, head: str, num_classes: int, backbone_kwargs: dict | None = None,
-                       head_kwargs: dict | None = None, image_size: int | None = None) -> dict:
-    """Everything needed to rebuild a SegmentationModel (JSON-able; stored in checkpoints). The
-    backbone kwargs are recorded resolved, e.g. a ResNet's output_stride=8."""
-    return {"task": "segmentation", "backbone": backbone, "head": head, "num_classes": int(num_classes),
-            "backbone_kwargs": segmentation_backbone_kwargs(backbone, backbone_kwargs),
+                       head_kwargs: dict | None = None, image_size=None, task: str = "segmentation") -> dict:
+    """Everything needed to rebuild a SegmentationModel or PoseModel (JSON-able; stored in
+    checkpoints). The backbone kwargs are recorded resolved, e.g. a ResNet's output_stride=8."""
+    return {"task": task, "backbone": backbone, "head": head, "num_classes": int(num_classes),
+            "backbone_kwargs": backbone_kwargs_for(task, backbone, backbone_kwargs),
             "head_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in (head_kwargs or {}).items()},
             "image_size": image_size}
 
 
-def build_dense_model(config: dict) -> SegmentationModel:
-    """A SegmentationModel from `dense_model_config`'s dict (local pretrained-weight paths are
-    dropped: the checkpoint's state dict carries the weights)."""
+def build_dense_model(config: dict) -> DenseModel:
+    """A SegmentationModel or PoseModel (by the config's task) from `dense_model_config`'s dict (local
+    pretrained-weight paths are dropped: the checkpoint's state dict carries the weights)."""
     missing = [k for k in ("backbone", "head", "num_classes") if k not in config]
     if missing:
-        raise ValueError(f"not a segmentation model config: missing {', '.join(missing)}")
+        raise ValueError(f"not a dense model config: missing {', '.join(missing)}")
     backbone_kwargs = {k: v for k, v in (config.get("backbone_kwargs") or {}).items() if k != "pretrained"}
-    return SegmentationModel(config["backbone"], config["head"], config["num_classes"], backbone_kwargs,
-                             config.get("head_kwargs") or {})
+    return MODELS[config.get("task", "segmentation")](config["backbone"], config["head"], config["num_classes"],
+                                                      backbone_kwargs, config.get("head_kwargs") or {})
