@@ -26,8 +26,9 @@ from workbench.backbones import create_backbone, list_backbones
 from .heads import DenseHead, create_head, list_heads, resize
 
 # backbones built at another output stride than their classification default for segmentation
+# (the DTN at 4: its stride-8 map is 8 x 8 on a 64 x 64 scene, too coarse for digit strokes)
 SEGMENTATION_BACKBONE_DEFAULTS = {"resnet18": {"output_stride": 8}, "resnet50": {"output_stride": 8},
-                                  "resnet101": {"output_stride": 8}}
+                                  "resnet101": {"output_stride": 8}, "dtn": {"output_stride": 4}}
 
 
 def _has_dense_features(net: nn.Module) -> bool:

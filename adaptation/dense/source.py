@@ -6,6 +6,11 @@ The segmentation recipe of openseg / HRNet (REFERENCE 8.1, 8.2):
                                                                                    the head has an aux head)
     SGD, momentum 0.9, weight decay 5e-4, lr = lr0 (1 - t/T)^0.9 (poly), lr0 = 0.01
 
+The papers' SGD starts from ImageNet weights. From scratch on the 64 x 64 scenes it leaves every
+model at all-background for the first thousand iterations (DTN, ResNet-18; CPU runs of 400-1500
+iterations, docs/RESULTS.md), so `optimizer="adam"` (lr0 2e-3, no weight decay, same poly decay)
+is offered for from-scratch training and is what scripts/run_scenes_benchmark.py uses.
+
 with the joint random scale (0.5-2.0) / crop / flip of adaptation.dense.data. As the classification
 source (adaptation.source), the model is selected on held-out data: mIoU on the selection set is
 checked `selection_checks` times over the run and the last of the best checks is kept (`>=`). The
@@ -41,6 +46,8 @@ from .model import SegmentationModel, dense_model_config
 SOURCE_KIND = "source-model"
 CHECKPOINT = "source.pt"
 MOMENTUM, WEIGHT_DECAY, POLY_POWER, LR = 0.9, 5e-4, 0.9, 1e-2   # openseg / HRNet Cityscapes configs
+ADAM_LR = 2e-3
+OPTIMIZERS = ("sgd", "adam")
 
 
 def poly_lr(lr0: float, progress: float, power: float = POLY_POWER) -> float:
@@ -79,7 +86,8 @@ class DenseSourceConfig:
     # ~1900 iterations, of the order of the papers' iteration counts scaled to a 64 x 64 problem.
     epochs: int = 10
     batch_size: int = 16
-    lr: float = LR
+    optimizer: str = "sgd"                 # "adam" for from-scratch models (see the module doc)
+    lr: float | None = None                # None: 0.01 (SGD) or 2e-3 (Adam)
     weight_decay: float = WEIGHT_DECAY
     momentum: float = MOMENTUM
     poly_power: float = POLY_POWER
@@ -124,7 +132,11 @@ def train_dense_source(cfg: DenseSourceConfig) -> dict:
                                 image_size=cfg.crop_size)
     model = rt.prepare_module(SegmentationModel(cfg.backbone, cfg.head, num_classes, backbone_kwargs, head_kwargs))
     aux_weight = float(getattr(model.head, "aux_weight", 0.0))
-    optimizer = segmentation_optimizer([(model, 1.0)], cfg.lr, cfg.weight_decay, cfg.momentum)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    lr0 = cfg.lr if cfg.lr is not None else (ADAM_LR if cfg.optimizer == "adam" else LR)
+    optimizer = (torch.optim.Adam(lr_param_groups([(model, 1.0)], lr0), lr=lr0) if cfg.optimizer == "adam"
+                 else segmentation_optimizer([(model, 1.0)], lr0, cfg.weight_decay, cfg.momentum))
     loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers)  # fixed-size crops batch
     selection_loader = eval_loader(selection_set, workers=cfg.workers)
 
@@ -139,7 +151,7 @@ def train_dense_source(cfg: DenseSourceConfig) -> dict:
         model.train()
         for step in range(1, total_iters + 1):
             images, masks, _ = next(batches)
-            lr = set_group_lr(optimizer, poly_lr(cfg.lr, (step - 1) / total_iters, cfg.poly_power))
+            lr = set_group_lr(optimizer, poly_lr(lr0, (step - 1) / total_iters, cfg.poly_power))
             masks = masks.to(rt.device)
             if (masks != IGNORE_INDEX).any():  # a crop of padding only carries no labels
                 logits, aux = model.forward_train(rt.images(images))

@@ -38,19 +38,23 @@ class LeNet(nn.Module):
 
 
 class DTN(nn.Module):
-    def __init__(self, in_channels: int = 3, image_size: int = 32):
+    def __init__(self, in_channels: int = 3, image_size: int = 32, output_stride: int = 8):
         super().__init__()
+        if output_stride not in (4, 8):
+            raise ValueError(f"DTN output_stride must be 8 (the digit network) or 4 (dense heads), not {output_stride}")
         layers, cin = [], in_channels
-        for cout, drop in ((64, 0.1), (128, 0.3), (256, 0.5)):
-            layers += [nn.Conv2d(cin, cout, kernel_size=5, stride=2, padding=2), nn.BatchNorm2d(cout),
-                       nn.Dropout2d(drop), nn.ReLU()]
+        for stage, (cout, drop) in enumerate(((64, 0.1), (128, 0.3), (256, 0.5))):
+            # output stride 4: the last conv keeps the resolution and dilates by 2 instead (same receptive field)
+            dilated = stage == 2 and output_stride == 4
+            layers += [nn.Conv2d(cin, cout, kernel_size=5, stride=1 if dilated else 2, padding=4 if dilated else 2,
+                                 dilation=2 if dilated else 1), nn.BatchNorm2d(cout), nn.Dropout2d(drop), nn.ReLU()]
             cin = cout
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.out_dim = _flat_dim(self.features.eval(), in_channels, image_size)
-        self.feature_info = [{"channels": 128, "reduction": 4}, {"channels": 256, "reduction": 8}]
+        self.feature_info = [{"channels": 128, "reduction": 4}, {"channels": 256, "reduction": output_stride}]
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The maps after the second and third stage's relu (strides 4 and 8)."""
+        """The maps after the second and third stage's relu (strides 4 and `output_stride`)."""
         stride4 = self.features[:8](x)
         return [stride4, self.features[8:12](stride4)]
 
