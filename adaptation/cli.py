@@ -22,11 +22,11 @@ def _fail(exc: Exception) -> int:
 
 
 def datasets_main(argv=None) -> int:
-    from .dense import scenes
+    from .dense import figures, scenes
 
     def builtin_domain(name: str) -> tuple[str, str]:
         """`uci`, `digits/uci`, `builtin:scenes/printed` ... -> (family, domain)."""
-        families = {"digits": digits.DOMAINS, "scenes": scenes.DOMAINS}
+        families = {"digits": digits.DOMAINS, "scenes": scenes.DOMAINS, "figures": figures.DOMAINS}
         family, _, domain = name.removeprefix("builtin:").rpartition("/")
         matches = [f for f, domains in families.items() if domain in domains and family in ("", f)]
         if not matches:
@@ -35,12 +35,13 @@ def datasets_main(argv=None) -> int:
         return matches[0], domain
 
     p = argparse.ArgumentParser(prog="workbench datasets",
-                                description="The built-in benchmarks: digits (classification) and digit scenes "
-                                            "(segmentation).")
+                                description="The built-in benchmarks: digits (classification), digit scenes "
+                                            "(segmentation) and articulated figures (pose).")
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="list the built-in domains and whether they are built")
     build = sub.add_parser("build", help="build (and cache) built-in domains")
-    build.add_argument("domains", nargs="*", help="e.g. uci, digits/fonts, scenes/printed (default: all)")
+    build.add_argument("domains", nargs="*", help="e.g. uci, digits/fonts, scenes/printed, figures/flat "
+                       "(default: all)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     args = p.parse_args(argv)
     try:
@@ -51,14 +52,24 @@ def datasets_main(argv=None) -> int:
             for domain in scenes.DOMAINS:
                 path = scenes.cache_path(domain)
                 print(f"builtin:scenes/{domain:8s} {'built' if path.exists() else 'not built'}  {path}")
+            for domain in figures.DOMAINS:
+                path = figures.domain_dir(domain)
+                print(f"builtin:figures/{domain:8s} {'built' if path.exists() else 'not built'}  {path}")
             return 0
-        names = args.domains or [f"digits/{d}" for d in digits.DOMAINS] + [f"scenes/{d}" for d in scenes.DOMAINS]
+        names = args.domains or ([f"digits/{d}" for d in digits.DOMAINS] + [f"scenes/{d}" for d in scenes.DOMAINS]
+                                 + [f"figures/{d}" for d in figures.DOMAINS])
         for family, domain in [builtin_domain(name) for name in names]:
             if family == "digits":
                 path = digits.build_domain(domain, force=args.force)
                 x_train, _ = digits.load_domain(domain, "train")
                 x_test, _ = digits.load_domain(domain, "test")
                 print(f"builtin:digits/{domain}: {len(x_train)} train / {len(x_test)} test images -> {path}")
+            elif family == "figures":
+                path = figures.build_domain(domain, force=args.force)
+                counts = [len(json.loads(figures.annotation_file(domain, split).read_text())["images"])
+                          for split in ("train", "test")]
+                print(f"builtin:figures/{domain}: {counts[0]} train / {counts[1]} test {figures.IMAGE_SIZE}x"
+                      f"{figures.IMAGE_SIZE} images, {len(figures.JOINTS)} joints (COCO keypoint JSON) -> {path}")
             else:
                 path = scenes.build_domain(domain, force=args.force)
                 arrays = scenes.load_domain(domain)
@@ -69,7 +80,7 @@ def datasets_main(argv=None) -> int:
     return 0
 
 
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "segmentation", "pose")
 
 
 def _pick(value, default):
@@ -98,22 +109,25 @@ def _resolve_task(flag: str | None, path) -> str:
 
 
 def train_source_main(argv=None) -> int:
+    from .dense.pose_source import PoseSourceConfig
     from .dense.source import DenseSourceConfig
     from .source import SourceConfig
 
-    d, ds = SourceConfig(), DenseSourceConfig()
+    d, ds, ps = SourceConfig(), DenseSourceConfig(), PoseSourceConfig()
     p = argparse.ArgumentParser(prog="workbench train-source",
                                 description="Train the source model (classification: label smoothing; segmentation: "
                                             "CE with ignore 255, SGD poly; the best check on a selection set is kept).")
     p.add_argument("--task", default="classification", choices=TASKS)
     p.add_argument("--data", default=None, help=f"builtin:digits/<domain>, a list file or a class-folder root "
                    f"(default {d.data}); segmentation: builtin:scenes/<domain>, an images/+masks/ folder or a "
-                   f"'<image> <mask>' list (default {ds.data})")
+                   f"'<image> <mask>' list (default {ds.data}); pose: builtin:figures/<domain>, a COCO keypoint "
+                   f"JSON or a folder holding annotations.json (default {ps.data})")
     p.add_argument("--backbone", default=None, help=f"one of {', '.join(list_backbones())} "
-                   f"(default {d.backbone}; segmentation {ds.backbone})")
-    p.add_argument("--head", default=ds.head, help="segmentation head: fcn, issa, ordnet, hrnet, ocr")
-    p.add_argument("--head-channels", type=int, default=None, help="segmentation head width (default: the "
-                   "head's published 512)")
+                   f"(default {d.backbone}; segmentation {ds.backbone}; pose {ps.backbone})")
+    p.add_argument("--head", default=None, help=f"segmentation head: fcn, issa, ordnet, hrnet, ocr (default "
+                   f"{ds.head}); pose head: deconv, heatmap (default {ps.head})")
+    p.add_argument("--head-channels", type=int, default=None, help="dense head width (default: the head's "
+                   "published 512, 256 for deconv)")
     p.add_argument("--output-stride", type=int, default=None, help="segmentation ResNet output stride (default 8)")
     p.add_argument("--crop-size", type=int, default=None, help="segmentation training crop (default: 64 for the "
                    "scenes, 512 for user data)")
@@ -122,7 +136,10 @@ def train_source_main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs} (segmentation {ds.epochs})")
     p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size} (segmentation "
                    f"{ds.batch_size})")
-    p.add_argument("--lr", type=float, default=None, help=f"default {d.lr}")
+    p.add_argument("--lr", type=float, default=None, help=f"default {d.lr} (segmentation 0.01 with SGD, 2e-3 with "
+                   f"Adam; pose {ps.lr})")
+    p.add_argument("--optimizer", default=None, choices=("sgd", "adam"), help="segmentation: SGD (the papers', "
+                   "default) or Adam (for from-scratch models)")
     p.add_argument("--transform", choices=("digits", "imagenet"), default=None, help="default: from the data")
     p.add_argument("--select-on", default=None, help="data to select the checkpoint on (default: the test split "
                    "of built-in digits or scenes, else a held-out 10%% of --data)")
@@ -135,6 +152,8 @@ def train_source_main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.task == "segmentation":
         return _train_dense_source(a, ds)
+    if a.task == "pose":
+        return _train_pose_source(a, ps)
     from .source import train_source
 
     try:
@@ -159,10 +178,11 @@ def _train_dense_source(a, ds) -> int:
 
     try:
         metrics = train_dense_source(DenseSourceConfig(
-            data=a.data or ds.data, backbone=a.backbone or ds.backbone, head=a.head, head_channels=a.head_channels,
+            data=a.data or ds.data, backbone=a.backbone or ds.backbone, head=a.head or ds.head,
+            head_channels=a.head_channels,
             output_stride=a.output_stride, num_classes=a.num_classes, crop_size=a.crop_size,
             epochs=_pick(a.epochs, ds.epochs), batch_size=_pick(a.batch_size, ds.batch_size),
-            lr=_pick(a.lr, ds.lr), pretrained=a.pretrained, select_on=a.select_on,
+            optimizer=a.optimizer or ds.optimizer, lr=a.lr, pretrained=a.pretrained, select_on=a.select_on,
             eval_target=a.eval_target, seed=a.seed, device=a.device, workers=a.workers, run_dir=a.out,
             progress=not a.no_progress))
     except USER_ERRORS as exc:
@@ -174,32 +194,59 @@ def _train_dense_source(a, ds) -> int:
     return 0
 
 
+def _train_pose_source(a, ps) -> int:
+    from .dense.pose_source import PoseSourceConfig, train_pose_source
+
+    try:
+        metrics = train_pose_source(PoseSourceConfig(
+            data=a.data or ps.data, backbone=a.backbone or ps.backbone, head=a.head or ps.head,
+            head_channels=a.head_channels, epochs=_pick(a.epochs, ps.epochs),
+            batch_size=_pick(a.batch_size, ps.batch_size), lr=_pick(a.lr, ps.lr), pretrained=a.pretrained,
+            select_on=a.select_on, eval_target=a.eval_target, seed=a.seed, device=a.device, workers=a.workers,
+            run_dir=a.out, progress=not a.no_progress))
+    except USER_ERRORS as exc:
+        return _fail(exc)
+    print(f"selected model: AP {metrics['ap']:.2f}, PCK@0.1 {metrics['pck@0.1']:.2f} on {metrics['selection_data']} "
+          f"(iteration {metrics['iteration']}, epoch {metrics['epoch']:.1f}); checkpoint {metrics['checkpoint']}")
+    if "target" in metrics:
+        t = metrics["target"]
+        print(f"on {t['data']}: AP {t['ap']:.2f}, PCK@0.05 {t['pck@0.05']:.2f}, PCK@0.1 {t['pck@0.1']:.2f}")
+    return 0
+
+
 def adapt_config(argv=None):
     """The config of an `adapt` command line: an AdaptConfig for classification (options left out take the
     benchmark's official value), a DenseAdaptConfig for segmentation. Without --task the task is read from
     the source checkpoint."""
+    from .dense.mean_teacher import METHODS as POSE_METHODS
+    from .dense.mean_teacher import PoseAdaptConfig
     from .dense.shot import DenseAdaptConfig
     from .dense.shot import METHODS as DENSE_METHODS
     from .rotation import KEEP_CHOICES
     from .shot import BENCHMARKS, METHODS, AdaptConfig
 
-    d, dd = AdaptConfig(), DenseAdaptConfig()
+    d, dd, pd = AdaptConfig(), DenseAdaptConfig(), PoseAdaptConfig()
     p = argparse.ArgumentParser(prog="workbench adapt", description="Source-free adaptation of a source model.")
     p.add_argument("--task", default=None, choices=TASKS, help="default: the task the --source checkpoint names")
-    p.add_argument("--method", default=None, choices=METHODS, help=f"default {d.method}; segmentation offers "
-                   f"{', '.join(DENSE_METHODS)} (default {dd.method})")
+    p.add_argument("--method", default=None, choices=sorted(set(METHODS) | set(DENSE_METHODS) | set(POSE_METHODS)),
+                   help=f"default {d.method}; segmentation offers {', '.join(DENSE_METHODS)} (default {dd.method}); "
+                   f"pose offers {', '.join(POSE_METHODS)} (default {pd.method})")
     p.add_argument("--source", required=True, help="a source checkpoint (or its run directory)")
     p.add_argument("--target", required=True, help="unlabelled target data (labels, if present, only for metrics)")
     p.add_argument("--out", default="", help="run directory (default runs/adapt-<method>-s<seed>-<time>)")
     p.add_argument("--benchmark", default=None, choices=BENCHMARKS,
                    help="whose official settings to use (default: digits for digits data, office-home for images)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="default 30 for digits (SHOT++ 15), 15 for images and segmentation")
+                   help=f"default 30 for digits (SHOT++ 15), 15 for images and segmentation, {pd.epochs} for pose")
     p.add_argument("--beta", type=float, default=None, help="pseudo-label weight (default 0.1 digits, 0.3 images "
                    "and segmentation)")
     p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size} (segmentation "
                    f"{dd.batch_size})")
-    p.add_argument("--lr", type=float, default=None, help="default 0.01 (VisDA-C 0.001)")
+    p.add_argument("--lr", type=float, default=None, help=f"default 0.01 (VisDA-C 0.001; pose {pd.lr})")
+    p.add_argument("--ema-alpha", type=float, default=pd.ema_alpha, help="pose mean teacher: teacher EMA decay")
+    p.add_argument("--mask-ratio", type=float, default=pd.mask_ratio, help="pose mean teacher: fraction of "
+                   "joints (lowest teacher maxima in the batch) left out of the consistency loss")
+    p.add_argument("--no-flip-test", action="store_true", help="pose: score without flip testing")
     p.add_argument("--rotation-weight", type=float, default=None, help="SHOT++ (default 0.2 digits, 0.6 images)")
     p.add_argument("--rotation-epochs", type=int, default=None, help="SHOT++ rotation-head pre-training "
                    "(default: the adaptation epochs)")
@@ -226,6 +273,12 @@ def adapt_config(argv=None):
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     task = _resolve_task(a.task, a.source)
+    if task == "pose":
+        return PoseAdaptConfig(
+            source=a.source, target=a.target, method=a.method or pd.method, epochs=_pick(a.epochs, pd.epochs),
+            batch_size=_pick(a.batch_size, pd.batch_size), lr=_pick(a.lr, pd.lr), ema_alpha=a.ema_alpha,
+            mask_ratio=a.mask_ratio, flip_test=not a.no_flip_test, test_on=a.test_on, seed=a.seed,
+            device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress)
     if task == "segmentation":
         return DenseAdaptConfig(
             source=a.source, target=a.target, method=a.method or dd.method, epochs=_pick(a.epochs, dd.epochs),
@@ -243,6 +296,7 @@ def adapt_config(argv=None):
 
 
 def adapt_main(argv=None) -> int:
+    from .dense.mean_teacher import PoseAdaptConfig, PoseMeanTeacher
     from .dense.shot import DenseAdaptConfig, DenseShotAdapter
     from .shot import ShotAdapter
 
@@ -250,6 +304,8 @@ def adapt_main(argv=None) -> int:
         cfg = adapt_config(argv)
         if isinstance(cfg, DenseAdaptConfig):
             return _adapt_dense(cfg, DenseShotAdapter)
+        if isinstance(cfg, PoseAdaptConfig):
+            return _adapt_pose(cfg, PoseMeanTeacher)
         adapter = ShotAdapter(cfg)
         metrics = adapter.run()
     except USER_ERRORS as exc:
@@ -277,22 +333,41 @@ def _adapt_dense(cfg, adapter_cls) -> int:
     return 0
 
 
+def _adapt_pose(cfg, adapter_cls) -> int:
+    adapter = adapter_cls(cfg)
+    m = adapter.run()
+    print(f"{cfg.method} (pose): target AP {m['source_only_ap']:.2f} -> {m['ap']:.2f}, PCK@0.1 "
+          f"{m['source_only_pck@0.1']:.2f} -> {m['pck@0.1']:.2f}")
+    if m.get("test_ap") is not None:
+        print(f"{cfg.method} (pose): held-out {m['test_data']} AP {m['source_only_test_ap']:.2f} -> {m['test_ap']:.2f}, "
+              f"PCK@0.1 {m['source_only_test_pck@0.1']:.2f} -> {m['test_pck@0.1']:.2f}")
+    print(f"adapted model, keypoints.json and metrics.json in {adapter.run_dir}; tensorboard --logdir {adapter.run_dir}")
+    return 0
+
+
 def evaluate_main(argv=None) -> int:
     from .evaluate import evaluate_model
 
-    p = argparse.ArgumentParser(prog="workbench evaluate", description="Accuracy (classification) or mIoU "
-                                "(segmentation) of a source or adapted model.")
+    p = argparse.ArgumentParser(prog="workbench evaluate", description="Accuracy (classification), mIoU "
+                                "(segmentation) or PCK and OKS AP (pose) of a source or adapted model.")
     p.add_argument("--model", required=True, help="a source or adapted checkpoint (or its run directory)")
     p.add_argument("--data", required=True)
     p.add_argument("--task", default=None, choices=TASKS, help="default: the task the checkpoint names")
-    p.add_argument("--save-predictions", default=None, metavar="DIR",
-                   help="segmentation: write one palette PNG label map per image into DIR")
+    p.add_argument("--save-predictions", default=None, metavar="PATH",
+                   help="segmentation: write one palette PNG label map per image into the folder PATH; pose: "
+                   "write the predicted keypoints as a COCO result JSON file PATH")
+    p.add_argument("--no-flip-test", action="store_true", help="pose: score without flip testing")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--out", default=None, help="also write the result as JSON")
     a = p.parse_args(argv)
     try:
         task = _resolve_task(a.task, a.model)
-        if task == "segmentation":
+        if task == "pose":
+            from .dense.pose_evaluate import evaluate_pose_model
+
+            result = evaluate_pose_model(a.model, a.data, device=a.device, flip_test=not a.no_flip_test,
+                                         results_json=a.save_predictions)
+        elif task == "segmentation":
             from .dense.evaluate import evaluate_dense_model
 
             result = evaluate_dense_model(a.model, a.data, device=a.device, save_predictions=a.save_predictions)

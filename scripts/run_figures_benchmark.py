@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Pose on the built-in figures pair: source-only and mean-teacher PCK and OKS AP, several seeds.
+
+For each seed: train a pose source model on `flat` (train split, selected by AP on the flat test
+split), score it on the `textured` test split (source-only), adapt it to the textured train split
+with the mean teacher and score the adapted model on the textured test split. Finished runs (a
+metrics.json in their directory) are skipped, so the script can be stopped and started again.
+Writes results.jsonl and a markdown table (table.md) to the output folder.
+
+    python scripts/run_figures_benchmark.py --seeds 0 1 2 --out runs/figures-benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adaptation.dense.mean_teacher import PoseAdaptConfig, PoseMeanTeacher  # noqa: E402
+from adaptation.dense.pose_source import PoseSourceConfig, train_pose_source  # noqa: E402
+from workbench.logging import mean_sd  # noqa: E402
+
+SOURCE, TARGET = "builtin:figures/flat", "builtin:figures/textured"
+METRICS = ("pck@0.05", "pck@0.1", "ap")
+COLUMNS = ("in-domain", "source-only", "mean-teacher")
+
+
+def source_model(out: Path, seed: int, args) -> dict:
+    run = out / f"source-s{seed}"
+    if not (run / "metrics.json").exists():
+        train_pose_source(PoseSourceConfig(data=SOURCE, backbone=args.backbone, head=args.head, epochs=args.source_epochs,
+                                           eval_target=f"{TARGET}:test", seed=seed, run_dir=str(run), progress=False))
+    return json.loads((run / "metrics.json").read_text())
+
+
+def adapted(out: Path, seed: int, args) -> dict:
+    run = out / f"mean-teacher-s{seed}"
+    if not (run / "metrics.json").exists():
+        PoseMeanTeacher(PoseAdaptConfig(source=str(out / f"source-s{seed}"), target=TARGET, epochs=args.epochs,
+                                        seed=seed, run_dir=str(run), progress=False)).run()
+    return json.loads((run / "metrics.json").read_text())
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for metric in METRICS:
+        cells = []
+        for column in COLUMNS:
+            values = [r[metric] for r in rows if r["column"] == column]
+            cells.append(mean_sd(values, count=True) if values else "—")
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--head", default="deconv")
+    p.add_argument("--source-epochs", type=int, default=PoseSourceConfig.epochs)
+    p.add_argument("--epochs", type=int, default=PoseAdaptConfig.epochs, help="adaptation epochs")
+    p.add_argument("--out", default="runs/figures-benchmark")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in args.seeds:
+        src = source_model(out, seed, args)
+        mt = adapted(out, seed, args)
+        rows += [{"seed": seed, "column": "in-domain", **{m: src[m] for m in METRICS}},
+                 {"seed": seed, "column": "source-only", **{m: mt[f"source_only_test_{m}"] for m in METRICS}},
+                 {"seed": seed, "column": "mean-teacher", **{m: mt[f"test_{m}"] for m in METRICS}}]
+        print(f"seed {seed}: " + "; ".join(f"{r['column']} " + ", ".join(f"{m} {r[m]:.1f}" for m in METRICS)
+                                          for r in rows if r["seed"] == seed), flush=True)
+        (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (out / "table.md").write_text(report(rows, args))
+    print(report(rows, args))
+
+
+def report(rows: list[dict], args) -> str:
+    seeds = len({r["seed"] for r in rows})
+    return (f"Pose on {SOURCE} -> {TARGET} ({TARGET}:test; in-domain: {SOURCE}:test), {args.backbone}+{args.head}, "
+            f"source {args.source_epochs} epochs, mean teacher {args.epochs} epochs, {seeds} seed(s); PCK and AP in %"
+            f"\n\n" + table(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

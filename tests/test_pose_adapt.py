@@ -1,0 +1,216 @@
+"""Pose: keypoint heads, COCO person crops and their targets, the mean teacher, the commands."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adaptation.data import DataError
+from adaptation.dense.heads import list_heads
+from adaptation.dense.model import PoseModel, dense_backbones
+from adaptation.dense.pose_data import KeypointDataset, flip_permutation
+
+TINY = "12,6"   # figures per split for the command-line tests
+
+
+# ------------------------------------------------------------------ heads
+@pytest.mark.parametrize("backbone", ["dtn", "resnet18", "mobilenetv2_ca", "hrformer_t"])
+@pytest.mark.parametrize("head", ["heatmap", "deconv"])
+def test_pose_heads_give_heatmaps_at_a_quarter_of_the_input(backbone, head):
+    assert backbone in dense_backbones()
+    model = PoseModel(backbone, head, 14).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 128, 96))
+    assert out.shape == (2, 14, 32, 24)
+    assert isinstance(model.classifier, torch.nn.Conv2d) and model.classifier.kernel_size == (1, 1)
+
+
+def test_pose_and_segmentation_heads_do_not_mix():
+    assert {"heatmap", "deconv"} == set(list_heads("pose"))
+    with pytest.raises(ValueError, match="not a pose head: choose one of deconv, heatmap"):
+        PoseModel("dtn", "fcn", 14)
+
+
+# ------------------------------------------------------------------ a small COCO file written by hand
+JOINTS = ["nose", "left_hand", "right_hand"]
+
+
+def write_coco(root, persons, image_size=(80, 60), keypoint_count=3, bbox=None, images=True):
+    """One image per person; persons = list of (K, 3) keypoints. Returns the JSON path."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    data = {"images": [], "annotations": [],
+            "categories": [{"id": 1, "name": "person", "keypoints": JOINTS[:keypoint_count], "skeleton": [[1, 2]]}]}
+    rng = np.random.default_rng(0)
+    for i, kps in enumerate(persons):
+        name = f"{i}.png"
+        if images:
+            Image.fromarray(rng.integers(0, 255, (image_size[1], image_size[0], 3), dtype=np.uint8)).save(
+                root / "images" / name)
+        data["images"].append({"id": i + 1, "file_name": name, "width": image_size[0], "height": image_size[1]})
+        kps = np.asarray(kps, dtype=float)
+        data["annotations"].append({"id": 10 + i, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                                    "bbox": bbox or [20.0, 10.0, 30.0, 40.0], "area": 1200.0,
+                                    "keypoints": kps.ravel().tolist(), "num_keypoints": int((kps[:, 2] > 0).sum())})
+    path = root / "annotations.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+PERSON = [[35.0, 15.0, 2], [25.0, 30.0, 2], [44.0, 31.0, 1]]
+
+
+def test_crop_targets_peak_where_the_hand_computed_affine_puts_each_joint(tmp_path):
+    """Box [20, 10, 30, 40] at input 48 x 64 (aspect 0.75): centre (35, 30), window 37.5 x 50 after the
+    1.25 padding; heatmap 12 x 16, so x_hm = (x - 35) * 12 / 37.5 + 6 and y_hm = (y - 30) * 16 / 50 + 8."""
+    data = KeypointDataset(str(write_coco(tmp_path, [PERSON])), train=False, input_size=(48, 64),
+                           flip_pairs=[(1, 2)])
+    item = data[0]
+    assert item["image"].shape == (3, 64, 48) and item["heatmaps"].shape == (3, 16, 12)
+    for k, (x, y, _) in enumerate(PERSON):
+        expected = ((x - 35) * 12 / 37.5 + 6, (y - 30) * 16 / 50 + 8)
+        peak = divmod(int(item["heatmaps"][k].argmax()), 12)
+        assert abs(peak[1] - expected[0]) <= 0.5 and abs(peak[0] - expected[1]) <= 0.5
+    assert item["weights"].tolist() == [1.0, 1.0, 1.0]   # an occluded but labelled joint (v=1) is trained on
+
+
+def test_a_mirrored_view_swaps_left_and_right_targets(tmp_path):
+    data = KeypointDataset(str(write_coco(tmp_path, [PERSON])), train=False, input_size=(48, 64),
+                           flip_pairs=[(1, 2)])
+    plain, mirrored = data.view(0), data.view(0, flip=True)
+    h_plain, _ = data.targets(0, plain.matrix, False)
+    h_flip, _ = data.targets(0, mirrored.matrix, True)
+    # channel "left_hand" of the mirrored view is the mirror image of channel "right_hand" of the plain one
+    assert torch.allclose(h_flip[1], torch.flip(h_plain[2], dims=[1]), atol=1e-6)
+    assert torch.allclose(h_flip[0], torch.flip(h_plain[0], dims=[1]), atol=1e-6)
+    assert torch.allclose(mirrored.image, torch.flip(plain.image, dims=[2]), atol=1e-5)
+    assert flip_permutation(3, [(1, 2)]) == [0, 2, 1]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "no person annotation with labelled keypoints"),
+    ("missing_image", "not found"),
+    ("bad_box", "annotation 10"),
+    ("joint_count", "annotates 3 keypoints but the model predicts 17"),
+])
+def test_bad_pose_data_gives_a_one_line_error(tmp_path, case, message):
+    persons = [] if case == "empty" else [PERSON]
+    path = write_coco(tmp_path, persons, bbox=[1.0, 2.0, -3.0, 4.0] if case == "bad_box" else None,
+                      images=case != "missing_image")
+    with pytest.raises(DataError) as info:
+        KeypointDataset(str(path), train=False, num_joints=17 if case == "joint_count" else None)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------ mean teacher pieces
+def test_pseudo_heatmaps_follow_the_teacher_joint_into_the_strong_view():
+    from adaptation.dense.keypoints import gaussian_heatmaps
+    from adaptation.dense.mean_teacher import pseudo_heatmaps
+
+    size, sigma = (12, 16), 1.0
+    weak = np.array([[0.5, 0.0, 1.0], [0.0, 0.5, 2.0]])            # image -> weak heatmap
+    strong = np.array([[0.0, -0.5, 11.0], [0.5, 0.0, 0.0]])         # image -> strong heatmap (turned 90 degrees)
+    image_joints = np.array([[8.0, 10.0], [12.0, 20.0]])
+    weak_joints = image_joints @ weak[:, :2].T + weak[:, 2]
+    teacher, _ = gaussian_heatmaps(weak_joints, np.ones(2, bool), size, sigma)
+    maps, maxvals = pseudo_heatmaps(torch.from_numpy(teacher), weak, strong, False, [0, 1], size, sigma)
+    for k, (x, y) in enumerate(image_joints):
+        sx, sy = -0.5 * y + 11.0, 0.5 * x                           # the strong affine by hand
+        row, col = divmod(int(np.argmax(maps[k])), size[0])
+        assert abs(col - sx) <= 0.5 and abs(row - sy) <= 0.5
+    flipped, flipped_max = pseudo_heatmaps(torch.from_numpy(teacher), weak, strong, True, [1, 0], size, sigma)
+    assert np.array_equal(flipped[0], maps[1]) and np.array_equal(flipped_max, maxvals[::-1])
+
+
+def test_confident_mask_keeps_joints_above_the_batch_median():
+    from adaptation.dense.mean_teacher import confident_mask
+
+    maxvals = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.3, 0.2]])
+    assert confident_mask(maxvals, 0.5).tolist() == [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]]   # median 0.4
+
+
+def test_ema_update_by_hand_and_frozen_parameters_untouched():
+    from adaptation.dense.mean_teacher import ema_update
+
+    teacher, student = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    student.bias.requires_grad_(False)
+    t_w, s_w, t_b = teacher.weight.clone(), student.weight.clone(), teacher.bias.clone()
+    ema_update(teacher, student, 0.9)
+    assert torch.allclose(teacher.weight, 0.9 * t_w + 0.1 * s_w)
+    assert torch.equal(teacher.bias, t_b)
+
+
+# ------------------------------------------------------------------ commands on a tiny figures set
+@pytest.fixture(scope="module")
+def tiny_figures(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORKBENCH_DATA", str(tmp_path_factory.getbasetemp() / "wbdata-pose"))
+        mp.setenv("WORKBENCH_FIGURES_N", TINY)
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_pose_source(tiny_figures, tmp_path_factory):
+    from adaptation.cli import train_source_main
+
+    out = tmp_path_factory.mktemp("pose-src")
+    assert train_source_main(["--task", "pose", "--data", "builtin:figures/flat", "--backbone", "dtn", "--head",
+                              "deconv", "--head-channels", "16", "--epochs", "1", "--batch-size", "8",
+                              "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_pose_source_outputs(tiny_pose_source):
+    from workbench.checkpoint import load_checkpoint
+
+    metrics = json.loads((tiny_pose_source / "metrics.json").read_text())
+    assert metrics["selection_data"] == "builtin:figures/flat:test"
+    assert {"ap", "pck@0.05", "pck@0.1", "per_joint_pck@0.1"} <= set(metrics)
+    state = load_checkpoint(tiny_pose_source / "source.pt", kind="source-model")
+    assert state["task"] == "pose" and state["model_config"]["num_classes"] == 14
+
+
+def test_mean_teacher_keeps_the_final_layer_and_writes_coco_results(tiny_pose_source, tmp_path, capsys):
+    from adaptation.cli import adapt_main, evaluate_main
+    from workbench.checkpoint import load_checkpoint
+
+    out = tmp_path / "mt"
+    assert adapt_main(["--source", str(tiny_pose_source), "--target", "builtin:figures/textured", "--epochs", "1",
+                       "--batch-size", "8", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    source = load_checkpoint(tiny_pose_source / "source.pt", kind="source-model")["model"]
+    adapted = load_checkpoint(out / "adapted.pt", kind="adapted-model")["model"]
+    frozen = [k for k in source if k.startswith("head.classifier.")]
+    assert frozen and all(torch.equal(source[k], adapted[k]) for k in frozen)
+    assert any(not torch.equal(source[k], adapted[k]) for k in source if k.startswith("backbone.")
+               and source[k].is_floating_point())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "mean-teacher" and metrics["test_data"] == "builtin:figures/textured:test"
+    results = json.loads((out / "keypoints.json").read_text())
+    assert len(results) == metrics["persons"] and len(results[0]["keypoints"]) == 3 * 14
+    capsys.readouterr()
+    assert evaluate_main(["--model", str(out), "--data", "builtin:figures/textured:test", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ap"] == pytest.approx(metrics["test_ap"]) and not math.isnan(result["pck@0.1"])
+
+
+def test_pose_checkpoint_with_segmentation_data_gives_a_one_line_error(tiny_pose_source, capsys):
+    from adaptation.cli import evaluate_main
+
+    assert evaluate_main(["--model", str(tiny_pose_source), "--data", "builtin:scenes/printed:test",
+                          "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "pose data" in err
+
+
+def test_datasets_list_and_build_include_the_figures(tiny_figures, capsys):
+    from adaptation.cli import datasets_main
+
+    assert datasets_main(["build", "figures/flat"]) == 0
+    assert "builtin:figures/flat: 12 train / 6 test 128x128 images, 14 joints" in capsys.readouterr().out
+    assert datasets_main(["list"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("builtin:figures/")]
+    assert len(listed) == 2 and "figures/flat     built" in listed[0]
