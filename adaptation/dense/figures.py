@@ -572,18 +572,7 @@ def render_image(domain: str, split: str, index: int) -> tuple[np.ndarray, list[
 # ------------------------------------------------------------------ cache
 def figure_counts(n_train: int | None = None, n_test: int | None = None) -> tuple[int, int]:
     """The images per split: arguments, else WORKBENCH_FIGURES_N="<train>,<test>", else 1500 / 300."""
-    train, test = TRAIN_IMAGES, TEST_IMAGES
-    override = os.environ.get("WORKBENCH_FIGURES_N", "").strip()
-    if override:
-        try:
-            train, test = (int(v) for v in override.split(","))
-        except ValueError:
-            raise ValueError(f"WORKBENCH_FIGURES_N={override!r}: expected '<train>,<test>' image counts, "
-                             f"e.g. 200,50") from None
-    train, test = n_train if n_train is not None else train, n_test if n_test is not None else test
-    if train < 1 or test < 1:
-        raise ValueError(f"figure image counts must be positive, got {train} train / {test} test")
-    return train, test
+    return digits.split_counts("WORKBENCH_FIGURES_N", (TRAIN_IMAGES, TEST_IMAGES), n_train, n_test, "figure image")
 
 
 def domain_dir(domain: str, n_train: int | None = None, n_test: int | None = None) -> Path:

@@ -284,18 +284,7 @@ def render_scene(domain: str, split: str, index: int) -> tuple[np.ndarray, np.nd
 # ------------------------------------------------------------------ cache
 def scene_counts(n_train: int | None = None, n_test: int | None = None) -> tuple[int, int]:
     """The set sizes: arguments, else WORKBENCH_SCENES_N="<train>,<test>", else 3000 / 500."""
-    train, test = TRAIN_SCENES, TEST_SCENES
-    override = os.environ.get("WORKBENCH_SCENES_N", "").strip()
-    if override:
-        try:
-            train, test = (int(v) for v in override.split(","))
-        except ValueError:
-            raise ValueError(f"WORKBENCH_SCENES_N={override!r}: expected '<train>,<test>' scene counts, "
-                             f"e.g. 200,50") from None
-    train, test = n_train if n_train is not None else train, n_test if n_test is not None else test
-    if train < 1 or test < 1:
-        raise ValueError(f"scene counts must be positive, got {train} train / {test} test")
-    return train, test
+    return digits.split_counts("WORKBENCH_SCENES_N", (TRAIN_SCENES, TEST_SCENES), n_train, n_test, "scene")
 
 
 def cache_path(domain: str, n_train: int | None = None, n_test: int | None = None) -> Path:
