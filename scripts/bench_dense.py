@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Speed of the dense segmentation heads, and interlaced sparse against full self-attention.
+"""Speed of the dense heads (segmentation and pose), and interlaced sparse against full self-attention.
 
 1. For each backbone (default: resnet18 at output stride 8, hrformer_t) the backbone's forward
    and forward+backward on a --size x --size input are timed (--backbone-repeats, default 1), then every head on the
    backbone's real feature maps: forward (eval, inference mode, logits upsampled to the input) and
    forward+backward (train mode, cross-entropy at input resolution + aux_weight x aux CE, as in
    source training). A whole model costs backbone + head: both columns are printed.
-2. The ISSA head against the same head with one full (non-interlaced) self-attention block of the
+2. The pose heads (deconv, heatmap) on --pose-backbones (default resnet18 at its classification
+   strides, hrformer_t) as whole models on 256 x 192 person crops: forward and forward+backward.
+3. The ISSA head against the same head with one full (non-interlaced) self-attention block of the
    same widths (`create_head("issa", ..., attention="full")`), on resnet18-OS-8-shaped features of
    the same input: forward+backward time and peak memory of the attention block alone and of the
    whole head. Each memory figure comes from a fresh subprocess: on CUDA
@@ -43,7 +45,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from adaptation.dense.heads import create_head, list_heads  # noqa: E402
-from adaptation.dense.model import backbone_kwargs_for  # noqa: E402
+from adaptation.dense.model import PoseModel, backbone_kwargs_for  # noqa: E402
 from workbench.backbones import create_backbone  # noqa: E402
 
 NUM_CLASSES = 19  # Cityscapes
@@ -128,6 +130,43 @@ def bench_backbone(name: str, args, device: torch.device) -> None:
         inputs = f"{head.inputs.mode}@{head.inputs.reduction}"
         print(f"  {head_name:8s} {params:7.2f}M {inputs:>14s} {head.feature_dim:5d} {h_fwd * 1e3:12.0f} "
               f"{h_train * 1e3:12.0f} {(fwd + h_fwd) * 1e3:13.0f} {(train + h_train) * 1e3:13.0f}", flush=True)
+
+
+# ------------------------------------------------------------------ pose heads
+
+POSE_INPUT = (256, 192)   # height, width: the COCO top-down setting
+POSE_JOINTS = 17
+
+
+def bench_pose(args, device: torch.device) -> None:
+    """Whole pose models (backbone at its classification strides + keypoint head) on 256 x 192 crops:
+    forward (eval, inference mode) and forward+backward (train, JointsMSE against random targets)."""
+    print(f"\npose heads, input {args.batch}x3x{POSE_INPUT[0]}x{POSE_INPUT[1]}, {POSE_JOINTS} joints "
+          f"(head width: published, 256 for deconv)")
+    print(f"  {'model':26s} {'params':>8s} {'heatmaps':>10s} {'fwd ms':>9s} {'f+b ms':>9s}")
+    x = torch.randn(args.batch, 3, *POSE_INPUT, device=device)
+    for backbone in args.pose_backbones:
+        for head in list_heads("pose"):
+            model = PoseModel(backbone, head, POSE_JOINTS).to(device)
+            with torch.no_grad():
+                out = model.eval()(x)
+            target = torch.rand_like(out)
+
+            def forward():
+                with torch.inference_mode():
+                    model(x)
+
+            def forward_backward():
+                model.zero_grad(set_to_none=True)
+                ((model(x) - target) ** 2).mean().backward()
+
+            model.eval()
+            fwd = seconds(forward, args.repeats, device)
+            model.train()
+            train = seconds(forward_backward, args.repeats, device)
+            params = sum(p.numel() for p in model.parameters()) / 1e6
+            print(f"  {backbone + '+' + head:26s} {params:7.2f}M {out.shape[2]:>4d}x{out.shape[3]:<5d} "
+                  f"{fwd * 1e3:9.0f} {train * 1e3:9.0f}", flush=True)
 
 
 # ------------------------------------------------------------------ ISSA against full attention
@@ -238,6 +277,9 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--skip-heads", action="store_true", help="only the ISSA vs full attention comparison")
+    p.add_argument("--pose-backbones", nargs="+", default=["resnet18", "hrformer_t"],
+                   help="backbones for the pose heads at 256x192 (none: skip)")
+    p.add_argument("--skip-pose", action="store_true", help="leave out the pose heads")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.heads = args.heads or list_heads("segmentation")
@@ -256,6 +298,8 @@ def main(argv=None) -> None:
     if not args.skip_heads:
         for name in args.backbones:
             bench_backbone(name, args, device)
+    if not args.skip_pose and not args.skip_heads:
+        bench_pose(args, device)
     h, w = results["full", "block"]["map"]
     memory = "peak CUDA memory allocated" if device.type == "cuda" else "peak RSS growth (VmHWM)"
     print(f"\nISSA vs full self-attention, resnet18-OS-8 features ({h}x{w} map, {h * w} positions), "
