@@ -75,29 +75,46 @@ def main(argv=None) -> None:
     p.add_argument("--backbone", default="dtn")
     p.add_argument("--source-epochs", type=int, default=None, help="default: 30 (the paper's digits setting)")
     p.add_argument("--epochs", type=int, default=None, help="adaptation epochs; default: 30 (paper, digits)")
+    p.add_argument("--pairs", nargs="+", default=None, metavar="SOURCE:TARGET",
+                   help="only these ordered pairs, e.g. uci:photo fonts:uci (default: all six)")
     p.add_argument("--out", default="runs/digits-benchmark")
     args = p.parse_args(argv)
+    pairs = list(itertools.permutations(DOMAINS, 2))
+    if args.pairs:
+        wanted = [tuple(pair.split(":")) for pair in args.pairs]
+        unknown = [":".join(pair) for pair in wanted if pair not in pairs]
+        if unknown:
+            p.error(f"unknown pair(s) {', '.join(unknown)}: use SOURCE:TARGET with two of {', '.join(DOMAINS)}")
+        pairs = [pair for pair in pairs if pair in wanted]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    results = out / "results.jsonl"   # rows of earlier calls (other seeds, pairs, methods) are kept
+    rows = {row_key(r): r for r in map(json.loads, results.read_text().splitlines())} if results.exists() else {}
+
+    def record(row: dict) -> None:
+        rows[row_key(row)] = row
+        report(row)
+        results.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+        (out / "table.md").write_text(tables(list(rows.values())))
+
     # First seed: every method. Further seeds: each method over all of them before the next, SHOT++
     # (the costliest) last. A stopped run so leaves whole columns, and as many seeds as it reached.
     order = [(args.seeds[0], m) for m in args.methods] + [(s, m) for m in args.methods for s in args.seeds[1:]]
     for seed, method in order:
-        for source, target in itertools.permutations(DOMAINS, 2):
+        for source, target in pairs:
             src = source_model(out, source, seed, args.backbone, args.source_epochs)
             if method == args.methods[0]:
                 accs = {key: evaluate_model(src, f"builtin:digits/{target}:{split}")["accuracy"]
                         for key, split in (("test_accuracy", "test"), ("accuracy", "train"))}
-                rows.append({"source": source, "target": target, "method": "source-only", "seed": seed, **accs})
-                report(rows[-1])
+                record({"source": source, "target": target, "method": "source-only", "seed": seed, **accs})
             metrics = adapted(out, src, target, method, seed, args.epochs)
-            rows.append({"source": source, "target": target, "method": method, "seed": seed,
-                         "test_accuracy": metrics["test_accuracy"], "accuracy": metrics["accuracy"]})
-            report(rows[-1])
-            (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            (out / "table.md").write_text(tables(rows, args.methods))
-    print(tables(rows, args.methods))
+            record({"source": source, "target": target, "method": method, "seed": seed,
+                    "test_accuracy": metrics["test_accuracy"], "accuracy": metrics["accuracy"]})
+    print(tables(list(rows.values())))
+
+
+def row_key(row: dict) -> tuple:
+    return row["source"], row["target"], row["method"], row["seed"]
 
 
 def report(row: dict) -> None:
@@ -105,7 +122,8 @@ def report(row: dict) -> None:
           f"adapted split {row['accuracy']:.1f}", flush=True)
 
 
-def tables(rows: list[dict], methods: list[str]) -> str:
+def tables(rows: list[dict]) -> str:
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     return ("Accuracy (%) on the target's test split\n\n" + table(rows, methods, "test_accuracy")
             + "\n\nAccuracy (%) on the target's train split, the data adapted on (transductive)\n\n"
             + table(rows, methods, "accuracy") + "\n")

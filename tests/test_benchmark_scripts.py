@@ -1,0 +1,37 @@
+"""The digits benchmark driver: pair selection, and results of separate calls kept together."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_digits_benchmark_runs_chosen_pairs_and_keeps_earlier_rows(tmp_path):
+    bench = _script("run_digits_benchmark")
+    common = ["--seeds", "0", "--methods", "shot-im", "--backbone", "lenet", "--source-epochs", "1", "--epochs", "1",
+              "--out", str(tmp_path)]
+    bench.main(common + ["--pairs", "photo:uci"])
+    bench.main(common + ["--pairs", "uci:photo"])
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["source"], r["target"], r["method"]) for r in rows) == [
+        ("photo", "uci", "shot-im"), ("photo", "uci", "source-only"),
+        ("uci", "photo", "shot-im"), ("uci", "photo", "source-only")]
+    adapted = json.loads((tmp_path / "uci-to-photo-shot-im-s0" / "metrics.json").read_text())
+    row = next(r for r in rows if (r["source"], r["method"]) == ("uci", "shot-im"))
+    assert row["test_accuracy"] == adapted["test_accuracy"]
+    table = (tmp_path / "table.md").read_text()
+    assert "photo → uci" in table and "uci → photo" in table and "fonts" not in table
+    with pytest.raises(SystemExit):
+        bench.main(common + ["--pairs", "uci:uci"])
