@@ -214,3 +214,17 @@ def test_datasets_list_and_build_include_the_figures(tiny_figures, capsys):
     assert datasets_main(["list"]) == 0
     listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("builtin:figures/")]
     assert len(listed) == 2 and "figures/flat     built" in listed[0]
+
+
+def test_warp_puts_an_image_pixel_where_the_affine_sends_it():
+    from adaptation.dense.keypoints import affine_matrix, transform_points
+    from adaptation.dense.pose_data import warp
+
+    image = torch.zeros(3, 60, 80)
+    image[:, 22, 31] = 1.0                                   # (x, y) = (31, 22)
+    for rotation in (0.0, 30.0):
+        m = affine_matrix([35, 30], [37.5, 50], rotation, (48, 64))
+        crop = warp(image, m, (48, 64))
+        row, col = divmod(int(crop[0].argmax()), 48)
+        x, y = transform_points([[31.0, 22.0]], m)[0]
+        assert abs(col - x) <= 1.0 and abs(row - y) <= 1.0
