@@ -230,17 +230,41 @@ def test_scenes_build_is_deterministic_labelled_and_complete(tmp_path, monkeypat
         # a scene does not depend on the set size: small sets are prefixes of the full ones
         image, mask = scenes.render_scene(domain, "train", 7)
         assert np.array_equal(image, a["x_train"][7]) and np.array_equal(mask, a["m_train"][7])
-    # printed: one paper and one ink colour per scene, and the label follows the ink coverage
-    # (pixel = paper + coverage * (ink - paper)): digit >= 0.75, background <= 0.25, ignore between
+    # printed: one paper and one ink colour per scene; the labels are the digits' regions, checked
+    # against brute-force distances to the ink read back from the image (pixel = paper + coverage * (ink - paper))
+    radius = scenes.REGION_RADIUS
+    rows, cols = np.mgrid[:scenes.SIZE, :scenes.SIZE]
     for image, mask in zip(built[0]["printed"]["x_train"], built[0]["printed"]["m_train"]):
         near = np.lib.stride_tricks.sliding_window_view(np.pad(mask, 2), (5, 5)).any((-1, -2))
         paper = np.median(image[~near].astype(float), axis=0)
         assert np.mean(np.all(image[~near] == paper, -1)) > 0.97  # plain paper away from the digits
         distance = np.linalg.norm(image.astype(float) - paper, axis=-1)
-        cover = distance / distance[(mask > 0) & (mask != IGNORE_INDEX)].max()  # the ink: full coverage
-        assert cover[(mask > 0) & (mask != IGNORE_INDEX)].min() > scenes.INK_HIGH - 0.03
-        assert cover[mask == 0].max() < scenes.INK_LOW + 0.03
-        assert np.all(np.abs(cover[mask == IGNORE_INDEX] - 0.5) < 0.25 + 0.03)
+        cover = distance / distance.max()
+        ink = cover >= scenes.INK + 0.05  # surely ink: a margin for the 8-bit rounding
+        maybe_ink = cover >= scenes.INK - 0.05
+        def dist_to(points):
+            pts = np.argwhere(points)
+            return np.sqrt(((rows[..., None] - pts[:, 0]) ** 2 + (cols[..., None] - pts[:, 1]) ** 2).min(-1))
+        d_ink, d_maybe = dist_to(ink), dist_to(maybe_ink)
+        digit = (mask > 0) & (mask != IGNORE_INDEX)
+        assert np.all(mask[d_ink <= radius - 0.5] != 0)          # ink and its surroundings are never background
+        assert np.all(d_ink[mask == 0] > radius + 1)              # background keeps its distance from the ink
+        assert np.mean(digit[d_ink <= radius - 0.5]) > 0.97      # and is labelled as a digit (ignore only where two meet)
+        # digit pixels farther from any ink are enclosed holes: the border cannot reach them without
+        # crossing the ink grown by the radius
+        far = digit & (d_maybe > radius)
+        open_ = d_maybe > radius
+        reached = np.zeros_like(open_)
+        reached[0, :] = reached[-1, :] = reached[:, 0] = reached[:, -1] = True
+        reached &= open_
+        while True:
+            grown = reached.copy()
+            grown[1:] |= reached[:-1]; grown[:-1] |= reached[1:]; grown[:, 1:] |= reached[:, :-1]; grown[:, :-1] |= reached[:, 1:]
+            grown &= open_
+            if np.array_equal(grown, reached):
+                break
+            reached = grown
+        assert not np.any(reached & far)
     # textured: the background away from the digits is no longer plain
     spreads = []
     for image, mask in zip(built[0]["textured"]["x_train"], built[0]["textured"]["m_train"]):
