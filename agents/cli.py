@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -105,7 +106,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def train_main(argv=None) -> int:
-    args = parse_train_args(argv)
+    """Train (or resume) one agent; under torchrun every worker runs this and rank 0 reports."""
+    from workbench.distributed import shutdown_distributed
+
+    try:
+        return _train(parse_train_args(argv))
+    finally:
+        shutdown_distributed()
+
+
+def _train(args: argparse.Namespace) -> int:
     try:
         if args.resume:
             total = args.total_steps
@@ -117,20 +127,24 @@ def train_main(argv=None) -> int:
     except (ValueError, RuntimeError, MemoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    cfg = trainer.cfg
-    print(f"run directory: {trainer.run_dir}  (tensorboard --logdir {trainer.run_dir.parent})")
-    print(f"{cfg.algo} on {cfg.env} ({cfg.protocol}), mixreg {'on' if trainer.agent_cfg.mixreg else 'off'}, "
-          f"{trainer.agent_cfg.num_envs} envs, {cfg.total_steps} steps, device {trainer.runtime.device}, "
-          f"precision {trainer.runtime.precision_name}" +
-          (f", resuming at step {trainer.agent.env_steps}" if args.resume else ""))
+    cfg, main = trainer.cfg, trainer.dist.is_main
+    workers = f", {trainer.dist.world_size} workers" if trainer.dist.enabled else ""
+    if main:
+        print(f"run directory: {trainer.run_dir}  (tensorboard --logdir {trainer.run_dir.parent})")
+        print(f"{cfg.algo} on {cfg.env} ({cfg.protocol}), mixreg {'on' if trainer.agent_cfg.mixreg else 'off'}, "
+              f"{trainer.agent_cfg.num_envs} envs{' per worker' if workers else ''}{workers}, {cfg.total_steps} "
+              f"steps, device {trainer.runtime.device}, precision {trainer.runtime.precision_name}" +
+              (f", resuming at step {trainer.agent.env_steps}" if args.resume else ""))
     metrics = trainer.run()
+    if not main:
+        return 128 + (metrics["stop_signal"] or signal.SIGTERM) if metrics["interrupted"] else 0
     print(json.dumps({k: metrics[k] for k in ("env_steps", "steps_per_second", "train_mean_return_last100")}))
     if metrics["test"]:
         print(f"test on unseen levels: mean return {metrics['test']['mean_return']:.2f}, "
               f"normalised score {metrics['test']['normalized_score']:.3f}")
     print(f"TensorBoard logs: {trainer.run_dir}  ->  tensorboard --logdir {trainer.run_dir.parent}")
     # Interrupted runs exit as a signal-killed process would (130 for SIGINT, 143 for SIGTERM).
-    return 128 + metrics["stop_signal"] if metrics["interrupted"] else 0
+    return 128 + (metrics["stop_signal"] or signal.SIGTERM) if metrics["interrupted"] else 0
 
 
 

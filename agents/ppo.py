@@ -24,6 +24,13 @@ while the PPO terms use conv(s), or s in a clean rollout. With mixreg both
 views are mixed, after the convolution, with the same weights and partners.
 With the batch-norm regulariser the network stays in training mode for
 rollouts, updates and evaluation, as in the paper's code.
+
+Distributed (torchrun, workbench.distributed): every worker steps its own envs and keeps its
+own rollout; each minibatch step averages the workers' gradients, and advantages are normalised
+with moments summed over the workers, so N workers with minibatch m take exactly the step one
+worker would take on the union of their N minibatches. The reward scaler's running moments are
+updated with every worker's returns. Mixreg partners come from the worker's own minibatch, as in
+the paper's MPI code (each worker mixes its own batch).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from workbench.backbones import create_backbone
+from workbench.distributed import SINGLE, Distributed
 from workbench.runtime import Runtime
 
 from .mixreg import DEFAULT_ALPHA as DEFAULT_MIX_ALPHA, mix_ppo_minibatch
@@ -135,16 +143,23 @@ class RunningMeanStd:
 
 
 class RewardNormalizer:
-    """Divide rewards by the running std of the discounted return, then clip (as VecNormalize)."""
+    """Divide rewards by the running std of the discounted return, then clip (as VecNormalize).
 
-    def __init__(self, num_envs: int, gamma: float, clip: float = 10.0, eps: float = 1e-8):
+    Under torchrun the moments are updated with the returns of every worker's envs (gathered), so
+    all workers scale by the same std, the one a single process stepping all their envs would use."""
+
+    def __init__(self, num_envs: int, gamma: float, clip: float = 10.0, eps: float = 1e-8,
+                 dist: Distributed = SINGLE):
         self.returns = np.zeros(num_envs, np.float64)
         self.rms = RunningMeanStd()
         self.gamma, self.clip, self.eps = gamma, clip, eps
+        self.dist = dist
 
     def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
         self.returns = self.returns * self.gamma + rewards
-        self.rms.update(self.returns)
+        every_worker = self.dist.gather_cat(torch.from_numpy(self.returns)).numpy() if self.dist.enabled \
+            else self.returns
+        self.rms.update(every_worker)
         self.returns[dones] = 0.0
         return np.clip(rewards / np.sqrt(self.rms.var + self.eps), -self.clip, self.clip).astype(np.float32)
 
@@ -177,11 +192,22 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
     return advantages, advantages + values
 
 
+def normalize_advantages(advantages: torch.Tensor, dist: Distributed = SINGLE) -> torch.Tensor:
+    """(A - mean) / (std + 1e-8) over the minibatch; under torchrun over the union of the workers'
+    minibatches (sums of A and A^2 all-reduced; the sample std, as torch.std)."""
+    if not dist.enabled:
+        return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    a = advantages.double()
+    total, total_sq, n = dist.sum(torch.stack([a.sum(), (a * a).sum(), a.new_tensor(a.numel())])).unbind()
+    mean = total / n
+    std = ((total_sq - n * mean * mean).clamp_min(0) / (n - 1)).sqrt()
+    return ((a - mean) / (std + 1e-8)).to(advantages.dtype)
+
+
 def ppo_loss(logits: torch.Tensor, values: torch.Tensor, batch: dict[str, torch.Tensor],
-             cfg: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             cfg: PPOConfig, dist: Distributed = SINGLE) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped PPO objective on one minibatch (mixed or not)."""
-    advantages = batch["advantages"]
-    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    advantages = normalize_advantages(batch["advantages"], dist)
 
     log_probs = F.log_softmax(logits, dim=-1)
     new_logprobs = log_probs.gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
@@ -212,14 +238,17 @@ class PPO:
     """PPO agent bound to a vectorised env: `train_iteration()` collects one rollout and updates."""
 
     kind = "ppo"
+    # State that differs between torchrun workers (each scales its own envs' returns); the rest is shared.
+    RANK_LOCAL_STATE = ("reward_normalizer",)
 
     def __init__(self, env, cfg: PPOConfig, runtime: Runtime):
         self.env, self.cfg, self.rt = env, cfg, runtime
         backbone = create_backbone(cfg.backbone, **cfg.backbone_kwargs)
         self.model = runtime.prepare_module(ActorCritic(backbone, env.num_actions))
+        runtime.dist.broadcast_module(self.model)  # every worker starts from rank 0's initialisation
         self.forward = runtime.maybe_compile(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps)
-        self.reward_normalizer = (RewardNormalizer(cfg.num_envs, cfg.reward_norm_gamma)
+        self.reward_normalizer = (RewardNormalizer(cfg.num_envs, cfg.reward_norm_gamma, dist=runtime.dist)
                                   if cfg.normalize_rewards else None)
         if cfg.augment == "random_conv":
             self.augmentation = RandomConv(clean_rollout_prob=cfg.clean_rollout_prob)
@@ -305,7 +334,7 @@ class PPO:
             buf["dones"][t].copy_(torch.from_numpy(dones))
             self._obs = self.env.as_tensor(next_obs)
         buf["next_value"].copy_(self._value(self._view(self._obs)))  # GAE's bootstrap: same view and mode
-        self.env_steps += self.cfg.batch_size
+        self.env_steps += self.cfg.batch_size * self.rt.dist.world_size  # counted over every worker
         return True
 
     # ---------------------------------------------------------------- learning
@@ -320,7 +349,7 @@ class PPO:
                 clean, randomised = mix.mix(clean), mix.mix(randomised)
         with self.rt.autocast():
             logits, values, features = self.forward(mb["obs"], with_features=True)
-        loss, stats = ppo_loss(logits, values, mb, cfg)
+        loss, stats = ppo_loss(logits, values, mb, cfg, self.rt.dist)
         if conv is not None:
             fm = self._feature_matching(features, clean, randomised)
             loss = loss + cfg.fm_coef * fm
@@ -359,6 +388,7 @@ class PPO:
                 loss, stats = self._minibatch_loss({k: v[idx] for k, v in flat.items()})
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self.rt.dist.average_gradients(self.model.parameters())
                 grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 stats["grad_norm"] = grad_norm.detach()

@@ -12,6 +12,11 @@ C51 distributional Q-learning over a fixed support z_1..z_51, with
 These are the mixreg paper's settings (its code builds Rainbow on the anyrl library).
 
 With mixreg, each replay batch is mixed (agents.mixreg.mix_rainbow_batch) before the loss; see Rainbow.loss.
+
+Distributed (torchrun): each worker steps its own envs into its own replay, as the paper's code ran
+its workers, and samples its own batch; every gradient step averages the workers' gradients, so the
+effective batch is batch_size x workers. Update and target-copy periods count each worker's own
+env steps; env_steps (and the IS schedule) count the steps of all workers.
 """
 
 from __future__ import annotations
@@ -179,6 +184,8 @@ def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discou
 
 class Rainbow:
     kind = "rainbow"
+    # State that differs between torchrun workers: each keeps its own replay and sampling generator.
+    RANK_LOCAL_STATE = ("replay", "rng")
 
     def __init__(self, env, cfg: RainbowConfig, runtime: Runtime, with_replay: bool = True):
         self.env, self.cfg, self.rt = env, cfg, runtime
@@ -189,6 +196,7 @@ class Rainbow:
         self.support = torch.linspace(v_min, v_max, cfg.num_atoms, device=runtime.device)
         self.online = runtime.prepare_module(self._build_net(env))
         self.target = runtime.prepare_module(self._build_net(env))
+        runtime.dist.broadcast_module(self.online)  # every worker starts from rank 0's initialisation
         self.target.load_state_dict(self.online.state_dict())
         self.target.requires_grad_(False)
         self.forward = runtime.maybe_compile(self.online)
@@ -296,6 +304,7 @@ class Rainbow:
             loss = loss + self.cfg.l2_coef * l2_penalty(self.online)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.rt.dist.average_gradients(self.online.parameters())
         grad_norm = nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
         self.replay.update_priorities(index.cpu().numpy(), per_sample.detach().cpu().numpy())
@@ -317,7 +326,7 @@ class Rainbow:
             next_obs, rewards, dones = self.env.step_numpy(actions)
             self.replay.add(self._obs, actions, rewards, dones)
             self._obs = next_obs.copy()
-            self.env_steps += n
+            self.env_steps += n * self.rt.dist.world_size
             steps_done += n
             self._since_update += n
             self._since_target += n

@@ -7,6 +7,12 @@ An agent plugs in through a small interface:
     agent.act(obs, deterministic) -> actions
     agent.state_dict() / agent.load_state_dict(state)
     agent_cls.for_evaluation(env, cfg, runtime) -> an agent that only acts (no training buffers)
+    agent_cls.RANK_LOCAL_STATE: state_dict keys that differ between torchrun workers
+
+Under torchrun (workbench.distributed) every rank builds the same Trainer: each steps its own envs
+(seeds offset per rank), the agents average gradients, and rank 0 alone writes the run directory,
+TensorBoard, checkpoints and evaluations. A checkpoint holds rank 0's agent state plus every rank's
+own part (RANK_LOCAL_STATE and RNG states), so `--resume` puts each rank back where it was.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from envs.procgen import PROTOCOLS, ProcgenVecEnv, check_game, visual_options
-from workbench.checkpoint import LATEST, load_checkpoint, save_checkpoint
-from workbench.logging import RunLogger, default_run_name, write_json
+from workbench.checkpoint import LATEST, CheckpointError, load_checkpoint, save_checkpoint
+from workbench.distributed import init_distributed
+from workbench.logging import RunLogger, default_run_name, run_logger, write_json
 from workbench.runtime import Runtime, rng_state, seed_everything, set_rng_state
 
 from .evaluate import evaluate
@@ -111,14 +118,26 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def effective_batch(agent_cfg, world_size: int) -> dict:
+    """What one gradient step sees, summed over the workers of a torchrun job."""
+    out = {"envs": agent_cfg.num_envs * world_size}
+    if hasattr(agent_cfg, "num_steps"):  # PPO
+        out.update(rollout_batch=agent_cfg.batch_size * world_size, minibatch=agent_cfg.minibatch_size * world_size)
+    else:  # Rainbow: every worker samples its own replay batch
+        out.update(replay_batch=agent_cfg.batch_size * world_size)
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume_state: dict | None = None):
         self.cfg = cfg
         self.protocol = PROTOCOLS[cfg.protocol]
-        self.run_dir = Path(cfg.run_dir or Path("runs") / default_run_name(
+        self.dist = init_distributed(cfg.device)
+        run_dir = cfg.run_dir or str(Path("runs") / default_run_name(
             cfg.env, cfg.algo + ("-mixreg" if cfg.agent.get("mixreg") else ""), f"s{cfg.seed}"))
-        self.runtime = Runtime.create(cfg.device, cfg.precision, cfg.compile)
-        seed_everything(cfg.seed)
+        self.run_dir = Path(self.dist.gather_objects(run_dir)[0])  # rank 0's name (time stamps may differ)
+        self.runtime = Runtime.create(cfg.device, cfg.precision, cfg.compile, distributed=self.dist)
+        seed_everything(self.dist.seed(cfg.seed))
         agent_cls, agent_cfg_cls = ALGORITHMS[cfg.algo]
         self.agent_cfg = agent_cfg_cls(**cfg.agent)
         if hasattr(self.agent_cfg, "total_steps"):  # schedules that anneal over the run (Rainbow's IS exponent)
@@ -127,7 +146,7 @@ class Trainer:
         iterations_done = resume_state["agent"]["iterations"] if resume_state else 0
         self.env = ProcgenVecEnv(cfg.env, self.agent_cfg.num_envs, self.protocol.distribution_mode,
                                  self.protocol.num_levels, self.protocol.start_level, self.runtime.device,
-                                 seed=cfg.seed + 1000 * iterations_done, **visual_options(cfg.visual))
+                                 seed=self.dist.seed(cfg.seed + 1000 * iterations_done), **visual_options(cfg.visual))
         self.agent = agent_cls(self.env, self.agent_cfg, self.runtime)
         if resume_state is not None:
             self.agent.load_state_dict(resume_state["agent"])
@@ -135,24 +154,45 @@ class Trainer:
 
     @classmethod
     def resume(cls, run_dir: str | Path, total_steps: int | None = None, progress: bool = True) -> "Trainer":
+        """Every rank reads the checkpoint and takes the shared state plus its own rank's part."""
         state = load_checkpoint(Path(run_dir) / LATEST, kind="procgen-agent")
         config = dict(state["config"], run_dir=str(run_dir), progress=progress)
         if total_steps is not None:
             config["total_steps"] = total_steps
-        return cls(TrainConfig(**config), resume_state={"agent": state["agent_state"], "rng": state["rng"]})
+        agent_state, rng = state["agent_state"], state["rng"]
+        saved_world, dist = state.get("world_size", 1), init_distributed(config["device"])
+        if saved_world != dist.world_size:
+            raise CheckpointError(
+                f"{run_dir} was trained by {saved_world} process(es) but this run has {dist.world_size}: resume it "
+                + ("without torchrun" if saved_world == 1 else f"with torchrun --nproc-per-node {saved_world} "
+                   "(in total, over all nodes)"))
+        if dist.enabled:
+            mine = state["ranks"][dist.rank]
+            agent_state, rng = {**agent_state, **mine["agent_state"]}, mine["rng"]
+        return cls(TrainConfig(**config), resume_state={"agent": agent_state, "rng": rng})
 
-    def save(self) -> Path:
-        return save_checkpoint(self.run_dir / LATEST, "procgen-agent", self._payload(self.agent.state_dict()))
+    def save(self) -> Path | None:
+        """The latest checkpoint; under torchrun every rank calls it (its own part travels to rank 0)."""
+        agent_state = self.agent.state_dict()
+        payload = self._payload(agent_state)
+        if self.dist.enabled:
+            own = {"agent_state": {k: agent_state[k] for k in getattr(self.agent, "RANK_LOCAL_STATE", ())
+                                   if k in agent_state}, "rng": rng_state()}
+            payload["ranks"] = self.dist.gather_objects_to_main(own)
+        return save_checkpoint(self.run_dir / LATEST, "procgen-agent", payload) if self.dist.is_main else None
 
-    def save_snapshot(self) -> Path:
-        """Keep this moment of the run for later evaluation; the replay stays out (it can be GiBs)."""
+    def save_snapshot(self) -> Path | None:
+        """Keep this moment of the run for later evaluation (rank 0's state; the replay stays out, it can be
+        GiBs). Snapshots are for evaluation; runs resume from the latest checkpoint."""
+        if not self.dist.is_main:
+            return None
         agent_state = {k: v for k, v in self.agent.state_dict().items() if k != "replay"}
         return save_checkpoint(self.run_dir / "snapshots" / f"checkpoint-{self.agent.env_steps}.pt",
                                "procgen-agent", self._payload(agent_state))
 
     def _payload(self, agent_state: dict) -> dict:
         return {"algo": self.cfg.algo, "config": dataclasses.asdict(self.cfg), "agent_state": agent_state,
-                "rng": rng_state()}
+                "rng": rng_state(), "world_size": self.dist.world_size}
 
     def evaluate(self, logger: RunLogger | None = None, record_video: bool = False) -> dict:
         test_env = ProcgenVecEnv(self.cfg.env, min(self.cfg.num_test_envs, self.cfg.eval_episodes),
@@ -174,6 +214,9 @@ class Trainer:
         """TensorBoard scalars of one iteration; returns the last 100 training-episode returns."""
         step = self.agent.env_steps
         returns, lengths = self.env.stats.drain()
+        if self.dist.enabled:  # every worker's finished episodes
+            every = self.dist.gather_objects((returns, lengths))
+            returns, lengths = [r for rs, _ in every for r in rs], [n for _, ns in every for n in ns]
         recent_returns = (recent_returns + returns)[-100:]
         if returns:
             mean = float(np.mean(returns))
@@ -187,27 +230,33 @@ class Trainer:
         return recent_returns
 
     def run(self) -> dict:
-        cfg, agent = self.cfg, self.agent
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.run_dir / "config.json", {**dataclasses.asdict(cfg), "agent_resolved":
-                                                  dataclasses.asdict(self.agent_cfg),
-                                                  "runtime": {"device": str(self.runtime.device),
-                                                              "precision": self.runtime.precision_name}})
-        logger = RunLogger(self.run_dir, total=cfg.total_steps, initial=agent.env_steps, progress=cfg.progress,
-                           desc=f"{cfg.algo} {cfg.env}", purge_step=agent.env_steps or None)
+        cfg, agent, dist = self.cfg, self.agent, self.dist
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / "config.json", {
+                **dataclasses.asdict(cfg), "agent_resolved": dataclasses.asdict(self.agent_cfg),
+                "runtime": {"device": str(self.runtime.device), "precision": self.runtime.precision_name},
+                "distributed": {"world_size": dist.world_size,
+                                "effective_batch": effective_batch(self.agent_cfg, dist.world_size)}})
+        logger = run_logger(dist.is_main, self.run_dir, total=cfg.total_steps, initial=agent.env_steps,
+                            progress=cfg.progress, desc=f"{cfg.algo} {cfg.env}", purge_step=agent.env_steps or None)
         recent_returns: list[float] = []
         last_test = None
         interrupted, stop_signal = False, None
         start_steps, start_time = agent.env_steps, time.time()
         try:
             with StopFlag() as stop:
-                while agent.env_steps < cfg.total_steps and not stop():
+                # Workers must stop together (they meet in every gradient all-reduce): under torchrun a stop
+                # request ends the run at the next iteration boundary, agreed on by all ranks.
+                agent_stop = (lambda: False) if dist.enabled else stop
+                while agent.env_steps < cfg.total_steps and not dist.any(stop()):
                     t0, s0 = time.time(), agent.env_steps
-                    metrics = agent.train_iteration(stop)
+                    metrics = agent.train_iteration(agent_stop)
                     if metrics is None:
                         break
                     recent_returns = self._log_iteration(logger, metrics, s0, time.time() - t0, recent_returns)
-                    if agent.iterations % cfg.eval_interval == 0 or agent.env_steps >= cfg.total_steps:
+                    evaluation_due = agent.iterations % cfg.eval_interval == 0 or agent.env_steps >= cfg.total_steps
+                    if evaluation_due and dist.is_main:
                         last_test = self.evaluate(logger, record_video=cfg.video)
                         logger.write(f"step {agent.env_steps}: test return {last_test['mean_return']:.2f} "
                                      f"(normalised {last_test['normalized_score']:.3f}) over "
@@ -216,7 +265,7 @@ class Trainer:
                         self.save()
                     if cfg.snapshot_interval and agent.env_steps // cfg.snapshot_interval > s0 // cfg.snapshot_interval:
                         self.save_snapshot()  # this iteration crossed a multiple of the interval
-                interrupted, stop_signal = stop(), stop.signum
+                interrupted, stop_signal = dist.any(stop()), stop.signum
         finally:
             self.save()
             logger.close()
@@ -227,6 +276,7 @@ class Trainer:
                    "steps_per_second": (agent.env_steps - start_steps) / max(elapsed, 1e-9),
                    "precision": self.runtime.precision_name, "device": str(self.runtime.device),
                    "train_mean_return_last100": float(np.mean(recent_returns)) if recent_returns else None,
-                   "test": last_test}
-        write_json(self.run_dir / "metrics.json", metrics)
+                   "test": last_test, "world_size": dist.world_size}
+        if dist.is_main:
+            write_json(self.run_dir / "metrics.json", metrics)
         return metrics

@@ -135,10 +135,10 @@ def first_minibatch_log_ratio(monkeypatch):
     acted on."""
     ratios, loss = [], ppo_module.ppo_loss
 
-    def spy(logits, values, batch, cfg):
+    def spy(logits, values, batch, cfg, *rest):
         new = torch.log_softmax(logits.detach(), -1).gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
         ratios.append(new - batch["old_logprobs"])
-        return loss(logits, values, batch, cfg)
+        return loss(logits, values, batch, cfg, *rest)
     monkeypatch.setattr(ppo_module, "ppo_loss", spy)
     return ratios
 

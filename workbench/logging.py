@@ -121,3 +121,34 @@ class RunLogger:
     def close(self) -> None:
         self.bar.close()
         self.writer.close()
+
+
+class NullLogger:
+    """RunLogger's interface doing nothing: what the non-zero ranks of a torchrun job log with, so
+    that only rank 0 writes TensorBoard events and prints progress."""
+
+    def __init__(self, *args, **kwargs):
+        self.count = kwargs.get("initial", 0)
+
+    def scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
+        pass
+
+    def video(self, tag: str, frames: np.ndarray, step: int, fps: int = 15) -> None:
+        pass
+
+    def advance(self, n: int, status_every: float = 10.0, **postfix: float) -> None:
+        self.count += n
+
+    def write(self, message: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def run_logger(is_main: bool, *args, **kwargs) -> RunLogger | NullLogger:
+    """A RunLogger on the process that writes (rank 0), a NullLogger on every other rank."""
+    return RunLogger(*args, **kwargs) if is_main else NullLogger(*args, **kwargs)

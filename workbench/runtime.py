@@ -10,10 +10,12 @@ import contextlib
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .distributed import SINGLE, Distributed, device_for
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
@@ -59,23 +61,25 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 @dataclass
 class Runtime:
-    """How a job runs: device, autocast dtype, memory format, compilation."""
+    """How a job runs: device, autocast dtype, memory format, compilation, and its place among the
+    processes of a torchrun job (`dist`; a world of one by default)."""
 
     device: torch.device
     amp_dtype: torch.dtype | None = None
     channels_last: bool = True
     compile: bool = False
+    dist: Distributed = field(default=SINGLE)
 
     @classmethod
     def create(cls, device: str = "auto", precision: str = "auto", compile: bool = False,
-               channels_last: bool = True) -> "Runtime":
-        dev = select_device(device)
+               channels_last: bool = True, distributed: Distributed = SINGLE) -> "Runtime":
+        dev = select_device(device_for(distributed, device))
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         return cls(device=dev, amp_dtype=resolve_precision(precision, dev),
-                   channels_last=channels_last, compile=compile)
+                   channels_last=channels_last, compile=compile, dist=distributed)
 
     @property
     def precision_name(self) -> str:

@@ -1,0 +1,170 @@
+"""torchrun for the Procgen agents, checked with 2 gloo processes on the CPU (spawned here).
+
+- one PPO update with 2 ranks = one rank on the union of their rollouts (gradients averaged,
+  advantages normalised over the union);
+- a 2-rank run checkpoints, and a resumed 2-rank run puts every rank back in its own state;
+- rank 1 writes no file at all.
+"""
+
+import builtins
+import io
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from agents.ppo import PPO, PPOConfig
+from agents.train import Trainer, TrainConfig
+from workbench.checkpoint import CheckpointError, load_checkpoint
+from workbench.distributed import init_distributed, shutdown_distributed
+from workbench.runtime import Runtime
+
+T, N_PER_RANK, ACTIONS = 8, 2, 15
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(worker, *args, world_size: int = 2) -> None:
+    """Run worker(rank, *args) in `world_size` processes joined as torchrun would join them."""
+    mp.spawn(_join_and_run, args=(world_size, free_port(), worker, args), nprocs=world_size, join=True)
+
+
+def _join_and_run(rank, world_size, port, worker, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        worker(rank, *args)
+    finally:
+        shutdown_distributed()
+
+
+# ------------------------------------------------------------------ PPO update equivalence
+class StubEnv:
+    num_actions, observation_shape = ACTIONS, (64, 64, 3)
+
+
+def ppo_config(num_envs: int) -> PPOConfig:
+    return PPOConfig(num_envs=num_envs, num_steps=T, num_epochs=2, num_minibatches=1, mixreg=False,
+                     normalize_rewards=False)
+
+
+def rollout(num_envs: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"obs": torch.randint(0, 256, (T, num_envs, 64, 64, 3), dtype=torch.uint8, generator=g),
+            "actions": torch.randint(0, ACTIONS, (T, num_envs), generator=g),
+            "logprobs": -torch.rand(T, num_envs, generator=g) * 3,
+            "values": torch.randn(T, num_envs, generator=g),
+            "rewards": torch.randn(T, num_envs, generator=g),
+            "dones": torch.rand(T, num_envs, generator=g) < 0.2,
+            "next_value": torch.randn(num_envs, generator=g)}
+
+
+def updated_parameters(num_envs: int, buffer: dict, init: dict, runtime: Runtime) -> dict:
+    agent = PPO(StubEnv(), ppo_config(num_envs), runtime)
+    agent.model.load_state_dict(init)
+    agent.buffer = {k: v.clone() for k, v in buffer.items()}
+    agent.update()
+    return {k: v.detach().clone() for k, v in agent.model.state_dict().items()}
+
+
+def _ppo_update_worker(rank, init_path, out_dir):
+    dist = init_distributed("cpu")
+    union = rollout(2 * N_PER_RANK)
+    own = {k: v[..., rank * N_PER_RANK:(rank + 1) * N_PER_RANK] if k == "next_value"
+           else v[:, rank * N_PER_RANK:(rank + 1) * N_PER_RANK] for k, v in union.items()}
+    params = updated_parameters(N_PER_RANK, own, torch.load(init_path), Runtime.create("cpu", "fp32", distributed=dist))
+    torch.save(params, Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_ppo_update_on_two_ranks_equals_one_rank_on_the_union(tmp_path):
+    torch.manual_seed(0)
+    init = PPO(StubEnv(), ppo_config(N_PER_RANK), Runtime.create("cpu", "fp32")).model.state_dict()
+    torch.save(init, tmp_path / "init.pt")
+    single = updated_parameters(2 * N_PER_RANK, rollout(2 * N_PER_RANK), init, Runtime.create("cpu", "fp32"))
+    spawn(_ppo_update_worker, str(tmp_path / "init.pt"), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    moved = max(float((single[k] - init[k]).abs().max()) for k in init if init[k].is_floating_point())
+    assert moved > 1e-4  # the update did something the comparison can see
+    for name, value in single.items():
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)  # workers stay in sync
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------------ a run: checkpoint, resume, rank 0 writes
+def tiny_run(run_dir: str, total_steps: int) -> TrainConfig:
+    return TrainConfig(env="bigfish", total_steps=total_steps, eval_interval=2, eval_episodes=2, num_test_envs=2,
+                       precision="fp32", device="cpu", run_dir=run_dir, progress=False, video=False,
+                       agent={"num_envs": 2, "num_steps": 16, "num_minibatches": 2})
+
+
+def record_writes(into: list):
+    """Make every open-for-writing and mkdir in this process append its path to `into` (and still happen)."""
+    real_open, real_mkdir = builtins.open, os.mkdir
+
+    def open_(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            into.append(str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def mkdir_(path, *args, **kwargs):
+        into.append(str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    builtins.open = io.open = open_
+    os.mkdir = mkdir_
+
+
+def _run_worker(rank, run_dir, out_dir, resume):
+    writes: list[str] = []
+    if rank == 1:
+        record_writes(writes)
+    if resume:
+        saved = load_checkpoint(Path(run_dir) / "checkpoint.pt", kind="procgen-agent")
+        trainer = Trainer.resume(run_dir, total_steps=128, progress=False)
+        restored_rng = torch.get_rng_state()
+        mine = saved["ranks"][rank]
+        assert torch.equal(restored_rng, torch.as_tensor(mine["rng"]["torch"]))
+        np.testing.assert_array_equal(trainer.agent.reward_normalizer.returns,
+                                      mine["agent_state"]["reward_normalizer"]["returns"])
+        assert trainer.agent.env_steps == 64
+    else:
+        trainer = Trainer(tiny_run(run_dir, 64))
+    metrics = trainer.run()
+    checksum = sum(float(p.double().sum()) for p in trainer.agent.model.parameters())
+    torch.save({"writes": writes, "env_steps": metrics["env_steps"], "checksum": checksum,
+                "env_seed_rank": trainer.dist.seed(0)}, Path(out_dir) / f"rank{rank}-{resume}.pt")
+
+
+def test_two_rank_run_checkpoints_resumes_and_only_rank_0_writes(tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    spawn(_run_worker, str(run_dir), str(out), False)
+    saved = load_checkpoint(run_dir / "checkpoint.pt", kind="procgen-agent")
+    assert saved["world_size"] == 2 and len(saved["ranks"]) == 2
+    assert not torch.equal(torch.as_tensor(saved["ranks"][0]["rng"]["torch"]),
+                           torch.as_tensor(saved["ranks"][1]["rng"]["torch"]))  # ranks draw differently
+    assert saved["agent_state"]["env_steps"] == 64  # 2 ranks x 2 envs x 16 steps = one iteration
+    spawn(_run_worker, str(run_dir), str(out), True)
+    for resume in (False, True):
+        r0, r1 = (torch.load(out / f"rank{r}-{resume}.pt") for r in range(2))
+        assert r0["env_steps"] == r1["env_steps"] == (128 if resume else 64)
+        assert r0["checksum"] == r1["checksum"]  # identical weights on both workers
+        assert r1["writes"] == [], f"rank 1 wrote {r1['writes']}"
+        assert r0["env_seed_rank"] != r1["env_seed_rank"]
+    metrics = load_checkpoint(run_dir / "checkpoint.pt", kind="procgen-agent")
+    assert metrics["agent_state"]["env_steps"] == 128
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["distributed"] == {"world_size": 2, "effective_batch": {"envs": 4, "rollout_batch": 64,
+                                                                           "minibatch": 32}}
+    with pytest.raises(CheckpointError, match="nproc-per-node 2"):  # one process cannot resume two
+        Trainer.resume(run_dir, total_steps=192, progress=False)
