@@ -6,12 +6,20 @@ same IMPALA network (the registry's, wrapped as an SB3 features extractor), the
 same n_envs / n_steps / minibatches / epochs and reward normalisation, and train
 for the same number of env steps in this one process. Prints both
 steps-per-second figures and ends with `ppo_sps_ratio_vs_sb3=<x>`.
+
+With `--world-size N` it times this PPO alone, on the same work (the same envs in total, split
+over the workers, the same iterations) with 1 process and with N processes joined as torchrun
+joins them (gloo on CPUs, one GPU per process with NCCL), and ends with
+`ppo_sps_ratio_world_N_vs_1=<x>`. On a CPU the cores are shared out: the single process gets
+all of them as torch threads, each of the N processes its share.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +30,7 @@ import torch  # noqa: E402
 from agents.ppo import PPO, PPOConfig  # noqa: E402
 from envs.procgen import ProcgenVecEnv  # noqa: E402
 from workbench.backbones import create_backbone  # noqa: E402
+from workbench.distributed import SINGLE, init_distributed, spawn_local  # noqa: E402
 from workbench.runtime import PRECISION_CHOICES, Runtime, seconds_per_call  # noqa: E402
 
 
@@ -62,19 +71,55 @@ def bench_network(args) -> None:
                   f"forward {fwd:8.0f}   train step {step:7.0f}")
 
 
-def bench_ours(args) -> float:
-    torch.manual_seed(args.seed)
-    env = ProcgenVecEnv(args.env, args.num_envs, num_levels=200, seed=args.seed)
-    runtime = Runtime.create(args.device, args.precision)
-    cfg = PPOConfig(num_envs=args.num_envs, num_steps=args.num_steps, num_minibatches=args.num_minibatches,
+def bench_ours(args, dist=SINGLE) -> float:
+    """Env steps per second of this PPO (over all workers when `dist` is a torchrun world)."""
+    torch.manual_seed(dist.seed(args.seed))
+    num_envs = args.num_envs // dist.world_size
+    env = ProcgenVecEnv(args.env, num_envs, num_levels=200, seed=dist.seed(args.seed))
+    runtime = Runtime.create(args.device, args.precision, distributed=dist)
+    cfg = PPOConfig(num_envs=num_envs, num_steps=args.num_steps, num_minibatches=args.num_minibatches,
                     num_epochs=args.num_epochs, backbone=args.backbone, mixreg=args.mixreg)
     agent = PPO(env, cfg, runtime)
-    print(f"ours: device {runtime.device}, precision {runtime.precision_name}, channels_last {runtime.channels_last}")
+    if dist.is_main:
+        print(f"ours: {dist.world_size} process(es) x {num_envs} envs, device {runtime.device}, precision "
+              f"{runtime.precision_name}, channels_last {runtime.channels_last}, torch threads "
+              f"{torch.get_num_threads()}", flush=True)
+    dist.barrier()
     start = time.perf_counter()
     for _ in range(args.iterations):
         agent.train_iteration()
     elapsed = time.perf_counter() - start
     return agent.env_steps / elapsed
+
+
+def _bench_rank(rank: int, args, result_file: str) -> None:
+    sps = bench_ours(args, init_distributed(args.device))
+    if rank == 0:
+        with open(result_file, "w") as f:
+            f.write(str(sps))
+
+
+def bench_world(args, world_size: int) -> float:
+    """bench_ours in `world_size` local processes; each gets its share of the CPU cores as threads."""
+    if world_size == 1:
+        return bench_ours(args)
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "sps")
+        spawn_local(_bench_rank, world_size, args, result, threads_per_process=threads)
+        with open(result) as f:
+            return float(f.read())
+
+
+def compare_world_sizes(args) -> None:
+    if args.num_envs % args.world_size:
+        raise SystemExit(f"error: --num-envs {args.num_envs} does not split over --world-size {args.world_size}: "
+                         "give a multiple")
+    one = bench_world(args, 1)
+    print(f"1 process: {one:.1f} steps/s", flush=True)
+    many = bench_world(args, args.world_size)
+    print(f"{args.world_size} processes: {many:.1f} steps/s")
+    print(f"ppo_sps_ratio_world_{args.world_size}_vs_1={many / one:.2f}")
 
 
 def bench_sb3(args) -> float:
@@ -116,9 +161,13 @@ def main(argv=None) -> None:
     p.add_argument("--mixreg", action="store_true", help="time this PPO with mixreg on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-network", action="store_true", help="skip the per-layout network timing")
+    p.add_argument("--world-size", type=int, default=1, help="time this PPO with 1 and with N torchrun-style "
+                   "processes on the same work instead of comparing with SB3")
     args = p.parse_args(argv)
     print(f"{args.iterations} iterations x {args.num_envs} envs x {args.num_steps} steps, {args.num_minibatches} "
           f"minibatches, {args.num_epochs} epochs, {args.backbone}, torch threads {torch.get_num_threads()}")
+    if args.world_size > 1:
+        return compare_world_sizes(args)
     if not args.skip_network:
         bench_network(args)
     ours = bench_ours(args)

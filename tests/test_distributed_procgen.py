@@ -10,42 +10,23 @@ import builtins
 import io
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from agents.ppo import PPO, PPOConfig
 from agents.train import Trainer, TrainConfig
 from workbench.checkpoint import CheckpointError, load_checkpoint
-from workbench.distributed import init_distributed, shutdown_distributed
+from workbench.distributed import init_distributed, spawn_local
 from workbench.runtime import Runtime
 
 T, N_PER_RANK, ACTIONS = 8, 2, 15
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(worker, *args, world_size: int = 2) -> None:
-    """Run worker(rank, *args) in `world_size` processes joined as torchrun would join them."""
-    mp.spawn(_join_and_run, args=(world_size, free_port(), worker, args), nprocs=world_size, join=True)
-
-
-def _join_and_run(rank, world_size, port, worker, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    try:
-        worker(rank, *args)
-    finally:
-        shutdown_distributed()
+def spawn(worker, *args) -> None:
+    spawn_local(worker, 2, *args, threads_per_process=1)
 
 
 # ------------------------------------------------------------------ PPO update equivalence

@@ -18,6 +18,7 @@ raise and every rank sees at the same moment.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -161,3 +162,32 @@ def device_for(distributed: Distributed, device: str) -> str:
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a local process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_local(worker, world_size: int, *args, threads_per_process: int | None = None) -> None:
+    """Run worker(rank, *args) in `world_size` local processes that see the environment torchrun would
+    give them (so `init_distributed` joins them into one group): for benchmarks and tests. A failing
+    process raises here."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_as_torchrun_process, args=(world_size, free_port(), threads_per_process, worker, args),
+             nprocs=world_size, join=True)
+
+
+def _as_torchrun_process(rank, world_size, port, threads, worker, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    try:
+        worker(rank, *args)
+    finally:
+        shutdown_distributed()
