@@ -9,7 +9,9 @@
 A class that empties in one round drops out of the next, as in the official image code.
 
 Nearest-centroid search runs on faiss (inner product on normalised vectors) when it is
-importable and on torch otherwise; both give the same labels.
+importable and on torch otherwise; both give the same labels. Features on a GPU stay there:
+faiss's GPU index when the installed faiss has one (`pip install -e ".[gpu]"`), else torch on
+the GPU. Features on the CPU use faiss's CPU index (or torch), as before.
 """
 
 from __future__ import annotations
@@ -28,13 +30,35 @@ def faiss_available() -> bool:
     return True
 
 
+def faiss_gpu_available() -> bool:
+    """A faiss build with GPU indexes (faiss-gpu-cu12) that sees a GPU."""
+    if not faiss_available():
+        return False
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+_GPU_RESOURCES = {}
+
+
+def _faiss_index(dim: int, device: torch.device):
+    """An exact inner-product index, on `device`'s GPU when faiss can put it there."""
+    import faiss
+
+    index = faiss.IndexFlatIP(dim)
+    if device.type == "cuda" and faiss_gpu_available():
+        gpu = device.index if device.index is not None else torch.cuda.current_device()
+        resources = _GPU_RESOURCES.setdefault(gpu, faiss.StandardGpuResources())  # scratch memory, made once
+        index = faiss.index_cpu_to_gpu(resources, gpu, index)
+    return index
+
+
 def _nearest_centroid(features: torch.Tensor, centroids: torch.Tensor, backend: str) -> torch.Tensor:
     """Index of the most cosine-similar centroid for every (already normalised) feature."""
     centroids = F.normalize(centroids, dim=1)
     if backend == "faiss":
-        import faiss
-
-        index = faiss.IndexFlatIP(centroids.shape[1])
+        index = _faiss_index(centroids.shape[1], features.device)
         index.add(centroids.detach().cpu().float().contiguous().numpy())
         _, nearest = index.search(features.detach().cpu().float().contiguous().numpy(), 1)
         return torch.from_numpy(nearest[:, 0]).to(features.device)
@@ -47,9 +71,11 @@ def _augment(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(torch.cat([features, torch.ones_like(features[:, :1])], dim=1), dim=1)
 
 
-def _check_backend(backend: str) -> str:
+def _check_backend(backend: str, device: torch.device | None = None) -> str:
+    """`auto`: faiss on the CPU when installed; on a GPU faiss only with its GPU build, else torch there."""
     if backend == "auto":
-        backend = "faiss" if faiss_available() else "torch"
+        on_gpu = device is not None and device.type == "cuda"
+        backend = "faiss" if (faiss_gpu_available() if on_gpu else faiss_available()) else "torch"
     if backend not in ("faiss", "torch"):
         raise ValueError(f"unknown clustering backend {backend!r}: use auto, faiss or torch")
     return backend
@@ -61,7 +87,7 @@ def shot_centroids(features: torch.Tensor, probs: torch.Tensor, rounds: int = RO
 
     Fitted on (N, d) features and (N, K) softmax outputs; `assign_to_centroids` then labels these or any
     other features (the dense adapter fits on a sample of pixels and labels every pixel)."""
-    backend = _check_backend(backend)
+    backend = _check_backend(backend, features.device)
     features = _augment(features)
     num_classes = probs.shape[1]
     weights, labels = probs.float(), probs.argmax(1)
@@ -78,7 +104,7 @@ def shot_centroids(features: torch.Tensor, probs: torch.Tensor, rounds: int = RO
 def assign_to_centroids(features: torch.Tensor, centroids: torch.Tensor, classes: torch.Tensor,
                         backend: str = "auto") -> torch.Tensor:
     """The class of the most cosine-similar centroid for every row of (N, d) raw features."""
-    return classes[_nearest_centroid(_augment(features), centroids, _check_backend(backend))]
+    return classes[_nearest_centroid(_augment(features), centroids, _check_backend(backend, features.device))]
 
 
 def shot_pseudo_labels(features: torch.Tensor, probs: torch.Tensor, rounds: int = ROUNDS,

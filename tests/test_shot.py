@@ -448,3 +448,20 @@ def test_train_source_with_pretrained_resnet_on_a_class_folder(tmp_path):
     assert state["model_config"]["transform"] == "imagenet" and state["model_config"]["num_classes"] == 2
     config = json.loads((out / "config.json").read_text())
     assert config["pretrained"] == str(weights)
+
+
+def test_auto_cluster_backend_keeps_gpu_features_on_the_gpu(monkeypatch):
+    """auto: faiss's CPU index for CPU features; on a GPU, faiss only with its GPU build, else torch there."""
+    import adaptation.cluster as cluster
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(cluster, "faiss_available", lambda: True)
+    monkeypatch.setattr(cluster, "faiss_gpu_available", lambda: False)
+    assert cluster._check_backend("auto", gpu) == "torch"
+    assert cluster._check_backend("auto", torch.device("cpu")) == "faiss"
+    monkeypatch.setattr(cluster, "faiss_gpu_available", lambda: True)
+    assert cluster._check_backend("auto", gpu) == "faiss"
+    monkeypatch.setattr(cluster, "faiss_available", lambda: False)
+    assert cluster._check_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="unknown clustering backend"):
+        cluster._check_backend("gpu", gpu)
