@@ -1,0 +1,78 @@
+"""Robust source training (issue 14): label noise and self-adaptive training against hand computations."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaptation.label_noise import corrupt_labels
+from adaptation.sat import SelfAdaptiveTargets, start_epoch_for
+
+
+@pytest.mark.parametrize("noise_type", ["symmetric", "pairflip"])
+@pytest.mark.parametrize("rate", [0.0, 0.4, 0.8])
+def test_label_noise_hits_the_rate_exactly_and_is_reproducible(noise_type, rate):
+    clean = np.random.default_rng(3).integers(0, 10, 1001)
+    noisy = corrupt_labels(clean, rate, 10, noise_type, seed=7)
+    assert (noisy != clean).sum() == round(rate * len(clean))
+    assert np.array_equal(noisy, corrupt_labels(clean, rate, 10, noise_type, seed=7))
+    assert noisy.min() >= 0 and noisy.max() < 10
+    changed = noisy != clean
+    if noise_type == "pairflip":
+        assert np.array_equal(noisy[changed], (clean[changed] + 1) % 10)
+    elif rate > 0:
+        assert not np.array_equal(noisy, corrupt_labels(clean, rate, 10, noise_type, seed=8))
+        # symmetric: the wrong labels spread over the other classes
+        assert len(set(((noisy[changed] - clean[changed]) % 10).tolist())) == 9
+
+
+def test_label_noise_refuses_bad_settings():
+    with pytest.raises(ValueError, match="unknown noise type"):
+        corrupt_labels([0, 1], 0.5, 2, "asymmetric")
+    with pytest.raises(ValueError, match="rate in"):
+        corrupt_labels([0, 1], 1.5, 2)
+
+
+def test_sat_start_epoch_scales_the_published_schedule():
+    assert start_epoch_for(200) == 60 and start_epoch_for(30) == 9 and start_epoch_for(2) == 1
+
+
+def test_sat_is_cross_entropy_before_the_start_epoch():
+    sat = SelfAdaptiveTargets(torch.tensor([0, 2, 1]), 3, start_epoch=2)
+    logits, labels = torch.randn(3, 3), torch.tensor([0, 2, 1])
+    loss, _ = sat.loss(logits, labels, torch.arange(3), epoch=1)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
+    assert torch.equal(sat.targets, F.one_hot(labels, 3).float()) and sat.updates == 0
+
+
+def test_sat_target_update_weights_and_loss_against_a_hand_computation():
+    labels = torch.tensor([0, 2, 1, 1])
+    sat = SelfAdaptiveTargets(labels, 3, start_epoch=0, momentum=0.9)
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.2, 0.1], [-1.0, 3.0, 0.0], [0.0, 0.0, 4.0]],
+                          requires_grad=True)
+    index = torch.tensor([3, 0, 1])  # samples 3, 0, 1 of the data set, in that order
+    loss, _ = sat.loss(logits[:3], labels[index], index, epoch=0)
+
+    z = logits.detach().numpy()[:3]
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    onehot = np.eye(3)[labels.numpy()[[3, 0, 1]]]
+    t = 0.9 * onehot + 0.1 * p
+    w = t.max(1)
+    w = w * 3 / w.sum()
+    expected = np.mean(w * -(t * np.log(p)).sum(1))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    np.testing.assert_allclose(sat.targets[[3, 0, 1]].numpy(), t, rtol=1e-6)
+    assert torch.equal(sat.targets[2], torch.tensor([0.0, 1.0, 0.0]))  # not in the batch: untouched
+    assert sat.updates == 3
+    loss.backward()  # the targets carry no gradient; the logits do
+    assert logits.grad[:3].abs().sum() > 0
+
+
+def test_sat_state_round_trip_and_shape_check():
+    sat = SelfAdaptiveTargets(torch.tensor([0, 1]), 2, start_epoch=0)
+    sat.loss(torch.randn(2, 2), torch.tensor([0, 1]), torch.arange(2), epoch=0)
+    other = SelfAdaptiveTargets(torch.tensor([0, 0]), 2, start_epoch=5)
+    other.load_state_dict(sat.state_dict())
+    assert torch.equal(other.targets, sat.targets) and other.start_epoch == 0 and other.updates == 2
+    with pytest.raises(ValueError, match="same training data"):
+        SelfAdaptiveTargets(torch.tensor([0, 1, 1]), 2, 0).load_state_dict(sat.state_dict())
