@@ -76,3 +76,28 @@ def test_sat_state_round_trip_and_shape_check():
     assert torch.equal(other.targets, sat.targets) and other.start_epoch == 0 and other.updates == 2
     with pytest.raises(ValueError, match="same training data"):
         SelfAdaptiveTargets(torch.tensor([0, 1, 1]), 2, 0).load_state_dict(sat.state_dict())
+
+
+def test_pgd_stays_in_the_eps_ball_and_pixel_range_and_raises_the_loss():
+    from adaptation.adversarial import PGD, pgd_attack
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 4))
+    pixels = torch.rand(32, 3, 8, 8)
+    pixels[:, :, 0, 0] = 1.0  # pixels at the edge of the range: the box must hold them there
+    images = (pixels - 0.5) / 0.5  # the digits normalisation
+    labels = model(images).argmax(1)
+    attack = PGD(eps=8 / 255, step_size=2 / 255, steps=10)
+    adv = pgd_attack(model, images, labels, attack, style="digits")
+    adv_pixels = adv * 0.5 + 0.5
+    assert (adv_pixels - pixels).abs().max() <= 8 / 255 + 1e-6
+    assert adv_pixels.min() >= -1e-6 and adv_pixels.max() <= 1 + 1e-6
+    clean_loss = F.cross_entropy(model(images), labels)
+    adv_loss = F.cross_entropy(model(adv), labels)
+    assert adv_loss > clean_loss + 0.05
+    assert (adv_pixels - pixels).abs().max() > 6 / 255  # it used the budget
+    # ImageNet normalisation: the budget holds in pixel units per channel
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    adv = pgd_attack(model, (pixels - mean) / std, labels, attack, style="imagenet")
+    assert ((adv * std + mean) - pixels).abs().max() <= 8 / 255 + 1e-5
