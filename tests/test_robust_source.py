@@ -101,3 +101,65 @@ def test_pgd_stays_in_the_eps_ball_and_pixel_range_and_raises_the_loss():
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     adv = pgd_attack(model, (pixels - mean) / std, labels, attack, style="imagenet")
     assert ((adv * std + mean) - pixels).abs().max() <= 8 / 255 + 1e-5
+
+
+def brute_force_focal_supcon(z, labels, tau):
+    """The focal supervised contrastive loss pair by pair, with python loops."""
+    n = len(z)
+    per_anchor = []
+    for i in range(n):
+        denom = sum(np.exp(z[i] @ z[k] / tau) for k in range(n) if k != i)
+        total, has_positive = 0.0, False
+        for j in range(n):
+            if j != i and labels[j] == labels[i]:
+                p = np.exp(z[i] @ z[j] / tau) / denom
+                total += (1 - p) * np.log(p)
+                has_positive = True
+        if has_positive:
+            per_anchor.append(-total / n)
+    return np.mean(per_anchor)
+
+
+def test_focal_supervised_contrastive_against_brute_force():
+    from adaptation.core_tuning import focal_supervised_contrastive
+
+    torch.manual_seed(0)
+    z = F.normalize(torch.randn(9, 5), dim=1)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 3, 2, 1])  # class 3 has no positive: not an anchor
+    for tau in (0.07, 0.5):
+        got = focal_supervised_contrastive(z, labels, tau).item()
+        assert got == pytest.approx(brute_force_focal_supcon(z.double().numpy(), labels.numpy(), tau), rel=1e-4)
+    soft = F.one_hot(labels, 4).float()  # soft label rows: equal rows are one class
+    assert focal_supervised_contrastive(z, soft, 0.5).item() == pytest.approx(
+        focal_supervised_contrastive(z, labels, 0.5).item(), rel=1e-6)
+
+
+def test_feature_mixup_builds_hard_pairs_with_matching_labels():
+    from adaptation.core_tuning import HARD_NEGATIVE_MIN_WEIGHT, feature_mixup
+
+    torch.manual_seed(0)
+    f = torch.randn(8, 12)  # more dimensions than samples: a mix's coefficients are recoverable
+    y = F.one_hot(torch.tensor([0, 0, 1, 1, 2, 2, 0, 1]), 3).float()
+    mixed_f, mixed_y = feature_mixup(f, y)
+    assert mixed_f.shape == (24, 12) and mixed_y.shape == (24, 3)
+    assert torch.equal(mixed_f[:8], f) and torch.equal(mixed_y[:8], y)
+    torch.testing.assert_close(mixed_y.sum(1), torch.ones(24))
+    # every mix is a convex combination whose feature weights equal its label weights
+    for row in range(8, 24):
+        fv, yv = mixed_f[row], mixed_y[row]
+        coeffs = torch.linalg.lstsq(f.T, fv[:, None]).solution[:, 0]
+        assert coeffs.min() > -1e-4 and coeffs.sum() == pytest.approx(1.0, abs=1e-4)
+        torch.testing.assert_close(coeffs @ y, yv, atol=1e-4, rtol=0)
+        if row < 16:  # hard negatives: the partner takes at least 0.8 unless it is the sample itself
+            assert coeffs.max() >= HARD_NEGATIVE_MIN_WEIGHT - 1e-4
+    # hard positives mix the least similar same-class sample with the most similar other-class one
+    unit = F.normalize(f, dim=1)
+    sim = unit @ unit.T
+    cls = y.argmax(1)
+    for i in range(8):
+        coeffs = torch.linalg.lstsq(f.T, mixed_f[16 + i][:, None]).solution[:, 0]
+        support = set((coeffs.abs() > 1e-4).nonzero().flatten().tolist())
+        same = [j for j in range(8) if j != i and cls[j] == cls[i]]
+        other = [j for j in range(8) if cls[j] != cls[i]]
+        expect = {min(same, key=lambda j: sim[i, j].item()), max(other, key=lambda j: sim[i, j].item())}
+        assert support <= expect and len(support) >= 1
