@@ -188,18 +188,40 @@ def test_reweighted_long_range_attention_by_hand():
     torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_cifs_rescales_channels_by_probe_gradient():
+def test_cifs_multipliers_follow_the_probe_gradient_are_non_negative_and_sum_to_two():
     from workbench.layers import CIFS
 
-    block = CIFS(channels=6, num_classes=4, top_k=1)
+    torch.manual_seed(0)
+    block = CIFS(channels=6, num_classes=4, probe="linear")
     x = torch.rand(3, 6, 5, 5, requires_grad=True)
-    out, logits = block(x)
-    # linear probe: d(top logit)/d(pooled) is the top class's weight row
-    top = logits.argmax(1)
-    expected = torch.softmax(block.probe.weight[top], dim=1) * 6
-    torch.testing.assert_close(out, x * expected[:, :, None, None])
+    labels = torch.tensor([2, 0, 3])
+    for training in (True, False):
+        block.train(training)
+        out, logits = block(x, labels)
+        ranked = logits.topk(2, dim=1).indices
+        first = labels if training else ranked[:, 0]
+        # linear probe on the pooled map: d(z_a + z_b)/d(pooled) = w_a + w_b, the positions' sum of the map gradient
+        w = block.probe.weight
+        expected = torch.softmax(w[first] + w[ranked[:, 1]], dim=1) * 2
+        torch.testing.assert_close(out, x * expected[:, :, None, None])
+        m, _ = block.multipliers(x, labels)
+        assert (m >= 0).all()
+        torch.testing.assert_close(m.sum(1), torch.full((3,), 2.0))
+    block.train()
+    out, logits = block(x, labels)
     (out.sum() + logits.sum()).backward()
     assert x.grad is not None and block.probe.weight.grad is not None
+    with torch.no_grad():  # inference builds no graph
+        out, _ = block(x)
+    assert not out.requires_grad
+    nonlinear = CIFS(channels=6, num_classes=4, probe="nonlinear")
+    m, _ = nonlinear.multipliers(x)
+    # brute force: the relevance is the gradient of the chosen logits w.r.t. the map, summed over positions
+    fmap = x.detach().clone().requires_grad_(True)
+    z = nonlinear.probe(fmap.mean(dim=(2, 3)))
+    top = z.topk(2, dim=1).indices
+    (z.gather(1, top).sum()).backward()
+    torch.testing.assert_close(m, torch.softmax(fmap.grad.sum(dim=(2, 3)), dim=1) * 2)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "hrformer_t"])
@@ -209,3 +231,20 @@ def test_features_only_returns_the_multi_resolution_maps(name):
     assert isinstance(maps, list) and len(maps) == len(net.feature_info) == 4
     for m, info in zip(maps, net.feature_info):
         assert m.shape[1] == info["channels"] and m.shape[2] == 64 // info["reduction"]
+
+
+def test_resnet_with_cifs_selects_channels_after_every_last_stage_block():
+    torch.manual_seed(0)
+    net = create_backbone("resnet18", cifs_classes=5)
+    plain = create_backbone("resnet18")
+    assert len(net.cifs) == len(net.stages[-1]) == 2
+    assert isinstance(net.cifs[0].probe, torch.nn.Sequential) and isinstance(net.cifs[1].probe, torch.nn.Linear)
+    x = torch.rand(2, 3, 32, 32)
+    net.cifs_labels = torch.tensor([1, 4])
+    features = net(x)
+    assert features.shape == plain(x).shape and [z.shape for z in net.probe_logits] == [(2, 5), (2, 5)]
+    # the selection is applied: the same trunk without it gives other features
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("cifs.")})
+    assert not torch.allclose(features, plain(x))
+    (features.sum() + sum(z.sum() for z in net.probe_logits)).backward()
+    assert all(p.grad is not None for p in net.cifs.parameters())

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from ..layers.cifs import CIFS
 from . import register_backbone
 
 
@@ -70,8 +71,13 @@ def dilate_basic_blocks(net: torchvision.models.ResNet, replace: list[bool]) -> 
 
 
 class ResNetBackbone(nn.Module):
+    """torchvision's ResNet trunk. With `cifs_classes` = K > 0, a CIFS block (workbench.layers.cifs) follows
+    every block of the last stage, the first with a non-linear probe and the others linear, as in the CIFS
+    paper's ResNet-18; each forward then leaves the probes' logits in `probe_logits`, and a trainer that sets
+    `cifs_labels` to the batch's labels lets the probes read the true class, as the paper trains them."""
+
     def __init__(self, arch: str = "resnet50", pretrained: str | None = None, features_only: bool = False,
-                 output_stride: int = 32):
+                 output_stride: int = 32, cifs_classes: int = 0):
         super().__init__()
         if output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride must be one of {sorted(OUTPUT_STRIDES)}, not {output_stride}")
@@ -91,13 +97,23 @@ class ResNetBackbone(nn.Module):
         widths = [stage[-1].conv3.out_channels if hasattr(stage[-1], "conv3") else stage[-1].conv2.out_channels
                   for stage in self.stages]
         self.feature_info = [{"channels": c, "reduction": min(4 * 2**i, output_stride)} for i, c in enumerate(widths)]
+        self.cifs = nn.ModuleList([CIFS(widths[-1], cifs_classes, "nonlinear" if i == 0 else "linear")
+                                   for i in range(len(self.stages[-1]))] if cifs_classes else [])
+        self.cifs_labels: torch.Tensor | None = None
+        self.probe_logits: list[torch.Tensor] = []
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The four stage outputs, at strides 4, 8, 16 and 32 (capped at the output stride)."""
         x = self.stem(x)
         maps = []
-        for stage in self.stages:
+        for stage in self.stages[:-1] if self.cifs else self.stages:
             x = stage(x)
+            maps.append(x)
+        if self.cifs:
+            self.probe_logits = []
+            for block, select in zip(self.stages[-1], self.cifs):
+                x, logits = select(block(x), self.cifs_labels)
+                self.probe_logits.append(logits)
             maps.append(x)
         return maps
 
@@ -110,8 +126,9 @@ class ResNetBackbone(nn.Module):
 
 def _register(arch: str) -> None:
     @register_backbone(arch)
-    def build(pretrained: str | None = None, features_only: bool = False, output_stride: int = 32) -> ResNetBackbone:
-        return ResNetBackbone(arch, pretrained, features_only, output_stride)
+    def build(pretrained: str | None = None, features_only: bool = False, output_stride: int = 32,
+              cifs_classes: int = 0) -> ResNetBackbone:
+        return ResNetBackbone(arch, pretrained, features_only, output_stride, cifs_classes)
 
 
 for _arch in ("resnet18", "resnet50", "resnet101"):

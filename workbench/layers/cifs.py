@@ -1,11 +1,21 @@
 """CIFS: channel-wise importance-based feature selection (Yan et al., NeurIPS 2021).
 
-A probe classifier on the pooled features predicts the class; the gradient of its top-k logits
-with respect to the pooled features says how relevant each channel is to the prediction. A
-softmax over the channels turns the relevances into non-negative multipliers (scaled so that
-they average 1) that rescale the feature map. The probe's logits are returned too, so that it can
-be trained with its own cross-entropy loss alongside the network (adversarially, with PGD, in
-the paper).
+A probe classifier on the globally pooled feature map predicts the class. The gradient of two of
+its logits with respect to the feature map, summed over positions, says how relevant each channel
+is:
+
+    r   = sum_{h,w} d(z_a + z_b) / d f_{:, h, w}       (a = the true class in training, else the top
+                                                         prediction; b = the second prediction)
+    m   = s * softmax(r)                                (non-negative, summing to s = 2)
+    out = f * m                                         (per channel)
+
+as the official code does (its `softmax(...) * 2`, with the relevance taken on a detached copy of
+the features and the graph kept, so that the main loss trains the probe through the multipliers).
+The probe's logits are returned too: CIFS trains each probe with its own cross-entropy beside the
+network's (adversarially, with PGD, in the paper; adaptation.adversarial).
+
+The official ResNet-18 puts one CIFS after each of the two blocks of its last stage, the first with
+a non-linear probe (pool, Linear(C, 128), Softplus(beta 5), Linear(128, K)), the second linear.
 """
 
 from __future__ import annotations
@@ -13,23 +23,40 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+MULTIPLIER_SUM = 2.0
+HIDDEN = 128
+
+
+def make_probe(channels: int, num_classes: int, kind: str) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(channels, num_classes)
+    if kind == "nonlinear":
+        return nn.Sequential(nn.Linear(channels, HIDDEN), nn.Softplus(beta=5), nn.Linear(HIDDEN, num_classes))
+    raise ValueError(f"unknown CIFS probe {kind!r}: use linear or nonlinear")
+
 
 class CIFS(nn.Module):
-    def __init__(self, channels: int, num_classes: int, top_k: int = 2, temperature: float = 1.0):
+    def __init__(self, channels: int, num_classes: int, probe: str = "linear", multiplier_sum: float = MULTIPLIER_SUM):
         super().__init__()
-        self.probe = nn.Linear(channels, num_classes)
-        self.top_k, self.temperature = min(top_k, num_classes), temperature
+        if num_classes < 2:
+            raise ValueError("CIFS needs at least 2 classes (it reads the top two probe logits)")
+        self.probe = make_probe(channels, num_classes, probe)
+        self.multiplier_sum = multiplier_sum
 
-    def channel_relevance(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(relevance (N, C), probe logits (N, K)); differentiable when the graph is being built."""
+    def multipliers(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(channel multipliers m (N, C), probe logits (N, K)) for a feature map x (N, C, H, W)."""
+        keep_graph = torch.is_grad_enabled()  # training (and attacks) let the main loss reach the probe
         with torch.enable_grad():
-            pooled = pooled if pooled.requires_grad else pooled.detach().requires_grad_(True)
+            pooled = x.detach().float().mean(dim=(2, 3)).requires_grad_(True)
             logits = self.probe(pooled)
-            top = logits.topk(self.top_k, dim=1).values.sum()
-            (relevance,) = torch.autograd.grad(top, pooled, create_graph=self.training)
-        return relevance, logits
+            ranked = logits.topk(2, dim=1).indices
+            first = labels if (self.training and labels is not None) else ranked[:, 0]
+            rows = torch.arange(len(logits), device=logits.device)
+            chosen = logits[rows, first].sum() + logits[rows, ranked[:, 1]].sum()
+            # d/d(pooled) = sum over positions of d/d(feature map), as pooled is the positions' mean
+            (relevance,) = torch.autograd.grad(chosen, pooled, create_graph=keep_graph)
+        return torch.softmax(relevance, dim=1) * self.multiplier_sum, self.probe(x.float().mean(dim=(2, 3)))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        relevance, logits = self.channel_relevance(x.mean(dim=(2, 3)))
-        multipliers = torch.softmax(relevance / self.temperature, dim=1) * x.shape[1]
-        return x * multipliers[:, :, None, None], logits
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        m, logits = self.multipliers(x, labels)
+        return x * m.to(x.dtype)[:, :, None, None], logits
