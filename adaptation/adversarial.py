@@ -43,10 +43,12 @@ def _per_channel(values, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
 
 
-def pgd_attack(logits_of: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
-               attack: PGD, style: str = "digits") -> torch.Tensor:
+def pgd_attack(logits_of: Callable[[torch.Tensor], torch.Tensor] | None, images: torch.Tensor,
+               labels: torch.Tensor, attack: PGD, style: str = "digits",
+               loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Adversarial versions of normalised `images` (N, C, H, W) that raise the cross-entropy of
-    `logits_of` within the L-inf ball of radius attack.eps (pixel units) and the valid pixel range."""
+    `logits_of` (or `loss_of(images, labels)` when given) within the L-inf ball of radius attack.eps
+    (pixel units) and the valid pixel range."""
     mean, std = (_per_channel(v, images) for v in NORMALISATION[style])
     scale = 1.0 / std                           # one pixel unit in normalised units, per channel
     low, high = (0 - mean) * scale, (1 - mean) * scale
@@ -59,9 +61,40 @@ def pgd_attack(logits_of: Callable[[torch.Tensor], torch.Tensor], images: torch.
     for _ in range(attack.steps):
         adv.requires_grad_(True)
         with torch.enable_grad():
-            loss = F.cross_entropy(logits_of(adv).float(), labels)
+            loss = loss_of(adv, labels) if loss_of is not None else F.cross_entropy(logits_of(adv).float(), labels)
             (grad,) = torch.autograd.grad(loss, adv)
         adv = adv.detach() + step * grad.sign()
         adv = torch.max(torch.min(adv, clean + radius), clean - radius)
         adv = torch.max(torch.min(adv, high), low)
     return adv.detach()
+
+
+EVAL_STEP_FRACTION = 0.1   # evaluation step = eps / 10, from the clean image (the CIFS code's PGD-20)
+
+
+def evaluation_attack(eps: float = EPS, steps: int = EVAL_STEPS) -> PGD:
+    return PGD(eps=eps, step_size=EVAL_STEP_FRACTION * eps if eps > 0 else STEP_SIZE, steps=steps,
+               random_start=False)
+
+
+def robust_accuracy(model: torch.nn.Module, loader, attack: PGD, style: str, device: torch.device,
+                    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """Clean and PGD accuracy (%) of a classifier (eval mode) over a loader of (images, labels, index).
+    `loss_of` replaces the cross-entropy the attack ascends (CIFS models: their joint loss)."""
+    was_training = model.training
+    model.eval()
+    clean = robust = total = 0
+    try:
+        for images, labels, _ in loader:
+            images, labels = images.to(device), labels.to(device)
+            with torch.no_grad():
+                clean += int((model(images).argmax(1) == labels).sum())
+            adv = pgd_attack(model, images, labels, attack, style, loss_of=loss_of)
+            with torch.no_grad():
+                robust += int((model(adv).argmax(1) == labels).sum())
+            total += len(labels)
+    finally:
+        model.train(was_training)
+    return {"clean_accuracy": 100.0 * clean / max(total, 1), "robust_accuracy": 100.0 * robust / max(total, 1),
+            "attack": {"name": "pgd", "eps": attack.eps, "step_size": attack.step_size, "steps": attack.steps,
+                       "random_start": attack.random_start}, "samples": total}

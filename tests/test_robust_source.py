@@ -163,3 +163,65 @@ def test_feature_mixup_builds_hard_pairs_with_matching_labels():
         other = [j for j in range(8) if cls[j] != cls[i]]
         expect = {min(same, key=lambda j: sim[i, j].item()), max(other, key=lambda j: sim[i, j].item())}
         assert support <= expect and len(support) >= 1
+
+
+def tiny_digit_model(backbone="dtn", **kwargs):
+    from adaptation.model import ShotModel
+
+    torch.manual_seed(0)
+    return ShotModel(backbone, 10, backbone_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("name", ["ce", "sat", "core-tuning", "at"])
+def test_every_objective_gives_a_finite_loss_that_trains_the_model(name):
+    from adaptation.objectives import build_objective
+
+    model = tiny_digit_model()
+    labels = torch.arange(8) % 10
+    objective = build_objective(name, model, style="digits", num_classes=10, train_labels=torch.arange(20) % 10,
+                                epochs=1)
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    loss, terms = objective.loss(images, labels, torch.arange(8), epoch=0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    if name == "core-tuning":
+        assert set(terms) == {"classification", "contrastive"}
+        assert all(p.grad is not None for p in objective.modules["projection_head"].parameters())
+
+
+def test_adversarial_training_trains_on_harder_examples_than_the_clean_ones():
+    from adaptation.objectives import build_objective
+
+    model = tiny_digit_model()
+    objective = build_objective("at", model, style="digits", num_classes=10)
+    images, labels = torch.rand(16, 3, 32, 32) * 2 - 1, torch.arange(16) % 10
+    model.eval()
+    with torch.no_grad():
+        clean = F.cross_entropy(model(images), labels)
+        harder = F.cross_entropy(model(objective.adversarial(images, labels)), labels)
+    assert harder > clean
+
+
+def test_cifs_at_joint_loss_and_robust_accuracy_report():
+    from adaptation.adversarial import evaluation_attack, robust_accuracy
+    from adaptation.objectives import CIFS_PROBE_WEIGHT, build_objective, cifs_joint_loss
+
+    model = tiny_digit_model("resnet18", cifs_classes=10)
+    objective = build_objective("cifs-at", model, style="digits", num_classes=10)
+    images, labels = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([0, 3, 5, 9])
+    loss, terms = objective.loss(images, labels, torch.arange(4), epoch=0)
+    loss.backward()
+    assert torch.isfinite(loss) and "probe_accuracy" in terms
+    assert all(p.grad is not None for p in model.backbone.cifs.parameters())
+    logits, probes = torch.randn(4, 10), [torch.randn(4, 10), torch.randn(4, 10)]
+    expected = (F.cross_entropy(logits, labels) + CIFS_PROBE_WEIGHT / 2 * sum(F.cross_entropy(p, labels)
+                                                                            for p in probes)) * 3 / (CIFS_PROBE_WEIGHT + 1)
+    torch.testing.assert_close(cifs_joint_loss(logits, probes, labels), expected)
+    with pytest.raises(ValueError, match="ResNet backbone"):
+        build_objective("cifs-at", tiny_digit_model(), style="digits", num_classes=10)
+    loader = [(images, labels, torch.arange(4))]
+    report = robust_accuracy(model, loader, evaluation_attack(eps=8 / 255, steps=3), "digits", torch.device("cpu"))
+    assert report["samples"] == 4 and 0 <= report["robust_accuracy"] <= 100
+    none = robust_accuracy(model, loader, evaluation_attack(eps=0.0, steps=1), "digits", torch.device("cpu"))
+    assert none["robust_accuracy"] == none["clean_accuracy"]  # a zero budget changes nothing
