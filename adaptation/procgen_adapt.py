@@ -1,0 +1,269 @@
+"""Source-free adaptation of a trained Procgen agent to an unseen visual domain.
+
+The PPO agent's network is SHOT's split with actions for classes: the encoder phi (the registry
+backbone, 256-d features) plays F, the policy head pi (a linear layer over the 15 actions) plays
+the frozen hypothesis C. Frames of the target domain (the same game rendered with other assets:
+`--visual` variants) are collected by running the frozen source policy there (or a random
+policy), without rewards; then, for `epochs` passes over them,
+
+    L = IM(pi(phi(s))) + beta * CE(pi(phi(s)), y_hat)        (beta = 0: SHOT-IM)
+
+with IM and the cosine k-means pseudo-labels over actions exactly as for images (adaptation.losses,
+adaptation.cluster). Only phi is trained: the policy head is frozen, and the value head is left
+as it was (its input, phi's features, moves with the adaptation; the value head is used only for
+further PPO training, not for acting). With `recollect`, the frames are collected again with the
+adapted policy before every epoch (adapting during play).
+
+The result is an ordinary Procgen checkpoint (the source run's, with the adapted encoder), whose
+config names the target's visual options, so `scripts/evaluate_procgen.py RUN` plays it in the
+target domain and `--visual` (empty) in the source domain.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from envs.procgen import GAMES, PROTOCOLS, ProcgenVecEnv, visual_options
+from workbench.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_path, save_checkpoint
+from workbench.logging import RunLogger, default_run_name, write_json
+from workbench.runtime import Runtime, seed_everything
+
+from .cluster import shot_pseudo_labels
+from .losses import information_maximization
+from .training import set_shot_lr, shot_optimizer
+
+METHODS = ("shot-im", "shot")
+COLLECT_POLICIES = ("source", "random")
+FRAMES_FILE = "frames.npz"
+# SHOT's image settings (object/image_target.py): lr 0.01 with the pretrained encoder at 0.1x, beta 0.3
+LR, ENCODER_LR_MULT, BETA = 1e-2, 0.1, 0.3
+
+
+def parse_procgen_target(spec: str) -> tuple[str, list[str]]:
+    """`procgen:<game>[:<option>+<option>...]` -> (game, visual options)."""
+    parts = spec.split(":")
+    if parts[0] != "procgen" or len(parts) not in (2, 3) or not parts[1]:
+        raise ValueError(f"bad Procgen target {spec!r}: write procgen:<game>[:<visual options joined by +>], e.g. "
+                         "procgen:starpilot:no-backgrounds+monochrome")
+    game, options = parts[1], parts[2].split("+") if len(parts) == 3 and parts[2] else []
+    if game not in GAMES:
+        raise ValueError(f"unknown Procgen game {game!r} in {spec!r}: choose one of {', '.join(GAMES)}")
+    visual_options(options)  # names checked, with the list of valid ones in the error
+    return game, options
+
+
+@dataclass
+class ProcgenAdaptConfig:
+    source: str = ""                      # a Procgen run directory (or its checkpoint.pt)
+    target: str = ""                      # procgen:<game>[:<visual options>]
+    method: str = "shot"
+    frames: int = 8192                    # target frames collected per collection
+    num_envs: int = 64
+    collect_policy: str = "source"        # the frozen source policy, or uniformly random actions
+    frames_file: str | None = None        # adapt on these saved frames instead of collecting
+    recollect: bool = False               # collect again with the adapted policy before every epoch
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = LR
+    encoder_lr_mult: float = ENCODER_LR_MULT
+    beta: float = BETA
+    weight_decay: float = 1e-3
+    eval_episodes: int = 100              # per domain, before and after; 0 skips the evaluation
+    cluster_backend: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    run_dir: str = ""
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r} for a Procgen agent: choose {' or '.join(METHODS)}")
+        if self.collect_policy not in COLLECT_POLICIES:
+            raise ValueError(f"unknown --collect-policy {self.collect_policy!r}: choose source or random")
+        if self.frames < 1 or self.epochs < 1:
+            raise ValueError("--frames and --epochs must be positive")
+        if self.frames_file and self.recollect:
+            raise ValueError("--frames-file and --recollect exclude each other: saved frames cannot be re-collected")
+
+
+def load_source_agent(path, game: str, runtime: Runtime):
+    """(PPO agent that acts with the source weights, the checkpoint) for adapting to `game`."""
+    from agents.train import ALGORITHMS
+
+    ckpt_path = resolve_checkpoint_path(path)
+    state = load_checkpoint(ckpt_path, kind="procgen-agent")
+    config = state["config"]
+    if config["algo"] != "ppo":
+        raise CheckpointError(f"{ckpt_path} holds a {config['algo']} agent: source-free adaptation over actions "
+                              "needs a policy head (a PPO agent); train the source with --algo ppo")
+    if config["env"] != game:
+        raise ValueError(f"the source agent was trained on {config['env']} but the target is {game}: adapt to "
+                         f"procgen:{config['env']}[:<visual options>] (the actions mean different things per game)")
+    agent_cls, agent_cfg_cls = ALGORITHMS["ppo"]
+    env = ProcgenVecEnv(game, 1, device=runtime.device)
+    agent = agent_cls.for_evaluation(env, agent_cfg_cls(**config["agent"]), runtime)
+    agent.load_state_dict(state["agent_state"])
+    head = agent.model.policy_head
+    if head.out_features != env.num_actions:
+        raise ValueError(f"the source policy has {head.out_features} actions but procgen:{game} has "
+                         f"{env.num_actions}: the checkpoint does not belong to this game's action space")
+    return agent, state, ckpt_path
+
+
+def collect_frames(agent, game: str, options: list[str], frames: int, num_envs: int, policy: str, seed: int,
+                   distribution_mode: str) -> np.ndarray:
+    """(frames, 64, 64, 3) uint8 from the full level distribution of the target domain, acted on by `policy`."""
+    env = ProcgenVecEnv(game, num_envs, distribution_mode, num_levels=0, start_level=0, device=agent.rt.device,
+                        seed=seed, **visual_options(options))
+    rng = np.random.default_rng(seed)
+    out = np.empty((frames, *env.observation_shape), np.uint8)
+    obs, filled = env.reset(), 0
+    while filled < frames:
+        take = min(num_envs, frames - filled)
+        out[filled:filled + take] = env.last_frames[:take]
+        filled += take
+        actions = (rng.integers(0, env.num_actions, num_envs) if policy == "random"
+                   else agent.act(obs).cpu().numpy())
+        env.step_numpy(actions)
+        obs = env.as_tensor(env.last_frames)
+    return out
+
+
+@torch.no_grad()
+def features_and_policy(model, frames: torch.Tensor, runtime: Runtime, batch: int = 512):
+    """Encoder features (N, 256) and action probabilities (N, A) of uint8 frames, in eval mode."""
+    model.eval()
+    feats, probs = [], []
+    for start in range(0, len(frames), batch):
+        logits, _, f = model(runtime.images(frames[start:start + batch]), with_features=True)
+        feats.append(f.float().cpu())
+        probs.append(logits.float().softmax(1).cpu())
+    return torch.cat(feats), torch.cat(probs)
+
+
+class ProcgenAdapter:
+    def __init__(self, cfg: ProcgenAdaptConfig):
+        self.cfg = cfg
+        seed_everything(cfg.seed)
+        self.game, self.options = parse_procgen_target(cfg.target)
+        self.rt = Runtime.create(cfg.device, "fp32")
+        self.agent, self.source_state, self.source_path = load_source_agent(cfg.source, self.game, self.rt)
+        self.model = self.agent.model
+        self.mode = PROTOCOLS[self.source_state["config"]["protocol"]].distribution_mode
+        self.run_dir = Path(cfg.run_dir or Path("runs") / default_run_name("adapt-procgen", self.game, cfg.method,
+                                                                            f"s{cfg.seed}"))
+
+    def target_frames(self, epoch: int) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.frames_file:
+            with np.load(cfg.frames_file) as data:
+                if str(data["game"]) != self.game:
+                    raise ValueError(f"{cfg.frames_file} holds frames of {data['game']}, not {self.game}")
+                return torch.from_numpy(data["frames"])
+        frames = collect_frames(self.agent, self.game, self.options, cfg.frames, cfg.num_envs, cfg.collect_policy,
+                                cfg.seed + 1000 * epoch, self.mode)
+        if epoch == 0:  # what the run adapted on first, to repeat the experiment with --frames-file
+            np.savez_compressed(self.run_dir / FRAMES_FILE, frames=frames, game=self.game,
+                                visual="+".join(self.options), policy=cfg.collect_policy, seed=cfg.seed)
+        return torch.from_numpy(frames)
+
+    def steps_per_epoch(self, frames: torch.Tensor) -> int:
+        return -(-len(frames) // self.cfg.batch_size)
+
+    def adapt(self, frames: torch.Tensor, logger: RunLogger) -> list[dict]:
+        cfg, model = self.cfg, self.model
+        model.policy_head.requires_grad_(False)
+        model.value_head.requires_grad_(False)
+        optimizer = shot_optimizer([(model.backbone, cfg.encoder_lr_mult)], cfg.lr, cfg.weight_decay)
+        steps_per_epoch = self.steps_per_epoch(frames)
+        total, step, history = cfg.epochs * steps_per_epoch, 0, []
+        for epoch in range(cfg.epochs):
+            if epoch > 0 and cfg.recollect:
+                frames = self.target_frames(epoch)
+            feats, probs = features_and_policy(model, frames, self.rt)
+            pseudo = shot_pseudo_labels(feats, probs, backend=cfg.cluster_backend) if cfg.beta > 0 else None
+            stats = {"policy_entropy": float(-(probs * probs.clamp_min(1e-8).log()).sum(1).mean()),
+                     "action_agreement_with_pseudo_labels": float((probs.argmax(1) == pseudo).float().mean())
+                     if pseudo is not None else None}
+            model.train()
+            sums: dict[str, float] = {}
+            for idx in torch.randperm(len(frames)).split(cfg.batch_size):
+                if len(idx) < 2:
+                    continue
+                step += 1
+                set_shot_lr(optimizer, cfg.lr, step / total)
+                logits, _ = model(self.rt.images(frames[idx]))
+                im, cond, marg = information_maximization(logits.float())
+                loss, terms = im, {"im": im, "conditional_entropy": cond, "marginal_entropy": marg}
+                if pseudo is not None:
+                    terms["pseudo_ce"] = F.cross_entropy(logits.float(), pseudo[idx].to(self.rt.device))
+                    loss = loss + cfg.beta * terms["pseudo_ce"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                logger.advance(1)
+            logger.scalars("loss", {k: v / steps_per_epoch for k, v in sums.items()}, epoch)
+            logger.scalars("target", stats, epoch)
+            history.append(stats)
+        return history
+
+    def checkpoint_payload(self) -> dict:
+        """The source checkpoint with the adapted encoder, playing in the target domain by default."""
+        payload = copy.deepcopy(self.source_state)
+        agent_state = dict(payload["agent_state"], model=self.model.state_dict())
+        config = dict(payload["config"], visual=list(self.options), run_dir=str(self.run_dir))
+        payload.update(agent_state=agent_state, config=config,
+                       adapted_from={"checkpoint": str(self.source_path), "method": self.cfg.method,
+                                     "target": self.cfg.target, "frames": self.cfg.frames_file or FRAMES_FILE})
+        payload.pop("ranks", None)
+        payload["world_size"] = 1
+        return payload
+
+    def evaluate_both_domains(self, checkpoint: Path, label: str) -> dict:
+        from agents.evaluate import evaluate_checkpoint
+
+        out = {}
+        source_options = list(self.source_state["config"].get("visual", []))
+        for domain, options in (("target", self.options), ("source", source_options)):
+            result, _ = evaluate_checkpoint(checkpoint, episodes=self.cfg.eval_episodes,
+                                            num_envs=min(64, self.cfg.eval_episodes), visual=options,
+                                            seed=12345, device=self.cfg.device)
+            out[domain] = {k: result[k] for k in ("mean_return", "stderr_return", "normalized_score", "episodes")}
+            print(f"{label} agent on the {domain} domain ({'+'.join(options) or 'as trained'}): mean return "
+                  f"{result['mean_return']:.2f} over {result['episodes']} episodes", flush=True)
+        return out
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.run_dir / "config.json", dataclasses.asdict(cfg))
+        start = time.time()
+        metrics = {"source": str(self.source_path), "target": cfg.target, "method": cfg.method,
+                   "game": self.game, "visual": self.options}
+        if cfg.eval_episodes:
+            metrics["source_agent"] = self.evaluate_both_domains(self.source_path, "source")
+        frames = self.target_frames(0)
+        logger = RunLogger(self.run_dir, total=cfg.epochs * self.steps_per_epoch(frames),
+                           desc=f"{cfg.method} {self.game}", progress=cfg.progress)
+        try:
+            metrics["epochs"] = self.adapt(frames, logger)
+        finally:
+            logger.close()
+        checkpoint = save_checkpoint(self.run_dir / "checkpoint.pt", "procgen-agent", self.checkpoint_payload())
+        if cfg.eval_episodes:
+            metrics["adapted_agent"] = self.evaluate_both_domains(checkpoint, "adapted")
+        metrics.update(checkpoint=str(checkpoint), wall_seconds=time.time() - start)
+        write_json(self.run_dir / "metrics.json", metrics)
+        return metrics
+
+

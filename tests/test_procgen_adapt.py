@@ -1,0 +1,84 @@
+"""Source-free adaptation of a Procgen agent to a visual domain (issue 15)."""
+
+import numpy as np
+import pytest
+import torch
+
+from adaptation.procgen_adapt import ProcgenAdaptConfig, ProcgenAdapter, parse_procgen_target
+from agents.cli import evaluate_main
+from agents.train import Trainer, TrainConfig
+from envs.procgen import ProcgenVecEnv, visual_options
+from workbench.checkpoint import CheckpointError, load_checkpoint
+
+TARGET = "procgen:bigfish:no-backgrounds+monochrome"
+
+
+def tiny_source(run_dir, algo="ppo"):
+    agent = {"num_envs": 4, "num_steps": 32, "num_minibatches": 4} if algo == "ppo" else \
+        {"num_envs": 4, "buffer_size": 512, "warmup_steps": 64, "batch_size": 16, "update_every": 16}
+    Trainer(TrainConfig(env="bigfish", algo=algo, total_steps=128, eval_interval=100, eval_episodes=2,
+                        num_test_envs=2, precision="fp32", run_dir=str(run_dir), progress=False, video=False,
+                        agent=agent)).run()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    return tiny_source(tmp_path_factory.mktemp("procgen-source"))
+
+
+def tiny_adapt(source, run_dir, **overrides):
+    cfg = dict(source=str(source), target=TARGET, frames=128, num_envs=8, epochs=2, eval_episodes=0,
+               run_dir=str(run_dir), progress=False, device="cpu")
+    return ProcgenAdapter(ProcgenAdaptConfig(**{**cfg, **overrides})).run()
+
+
+def test_visual_options_reach_the_renderer_for_the_same_levels():
+    plain = ProcgenVecEnv("bigfish", 2, num_levels=1, start_level=7, seed=3).reset()
+    other = ProcgenVecEnv("bigfish", 2, num_levels=1, start_level=7, seed=3,
+                          **visual_options(["no-backgrounds", "monochrome"])).reset()
+    again = ProcgenVecEnv("bigfish", 2, num_levels=1, start_level=7, seed=3).reset()
+    assert torch.equal(plain, again)  # same level, same frames ...
+    assert (plain != other).float().mean() > 0.2  # ... and the target domain looks different
+
+
+def test_adaptation_keeps_the_policy_head_trains_the_encoder_and_evaluates(source_run, tmp_path):
+    metrics = tiny_adapt(source_run, tmp_path / "adapt", method="shot")
+    before = load_checkpoint(source_run, kind="procgen-agent")["agent_state"]["model"]
+    after_ckpt = load_checkpoint(tmp_path / "adapt", kind="procgen-agent")
+    after = after_ckpt["agent_state"]["model"]
+    for name in before:
+        if name.startswith(("policy_head.", "value_head.")):
+            assert torch.equal(before[name], after[name]), name  # byte-identical
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("backbone."))
+    assert after_ckpt["config"]["visual"] == ["no-backgrounds", "monochrome"]
+    assert len(metrics["epochs"]) == 2 and 0 <= metrics["epochs"][0]["action_agreement_with_pseudo_labels"] <= 1
+    frames = np.load(tmp_path / "adapt" / "frames.npz")
+    assert frames["frames"].shape == (128, 64, 64, 3) and str(frames["game"]) == "bigfish"
+    rc = evaluate_main([str(tmp_path / "adapt"), "--episodes", "2", "--num-envs", "2", "--device", "cpu"])
+    assert rc == 0
+
+
+def test_saved_frames_repeat_an_experiment(source_run, tmp_path):
+    tiny_adapt(source_run, tmp_path / "a", method="shot-im", seed=5)
+    frames = tmp_path / "a" / "frames.npz"
+    one = tiny_adapt(source_run, tmp_path / "b", method="shot-im", frames_file=str(frames), seed=5)
+    two = tiny_adapt(source_run, tmp_path / "c", method="shot-im", frames_file=str(frames), seed=5)
+    a = load_checkpoint(tmp_path / "b", kind="procgen-agent")["agent_state"]["model"]
+    b = load_checkpoint(tmp_path / "c", kind="procgen-agent")["agent_state"]["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert one["epochs"] == two["epochs"]
+
+
+def test_clear_errors_for_mismatched_sources_and_targets(source_run, tmp_path):
+    with pytest.raises(ValueError, match="trained on bigfish but the target is starpilot"):
+        tiny_adapt(source_run, tmp_path / "x", target="procgen:starpilot:monochrome")
+    with pytest.raises(ValueError, match="unknown visual option"):
+        parse_procgen_target("procgen:bigfish:sepia")
+    with pytest.raises(ValueError, match="unknown Procgen game"):
+        parse_procgen_target("procgen:bigfsh")
+    with pytest.raises(ValueError, match="procgen:<game>"):
+        parse_procgen_target("bigfish")
+    rainbow = tiny_source(tmp_path / "rainbow", algo="rainbow")
+    with pytest.raises(CheckpointError, match="needs a policy head"):
+        tiny_adapt(rainbow, tmp_path / "y")
