@@ -1,4 +1,15 @@
-"""Command lines of source-free adaptation: datasets, train-source, adapt, evaluate."""
+"""Command lines of source-free adaptation: datasets, train-source, adapt, evaluate.
+
+`train-source` and `adapt` of classification models also run under torchrun, one process per device:
+
+    torchrun --nproc-per-node 2 $(which workbench) adapt --method shot --source ... --target ...
+    torchrun --no-python --nproc-per-node 2 workbench adapt ...     (where `which workbench` is a shell
+                                                                     shim, as pyenv's is)
+
+Each process trains on its share of the data with its own batch of --batch-size samples (one step sees
+batch_size * world_size; config.json records both), and rank 0 writes the run directory and reports.
+Segmentation and pose run with one process.
+"""
 
 from __future__ import annotations
 
@@ -108,7 +119,27 @@ def _resolve_task(flag: str | None, path) -> str:
     return flag or stored or "classification"
 
 
+def single_process_only(what: str) -> None:
+    """A clear error for the pipelines that do not run under torchrun (yet)."""
+    from workbench.distributed import launched_distributed
+
+    if launched_distributed():
+        raise ValueError(f"{what} does not run distributed yet: run it with one process (without torchrun)")
+
+
 def train_source_main(argv=None) -> int:
+    """Train a source model; under torchrun every worker runs this and rank 0 writes and reports."""
+    from workbench.distributed import shutdown_distributed
+
+    try:
+        return _train_source(argv)
+    finally:
+        shutdown_distributed()
+
+
+def _train_source(argv) -> int:
+    from workbench.distributed import init_distributed
+
     from .dense.pose_source import PoseSourceConfig
     from .dense.source import DenseSourceConfig
     from .source import SourceConfig
@@ -135,7 +166,7 @@ def train_source_main(argv=None) -> int:
     p.add_argument("--num-classes", type=int, default=None, help="default: from the data")
     p.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs} (segmentation {ds.epochs})")
     p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size} (segmentation "
-                   f"{ds.batch_size})")
+                   f"{ds.batch_size}); under torchrun per process (one step sees batch size x processes)")
     p.add_argument("--lr", type=float, default=None, help=f"default {d.lr} (segmentation 0.01 with SGD, 2e-3 with "
                    f"Adam; pose {ps.lr})")
     p.add_argument("--optimizer", default=None, choices=("sgd", "adam"), help="segmentation: SGD (the papers', "
@@ -150,6 +181,11 @@ def train_source_main(argv=None) -> int:
     p.add_argument("--out", default="", help="run directory (default runs/source-<backbone>-s<seed>-<time>)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.task != "classification":
+        try:
+            single_process_only(f"{a.task} source training")
+        except ValueError as exc:
+            return _fail(exc)
     if a.task == "segmentation":
         return _train_dense_source(a, ds)
     if a.task == "pose":
@@ -157,14 +193,17 @@ def train_source_main(argv=None) -> int:
     from .source import train_source
 
     try:
+        dist = init_distributed(a.device)
         metrics = train_source(SourceConfig(
             data=a.data or d.data, backbone=a.backbone or d.backbone, num_classes=a.num_classes,
             epochs=_pick(a.epochs, d.epochs), batch_size=_pick(a.batch_size, d.batch_size),
             lr=_pick(a.lr, d.lr), pretrained=a.pretrained, transform=a.transform,
             select_on=a.select_on, eval_target=a.eval_target, seed=a.seed,
-            device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress))
+            device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress), dist)
     except USER_ERRORS as exc:
         return _fail(exc)
+    if not dist.is_main:
+        return 0
     print(f"selected model: {metrics['selection_accuracy']:.2f}% on {metrics['selection_data']} "
           f"(iteration {metrics['iteration']}, epoch {metrics['epoch']:.1f}); "
           f"checkpoint {metrics['checkpoint']}")
@@ -241,7 +280,7 @@ def adapt_config(argv=None):
     p.add_argument("--beta", type=float, default=None, help="pseudo-label weight (default 0.1 digits, 0.3 images "
                    "and segmentation)")
     p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size} (segmentation "
-                   f"{dd.batch_size})")
+                   f"{dd.batch_size}); under torchrun per process (one step sees batch size x processes)")
     p.add_argument("--lr", type=float, default=None, help=f"default 0.01 (VisDA-C 0.001; pose {pd.lr})")
     p.add_argument("--ema-alpha", type=float, default=pd.ema_alpha, help="pose mean teacher: teacher EMA decay")
     p.add_argument("--mask-ratio", type=float, default=pd.mask_ratio, help="pose mean teacher: fraction of "
@@ -254,7 +293,8 @@ def adapt_config(argv=None):
                    help="pre-trained rotation head to keep: best rotation accuracy, or the last")
     p.add_argument("--transfer-epochs", type=int, default=None, help="SHOT++ labeling transfer (default: digits "
                    "30, office31 100, office-home 50, visda-c 10)")
-    p.add_argument("--transfer-batch-size", type=int, default=None, help="default 36 (24 with resnet101)")
+    p.add_argument("--transfer-batch-size", type=int, default=None, help="default 36 (24 with resnet101); per process "
+                   "under torchrun")
     p.add_argument("--transfer-classifier", default=d.transfer_classifier, choices=("fresh", "adapted"),
                    help="classifier MixMatch starts from: a new one (the official code) or the adapted one")
     p.add_argument("--mix-alpha", type=float, default=None, help="MixMatch Beta(alpha, alpha) (default 0.1 digits, "
@@ -296,6 +336,18 @@ def adapt_config(argv=None):
 
 
 def adapt_main(argv=None) -> int:
+    """Adapt a source model; under torchrun every worker runs this and rank 0 writes and reports."""
+    from workbench.distributed import shutdown_distributed
+
+    try:
+        return _adapt(argv)
+    finally:
+        shutdown_distributed()
+
+
+def _adapt(argv) -> int:
+    from workbench.distributed import init_distributed
+
     from .dense.mean_teacher import PoseAdaptConfig, PoseMeanTeacher
     from .dense.shot import DenseAdaptConfig, DenseShotAdapter
     from .shot import ShotAdapter
@@ -303,13 +355,18 @@ def adapt_main(argv=None) -> int:
     try:
         cfg = adapt_config(argv)
         if isinstance(cfg, DenseAdaptConfig):
+            single_process_only("segmentation adaptation")
             return _adapt_dense(cfg, DenseShotAdapter)
         if isinstance(cfg, PoseAdaptConfig):
+            single_process_only("pose adaptation")
             return _adapt_pose(cfg, PoseMeanTeacher)
-        adapter = ShotAdapter(cfg)
+        dist = init_distributed(cfg.device)
+        adapter = ShotAdapter(cfg, dist)
         metrics = adapter.run()
     except USER_ERRORS as exc:
         return _fail(exc)
+    if not dist.is_main:
+        return 0
     if metrics["accuracy"] is not None:
         print(f"{cfg.method}: target accuracy {metrics['source_only_accuracy']:.2f}% (source model) -> "
               f"{metrics['accuracy']:.2f}%")

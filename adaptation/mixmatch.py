@@ -12,19 +12,23 @@
    fixed digits transform gives two equal views, as in the official code). F trains at 0.1x lr,
    B and a newly initialised C at 1x (the official code loads only F and B for this stage).
    An epoch is as many batches as the larger of the two parts has (full batches only).
+
+Under torchrun the split is made on the predictions gathered from every rank (the same split on
+every rank), each rank draws its share of both parts (per-rank batches of the configured size),
+the new classifier starts from rank 0's and the gradients are averaged over the ranks.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from workbench.mixing import sample_beta
 
 from .losses import entropy
 from .model import Classifier
-from .training import set_shot_lr, shot_optimizer
+from .training import forever, make_loader, set_shot_lr, shot_optimizer, take_step
 
 CHECKS = 10  # target accuracy is measured every tenth of the stage (and at its end)
 
@@ -65,12 +69,6 @@ class TwoViews(Dataset):
         return x1, x2, index
 
 
-def forever(loader: DataLoader):
-    """Batches of `loader`, reshuffled at every pass, without end."""
-    while True:
-        yield from loader
-
-
 def interleaved_forward(model, groups: list[torch.Tensor], passes: int = 3) -> list[torch.Tensor]:
     """Logits of each group, computed in `passes` forward passes that each hold an equal share of
     every group, so that batch norm sees the same labelled/unlabelled mix in every pass (MixMatch's
@@ -99,15 +97,9 @@ def mixmatch_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, u1: torch.Tensor,
     return loss_l + unlabelled_weight * loss_u, {"labelled_ce": loss_l.item(), "unlabelled_mse": loss_u.item()}
 
 
-def _loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
-    # full batches only (official drop_last=True), unless the part is smaller than one batch
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size,
-                      num_workers=workers, persistent_workers=workers > 0)
-
-
 def labeling_transfer(adapter, logger) -> dict:
     """SHOT++ stage 2 on a ShotAdapter whose model has been adapted; returns split and accuracy statistics."""
-    cfg, model, device = adapter.cfg, adapter.model, adapter.rt.device
+    cfg, model, device, dist = adapter.cfg, adapter.model, adapter.rt.device, adapter.rt.dist
     result = adapter.evaluate()
     labelled, unlabelled = split_by_entropy(result["probs"])
     pseudo = result["pred"]
@@ -121,12 +113,16 @@ def labeling_transfer(adapter, logger) -> dict:
         fc = model.classifier.fc
         fresh = Classifier(fc.in_features, fc.out_features)
         model.classifier.load_state_dict(fresh.state_dict())
+        dist.broadcast_module(model.classifier)
     for p in model.parameters():
         p.requires_grad_(True)
     optimizer = shot_optimizer([(model.backbone, cfg.transfer_backbone_lr_mult), (model.bottleneck, 1.0),
                                 (model.classifier, 1.0)], cfg.lr, cfg.weight_decay)
-    lab_loader = _loader(Subset(adapter.train_set, labelled.tolist()), cfg.transfer_batch_size, cfg.workers)
-    unl_loader = _loader(TwoViews(adapter.train_set, unlabelled.tolist()), cfg.transfer_batch_size, cfg.workers)
+    # full batches only (official drop_last=True), unless a part is smaller than one batch
+    lab_loader, unl_loader = (make_loader(part, cfg.transfer_batch_size, train=True, workers=cfg.workers, dist=dist,
+                                          seed=cfg.seed, full_batches=True)
+                              for part in (Subset(adapter.train_set, labelled.tolist()),
+                                           TwoViews(adapter.train_set, unlabelled.tolist())))
     iters_per_epoch = max(len(lab_loader), len(unl_loader))
     total = cfg.transfer_epochs * iters_per_epoch
     every = max(1, total // CHECKS)
@@ -146,9 +142,7 @@ def labeling_transfer(adapter, logger) -> dict:
             on_device = adapter.rt.images
             loss, terms = mixmatch_loss(model, on_device(x_l), y_l, on_device(u1), on_device(u2), cfg.mix_alpha,
                                         cfg.mix_temperature, cfg.unlabelled_weight * min(1.0, step / total))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            take_step(optimizer, loss, dist)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             if step % every == 0 or step == total:

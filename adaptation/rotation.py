@@ -8,6 +8,9 @@ A linear head R reads [B(F(x)); B(F(rot x))] and predicts the rotation (0, 90, 1
    head is kept.
 2. Adaptation: R and the rotated branch train with the SHOT loss; the un-rotated features are
    detached, so F and B learn only from the rotated images.
+
+Under torchrun the pre-training averages R's gradients over the ranks and counts the rotation
+accuracy over every rank's share of the target, so all ranks keep the same head.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .losses import rotate_batch
-from .training import set_shot_lr, shot_optimizer
+from .training import set_epoch, set_shot_lr, shot_optimizer, take_step
 
 ROTATIONS = 4
 CHECKS = 10  # rotation accuracy is measured every 1/CHECKS of pre-training (and at its end)
@@ -50,7 +53,8 @@ def rotation_loss(model, head: RotationHead, images: torch.Tensor) -> torch.Tens
 
 @torch.no_grad()
 def rotation_accuracy(model, head: RotationHead, loader, runtime) -> float:
-    """Accuracy (%) of the head on one pass over `loader`, each image given a random rotation."""
+    """Accuracy (%) of the head on one pass over `loader`, each image given a random rotation (under
+    torchrun: over every rank's pass)."""
     correct = total = 0
     for images, _, _ in loader:
         images = runtime.images(images)
@@ -58,6 +62,8 @@ def rotation_accuracy(model, head: RotationHead, loader, runtime) -> float:
         pred = head(model.embed(images), model.embed(rotated)).argmax(1)
         correct += int((pred == turns).sum())
         total += len(turns)
+    if runtime.dist.enabled:
+        correct, total = runtime.dist.sum(torch.tensor([correct, total], device=runtime.device)).tolist()
     return 100.0 * correct / max(total, 1)
 
 
@@ -74,6 +80,7 @@ def pretrain_rotation_head(model, head: RotationHead, loader, runtime, epochs: i
     every = max(1, total_iters // CHECKS)
     checks, best_acc, best_state, step = [], -1.0, None, 0
     for epoch in range(epochs):
+        set_epoch(loader, epoch)
         loss_sum = 0.0
         for images, _, _ in loader:
             step += 1
@@ -83,9 +90,7 @@ def pretrain_rotation_head(model, head: RotationHead, loader, runtime, epochs: i
                 rotated, turns = rotate_batch(images)
                 feats, feats_rot = model.embed(images), model.embed(rotated)
             loss = F.cross_entropy(head(feats, feats_rot), turns)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            take_step(optimizer, loss, runtime.dist)
             loss_sum += loss.item()
             if step % every == 0 or step == total_iters:
                 acc = rotation_accuracy(model, head, loader, runtime)

@@ -13,6 +13,12 @@ adaptation.rotation), and a final labeling-transfer stage trained with MixMatch
 (adaptation.mixmatch).
 
 Hyperparameters default to the official code's values for the chosen benchmark (BENCHMARK_DEFAULTS).
+
+Under torchrun (`ShotAdapter(cfg, dist)`), every rank adapts the same model on its share of the target:
+gradients are averaged and batch norm synchronised (adaptation.training), each evaluation gathers the
+whole target's features and softmax on every rank, so the pseudo-labels (and the SHOT++ split) are the
+ones one process would compute for that model, and rank 0 alone writes the run directory. Each rank
+batches `batch_size` samples: one step sees batch_size * world_size, recorded as the effective batch.
 """
 
 from __future__ import annotations
@@ -28,15 +34,17 @@ import torch
 import torch.nn.functional as F
 
 from workbench.checkpoint import save_checkpoint
-from workbench.logging import RunLogger, default_run_name, write_json
+from workbench.distributed import SINGLE, Distributed
+from workbench.logging import RunLogger, default_run_name, run_logger, write_json
 from workbench.runtime import Runtime, seed_everything
 
 from .cluster import shot_pseudo_labels
 from .evaluate import builtin_test_split, load_model, load_target
 from .losses import information_maximization
 from .rotation import KEEP_CHOICES, RotationHead, pretrain_rotation_head, rotation_loss
-from .training import (accuracy, confusion_matrix, make_loader, per_class_accuracy, predict, set_shot_lr,
-                       shot_optimizer)
+from .training import (accuracy, average_batch_norm_statistics, confusion_matrix, main_rank_first, make_loader,
+                       per_class_accuracy, predict, set_epoch, set_shot_lr, shot_optimizer, synchronise_batch_norm,
+                       take_step)
 
 METHODS = ("shot-im", "shot", "shot++")
 ADAPTED_KIND = "adapted-model"
@@ -137,33 +145,54 @@ class AdaptConfig:
 
 
 class ShotAdapter:
-    def __init__(self, cfg: AdaptConfig):
-        seed_everything(cfg.seed)
-        self.rt = Runtime.create(cfg.device, "fp32")
+    def __init__(self, cfg: AdaptConfig, dist: Distributed = SINGLE):
+        seed_everything(dist.seed(cfg.seed))  # data order and dropout differ per rank; the model does not
+        self.rt = Runtime.create(cfg.device, "fp32", distributed=dist)
+        self.dist = dist
         self.model, self.source_state = load_model(cfg.source, self.rt)
+        self.model = synchronise_batch_norm(self.model, self.rt)
         mcfg = self.source_state["model_config"]
         self.cfg = cfg.resolved(mcfg["transform"], mcfg["backbone"])
-        self.eval_set = load_target(cfg.target, mcfg, train=False)
-        # digits use the same (deterministic) transform for training: share the prepared data set
-        self.train_set = self.eval_set if mcfg["transform"] == "digits" else load_target(cfg.target, mcfg, train=True)
+        with main_rank_first(dist):  # rank 0 builds any data cache, the others then read it
+            self.eval_set = load_target(cfg.target, mcfg, train=False)
+            # digits use the same (deterministic) transform for training: share the prepared data set
+            self.train_set = (self.eval_set if mcfg["transform"] == "digits"
+                              else load_target(cfg.target, mcfg, train=True))
+            # adaptation is transductive on `target`; a held-out split is scored as well, as the official digits
+            # code does
+            self.test_on = cfg.test_on or builtin_test_split(cfg.target)
+            test_set = load_target(self.test_on, mcfg) if self.test_on else None
         self.num_classes = mcfg["num_classes"]
         self.labels_known = bool((self.eval_set.labels >= 0).all())
-        self.run_dir = Path(cfg.run_dir or Path("runs") / default_run_name("adapt", cfg.method, f"s{cfg.seed}"))
+        run_dir = cfg.run_dir or str(Path("runs") / default_run_name("adapt", cfg.method, f"s{cfg.seed}"))
+        self.run_dir = Path(dist.gather_objects(run_dir)[0])  # rank 0's name (time stamps may differ)
 
         for p in self.model.classifier.parameters():  # the source hypothesis stays fixed
             p.requires_grad_(False)
-        self.rotation_head = (RotationHead(self.model.classifier.fc.in_features).to(self.rt.device)
-                              if self.cfg.method == "shot++" else None)
-        self.loader = make_loader(self.train_set, self.cfg.batch_size, train=True, workers=cfg.workers)
-        self.eval_loader = make_loader(self.eval_set, 256, train=False, workers=cfg.workers)
-        # adaptation is transductive on `target`; a held-out split is scored as well, as the official digits code does
-        self.test_on = cfg.test_on or builtin_test_split(cfg.target)
+        self.rotation_head = None
+        if self.cfg.method == "shot++":
+            self.rotation_head = RotationHead(self.model.classifier.fc.in_features).to(self.rt.device)
+            dist.broadcast_module(self.rotation_head)  # a fresh head: every rank starts from rank 0's
+        self.loader = make_loader(self.train_set, self.cfg.batch_size, train=True, workers=cfg.workers, dist=dist,
+                                  seed=cfg.seed)
+        self.eval_loader = make_loader(self.eval_set, 256, train=False, workers=cfg.workers, dist=dist)
         self.cfg = dataclasses.replace(self.cfg, test_on=self.test_on)  # config.json names the data scored
-        self.test_loader = (make_loader(load_target(self.test_on, mcfg), 256, train=False, workers=cfg.workers)
-                            if self.test_on else None)
+        self.test_loader = (make_loader(test_set, 256, train=False, workers=cfg.workers, dist=dist)
+                            if test_set is not None else None)
+
+    def run_config(self) -> dict:
+        """The resolved settings as config.json records them, with the number of processes and the batch one
+        optimiser step sees over all of them."""
+        world = self.dist.world_size
+        return {**dataclasses.asdict(self.cfg),
+                "distributed": {"world_size": world, "effective_batch_size": self.cfg.batch_size * world,
+                                "effective_transfer_batch_size": (self.cfg.transfer_batch_size * world
+                                                                  if self.cfg.method == "shot++" else None)}}
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
+        """Predictions over the whole target (gathered from every rank under torchrun)."""
+        average_batch_norm_statistics(self.model, self.dist)  # CPU ranks: one model to evaluate
         out = predict(self.model, self.eval_loader, self.rt)
         conf, pred = out["probs"].max(1)
         result = {"pred": pred, "confidence": conf, "features": out["features"], "probs": out["probs"],
@@ -178,10 +207,13 @@ class ShotAdapter:
         """Accuracy on the held-out target split (None without one)."""
         if self.test_loader is None:
             return None
+        average_batch_norm_statistics(self.model, self.dist)
         out = predict(self.model, self.test_loader, self.rt)
         return accuracy(out["probs"].argmax(1), out["labels"])
 
     def _log_evaluation(self, logger: RunLogger, result: dict, epoch: int) -> None:
+        if not self.dist.is_main:  # the other ranks log nothing (their logger is a NullLogger)
+            return
         spread = np.array(result["class_spread"], dtype=np.float64)
         share = spread / spread.sum()
         logger.scalars("target", {"accuracy": result.get("accuracy"),
@@ -209,6 +241,7 @@ class ShotAdapter:
         total_iters, step = cfg.epochs * len(self.loader), 0
         history = []
         for epoch in range(cfg.epochs):
+            set_epoch(self.loader, epoch)
             pseudo = None
             if cfg.beta > 0:  # the model is unchanged since `latest` was evaluated (F, B frozen for rotation)
                 pseudo = shot_pseudo_labels(latest["features"], latest["probs"], backend=cfg.cluster_backend)
@@ -232,17 +265,22 @@ class ShotAdapter:
                 if self.rotation_head is not None:
                     terms["rotation"] = rotation_loss(model, self.rotation_head, images)
                     loss = loss + cfg.rotation_weight * terms["rotation"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                take_step(optimizer, loss, self.dist)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 logger.advance(1)
-            logger.scalars("loss", {k: v / len(self.loader) for k, v in sums.items()}, epoch)
+            logger.scalars("loss", self._mean_over_ranks(sums, len(self.loader)), epoch)
             latest = self.evaluate()
             self._log_evaluation(logger, latest, epoch)
             history.append(latest.get("accuracy"))
         return {"accuracy_per_epoch": history, **out}
+
+    def _mean_over_ranks(self, sums: dict[str, float], batches: int) -> dict[str, float]:
+        """Per-batch means of summed loss terms, over the batches of every rank."""
+        if not self.dist.enabled:
+            return {k: v / batches for k, v in sums.items()}
+        totals = self.dist.sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=self.rt.device))
+        return {k: float(v) / (batches * self.dist.world_size) for k, v in zip(sums, totals)}
 
     # ------------------------------------------------------------ outputs
     def save(self, result: dict, metrics: dict) -> None:
@@ -258,10 +296,12 @@ class ShotAdapter:
         write_json(self.run_dir / "metrics.json", metrics)
 
     def run(self) -> dict:
-        cfg = self.cfg
-        write_json(self.run_dir / "config.json", dataclasses.asdict(cfg))
+        """Adapt, then write the run directory (rank 0); every rank returns the metrics."""
+        cfg, main = self.cfg, self.dist.is_main
+        if main:
+            write_json(self.run_dir / "config.json", self.run_config())
         total = cfg.epochs * len(self.loader)
-        logger = RunLogger(self.run_dir, total=total, desc=cfg.method, progress=cfg.progress)
+        logger = run_logger(main, self.run_dir, total=total, desc=cfg.method, progress=cfg.progress)
         start = time.time()
         try:
             before, test_before = self.evaluate(), self.test_accuracy()
@@ -282,8 +322,9 @@ class ShotAdapter:
                    "source_only_test_accuracy": test_before, "test_accuracy": test_after,
                    "per_class_accuracy": after.get("per_class_accuracy"),
                    "class_spread": after["class_spread"], "wall_seconds": time.time() - start,
-                   "config": dataclasses.asdict(cfg), **history}
-        self.save(after, metrics)
+                   "config": self.run_config(), **history}
+        if main:
+            self.save(after, metrics)
         return metrics
 
 
