@@ -142,6 +142,8 @@ def _train_source(argv) -> int:
 
     from .dense.pose_source import PoseSourceConfig
     from .dense.source import DenseSourceConfig
+    from .label_noise import NOISE_TYPES
+    from .objectives import OBJECTIVES
     from .source import SourceConfig
 
     d, ds, ps = SourceConfig(), DenseSourceConfig(), PoseSourceConfig()
@@ -175,12 +177,23 @@ def _train_source(argv) -> int:
     p.add_argument("--select-on", default=None, help="data to select the checkpoint on (default: the test split "
                    "of built-in digits or scenes, else a held-out 10%% of --data)")
     p.add_argument("--eval-target", default=None, help="also report accuracy (mIoU) on this data at the end")
+    p.add_argument("--objective", default=d.objective, choices=OBJECTIVES,
+                   help="classification: ce (SHOT's label-smoothed cross-entropy), sat (self-adaptive training), "
+                   "core-tuning (contrastive fine-tuning of a --pretrained encoder), at (PGD adversarial training), "
+                   "cifs-at (CIFS on a ResNet's last stage + AT)")
+    p.add_argument("--label-noise", type=float, default=0.0, metavar="RATE",
+                   help="corrupt exactly this fraction of the training labels (seeded by --seed), for experiments")
+    p.add_argument("--noise-type", default=d.noise_type, choices=NOISE_TYPES)
+    p.add_argument("--resume", action="store_true", help="classification: continue the run in --out from its "
+                   "train-state.pt")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, choices=DEVICE_CHOICES)
     p.add_argument("--workers", type=int, default=0, help="data-loading processes")
     p.add_argument("--out", default="", help="run directory (default runs/source-<backbone>-s<seed>-<time>)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.task != "classification" and (a.objective != "ce" or a.label_noise or a.resume):
+        return _fail(ValueError("--objective, --label-noise and --resume apply to classification source training"))
     if a.task != "classification":
         try:
             single_process_only(f"{a.task} source training")
@@ -198,7 +211,8 @@ def _train_source(argv) -> int:
             data=a.data or d.data, backbone=a.backbone or d.backbone, num_classes=a.num_classes,
             epochs=_pick(a.epochs, d.epochs), batch_size=_pick(a.batch_size, d.batch_size),
             lr=_pick(a.lr, d.lr), pretrained=a.pretrained, transform=a.transform,
-            select_on=a.select_on, eval_target=a.eval_target, seed=a.seed,
+            select_on=a.select_on, eval_target=a.eval_target, objective=a.objective, label_noise=a.label_noise,
+            noise_type=a.noise_type, resume=a.resume, seed=a.seed,
             device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress), dist)
     except USER_ERRORS as exc:
         return _fail(exc)
@@ -414,11 +428,17 @@ def evaluate_main(argv=None) -> int:
                    help="segmentation: write one palette PNG label map per image into the folder PATH; pose: "
                    "write the predicted keypoints as a COCO result JSON file PATH")
     p.add_argument("--no-flip-test", action="store_true", help="pose: score without flip testing")
+    p.add_argument("--attack", default=None, choices=("pgd",), help="classification: also report accuracy under "
+                   "an L-inf PGD attack (from the clean image, step eps/10; CIFS models through their joint loss)")
+    p.add_argument("--eps", type=float, default=8 / 255, help="attack budget in [0, 1] pixel units (default 8/255)")
+    p.add_argument("--steps", type=int, default=20, help="attack steps (default 20: PGD-20)")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--out", default=None, help="also write the result as JSON")
     a = p.parse_args(argv)
     try:
         task = _resolve_task(a.task, a.model)
+        if a.attack and task != "classification":
+            raise ValueError("--attack evaluates classifiers only")
         if task == "pose":
             from .dense.pose_evaluate import evaluate_pose_model
 
@@ -432,6 +452,11 @@ def evaluate_main(argv=None) -> int:
             if a.save_predictions:
                 raise ValueError("--save-predictions writes label maps of segmentation models only")
             result = evaluate_model(a.model, a.data, device=a.device)
+            if a.attack:
+                from .evaluate import evaluate_robustness
+
+                result["robustness"] = evaluate_robustness(a.model, a.data, eps=a.eps, steps=a.steps,
+                                                           device=a.device)
     except USER_ERRORS as exc:
         return _fail(exc)
     if a.out:

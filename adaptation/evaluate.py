@@ -45,3 +45,20 @@ def evaluate_model(path, data: str, device: str = "auto", batch_size: int = 256)
             "per_class_accuracy": per_class_accuracy(pred, labels, k),
             "mean_class_accuracy": sum(a for a in per_class_accuracy(pred, labels, k) if a is not None)
             / max(1, sum(a is not None for a in per_class_accuracy(pred, labels, k)))}
+
+
+def evaluate_robustness(path, data: str, eps: float, steps: int, device: str = "auto", batch_size: int = 256) -> dict:
+    """Clean and PGD accuracy (%) of a classifier checkpoint; a CIFS model is attacked through the joint loss
+    of its network and probes, as the CIFS code evaluates it."""
+    from .adversarial import evaluation_attack, robust_accuracy
+    from .objectives import cifs_joint_loss
+
+    rt = Runtime.create(device, "fp32")
+    model, state = load_model(path, rt)
+    dataset = load_target(data, state["model_config"])
+    loss_of = None
+    if getattr(model.backbone, "cifs", None):
+        def loss_of(images, labels):
+            return cifs_joint_loss(model(images), model.backbone.probe_logits, labels)
+    return robust_accuracy(model, make_loader(dataset, batch_size, train=False), evaluation_attack(eps, steps),
+                           state["model_config"].get("transform", "digits"), rt.device, loss_of=loss_of)

@@ -11,6 +11,14 @@ times over the run (every tenth of the iterations) and the last of the best chec
 - otherwise a held-out 10% of the source data, training on the other 90% (the official
   image protocol), or any data passed as `select_on`.
 
+The objective is SHOT's cross-entropy by default; `objective` picks a robust one instead
+(adaptation.objectives: self-adaptive training, Core-tuning, PGD adversarial training, CIFS with
+AT), and `label_noise` corrupts the training labels reproducibly (adaptation.label_noise; the clean
+labels stay for reporting; selection data is never corrupted). The adversarial objectives select on
+PGD accuracy over the first ROBUST_SLICE selection samples, as the CIFS code keeps its most robust
+epoch. At every check the full training state (model, optimiser, the objective's own state such as
+SAT's soft targets, counters, RNG) is written to train-state.pt, from which `resume` continues.
+
 Under torchrun (`train_source(cfg, dist)`) rank 0's freshly initialised model is broadcast, every rank
 trains on its share of the data (per-rank batches of `batch_size`; the effective batch is
 batch_size * world_size) with averaged gradients and synchronised batch norm, the selection accuracy is
@@ -25,23 +33,30 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import copy
+
 import torch
-import torch.nn as nn
 from torch.utils.data import Subset
 
-from workbench.checkpoint import save_checkpoint
+from workbench.checkpoint import load_checkpoint, save_checkpoint
 from workbench.distributed import SINGLE, Distributed
 from workbench.logging import default_run_name, run_logger, write_json
-from workbench.runtime import Runtime, seed_everything
+from workbench.runtime import Runtime, rng_state, seed_everything, set_rng_state
 
 from .data import default_style, image_transform, load_dataset
 from .evaluate import builtin_test_split
+from .adversarial import EVAL_STEPS, evaluation_attack, robust_accuracy
+from .label_noise import NOISE_TYPES, corrupt_labels
 from .model import ShotModel, model_config
+from .objectives import OBJECTIVES, build_objective, cifs_joint_loss
 from .training import (accuracy, average_batch_norm_statistics, forever, main_rank_first, make_loader, predict,
                        set_shot_lr, shot_optimizer, synchronise_batch_norm, take_step)
 
 SOURCE_KIND = "source-model"
 CHECKPOINT = "source.pt"
+TRAIN_STATE, TRAIN_STATE_KIND = "train-state.pt", "source-training"
+ROBUST_SLICE = 512          # selection samples attacked at every check of the adversarial objectives
+ADVERSARIAL = ("at", "cifs-at")
 
 
 @dataclass
@@ -61,11 +76,36 @@ class SourceConfig:
     backbone_lr_mult: float | None = None  # default: 0.1 with pretrained weights, else 1
     transform: str | None = None           # digits | imagenet; default from the data
     eval_target: str | None = None         # report accuracy on this data at the end
+    objective: str = "ce"                  # one of objectives.OBJECTIVES
+    label_noise: float = 0.0               # fraction of training labels corrupted (exactly), for experiments
+    noise_type: str = "symmetric"          # symmetric | pairflip
+    resume: bool = False                   # continue from run_dir/train-state.pt
     seed: int = 0
     device: str = "auto"
     workers: int = 0
     run_dir: str = ""
     progress: bool = True
+
+
+def check_source_config(cfg: SourceConfig) -> None:
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {cfg.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    if cfg.noise_type not in NOISE_TYPES:
+        raise ValueError(f"unknown noise type {cfg.noise_type!r}: choose {' or '.join(NOISE_TYPES)}")
+    if not 0.0 <= cfg.label_noise < 1.0:
+        raise ValueError(f"--label-noise must be in [0, 1), got {cfg.label_noise}")
+    if cfg.resume and not cfg.run_dir:
+        raise ValueError("--resume continues the run in --out: give the run directory")
+
+
+def with_noisy_labels(dataset, rate: float, noise_type: str, seed: int):
+    """A copy of a training set (or of the data set under a Subset) whose labels are corrupted; the copy
+    keeps the true labels as `clean_labels`. The original, which selection may share, is left clean."""
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    noisy = copy.copy(base)
+    noisy.clean_labels = base.labels
+    noisy.labels = corrupt_labels(base.labels, rate, base.num_classes, noise_type, seed)
+    return Subset(noisy, dataset.indices) if isinstance(dataset, Subset) else noisy
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -92,60 +132,88 @@ cycle = forever  # batches forever, in a new order at every pass (the official l
 
 
 def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:
+    check_source_config(cfg)
     seed_everything(dist.seed(cfg.seed))  # data order and dropout differ per rank; the model is rank 0's
     rt = Runtime.create(cfg.device, "fp32", distributed=dist)
     style = cfg.transform or default_style(cfg.data)
     with main_rank_first(dist):  # rank 0 builds any data cache, the others then read it
         train_set, selection_set, selection_name = selection_sets(cfg, style)
     num_classes = (train_set.dataset if isinstance(train_set, Subset) else train_set).num_classes
+    if cfg.label_noise > 0:
+        train_set = with_noisy_labels(train_set, cfg.label_noise, cfg.noise_type, cfg.seed)
+    base_train = train_set.dataset if isinstance(train_set, Subset) else train_set
 
     backbone_kwargs = {"pretrained": cfg.pretrained} if cfg.pretrained else {}
+    if cfg.objective == "cifs-at":  # CIFS blocks after the last stage; adapters rebuild them from the config
+        backbone_kwargs["cifs_classes"] = num_classes
     config = model_config(cfg.backbone, num_classes, backbone_kwargs=backbone_kwargs, transform=style)
     model = rt.prepare_module(ShotModel(cfg.backbone, num_classes, backbone_kwargs=backbone_kwargs))
     dist.broadcast_module(model)
     model = synchronise_batch_norm(model, rt)
+    objective = build_objective(cfg.objective, model, style=style, num_classes=num_classes,
+                                train_labels=base_train.labels, epochs=cfg.epochs,
+                                label_smoothing=cfg.label_smoothing)
+    for module in objective.modules.values():
+        dist.broadcast_module(module)
     backbone_mult = cfg.backbone_lr_mult if cfg.backbone_lr_mult is not None else (0.1 if cfg.pretrained else 1.0)
-    optimizer = shot_optimizer([(model.backbone, backbone_mult), (model.bottleneck, 1.0), (model.classifier, 1.0)],
-                               cfg.lr, cfg.weight_decay)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    optimizer = shot_optimizer([(model.backbone, backbone_mult), (model.bottleneck, 1.0), (model.classifier, 1.0),
+                                *((m, 1.0) for m in objective.modules.values())], cfg.lr, cfg.weight_decay)
     loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers, dist=dist, seed=cfg.seed)
     selection_loader = make_loader(selection_set, 256, train=False, workers=cfg.workers, dist=dist)
 
     run_dir = cfg.run_dir or str(Path("runs") / default_run_name("source", cfg.backbone, f"s{cfg.seed}"))
     run_dir = Path(dist.gather_objects(run_dir)[0])  # rank 0's name (time stamps may differ)
     distributed = {"world_size": dist.world_size, "effective_batch_size": cfg.batch_size * dist.world_size}
-    if dist.is_main:
-        write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "distributed": distributed})
     total_iters = cfg.epochs * len(loader)
     check_every = max(1, total_iters // cfg.selection_checks)
-    logger = run_logger(dist.is_main, run_dir, total=total_iters, desc=f"source {cfg.backbone}", progress=cfg.progress)
     best = {"selection_accuracy": -1.0, "selection_data": selection_name, "iteration": -1}
-    batches, start = cycle(loader), time.time()
+    first_step = 1
+    if cfg.resume:
+        state = load_checkpoint(run_dir / TRAIN_STATE, kind=TRAIN_STATE_KIND, map_location=rt.device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        objective.load_state_dict(state["objective"])
+        best, first_step = state["best"], state["step"] + 1
+        set_rng_state(state["rng"][dist.rank] if dist.enabled else state["rng"][0])
+    if dist.is_main:
+        write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "distributed": distributed})
+    logger = run_logger(dist.is_main, run_dir, total=total_iters, initial=first_step - 1,
+                        desc=f"source {cfg.backbone}", progress=cfg.progress, purge_step=first_step if cfg.resume else None)
+    # a resumed run starts a new pass over the data, in the order of the pass it was in
+    batches, start = forever(loader, start_epoch=(first_step - 1) // len(loader)), time.time()
     try:
         model.train()
-        for step in range(1, total_iters + 1):
-            images, labels, _ = next(batches)
+        for step in range(first_step, total_iters + 1):
+            images, labels, index = next(batches)
             lr = set_shot_lr(optimizer, cfg.lr, step / total_iters)
-            loss = criterion(model(rt.images(images)), labels.to(rt.device))
+            loss, terms = objective.loss(rt.images(images), labels.to(rt.device), index, (step - 1) // len(loader))
             take_step(optimizer, loss, dist)
             if step % 20 == 0:
-                logger.scalars("source", {"loss": loss.item(), "lr": lr}, step)
+                logger.scalars("source", {"loss": loss.item(), "lr": lr, **{k: float(v) for k, v in terms.items()}},
+                               step)
             logger.advance(1)
             if step % check_every == 0 or step == total_iters:
                 average_batch_norm_statistics(model, dist)  # CPU ranks: one model to check and save
                 out = predict(model, selection_loader, rt)
-                selection_acc = accuracy(out["probs"].argmax(1), out["labels"])
-                logger.scalars("source", {"selection_accuracy": selection_acc}, step)
-                if selection_acc >= best["selection_accuracy"]:  # ties go to the later model, as officially
-                    best = {**best, "selection_accuracy": selection_acc, "iteration": step,
-                            "epoch": step / len(loader)}
+                checked = {"selection_accuracy": accuracy(out["probs"].argmax(1), out["labels"])}
+                if cfg.objective in ADVERSARIAL:
+                    checked = {"clean_selection_accuracy": checked["selection_accuracy"],
+                               **robust_selection(model, selection_set, objective, style, rt)}
+                    checked["selection_accuracy"] = checked["robust_accuracy"]
+                if cfg.label_noise > 0:
+                    checked["fits_noisy_labels"] = noisy_fit(model, train_set, rt)
+                logger.scalars("source", checked, step)
+                if checked["selection_accuracy"] >= best["selection_accuracy"]:  # ties: the later model, officially
+                    best = {**best, **checked, "iteration": step, "epoch": step / len(loader)}
                     if dist.is_main:
-                        save_checkpoint(run_dir / CHECKPOINT, SOURCE_KIND, {"model_config": config,
-                                                                             "model": model.state_dict(),
-                                                                             "source_data": cfg.data, **best})
+                        save_checkpoint(run_dir / CHECKPOINT, SOURCE_KIND, {
+                            "model_config": config, "model": model.state_dict(), "source_data": cfg.data,
+                            "objective": cfg.objective, "objective_state": objective.state_dict(), **best})
+                save_training_state(run_dir, model, optimizer, objective, step, best, dist)
     finally:
         logger.close()
     metrics = {"source_data": cfg.data, "backbone": cfg.backbone, "num_classes": num_classes, **best,
+               "objective": cfg.objective, "label_noise": cfg.label_noise, "noise_type": cfg.noise_type,
                "wall_seconds": time.time() - start, "checkpoint": str(run_dir / CHECKPOINT),
                "distributed": distributed}
     if dist.is_main:
@@ -155,3 +223,43 @@ def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:
             metrics["target"] = evaluate_model(run_dir / CHECKPOINT, cfg.eval_target, device=cfg.device)
         write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def save_training_state(run_dir: Path, model, optimizer, objective, step: int, best: dict, dist: Distributed) -> None:
+    """Everything `resume` needs to continue after `step` (every rank's RNG state travels to rank 0)."""
+    rngs = dist.gather_objects_to_main(rng_state())
+    if dist.is_main:
+        save_checkpoint(run_dir / TRAIN_STATE, TRAIN_STATE_KIND, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
+            "step": step, "best": best, "rng": rngs})
+
+
+def robust_selection(model, selection_set, objective, style: str, rt: Runtime) -> dict:
+    """Clean and PGD-EVAL_STEPS accuracy on the first ROBUST_SLICE selection samples (the same on every rank).
+    CIFS models are attacked through their joint loss, as the CIFS code evaluates them."""
+    slice_ = Subset(selection_set, range(min(ROBUST_SLICE, len(selection_set))))
+    loader = torch.utils.data.DataLoader(slice_, batch_size=256)
+    loss_of = None
+    if objective.name == "cifs-at":
+        def loss_of(images, labels):
+            return cifs_joint_loss(model(images), model.backbone.probe_logits, labels)
+    report = robust_accuracy(model, loader, evaluation_attack(steps=EVAL_STEPS), style, rt.device, loss_of=loss_of)
+    return {"robust_accuracy": report["robust_accuracy"], "robust_clean_accuracy": report["clean_accuracy"]}
+
+
+@torch.no_grad()
+def noisy_fit(model, train_set, rt: Runtime, limit: int = 2048) -> float:
+    """% of the (first `limit`) corrupted training samples whose noisy label the model predicts: memorisation."""
+    base = train_set.dataset if isinstance(train_set, Subset) else train_set
+    indices = train_set.indices if isinstance(train_set, Subset) else range(len(train_set))
+    wrong = [i for i in indices if base.labels[i] != base.clean_labels[i]][:limit]
+    if not wrong:
+        return 0.0
+    loader = torch.utils.data.DataLoader(Subset(base, wrong), batch_size=256)
+    was_training = model.training
+    model.eval()
+    hits = 0
+    for images, labels, _ in loader:
+        hits += int((model(rt.images(images)).argmax(1).cpu() == labels).sum())
+    model.train(was_training)
+    return 100.0 * hits / len(wrong)

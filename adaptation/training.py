@@ -117,9 +117,10 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
         loader.sampler.set_epoch(epoch)
 
 
-def forever(loader: DataLoader):
-    """Batches without end, in a new order at every pass (for loops that count iterations, not epochs)."""
-    for epoch in itertools.count():
+def forever(loader: DataLoader, start_epoch: int = 0):
+    """Batches without end, in a new order at every pass (for loops that count iterations, not epochs);
+    `start_epoch` is the pass to begin with (a resumed run)."""
+    for epoch in itertools.count(start_epoch):
         set_epoch(loader, epoch)
         yield from loader
 
