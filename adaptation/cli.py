@@ -270,15 +270,16 @@ def _train_pose_source(a, ps) -> int:
 def adapt_config(argv=None):
     """The config of an `adapt` command line: an AdaptConfig for classification (options left out take the
     benchmark's official value), a DenseAdaptConfig for segmentation. Without --task the task is read from
-    the source checkpoint."""
+    the source checkpoint; a `procgen:<game>[:<visual options>]` target gives a ProcgenAdaptConfig."""
     from .dense.mean_teacher import METHODS as POSE_METHODS
     from .dense.mean_teacher import PoseAdaptConfig
     from .dense.shot import DenseAdaptConfig
     from .dense.shot import METHODS as DENSE_METHODS
     from .rotation import KEEP_CHOICES
+    from .procgen_adapt import ProcgenAdaptConfig
     from .shot import BENCHMARKS, METHODS, AdaptConfig
 
-    d, dd, pd = AdaptConfig(), DenseAdaptConfig(), PoseAdaptConfig()
+    d, dd, pd, rd = AdaptConfig(), DenseAdaptConfig(), PoseAdaptConfig(), ProcgenAdaptConfig()
     p = argparse.ArgumentParser(prog="workbench adapt", description="Source-free adaptation of a source model.")
     p.add_argument("--task", default=None, choices=TASKS, help="default: the task the --source checkpoint names")
     p.add_argument("--method", default=None, choices=sorted(set(METHODS) | set(DENSE_METHODS) | set(POSE_METHODS)),
@@ -321,11 +322,28 @@ def adapt_config(argv=None):
     p.add_argument("--cluster-backend", default="auto", choices=("auto", "faiss", "torch"))
     p.add_argument("--test-on", default=None, help="held-out target data scored before and after adapting "
                    "(default: the test split of built-in digits or scenes)")
+    p.add_argument("--frames", type=int, default=rd.frames, help="Procgen target: frames collected in the target "
+                   f"domain (default {rd.frames})")
+    p.add_argument("--collect-policy", default=rd.collect_policy, choices=("source", "random"),
+                   help="Procgen target: who acts while frames are collected (the frozen source policy, or random)")
+    p.add_argument("--frames-file", default=None, help="Procgen target: adapt on saved frames (a frames.npz "
+                   "written by an earlier run) instead of collecting, to repeat an experiment")
+    p.add_argument("--recollect", action="store_true", help="Procgen target: collect again with the adapted "
+                   "policy before every epoch (adapting during play)")
+    p.add_argument("--eval-episodes", type=int, default=rd.eval_episodes, help="Procgen target: test episodes per "
+                   "domain for the source and the adapted agent (0 skips)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, choices=DEVICE_CHOICES)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.target.startswith("procgen:"):  # a Procgen agent adapted to a visual domain over its actions
+        return ProcgenAdaptConfig(
+            source=a.source, target=a.target, method=a.method or rd.method, frames=a.frames,
+            collect_policy=a.collect_policy, frames_file=a.frames_file, recollect=a.recollect,
+            epochs=_pick(a.epochs, rd.epochs), batch_size=_pick(a.batch_size, rd.batch_size), lr=_pick(a.lr, rd.lr),
+            beta=_pick(a.beta, rd.beta), eval_episodes=a.eval_episodes, cluster_backend=a.cluster_backend,
+            seed=a.seed, device=a.device, run_dir=a.out, progress=not a.no_progress)
     task = _resolve_task(a.task, a.source)
     if task == "pose":
         return PoseAdaptConfig(
@@ -364,10 +382,14 @@ def _adapt(argv) -> int:
 
     from .dense.mean_teacher import PoseAdaptConfig, PoseMeanTeacher
     from .dense.shot import DenseAdaptConfig, DenseShotAdapter
+    from .procgen_adapt import ProcgenAdaptConfig
     from .shot import ShotAdapter
 
     try:
         cfg = adapt_config(argv)
+        if isinstance(cfg, ProcgenAdaptConfig):
+            single_process_only("Procgen agent adaptation")
+            return _adapt_procgen(cfg)
         if isinstance(cfg, DenseAdaptConfig):
             single_process_only("segmentation adaptation")
             return _adapt_dense(cfg, DenseShotAdapter)
@@ -388,6 +410,20 @@ def _adapt(argv) -> int:
         print(f"{cfg.method}: held-out {metrics['test_data']} {metrics['source_only_test_accuracy']:.2f}% -> "
               f"{metrics['test_accuracy']:.2f}%")
     print(f"adapted model, predictions.csv and metrics.json in {adapter.run_dir}; "
+          f"tensorboard --logdir {adapter.run_dir}")
+    return 0
+
+
+def _adapt_procgen(cfg) -> int:
+    from .procgen_adapt import ProcgenAdapter
+
+    adapter = ProcgenAdapter(cfg)
+    m = adapter.run()
+    for who in ("source_agent", "adapted_agent"):
+        if who in m:
+            print(f"{who.replace('_', ' ')}: target domain return {m[who]['target']['mean_return']:.2f}, source "
+                  f"domain {m[who]['source']['mean_return']:.2f}")
+    print(f"adapted agent {m['checkpoint']} (a Procgen checkpoint: scripts/evaluate_procgen.py {adapter.run_dir}); "
           f"tensorboard --logdir {adapter.run_dir}")
     return 0
 

@@ -1,9 +1,12 @@
 """Source-free adaptation of a Procgen agent to a visual domain (issue 15)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from adaptation.cli import adapt_main
 from adaptation.procgen_adapt import ProcgenAdaptConfig, ProcgenAdapter, parse_procgen_target
 from agents.cli import evaluate_main
 from agents.train import Trainer, TrainConfig
@@ -43,7 +46,11 @@ def test_visual_options_reach_the_renderer_for_the_same_levels():
 
 
 def test_adaptation_keeps_the_policy_head_trains_the_encoder_and_evaluates(source_run, tmp_path):
-    metrics = tiny_adapt(source_run, tmp_path / "adapt", method="shot")
+    rc = adapt_main(["--source", str(source_run), "--target", TARGET, "--method", "shot", "--frames", "128",
+                     "--epochs", "2", "--eval-episodes", "0", "--device", "cpu", "--out", str(tmp_path / "adapt"),
+                     "--no-progress"])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "adapt" / "metrics.json").read_text())
     before = load_checkpoint(source_run, kind="procgen-agent")["agent_state"]["model"]
     after_ckpt = load_checkpoint(tmp_path / "adapt", kind="procgen-agent")
     after = after_ckpt["agent_state"]["model"]
