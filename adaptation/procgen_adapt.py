@@ -38,7 +38,7 @@ from workbench.runtime import Runtime, seed_everything
 
 from .cluster import shot_pseudo_labels
 from .losses import information_maximization
-from .training import set_shot_lr, shot_optimizer
+from .training import add_terms, set_shot_lr, shot_optimizer, take_step
 
 METHODS = ("shot-im", "shot")
 COLLECT_POLICIES = ("source", "random")
@@ -206,11 +206,8 @@ class ProcgenAdapter:
                 if pseudo is not None:
                     terms["pseudo_ce"] = F.cross_entropy(logits.float(), pseudo[idx].to(self.rt.device))
                     loss = loss + cfg.beta * terms["pseudo_ce"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                take_step(optimizer, loss)
+                add_terms(sums, terms)
                 logger.advance(1)
             logger.scalars("loss", {k: v / steps_per_epoch for k, v in sums.items()}, epoch)
             logger.scalars("target", stats, epoch)

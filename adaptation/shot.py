@@ -42,9 +42,9 @@ from .cluster import shot_pseudo_labels
 from .evaluate import builtin_test_split, load_model, load_target
 from .losses import information_maximization
 from .rotation import KEEP_CHOICES, RotationHead, pretrain_rotation_head, rotation_loss
-from .training import (accuracy, average_batch_norm_statistics, confusion_matrix, main_rank_first, make_loader,
-                       per_class_accuracy, predict, set_epoch, set_shot_lr, shot_optimizer, synchronise_batch_norm,
-                       take_step)
+from .training import (accuracy, add_terms, average_batch_norm_statistics, confusion_matrix, main_rank_first,
+                       make_loader, per_class_accuracy, predict, set_epoch, set_shot_lr, shot_optimizer,
+                       synchronise_batch_norm, take_step)
 
 METHODS = ("shot-im", "shot", "shot++")
 ADAPTED_KIND = "adapted-model"
@@ -266,8 +266,7 @@ class ShotAdapter:
                     terms["rotation"] = rotation_loss(model, self.rotation_head, images)
                     loss = loss + cfg.rotation_weight * terms["rotation"]
                 take_step(optimizer, loss, self.dist)
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                add_terms(sums, terms)
                 logger.advance(1)
             logger.scalars("loss", self._mean_over_ranks(sums, len(self.loader)), epoch)
             latest = self.evaluate()

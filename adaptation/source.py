@@ -178,7 +178,8 @@ def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:
     if dist.is_main:
         write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "distributed": distributed})
     logger = run_logger(dist.is_main, run_dir, total=total_iters, initial=first_step - 1,
-                        desc=f"source {cfg.backbone}", progress=cfg.progress, purge_step=first_step if cfg.resume else None)
+                        desc=f"source {cfg.backbone}", progress=cfg.progress,
+                        purge_step=first_step if cfg.resume else None)
     # a resumed run starts a new pass over the data, in the order of the pass it was in
     batches, start = forever(loader, start_epoch=(first_step - 1) // len(loader)), time.time()
     try:

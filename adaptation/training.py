@@ -67,6 +67,12 @@ def take_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, dist: Distri
     optimizer.step()
 
 
+def add_terms(sums: dict[str, float], terms: dict[str, torch.Tensor]) -> None:
+    """Accumulate a step's loss terms into per-epoch sums (for the epoch means written to TensorBoard)."""
+    for name, value in terms.items():
+        sums[name] = sums.get(name, 0.0) + float(value.detach())
+
+
 @contextlib.contextmanager
 def main_rank_first(dist: Distributed):
     """Rank 0 runs the block before the other ranks do: it alone builds a missing data cache, which the

@@ -100,7 +100,8 @@ def test_pgd_stays_in_the_eps_ball_and_pixel_range_and_raises_the_loss():
     assert adv_loss > clean_loss + 0.05
     assert (adv_pixels - pixels).abs().max() > 6 / 255  # it used the budget
     # ImageNet normalisation: the budget holds in pixel units per channel
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     adv = pgd_attack(model, (pixels - mean) / std, labels, attack, style="imagenet")
     assert ((adv * std + mean) - pixels).abs().max() <= 8 / 255 + 1e-5
 
@@ -217,8 +218,8 @@ def test_cifs_at_joint_loss_and_robust_accuracy_report():
     assert torch.isfinite(loss) and "probe_accuracy" in terms
     assert all(p.grad is not None for p in model.backbone.cifs.parameters())
     logits, probes = torch.randn(4, 10), [torch.randn(4, 10), torch.randn(4, 10)]
-    expected = (F.cross_entropy(logits, labels) + CIFS_PROBE_WEIGHT / 2 * sum(F.cross_entropy(p, labels)
-                                                                            for p in probes)) * 3 / (CIFS_PROBE_WEIGHT + 1)
+    probe_terms = sum(F.cross_entropy(p, labels) for p in probes)
+    expected = (F.cross_entropy(logits, labels) + CIFS_PROBE_WEIGHT / 2 * probe_terms) * 3 / (CIFS_PROBE_WEIGHT + 1)
     torch.testing.assert_close(cifs_joint_loss(logits, probes, labels), expected)
     with pytest.raises(ValueError, match="ResNet backbone"):
         build_objective("cifs-at", tiny_digit_model(), style="digits", num_classes=10)

@@ -48,7 +48,7 @@ from workbench.runtime import Runtime, seed_everything
 
 from ..cluster import assign_to_centroids, shot_centroids
 from ..losses import information_maximization
-from ..training import make_loader, set_group_lr, set_shot_lr, shot_optimizer
+from ..training import add_terms, make_loader, set_group_lr, set_shot_lr, shot_optimizer, take_step
 from .data import builtin_scenes_test_split
 from .evaluate import TASK, eval_batch_size, eval_loader, load_dense_model, load_dense_target, public_scores, segmentation_pass
 from .metrics import ConfusionAccumulator, colorize
@@ -258,11 +258,8 @@ class DenseShotAdapter:
                     terms["pseudo_ce"] = F.cross_entropy(logits, upsample_labels(target, logits.shape[-2:]))
                     loss = loss + cfg.beta * terms["pseudo_ce"]
                 terms["total"] = loss.detach()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                take_step(optimizer, loss)
+                add_terms(sums, terms)
                 logger.advance(1)
             logger.scalars("loss", {k: v / max(1, len(self.loader)) for k, v in sums.items()}, epoch)
             latest = self.evaluate(sample=cfg.beta > 0, epoch=epoch + 1)
