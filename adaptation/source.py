@@ -147,7 +147,9 @@ def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:
     if cfg.objective == "cifs-at":  # CIFS blocks after the last stage; adapters rebuild them from the config
         backbone_kwargs["cifs_classes"] = num_classes
     config = model_config(cfg.backbone, num_classes, backbone_kwargs=backbone_kwargs, transform=style)
-    model = rt.prepare_module(ShotModel(cfg.backbone, num_classes, backbone_kwargs=backbone_kwargs))
+    # the network its config records (the digit bottleneck's dropout included), with the pretrained weights loaded
+    model = rt.prepare_module(ShotModel(cfg.backbone, num_classes, backbone_kwargs=backbone_kwargs,
+                                        bottleneck_dropout=config["bottleneck_dropout"]))
     dist.broadcast_module(model)
     model = synchronise_batch_norm(model, rt)
     objective = build_objective(cfg.objective, model, style=style, num_classes=num_classes,

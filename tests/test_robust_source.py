@@ -308,3 +308,20 @@ def test_sat_beats_plain_training_at_40_percent_label_noise(tmp_path):
     plain = lenet_source(tmp_path / "ce", label_noise=0.4, epochs=20, selection_checks=10)
     sat = lenet_source(tmp_path / "sat", objective="sat", label_noise=0.4, epochs=20, selection_checks=10)
     assert sat["selection_accuracy"] > plain["selection_accuracy"]
+
+
+def test_source_training_trains_the_network_its_checkpoint_describes(tmp_path, monkeypatch):
+    """The digit bottleneck drops out half its units in source training too, as the official digit network."""
+    import adaptation.source as source
+
+    seen = []
+    real = source.build_objective
+    monkeypatch.setattr(source, "build_objective",
+                        lambda name, model, **kw: seen.append(model) or real(name, model, **kw))
+    lenet_source(tmp_path)
+    dropout = seen[0].bottleneck.dropout
+    assert isinstance(dropout, torch.nn.Dropout) and dropout.p == 0.5
+    from workbench.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(tmp_path / "source.pt")
+    assert saved["model_config"]["bottleneck_dropout"] == 0.5
