@@ -165,6 +165,9 @@ def _train_source(argv) -> int:
     p.add_argument("--crop-size", type=int, default=None, help="segmentation training crop (default: 64 for the "
                    "scenes, 512 for user data)")
     p.add_argument("--pretrained", default=None, help="a local torchvision-format weights file for the backbone")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT", help="classification: start the backbone "
+                   "from this source or adapted checkpoint (or run directory) of the same backbone, e.g. as the "
+                   "pretrained encoder for --objective core-tuning")
     p.add_argument("--num-classes", type=int, default=None, help="default: from the data")
     p.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs} (segmentation {ds.epochs})")
     p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size} (segmentation "
@@ -179,7 +182,7 @@ def _train_source(argv) -> int:
     p.add_argument("--eval-target", default=None, help="also report accuracy (mIoU) on this data at the end")
     p.add_argument("--objective", default=d.objective, choices=OBJECTIVES,
                    help="classification: ce (SHOT's label-smoothed cross-entropy), sat (self-adaptive training), "
-                   "core-tuning (contrastive fine-tuning of a --pretrained encoder), at (PGD adversarial training), "
+                   "core-tuning (contrastive fine-tuning of a --pretrained or --init-from encoder), at (PGD adversarial training), "
                    "cifs-at (CIFS on a ResNet's last stage + AT)")
     p.add_argument("--label-noise", type=float, default=0.0, metavar="RATE",
                    help="corrupt exactly this fraction of the training labels (seeded by --seed), for experiments")
@@ -192,8 +195,9 @@ def _train_source(argv) -> int:
     p.add_argument("--out", default="", help="run directory (default runs/source-<backbone>-s<seed>-<time>)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    if a.task != "classification" and (a.objective != "ce" or a.label_noise or a.resume):
-        return _fail(ValueError("--objective, --label-noise and --resume apply to classification source training"))
+    if a.task != "classification" and (a.objective != "ce" or a.label_noise or a.resume or a.init_from):
+        return _fail(ValueError("--objective, --label-noise, --init-from and --resume apply to classification "
+                                "source training"))
     if a.task != "classification":
         try:
             single_process_only(f"{a.task} source training")
@@ -210,7 +214,7 @@ def _train_source(argv) -> int:
         metrics = train_source(SourceConfig(
             data=a.data or d.data, backbone=a.backbone or d.backbone, num_classes=a.num_classes,
             epochs=_pick(a.epochs, d.epochs), batch_size=_pick(a.batch_size, d.batch_size),
-            lr=_pick(a.lr, d.lr), pretrained=a.pretrained, transform=a.transform,
+            lr=_pick(a.lr, d.lr), pretrained=a.pretrained, init_from=a.init_from, transform=a.transform,
             select_on=a.select_on, eval_target=a.eval_target, objective=a.objective, label_noise=a.label_noise,
             noise_type=a.noise_type, resume=a.resume, seed=a.seed,
             device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress), dist)

@@ -14,7 +14,9 @@ times over the run (every tenth of the iterations) and the last of the best chec
 The objective is SHOT's cross-entropy by default; `objective` picks a robust one instead
 (adaptation.objectives: self-adaptive training, Core-tuning, PGD adversarial training, CIFS with
 AT), and `label_noise` corrupts the training labels reproducibly (adaptation.label_noise; the clean
-labels stay for reporting; selection data is never corrupted). The adversarial objectives select on
+labels stay for reporting; selection data is never corrupted). The backbone starts from torchvision
+weights (`pretrained`, ResNets) or from the backbone of any source or adapted checkpoint of the same
+kind (`init_from`), at 0.1x the learning rate in both cases. The adversarial objectives select on
 PGD accuracy over the first ROBUST_SLICE selection samples, as the CIFS code keeps its most robust
 epoch. At every check the full training state (model, optimiser, the objective's own state such as
 SAT's soft targets, counters, RNG) is written to train-state.pt, from which `resume` continues.
@@ -72,7 +74,8 @@ class SourceConfig:
     holdout: float = 0.1                   # fraction held out for selection when there is no `select_on`
     select_on: str | None = None           # selection data; default: the test split of built-in digits
     selection_checks: int = 10             # how many times over the run the selection accuracy is checked
-    pretrained: str | None = None
+    pretrained: str | None = None          # torchvision weights file for a ResNet backbone
+    init_from: str | None = None           # or a source/adapted checkpoint whose backbone (same kind) to start from
     backbone_lr_mult: float | None = None  # default: 0.1 with pretrained weights, else 1
     transform: str | None = None           # digits | imagenet; default from the data
     eval_target: str | None = None         # report accuracy on this data at the end
@@ -94,6 +97,8 @@ def check_source_config(cfg: SourceConfig) -> None:
         raise ValueError(f"unknown noise type {cfg.noise_type!r}: choose {' or '.join(NOISE_TYPES)}")
     if not 0.0 <= cfg.label_noise < 1.0:
         raise ValueError(f"--label-noise must be in [0, 1), got {cfg.label_noise}")
+    if cfg.pretrained and cfg.init_from:
+        raise ValueError("--pretrained and --init-from both give the backbone's starting weights: pass one")
     if cfg.resume and not cfg.run_dir:
         raise ValueError("--resume continues the run in --out: give the run directory")
 
@@ -150,6 +155,8 @@ def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:
     # the network its config records (the digit bottleneck's dropout included), with the pretrained weights loaded
     model = rt.prepare_module(ShotModel(cfg.backbone, num_classes, backbone_kwargs=backbone_kwargs,
                                         bottleneck_dropout=config["bottleneck_dropout"]))
+    if cfg.init_from:
+        load_backbone_from(model, cfg.init_from, cfg.backbone)
     dist.broadcast_module(model)
     model = synchronise_batch_norm(model, rt)
     objective = build_objective(cfg.objective, model, style=style, num_classes=num_classes,
@@ -157,7 +164,8 @@ def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:
                                 label_smoothing=cfg.label_smoothing)
     for module in objective.modules.values():
         dist.broadcast_module(module)
-    backbone_mult = cfg.backbone_lr_mult if cfg.backbone_lr_mult is not None else (0.1 if cfg.pretrained else 1.0)
+    starts_trained = bool(cfg.pretrained or cfg.init_from)
+    backbone_mult = cfg.backbone_lr_mult if cfg.backbone_lr_mult is not None else (0.1 if starts_trained else 1.0)
     optimizer = shot_optimizer([(model.backbone, backbone_mult), (model.bottleneck, 1.0), (model.classifier, 1.0),
                                 *((m, 1.0) for m in objective.modules.values())], cfg.lr, cfg.weight_decay)
     loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers, dist=dist, seed=cfg.seed)
@@ -226,6 +234,22 @@ def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:
             metrics["target"] = evaluate_model(run_dir / CHECKPOINT, cfg.eval_target, device=cfg.device)
         write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def load_backbone_from(model: ShotModel, path, backbone: str) -> None:
+    """Start `model`'s backbone from the backbone of a source or adapted checkpoint (a pretrained encoder for
+    any registry backbone); the bottleneck and classifier start fresh, as on top of torchvision weights."""
+    from .evaluate import MODEL_KINDS
+
+    state = load_checkpoint(path, kind=MODEL_KINDS, map_location="cpu")
+    trained = state["model_config"]
+    if trained["backbone"] != backbone or trained["backbone_kwargs"].get("cifs_classes"):
+        raise ValueError(f"--init-from {path} holds a {trained['backbone']} backbone"
+                         f"{' with CIFS blocks' if trained['backbone_kwargs'].get('cifs_classes') else ''}, "
+                         f"this run builds a plain {backbone}: pass --backbone {trained['backbone']} or another "
+                         f"checkpoint")
+    weights = {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}
+    model.backbone.load_state_dict(weights)
 
 
 def save_training_state(run_dir: Path, model, optimizer, objective, step: int, best: dict, dist: Distributed) -> None:

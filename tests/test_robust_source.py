@@ -325,3 +325,26 @@ def test_source_training_trains_the_network_its_checkpoint_describes(tmp_path, m
 
     saved = load_checkpoint(tmp_path / "source.pt")
     assert saved["model_config"]["bottleneck_dropout"] == 0.5
+
+
+def test_init_from_starts_the_backbone_from_a_trained_checkpoint(tmp_path):
+    from adaptation.model import ShotModel
+    from adaptation.source import load_backbone_from
+    from workbench.checkpoint import load_checkpoint
+
+    lenet_source(tmp_path / "pre")
+    trained = load_checkpoint(tmp_path / "pre" / "source.pt", kind="source-model")["model"]
+    fresh = ShotModel("lenet", 10)
+    load_backbone_from(fresh, tmp_path / "pre", "lenet")
+    state = fresh.state_dict()
+    for key, value in trained.items():  # the backbone copied, the bottleneck and classifier left fresh
+        same = torch.equal(state[key], value)
+        assert same if key.startswith("backbone.") else not same or "running" in key or "num_batches" in key, key
+    # a frozen backbone (lr multiplier 0, lenet has no batch norm) ends the run exactly as it started
+    lenet_source(tmp_path / "ft", init_from=str(tmp_path / "pre"), backbone_lr_mult=0.0, objective="core-tuning")
+    tuned = load_checkpoint(tmp_path / "ft" / "source.pt", kind="source-model")["model"]
+    assert all(torch.equal(tuned[k], v) for k, v in trained.items() if k.startswith("backbone."))
+    with pytest.raises(ValueError, match="holds a lenet backbone.*--backbone lenet"):
+        load_backbone_from(ShotModel("dtn", 10), tmp_path / "pre", "dtn")
+    with pytest.raises(ValueError, match="pass one"):
+        lenet_source(tmp_path / "both", init_from=str(tmp_path / "pre"), pretrained="w.pth")
