@@ -19,7 +19,7 @@ import sys
 
 from workbench.backbones import list_backbones
 from workbench.checkpoint import CheckpointError
-from workbench.runtime import DEVICE_CHOICES
+from workbench.runtime import DEVICE_CHOICES, PRECISION_CHOICES
 
 from . import digits
 from .data import DataError
@@ -190,11 +190,16 @@ def _train_source(argv) -> int:
     p.add_argument("--resume", action="store_true", help="classification: continue the run in --out from its "
                    "train-state.pt")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--precision", default=None, choices=PRECISION_CHOICES, help="segmentation and pose: fp32 "
+                   "(default) or bf16 autocast (auto: bf16 where the CPU or GPU computes it natively)")
     p.add_argument("--device", default=d.device, choices=DEVICE_CHOICES)
     p.add_argument("--workers", type=int, default=0, help="data-loading processes")
     p.add_argument("--out", default="", help="run directory (default runs/source-<backbone>-s<seed>-<time>)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.task == "classification" and a.precision not in (None, "fp32"):
+        return _fail(ValueError("--precision applies to segmentation and pose training; classification runs "
+                                "in fp32"))
     if a.task != "classification" and (a.objective != "ce" or a.label_noise or a.resume or a.init_from):
         return _fail(ValueError("--objective, --label-noise, --init-from and --resume apply to classification "
                                 "source training"))
@@ -240,8 +245,8 @@ def _train_dense_source(a, ds) -> int:
             output_stride=a.output_stride, num_classes=a.num_classes, crop_size=a.crop_size,
             epochs=_pick(a.epochs, ds.epochs), batch_size=_pick(a.batch_size, ds.batch_size),
             optimizer=a.optimizer or ds.optimizer, lr=a.lr, pretrained=a.pretrained, select_on=a.select_on,
-            eval_target=a.eval_target, seed=a.seed, device=a.device, workers=a.workers, run_dir=a.out,
-            progress=not a.no_progress))
+            eval_target=a.eval_target, precision=a.precision or ds.precision, seed=a.seed, device=a.device,
+            workers=a.workers, run_dir=a.out, progress=not a.no_progress))
     except USER_ERRORS as exc:
         return _fail(exc)
     print(f"selected model: mIoU {metrics['miou']:.2f} on {metrics['selection_data']} "
@@ -259,8 +264,8 @@ def _train_pose_source(a, ps) -> int:
             data=a.data or ps.data, backbone=a.backbone or ps.backbone, head=a.head or ps.head,
             head_channels=a.head_channels, epochs=_pick(a.epochs, ps.epochs),
             batch_size=_pick(a.batch_size, ps.batch_size), lr=_pick(a.lr, ps.lr), pretrained=a.pretrained,
-            select_on=a.select_on, eval_target=a.eval_target, seed=a.seed, device=a.device, workers=a.workers,
-            run_dir=a.out, progress=not a.no_progress))
+            select_on=a.select_on, eval_target=a.eval_target, precision=a.precision or ps.precision, seed=a.seed,
+            device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress))
     except USER_ERRORS as exc:
         return _fail(exc)
     print(f"selected model: AP {metrics['ap']:.2f}, PCK@0.1 {metrics['pck@0.1']:.2f} on {metrics['selection_data']} "
@@ -336,12 +341,16 @@ def adapt_config(argv=None):
                    "policy before every epoch (adapting during play)")
     p.add_argument("--eval-episodes", type=int, default=rd.eval_episodes, help="Procgen target: test episodes per "
                    "domain for the source and the adapted agent (0 skips)")
+    p.add_argument("--precision", default=None, choices=PRECISION_CHOICES, help="segmentation and pose: fp32 "
+                   "(default) or bf16 autocast (auto: bf16 where the CPU or GPU computes it natively)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, choices=DEVICE_CHOICES)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.target.startswith("procgen:"):  # a Procgen agent adapted to a visual domain over its actions
+        if a.precision not in (None, "fp32"):
+            raise ValueError("--precision applies to segmentation and pose adaptation; Procgen agents adapt in fp32")
         return ProcgenAdaptConfig(
             source=a.source, target=a.target, method=a.method or rd.method, frames=a.frames,
             collect_policy=a.collect_policy, frames_file=a.frames_file, recollect=a.recollect,
@@ -349,18 +358,22 @@ def adapt_config(argv=None):
             beta=_pick(a.beta, rd.beta), eval_episodes=a.eval_episodes, cluster_backend=a.cluster_backend,
             seed=a.seed, device=a.device, run_dir=a.out, progress=not a.no_progress)
     task = _resolve_task(a.task, a.source)
+    if task == "classification" and a.precision not in (None, "fp32"):
+        raise ValueError("--precision applies to segmentation and pose adaptation; classification runs in fp32")
     if task == "pose":
         return PoseAdaptConfig(
             source=a.source, target=a.target, method=a.method or pd.method, epochs=_pick(a.epochs, pd.epochs),
             batch_size=_pick(a.batch_size, pd.batch_size), lr=_pick(a.lr, pd.lr), ema_alpha=a.ema_alpha,
-            mask_ratio=a.mask_ratio, flip_test=not a.no_flip_test, test_on=a.test_on, seed=a.seed,
+            mask_ratio=a.mask_ratio, flip_test=not a.no_flip_test, test_on=a.test_on,
+            precision=a.precision or pd.precision, seed=a.seed,
             device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress)
     if task == "segmentation":
         return DenseAdaptConfig(
             source=a.source, target=a.target, method=a.method or dd.method, epochs=_pick(a.epochs, dd.epochs),
             batch_size=_pick(a.batch_size, dd.batch_size), lr=_pick(a.lr, dd.lr), schedule=a.schedule,
             beta=_pick(a.beta, dd.beta), pixels_per_image=a.pixels_per_image, cluster_backend=a.cluster_backend,
-            test_on=a.test_on, save_predictions=not a.no_save_predictions, seed=a.seed, device=a.device,
+            test_on=a.test_on, save_predictions=not a.no_save_predictions, precision=a.precision or dd.precision,
+            seed=a.seed, device=a.device,
             workers=a.workers, run_dir=a.out, progress=not a.no_progress)
     return AdaptConfig(
         source=a.source, target=a.target, method=a.method or d.method, benchmark=a.benchmark, epochs=a.epochs,

@@ -225,6 +225,44 @@ def test_clear_errors(tiny_scenes, tmp_path, capsys):
     assert "no multi-scale features" in _one_line_error(capsys)
 
 
+def _recording_forward(monkeypatch, cls, name: str, seen: list) -> None:
+    """Wrap cls.<name> so that every call records the dtype of the logits it returns."""
+    original = getattr(cls, name)
+
+    def wrapped(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        seen.append((out[0] if isinstance(out, tuple) else out).dtype)
+        return out
+
+    monkeypatch.setattr(cls, name, wrapped)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_precision_reaches_segmentation_training_and_adaptation(tiny_scenes, tmp_path, monkeypatch, capsys, precision,
+                                                                 dtype):
+    from adaptation.cli import adapt_main, train_source_main
+    from adaptation.dense.model import SegmentationModel
+
+    trained, adapted = [], []
+    _recording_forward(monkeypatch, SegmentationModel, "forward_train", trained)
+    assert train_source_main(["--task", "segmentation", "--data", "builtin:scenes/printed", "--backbone", "dtn",
+                              "--head", "fcn", "--head-channels", "8", "--epochs", "1", "--batch-size", "8",
+                              "--precision", precision, "--device", "cpu", "--out", str(tmp_path / "src"),
+                              "--no-progress"]) == 0
+    _recording_forward(monkeypatch, SegmentationModel, "forward", adapted)
+    assert adapt_main(["--source", str(tmp_path / "src"), "--target", "builtin:scenes/textured", "--epochs", "1",
+                       "--batch-size", "8", "--precision", precision, "--device", "cpu", "--out", str(tmp_path / "ad"),
+                       "--no-progress"]) == 0
+    assert trained and set(trained) == {dtype} and adapted and set(adapted) == {dtype}
+    assert json.loads((tmp_path / "src" / "config.json").read_text())["precision"] == precision
+    metrics = json.loads((tmp_path / "ad" / "metrics.json").read_text())
+    assert metrics["config"]["precision"] == precision and 0 <= metrics["test_miou"] <= 100
+    # classification has no bf16 path: refused in one line
+    capsys.readouterr()
+    assert train_source_main(["--data", "builtin:digits/uci", "--precision", "bf16", "--out", str(tmp_path / "c")]) == 2
+    assert "--precision applies to segmentation and pose" in _one_line_error(capsys)
+
+
 # ------------------------------------------------------------------ end to end (slow)
 @pytest.mark.slow
 def test_end_to_end_adaptation_improves_target_miou(tmp_path, monkeypatch):

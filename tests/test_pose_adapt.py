@@ -250,3 +250,31 @@ def test_predicting_the_targets_scores_full_pck_and_ap(tmp_path):
     assert np.abs(prediction["joints"] - gt["joints"]).max() <= 1.0
     scores = pose_scores(prediction, data)
     assert scores["pck@0.05"] == 100.0 and scores["ap"] == pytest.approx(100.0)
+
+
+def test_bf16_reaches_pose_training_and_the_mean_teacher(tiny_figures, tmp_path, monkeypatch):
+    from adaptation.cli import adapt_main, train_source_main
+    from adaptation.dense.model import PoseModel
+
+    seen = []
+    original = PoseModel.forward
+
+    def recording(self, x):
+        out = original(self, x)
+        seen.append((self.training, out.dtype))
+        return out
+
+    monkeypatch.setattr(PoseModel, "forward", recording)
+    assert train_source_main(["--task", "pose", "--data", "builtin:figures/flat", "--backbone", "dtn", "--head",
+                              "deconv", "--head-channels", "8", "--epochs", "1", "--batch-size", "8", "--precision",
+                              "bf16", "--device", "cpu", "--out", str(tmp_path / "src"), "--no-progress"]) == 0
+    training = [dtype for train, dtype in seen if train]
+    assert training and set(training) == {torch.bfloat16}
+    seen.clear()
+    assert adapt_main(["--source", str(tmp_path / "src"), "--target", "builtin:figures/textured", "--epochs", "1",
+                       "--batch-size", "8", "--precision", "bf16", "--device", "cpu", "--out", str(tmp_path / "mt"),
+                       "--no-progress"]) == 0
+    # the student (training) and the teacher (eval mode) both forward in bf16
+    assert {dtype for _, dtype in seen} == {torch.bfloat16} and {train for train, _ in seen} == {True, False}
+    metrics = json.loads((tmp_path / "mt" / "metrics.json").read_text())
+    assert metrics["config"]["precision"] == "bf16" and not math.isnan(metrics["test_pck@0.1"])

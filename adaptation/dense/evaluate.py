@@ -79,8 +79,10 @@ def segmentation_pass(model, loader: DataLoader, runtime, num_classes: int, save
         Path(save_dir).mkdir(parents=True, exist_ok=True)
     for images, masks, idx in loader:
         x = runtime.images(images)
-        z = model.pixel_features(x)
-        logits = resize(model.classifier(z), x.shape[-2:])  # exactly model(x), with z kept
+        with runtime.autocast():
+            z = model.pixel_features(x)
+            logits = resize(model.classifier(z), x.shape[-2:]).float()  # exactly model(x), with z kept
+        z = z.float()
         pred = logits.argmax(1)
         acc.update(pred, masks.to(pred.device))
         if on_batch is not None:
@@ -99,8 +101,8 @@ def public_scores(scores: dict, prefix: str = "") -> dict:
 
 
 def evaluate_dense_model(path, data: str, device: str = "auto", batch_size: int = EVAL_BATCH,
-                         save_predictions: str | None = None, workers: int = 0) -> dict:
-    rt = Runtime.create(device, "fp32")
+                         save_predictions: str | None = None, workers: int = 0, precision: str = "fp32") -> dict:
+    rt = Runtime.create(device, precision)
     model, state = load_dense_model(path, rt)
     dataset = load_dense_target(data, state["model_config"])
     scores = segmentation_pass(model, eval_loader(dataset, batch_size, workers), rt, dataset.num_classes,

@@ -61,6 +61,7 @@ class PoseAdaptConfig:
     consistency_weight: float = CONSISTENCY_WEIGHT
     flip_test: bool = True
     test_on: str | None = None              # default: the built-in figures' test split
+    precision: str = "fp32"                # fp32 | bf16 | auto (bf16 autocast where the hardware computes it)
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -127,7 +128,7 @@ class PoseMeanTeacher:
     def __init__(self, cfg: PoseAdaptConfig):
         seed_everything(cfg.seed)
         self.cfg = cfg
-        self.rt = Runtime.create(cfg.device, "fp32")
+        self.rt = Runtime.create(cfg.device, cfg.precision)
         self.student, self.source_state = load_dense_model(cfg.source, self.rt, task=TASK)
         mcfg = self.source_state["model_config"]
         self.target = load_pose_data(cfg.target, mcfg)
@@ -153,7 +154,7 @@ class PoseMeanTeacher:
         return pose_scores(predict_joints(self.teacher, data, self.rt, self.cfg.flip_test), data)
 
     def step(self, batch: dict) -> dict[str, float]:
-        with torch.no_grad():
+        with torch.no_grad(), self.rt.autocast():
             teacher_maps = self.teacher(self.rt.images(batch["weak"])).float().cpu()
         targets, maxvals = [], []
         for j in range(len(teacher_maps)):
@@ -165,7 +166,8 @@ class PoseMeanTeacher:
         maxvals = torch.stack(maxvals).float()
         mask = confident_mask(maxvals, self.cfg.mask_ratio)
         self.student.train()
-        student_maps = self.student(self.rt.images(batch["strong"])).float()
+        with self.rt.autocast():
+            student_maps = self.student(self.rt.images(batch["strong"])).float()
         loss = self.cfg.consistency_weight * joints_mse(student_maps, torch.stack(targets).to(self.rt.device),
                                                         mask.to(self.rt.device))
         self.optimizer.zero_grad(set_to_none=True)

@@ -68,6 +68,7 @@ class PoseSourceConfig:
     flip_test: bool = True
     pretrained: str | None = None
     eval_target: str | None = None         # report PCK / AP on this data at the end
+    precision: str = "fp32"                # fp32 | bf16 | auto (bf16 autocast where the hardware computes it)
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -99,7 +100,7 @@ class HeldOut(KeypointDataset):
 
 def train_pose_source(cfg: PoseSourceConfig) -> dict:
     seed_everything(cfg.seed)
-    rt = Runtime.create(cfg.device, "fp32")
+    rt = Runtime.create(cfg.device, cfg.precision)
     train_set, selection_set, selection_name = pose_selection_sets(cfg)
     base = train_set.dataset if isinstance(train_set, Subset) else train_set
     num_joints = base.num_joints
@@ -126,7 +127,8 @@ def train_pose_source(cfg: PoseSourceConfig) -> dict:
         for step in range(1, total_iters + 1):
             batch = next(batches)
             lr = set_group_lr(optimizer, step_lr(cfg.lr, (step - 1) / total_iters))
-            heatmaps = model(rt.images(batch["image"]))
+            with rt.autocast():
+                heatmaps = model(rt.images(batch["image"]))
             loss = joints_mse(heatmaps.float(), batch["heatmaps"].to(rt.device), batch["weights"].to(rt.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -152,6 +154,6 @@ def train_pose_source(cfg: PoseSourceConfig) -> dict:
         from .pose_evaluate import evaluate_pose_model
 
         metrics["target"] = evaluate_pose_model(run_dir / CHECKPOINT, cfg.eval_target, device=cfg.device,
-                                                flip_test=cfg.flip_test)
+                                                flip_test=cfg.flip_test, precision=cfg.precision)
     write_json(run_dir / "metrics.json", metrics)
     return metrics

@@ -81,6 +81,7 @@ class DenseAdaptConfig:
     cluster_backend: str = "auto"
     test_on: str | None = None        # held-out target data; default: the built-in scenes' test split
     save_predictions: bool = True
+    precision: str = "fp32"                # fp32 | bf16 | auto (bf16 autocast where the hardware computes it)
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -144,7 +145,7 @@ class DenseShotAdapter:
     def __init__(self, cfg: DenseAdaptConfig):
         seed_everything(cfg.seed)
         self.cfg = cfg
-        self.rt = Runtime.create(cfg.device, "fp32")
+        self.rt = Runtime.create(cfg.device, cfg.precision)
         self.model, self.source_state = load_dense_model(cfg.source, self.rt)
         mcfg = self.source_state["model_config"]
         self.num_classes = mcfg["num_classes"]
@@ -199,7 +200,8 @@ class DenseShotAdapter:
         maps: list[torch.Tensor | None] = [None] * len(self.target)
         acc = ConfusionAccumulator(self.num_classes)
         for images, masks, idx in self.eval_loader:
-            z = self.model.pixel_features(self.rt.images(images)).float()
+            with self.rt.autocast():
+                z = self.model.pixel_features(self.rt.images(images)).float()
             labels = label_pixels(z, centroids.to(z.device), classes.to(z.device), self.cfg.cluster_backend)
             acc.update(upsample_labels(labels, masks.shape[-2:]), masks.to(labels.device))
             for j, i in enumerate(idx.tolist()):
@@ -248,7 +250,8 @@ class DenseShotAdapter:
                     set_shot_lr(optimizer, cfg.lr, step / total_iters)
                 else:
                     set_group_lr(optimizer, poly_lr(cfg.lr, (step - 1) / total_iters))
-                logits = model(self.rt.images(images))
+                with self.rt.autocast():
+                    logits = model(self.rt.images(images)).float()
                 im, cond_ent, marg_ent = pixel_information_maximization(logits)
                 terms = {"im": im.detach(), "conditional_entropy": cond_ent.detach(),
                          "marginal_entropy": marg_ent.detach()}

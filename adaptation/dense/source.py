@@ -63,11 +63,11 @@ def segmentation_optimizer(groups: list[tuple[nn.Module, float]], lr: float, wei
 
 def segmentation_loss(logits: torch.Tensor, aux: torch.Tensor | None, masks: torch.Tensor,
                       aux_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """CE(main) + aux_weight CE(aux), both ignoring 255; (total, terms)."""
-    terms = {"ce": F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)}
+    """CE(main) + aux_weight CE(aux), both ignoring 255, in float32; (total, terms)."""
+    terms = {"ce": F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)}
     total = terms["ce"]
     if aux is not None and aux_weight > 0:
-        terms["aux_ce"] = F.cross_entropy(aux, masks, ignore_index=IGNORE_INDEX)
+        terms["aux_ce"] = F.cross_entropy(aux.float(), masks, ignore_index=IGNORE_INDEX)
         total = total + aux_weight * terms["aux_ce"]
     return total, terms
 
@@ -96,6 +96,7 @@ class DenseSourceConfig:
     selection_checks: int = 5              # mIoU checks over the run (each is a full pass of the selection set)
     pretrained: str | None = None
     eval_target: str | None = None         # report mIoU on this data at the end
+    precision: str = "fp32"                # fp32 | bf16 | auto (bf16 autocast where the hardware computes it)
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -119,7 +120,7 @@ def selection_sets(cfg: DenseSourceConfig):
 
 def train_dense_source(cfg: DenseSourceConfig) -> dict:
     seed_everything(cfg.seed)
-    rt = Runtime.create(cfg.device, "fp32")
+    rt = Runtime.create(cfg.device, cfg.precision)
     train_set, selection_set, selection_name = selection_sets(cfg)
     base = train_set.dataset if isinstance(train_set, Subset) else train_set
     num_classes = base.num_classes
@@ -154,7 +155,8 @@ def train_dense_source(cfg: DenseSourceConfig) -> dict:
             lr = set_group_lr(optimizer, poly_lr(lr0, (step - 1) / total_iters, cfg.poly_power))
             masks = masks.to(rt.device)
             if (masks != IGNORE_INDEX).any():  # a crop of padding only carries no labels
-                logits, aux = model.forward_train(rt.images(images))
+                with rt.autocast():
+                    logits, aux = model.forward_train(rt.images(images))
                 loss, terms = segmentation_loss(logits, aux, masks, aux_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -180,6 +182,7 @@ def train_dense_source(cfg: DenseSourceConfig) -> dict:
     if cfg.eval_target:
         from .evaluate import evaluate_dense_model
 
-        metrics["target"] = evaluate_dense_model(run_dir / CHECKPOINT, cfg.eval_target, device=cfg.device)
+        metrics["target"] = evaluate_dense_model(run_dir / CHECKPOINT, cfg.eval_target, device=cfg.device,
+                                                 precision=cfg.precision)
     write_json(run_dir / "metrics.json", metrics)
     return metrics
