@@ -10,7 +10,8 @@ Writes results.jsonl and a markdown table (table.md) to the output folder.
     python scripts/run_figures_benchmark.py --seeds 0 1 2 --out runs/figures-benchmark
 
 Defaults sized for a CPU: ResNet-18 + deconv at width 128 (published 256), 15 source epochs and 5
-mean-teacher epochs (the configs' own defaults are 30 and 10).
+mean-teacher epochs (the configs' own defaults are 30 and 10). Training and adaptation run under bf16 autocast where
+the hardware computes it (`--precision auto`; fp32 elsewhere or with `--precision fp32`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def source_model(out: Path, seed: int, args) -> dict:
     if not (run / "metrics.json").exists():
         train_pose_source(PoseSourceConfig(data=SOURCE, backbone=args.backbone, head=args.head,
                                            head_channels=args.head_channels, epochs=args.source_epochs,
-                                           eval_target=f"{TARGET}:test", seed=seed, run_dir=str(run), progress=False))
+                                           eval_target=f"{TARGET}:test", precision=args.precision, seed=seed,
+                                           run_dir=str(run), progress=False))
     return json.loads((run / "metrics.json").read_text())
 
 
@@ -44,7 +46,8 @@ def adapted(out: Path, seed: int, args) -> dict:
     run = out / f"mean-teacher-s{seed}"
     if not (run / "metrics.json").exists():
         PoseMeanTeacher(PoseAdaptConfig(source=str(out / f"source-s{seed}"), target=TARGET, epochs=args.epochs,
-                                        seed=seed, run_dir=str(run), progress=False)).run()
+                                        precision=args.precision, seed=seed, run_dir=str(run),
+                                        progress=False)).run()
     return json.loads((run / "metrics.json").read_text())
 
 
@@ -67,6 +70,9 @@ def main(argv=None) -> None:
     p.add_argument("--head-channels", type=int, default=128, help="deconv width (published: 256)")
     p.add_argument("--source-epochs", type=int, default=15, help="source epochs (PoseSourceConfig: 30)")
     p.add_argument("--epochs", type=int, default=5, help="adaptation epochs (PoseAdaptConfig: 10)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="source training and "
+                   "adaptation (default auto: bf16 autocast where the CPU or GPU computes it natively, 3x faster "
+                   "on AMX CPUs)")
     p.add_argument("--out", default="runs/figures-benchmark")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -89,7 +95,8 @@ def report(rows: list[dict], args) -> str:
     seeds = len({r["seed"] for r in rows})
     return (f"Pose on {SOURCE} -> {TARGET} ({TARGET}:test; in-domain: {SOURCE}:test), {args.backbone}+{args.head} "
             f"(width {args.head_channels}), "
-            f"source {args.source_epochs} epochs, mean teacher {args.epochs} epochs, {seeds} seed(s); PCK and AP in %"
+            f"source {args.source_epochs} epochs, mean teacher {args.epochs} epochs, precision {args.precision}, "
+            f"{seeds} seed(s); PCK and AP in %"
             f"\n\n" + table(rows) + "\n")
 
 

@@ -12,6 +12,8 @@ started again. Writes results.jsonl and a markdown table (table.md) to the outpu
 Defaults sized for a CPU: the DTN of the digits experiments at output stride 4 with 64-channel
 heads, trained from scratch with Adam (2e-3, poly) for 8 epochs (1,500 iterations: SGD at the
 papers' 0.01 leaves from-scratch models at all-background that long), and 5 adaptation epochs.
+Training and adaptation run under bf16 autocast where the hardware computes it (`--precision auto`;
+fp32 elsewhere or with `--precision fp32`).
 `--backbone resnet18 --head-channels 512 --optimizer sgd --epochs 15` gives the papers' widths,
 optimiser and adaptation length for a GPU.
 """
@@ -40,7 +42,7 @@ def source_model(out: Path, head: str, seed: int, args) -> dict:
     if not (run / "metrics.json").exists():
         cfg = DenseSourceConfig(data=SOURCE, backbone=args.backbone, head=head, head_channels=args.head_channels,
                                 optimizer=args.optimizer, epochs=args.source_epochs, eval_target=f"{TARGET}:test",
-                                seed=seed, run_dir=str(run), progress=False)
+                                precision=args.precision, seed=seed, run_dir=str(run), progress=False)
         train_dense_source(cfg)
     return json.loads((run / "metrics.json").read_text())
 
@@ -49,7 +51,7 @@ def adapted(out: Path, head: str, method: str, seed: int, args) -> dict:
     run = out / f"{head}-{method}-s{seed}"
     if not (run / "metrics.json").exists():
         cfg = DenseAdaptConfig(source=str(out / f"source-{head}-s{seed}"), target=TARGET, method=method, seed=seed,
-                               epochs=args.epochs, run_dir=str(run), progress=False)
+                               epochs=args.epochs, precision=args.precision, run_dir=str(run), progress=False)
         DenseShotAdapter(cfg).run()
     return json.loads((run / "metrics.json").read_text())
 
@@ -75,6 +77,9 @@ def main(argv=None) -> None:
     p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="source training (default adam)")
     p.add_argument("--source-epochs", type=int, default=8)
     p.add_argument("--epochs", type=int, default=5, help="adaptation epochs (SHOT's own default is 15)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="source training and "
+                   "adaptation (default auto: bf16 autocast where the CPU or GPU computes it natively, 3x faster "
+                   "on AMX CPUs)")
     p.add_argument("--out", default="runs/scenes-benchmark")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -99,7 +104,7 @@ def report(rows: list[dict], args) -> str:
     seeds = statistics.mean(len({r["seed"] for r in rows if r["head"] == h}) for h in {r["head"] for r in rows})
     return (f"mIoU (%) on {TARGET}:test (in-domain: {SOURCE}:test), backbone {args.backbone}, head width "
             f"{args.head_channels}, source {args.optimizer} x {args.source_epochs} epochs, adaptation {args.epochs} "
-            f"epochs, {seeds:.0f} seed(s) per head\n\n" + table(rows) + "\n")
+            f"epochs, precision {args.precision}, {seeds:.0f} seed(s) per head\n\n" + table(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -257,6 +257,11 @@ def test_precision_reaches_segmentation_training_and_adaptation(tiny_scenes, tmp
     assert json.loads((tmp_path / "src" / "config.json").read_text())["precision"] == precision
     metrics = json.loads((tmp_path / "ad" / "metrics.json").read_text())
     assert metrics["config"]["precision"] == precision and 0 <= metrics["test_miou"] <= 100
+    # reported scores are fp32 whatever the training precision: `evaluate` reproduces them exactly
+    from adaptation.dense.evaluate import evaluate_dense_model
+
+    assert evaluate_dense_model(tmp_path / "ad", "builtin:scenes/textured:test", device="cpu")["miou"] == \
+        pytest.approx(metrics["test_miou"], abs=1e-9)
     # classification has no bf16 path: refused in one line
     capsys.readouterr()
     assert train_source_main(["--data", "builtin:digits/uci", "--precision", "bf16", "--out", str(tmp_path / "c")]) == 2

@@ -10,7 +10,7 @@ import contextlib
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -90,6 +90,11 @@ class Runtime:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def scoring(self) -> "Runtime":
+        """This runtime without autocast: reported scores are computed in fp32 whatever the training
+        precision, so that `workbench evaluate` reproduces them on any hardware."""
+        return replace(self, amp_dtype=None)
 
     def prepare_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """Move a module to the device and memory format the runtime uses."""

@@ -101,8 +101,8 @@ def public_scores(scores: dict, prefix: str = "") -> dict:
 
 
 def evaluate_dense_model(path, data: str, device: str = "auto", batch_size: int = EVAL_BATCH,
-                         save_predictions: str | None = None, workers: int = 0, precision: str = "fp32") -> dict:
-    rt = Runtime.create(device, precision)
+                         save_predictions: str | None = None, workers: int = 0) -> dict:
+    rt = Runtime.create(device, "fp32")
     model, state = load_dense_model(path, rt)
     dataset = load_dense_target(data, state["model_config"])
     scores = segmentation_pass(model, eval_loader(dataset, batch_size, workers), rt, dataset.num_classes,

@@ -151,7 +151,7 @@ class PoseMeanTeacher:
     def scores(self, data: KeypointDataset | None) -> dict | None:
         if data is None:
             return None
-        return pose_scores(predict_joints(self.teacher, data, self.rt, self.cfg.flip_test), data)
+        return pose_scores(predict_joints(self.teacher, data, self.rt.scoring(), self.cfg.flip_test), data)
 
     def step(self, batch: dict) -> dict[str, float]:
         with torch.no_grad(), self.rt.autocast():

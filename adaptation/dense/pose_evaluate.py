@@ -145,8 +145,8 @@ def skeleton_of(dataset: KeypointDataset) -> list[tuple[int, int]]:
 
 
 def evaluate_pose_model(path, data: str, device: str = "auto", flip_test: bool = True, results_json=None,
-                        workers: int = 0, precision: str = "fp32") -> dict:
-    rt = Runtime.create(device, precision)
+                        workers: int = 0) -> dict:
+    rt = Runtime.create(device, "fp32")
     model, state = load_dense_model(path, rt, task=TASK)
     dataset = load_pose_data(data, state["model_config"])
     scores = pose_scores(predict_joints(model, dataset, rt, flip_test, workers=workers), dataset)

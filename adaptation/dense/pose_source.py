@@ -137,7 +137,7 @@ def train_pose_source(cfg: PoseSourceConfig) -> dict:
                 logger.scalars("source", {"loss": loss.item(), "lr": lr}, step)
             logger.advance(1)
             if step % check_every == 0 or step == total_iters:
-                scores = pose_scores(predict_joints(model, selection_set, rt, cfg.flip_test), selection_set)
+                scores = pose_scores(predict_joints(model, selection_set, rt.scoring(), cfg.flip_test), selection_set)
                 logger.scalars("selection", {"ap": scores["ap"], "pck@0.05": scores["pck@0.05"],
                                              "pck@0.1": scores["pck@0.1"]}, step)
                 if scores["ap"] >= best["ap"]:  # ties go to the later model, as the other sources
@@ -154,6 +154,6 @@ def train_pose_source(cfg: PoseSourceConfig) -> dict:
         from .pose_evaluate import evaluate_pose_model
 
         metrics["target"] = evaluate_pose_model(run_dir / CHECKPOINT, cfg.eval_target, device=cfg.device,
-                                                flip_test=cfg.flip_test, precision=cfg.precision)
+                                                flip_test=cfg.flip_test)
     write_json(run_dir / "metrics.json", metrics)
     return metrics

@@ -183,7 +183,7 @@ class DenseShotAdapter:
                 if i in self.panel_indices:
                     panels[i] = logits[j].argmax(0).cpu().numpy()
 
-        scores = segmentation_pass(self.model, self.eval_loader, self.rt, self.num_classes, save_dir=save_dir,
+        scores = segmentation_pass(self.model, self.eval_loader, self.rt.scoring(), self.num_classes, save_dir=save_dir,
                                    names=self.target.names, on_batch=on_batch)
         scores["panels"] = panels
         if sample:
@@ -212,7 +212,7 @@ class DenseShotAdapter:
     def test_scores(self) -> dict | None:
         if self.test_loader is None:
             return None
-        return segmentation_pass(self.model, self.test_loader, self.rt, self.num_classes)
+        return segmentation_pass(self.model, self.test_loader, self.rt.scoring(), self.num_classes)
 
     # ------------------------------------------------------------ logging
     def _log_evaluation(self, logger: RunLogger, result: dict, epoch: int) -> None:

@@ -166,7 +166,7 @@ def train_dense_source(cfg: DenseSourceConfig) -> dict:
                                               "lr": lr}, step)
             logger.advance(1)
             if step % check_every == 0 or step == total_iters:
-                scores = segmentation_pass(model, selection_loader, rt, num_classes)
+                scores = segmentation_pass(model, selection_loader, rt.scoring(), num_classes)
                 logger.scalars("selection", {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"]},
                                step)
                 if scores["miou"] >= best["miou"]:  # ties go to the later model, as the classification source
@@ -182,7 +182,6 @@ def train_dense_source(cfg: DenseSourceConfig) -> dict:
     if cfg.eval_target:
         from .evaluate import evaluate_dense_model
 
-        metrics["target"] = evaluate_dense_model(run_dir / CHECKPOINT, cfg.eval_target, device=cfg.device,
-                                                 precision=cfg.precision)
+        metrics["target"] = evaluate_dense_model(run_dir / CHECKPOINT, cfg.eval_target, device=cfg.device)
     write_json(run_dir / "metrics.json", metrics)
     return metrics
