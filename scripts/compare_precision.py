@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,37 +29,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from agents.resumable import final_evaluation, train_to  # noqa: E402
 from workbench.logging import mean_sd  # noqa: E402
 
 PRECISIONS = ("bf16", "fp32")
 CURVES = {"train": "train/episode_return", "test": "test/episode_return"}
-
-
-def run_finished(run: Path, total_steps: int) -> bool:
-    path = run / "metrics.json"
-    if not path.exists():
-        return False
-    m = json.loads(path.read_text())
-    return not m["interrupted"] and m["env_steps"] >= total_steps
-
-
-def train(run: Path, env: str, precision: str, seed: int, total_steps: int, extra: list[str]) -> None:
-    script = [sys.executable, str(ROOT / "scripts" / "train_procgen.py"), "--no-progress", "--no-video"]
-    if (run / "checkpoint.pt").exists():
-        cmd = script + ["--resume", str(run), "--total-steps", str(total_steps)]
-    else:
-        cmd = script + ["--env", env, "--precision", precision, "--seed", str(seed), "--total-steps",
-                        str(total_steps), "--runs-root", str(run.parent), "--run-name", run.name, *extra]
-    print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-
-
-def final_evaluation(run: Path, episodes: int) -> dict:
-    out = run / f"final_evaluation_{episodes}.json"
-    if not out.exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate_procgen.py"), str(run), "--episodes",
-                        str(episodes), "--seed", "12345", "--out", str(out)], check=True, capture_output=True)
-    return json.loads(out.read_text())
 
 
 def curves(run: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -148,8 +121,7 @@ def main(argv=None) -> None:
     for seed in args.seeds:  # seed-major: a stopped run leaves whole bf16/fp32 pairs
         for precision in args.precisions:
             run = out / f"{precision}-s{seed}"
-            if not run_finished(run, args.total_steps):
-                train(run, args.env, precision, seed, args.total_steps, extra)
+            train_to(run, args.total_steps, ["--env", args.env, "--precision", precision, "--seed", str(seed), *extra])
             metrics = json.loads((run / "metrics.json").read_text())
             final = final_evaluation(run, args.episodes)
             rows.append({"precision": precision, "seed": seed, "test": final["mean_return"],

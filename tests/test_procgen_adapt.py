@@ -89,3 +89,38 @@ def test_clear_errors_for_mismatched_sources_and_targets(source_run, tmp_path):
     rainbow = tiny_source(tmp_path / "rainbow", algo="rainbow")
     with pytest.raises(CheckpointError, match="needs a policy head"):
         tiny_adapt(rainbow, tmp_path / "y")
+
+
+def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_run, tmp_path, capsys):
+    """The table's figures are the adaptation runs' and the target-trained agent's own evaluations; the
+    reference agent repeats the source recipe in the target visuals; a second call retrains nothing."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "run_procgen_adapt_benchmark", Path(__file__).resolve().parents[1] / "scripts/run_procgen_adapt_benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--games", "bigfish", "--source-run", f"bigfish={source_run}", "--total-steps", "128", "--methods",
+            "shot-im", "--frames", "64", "--epochs", "1", "--episodes", "2", "--out", str(tmp_path)]
+    bench.main(argv)
+    rows = {r["column"]: r["return"] for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
+    adapted = json.loads((tmp_path / "bigfish-shot-im-s0" / "metrics.json").read_text())
+    assert rows["shot-im, target"] == adapted["adapted_agent"]["target"]["mean_return"]
+    assert rows["source agent, source"] == adapted["source_agent"]["source"]["mean_return"]
+    target_run = tmp_path / "bigfish-target-s0"
+    config = json.loads((target_run / "config.json").read_text())
+    source_config = json.loads((source_run / "config.json").read_text())
+    assert config["visual"] == ["no-backgrounds", "monochrome"] and config["env"] == "bigfish"
+    assert config["agent"]["num_envs"] == source_config["agent"]["num_envs"]
+    assert config["agent"]["num_steps"] == source_config["agent"]["num_steps"]
+    assert json.loads((target_run / "metrics.json").read_text())["env_steps"] >= 128
+    evaluation = json.loads((target_run / "evaluation_target_2.json").read_text())
+    assert rows["trained in target, target"] == evaluation["mean_return"] and evaluation["episodes"] == 2
+    assert "| bigfish |" in (tmp_path / "table.md").read_text()
+    stamp = (target_run / "checkpoint.pt").stat().st_mtime_ns
+    bench.main(argv)
+    assert (target_run / "checkpoint.pt").stat().st_mtime_ns == stamp
+    # a source run of another game is refused in one line
+    with pytest.raises(SystemExit, match="give a PPO run on starpilot"):
+        bench.main(["--games", "starpilot", "--source-run", f"starpilot={source_run}", "--out", str(tmp_path / "x")])

@@ -1,0 +1,50 @@
+"""Train-to-a-budget and cached evaluation for drivers that train several Procgen runs into fixed
+directories (scripts/compare_precision.py, scripts/run_procgen_adapt_benchmark.py): a finished run
+is kept, an interrupted one resumed from its checkpoint, so a driver can be stopped and started again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EVALUATION_SEED = 12345   # the levels every final evaluation plays (evaluate_procgen's default)
+
+
+def run_finished(run: Path, total_steps: int) -> bool:
+    path = Path(run) / "metrics.json"
+    if not path.exists():
+        return False
+    m = json.loads(path.read_text())
+    return not m["interrupted"] and m["env_steps"] >= total_steps
+
+
+def train_to(run: Path, total_steps: int, train_args: list[str]) -> None:
+    """`scripts/train_procgen.py` into `run` until `total_steps`: a new run with `train_args`, or the
+    saved run resumed (its own config; `train_args` are not reapplied)."""
+    run = Path(run)
+    if run_finished(run, total_steps):
+        return
+    script = [sys.executable, str(ROOT / "scripts" / "train_procgen.py"), "--no-progress", "--no-video"]
+    if (run / "checkpoint.pt").exists():
+        cmd = script + ["--resume", str(run), "--total-steps", str(total_steps)]
+    else:
+        cmd = script + [*train_args, "--total-steps", str(total_steps), "--runs-root", str(run.parent),
+                        "--run-name", run.name]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def final_evaluation(run: Path, episodes: int, visual: list[str] | None = None, name: str | None = None) -> dict:
+    """`scripts/evaluate_procgen.py` on unseen levels (seed EVALUATION_SEED), cached as JSON in the run:
+    `visual=None` plays the visuals the agent was trained in, a list (empty: the game's own) others."""
+    out = Path(run) / (name or f"final_evaluation_{episodes}.json")
+    if not out.exists():
+        cmd = [sys.executable, str(ROOT / "scripts" / "evaluate_procgen.py"), str(run), "--episodes", str(episodes),
+               "--seed", str(EVALUATION_SEED), "--out", str(out)]
+        if visual is not None:
+            cmd += ["--visual", *visual]
+        subprocess.run(cmd, check=True, capture_output=True)
+    return json.loads(out.read_text())

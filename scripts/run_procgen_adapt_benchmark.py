@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Procgen agents adapted to an unseen visual domain without rewards: a table over games.
+
+For every game and seed, in <out>:
+    <game>-source-s<seed>      PPO (+ mixreg) trained in the game's own visuals
+                               (or an existing run: --source-run <game>=<run dir>)
+    <game>-target-s<seed>      the same recipe trained directly in the target visuals for as many
+                               env steps: the reference adaptation tries to approach
+    <game>-<method>-s<seed>    the source agent's encoder adapted with SHOT-IM / SHOT on frames of
+                               the target visuals (`workbench adapt --target procgen:<game>:<visual>`)
+Every agent is scored on unseen levels of both domains with the same episodes and evaluation seed.
+Finished pieces are skipped and interrupted trainings resumed, so the script can be stopped and
+started again. Writes results.jsonl and table.md to <out>.
+
+    python scripts/run_procgen_adapt_benchmark.py --games starpilot bigfish fruitbot --total-steps 500000 \\
+        --source-run starpilot=runs/precision/fp32-s0 --out runs/procgen-adapt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from adaptation.procgen_adapt import METHODS, ProcgenAdaptConfig, ProcgenAdapter  # noqa: E402
+from agents.resumable import final_evaluation, run_finished, train_to  # noqa: E402
+from envs.procgen import GAMES, visual_options  # noqa: E402
+from workbench.logging import mean_sd  # noqa: E402
+
+DEFAULT_VISUAL = ["no-backgrounds", "monochrome"]
+
+
+def recipe_args(config: dict, seed: int) -> list[str]:
+    """train_procgen.py flags that repeat a run's recipe (game, protocol, envs, network, mixreg, precision)."""
+    agent = config.get("agent_resolved") or config["agent"]
+    return ["--env", config["env"], "--algo", config["algo"], "--protocol", config["protocol"], "--seed", str(seed),
+            "--precision", config["precision"], "--num-envs", str(agent["num_envs"]), "--num-steps",
+            str(agent["num_steps"]), "--backbone", agent["backbone"], "--lr", str(agent["learning_rate"]),
+            "--mixreg" if agent.get("mixreg") else "--no-mixreg", "--mix-alpha", str(agent["mix_alpha"]),
+            "--reward-norm-gamma", str(agent["reward_norm_gamma"])]
+
+
+def source_agent(out: Path, game: str, seed: int, args) -> Path:
+    given = dict(item.split("=", 1) for item in args.source_run).get(game)
+    if given:
+        run = Path(given)
+        config = json.loads((run / "config.json").read_text())
+        if config["env"] != game or config["algo"] != "ppo" or config.get("visual"):
+            raise SystemExit(f"error: --source-run {game}={run} is a {config['algo']} run on {config['env']} "
+                             f"(visual {config.get('visual') or 'default'}): give a PPO run on {game} in its own "
+                             "visuals")
+        if not run_finished(run, args.total_steps):
+            raise SystemExit(f"error: --source-run {run} has not finished {args.total_steps} steps: resume it "
+                             "first or lower --total-steps")
+        return run
+    run = out / f"{game}-source-s{seed}"
+    train_to(run, args.total_steps, ["--env", game, "--seed", str(seed), "--precision", args.precision, *args.extra])
+    return run
+
+
+def target_agent(out: Path, game: str, seed: int, source: Path, args) -> Path:
+    run = out / f"{game}-target-s{seed}"
+    recipe = recipe_args(json.loads((source / "config.json").read_text()), seed)
+    train_to(run, args.total_steps, [*recipe, "--visual", *args.visual])
+    return run
+
+
+def adapted_agent(out: Path, game: str, method: str, seed: int, source: Path, args) -> dict:
+    run = out / f"{game}-{method}-s{seed}"
+    if not (run / "metrics.json").exists():
+        ProcgenAdapter(ProcgenAdaptConfig(source=str(source), target=f"procgen:{game}:{'+'.join(args.visual)}",
+                                          method=method, frames=args.frames, epochs=args.epochs,
+                                          eval_episodes=args.episodes, seed=seed, run_dir=str(run),
+                                          progress=False)).run()
+    return json.loads((run / "metrics.json").read_text())
+
+
+def target_return(run: Path, args) -> float:
+    """Mean test return of the agent trained in the target visuals, in them (as the adapter evaluates)."""
+    return final_evaluation(run, args.episodes, args.visual, name=f"evaluation_target_{args.episodes}.json")[
+        "mean_return"]
+
+
+COLUMNS = ("source agent, source", "source agent, target", *(f"{m}, target" for m in METHODS),
+           *(f"{m}, source" for m in METHODS), "trained in target, target")
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| game | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for game in sorted({r["game"] for r in rows}):
+        cells = []
+        for column in COLUMNS:
+            values = [r["return"] for r in rows if (r["game"], r["column"]) == (game, column)]
+            cells.append(mean_sd(values, 2, count=True) if values else "—")
+        lines.append(f"| {game} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict], args) -> str:
+    return (f"Mean test return on unseen levels ({args.episodes} episodes per agent and domain); target visuals "
+            f"{'+'.join(args.visual)}; agents trained for {args.total_steps} env steps; adaptation on {args.frames} "
+            f"frames collected by the source policy, {args.epochs} epochs; mean ± sd over seeds (n)\n\n"
+            + table(rows) + "\n")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--games", nargs="+", default=["starpilot", "bigfish", "fruitbot"], choices=GAMES)
+    p.add_argument("--visual", nargs="+", default=DEFAULT_VISUAL, help="the target domain's visual options "
+                   f"(default {' '.join(DEFAULT_VISUAL)})")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--total-steps", type=int, default=500_000, help="env steps of the source and target agents")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="for agents trained here")
+    p.add_argument("--source-run", action="append", default=[], metavar="GAME=RUN_DIR",
+                   help="use this finished PPO run as the game's source agent (for every seed)")
+    p.add_argument("--frames", type=int, default=ProcgenAdaptConfig.frames)
+    p.add_argument("--epochs", type=int, default=ProcgenAdaptConfig.epochs, help="adaptation epochs")
+    p.add_argument("--episodes", type=int, default=100, help="evaluation episodes per agent and domain")
+    p.add_argument("--out", default="runs/procgen-adapt")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train_procgen.py flags for the source "
+                   "agents trained here (the target agents repeat their recipe)")
+    args = p.parse_args(argv)
+    args.extra = [a for a in args.extra if a != "--"]
+    visual_options(args.visual)  # unknown names fail here, listing the valid ones
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in args.seeds:
+        for game in args.games:
+            source = source_agent(out, game, seed, args)
+            target = target_agent(out, game, seed, source, args)
+
+            def add(column: str, value: float) -> None:
+                rows.append({"game": game, "seed": seed, "column": column, "return": value})
+
+            for method in args.methods:
+                m = adapted_agent(out, game, method, seed, source, args)
+                if method == args.methods[0]:  # the source agent's scores, from the adaptation run's evaluation
+                    add("source agent, source", m["source_agent"]["source"]["mean_return"])
+                    add("source agent, target", m["source_agent"]["target"]["mean_return"])
+                add(f"{method}, target", m["adapted_agent"]["target"]["mean_return"])
+                add(f"{method}, source", m["adapted_agent"]["source"]["mean_return"])
+            add("trained in target, target", target_return(target, args))
+            print(f"seed {seed} {game}: " + ", ".join(f"{r['column']} {r['return']:.2f}" for r in rows
+                                                      if (r["game"], r["seed"]) == (game, seed)), flush=True)
+            (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (out / "table.md").write_text(report(rows, args))
+    print(report(rows, args))
+
+
+if __name__ == "__main__":
+    main()
