@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from adaptation.procgen_adapt import METHODS, ProcgenAdaptConfig, ProcgenAdapter  # noqa: E402
 from agents.resumable import final_evaluation, run_finished, train_to  # noqa: E402
 from envs.procgen import GAMES, visual_options  # noqa: E402
-from workbench.logging import mean_sd  # noqa: E402
+from workbench.logging import seed_table  # noqa: E402
 
 DEFAULT_VISUAL = ["no-backgrounds", "monochrome"]
 
@@ -89,22 +89,11 @@ COLUMNS = ("source agent, source", "source agent, target", *(f"{m}, target" for 
            *(f"{m}, source" for m in METHODS), "trained in target, target")
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| game | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for game in sorted({r["game"] for r in rows}):
-        cells = []
-        for column in COLUMNS:
-            values = [r["return"] for r in rows if (r["game"], r["column"]) == (game, column)]
-            cells.append(mean_sd(values, 2, count=True) if values else "—")
-        lines.append(f"| {game} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def report(rows: list[dict], args) -> str:
     return (f"Mean test return on unseen levels ({args.episodes} episodes per agent and domain); target visuals "
             f"{'+'.join(args.visual)}; agents trained for {args.total_steps} env steps; adaptation on {args.frames} "
             f"frames collected by the source policy, {args.epochs} epochs; mean ± sd over seeds (n)\n\n"
-            + table(rows) + "\n")
+            + seed_table(rows, "game", COLUMNS, "return", digits=2) + "\n")
 
 
 def main(argv=None) -> None:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptation.dense.heads import list_heads  # noqa: E402
 from adaptation.dense.shot import METHODS, DenseAdaptConfig, DenseShotAdapter  # noqa: E402
 from adaptation.dense.source import DenseSourceConfig, train_dense_source  # noqa: E402
-from workbench.logging import mean_sd  # noqa: E402
+from workbench.logging import seed_table  # noqa: E402
 
 SOURCE, TARGET = "builtin:scenes/printed", "builtin:scenes/textured"
 COLUMNS = ("in-domain", "source-only", *METHODS)
@@ -54,17 +54,6 @@ def adapted(out: Path, head: str, method: str, seed: int, args) -> dict:
                                epochs=args.epochs, precision=args.precision, run_dir=str(run), progress=False)
         DenseShotAdapter(cfg).run()
     return json.loads((run / "metrics.json").read_text())
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| head | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for head in sorted({r["head"] for r in rows}):
-        cells = []
-        for column in COLUMNS:
-            values = [r["miou"] for r in rows if (r["head"], r["column"]) == (head, column)]
-            cells.append(mean_sd(values, count=True) if values else "—")
-        lines.append(f"| {head} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -104,7 +93,8 @@ def report(rows: list[dict], args) -> str:
     seeds = statistics.mean(len({r["seed"] for r in rows if r["head"] == h}) for h in {r["head"] for r in rows})
     return (f"mIoU (%) on {TARGET}:test (in-domain: {SOURCE}:test), backbone {args.backbone}, head width "
             f"{args.head_channels}, source {args.optimizer} x {args.source_epochs} epochs, adaptation {args.epochs} "
-            f"epochs, precision {args.precision}, {seeds:.0f} seed(s) per head\n\n" + table(rows) + "\n")
+            f"epochs, precision {args.precision}, {seeds:.0f} seed(s) per head\n\n"
+            + seed_table(rows, "head", COLUMNS, "miou") + "\n")
 
 
 if __name__ == "__main__":

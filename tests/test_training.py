@@ -142,3 +142,14 @@ def test_training_with_the_coordinate_attention_backbone(tmp_path):
     assert rc == 0
     state = load_checkpoint(tmp_path / "ca")["agent_state"]
     assert any("attention" in k for k in state["model"])
+
+
+def test_seed_table_cells_are_mean_sd_over_the_rows_of_each_cell():
+    from workbench.logging import seed_table
+
+    rows = [{"head": "fcn", "column": "a", "miou": 10.0}, {"head": "fcn", "column": "a", "miou": 14.0},
+            {"head": "fcn", "column": "b", "miou": 3.0}, {"head": "issa", "column": "b", "miou": 5.25}]
+    lines = seed_table(rows, "head", ("a", "b"), "miou").splitlines()
+    assert lines[0] == "| head | a | b |" and lines[1] == "|---|---|---|"
+    # sample sd of 10 and 14 is 2.83; one value has no sd; an empty cell is a dash
+    assert lines[2] == "| fcn | 12.0 ± 2.8 (n=2) | 3.0 (n=1) |" and lines[3] == "| issa | — | 5.2 (n=1) |"

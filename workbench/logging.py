@@ -38,6 +38,19 @@ def mean_sd(values, digits: int = 1, count: bool = False) -> str:
     return text + (f" (n={len(values)})" if count else "")
 
 
+def seed_table(rows: list[dict], row_key: str, columns, value_key: str, digits: int = 1) -> str:
+    """A markdown table of `mean_sd` over seeds: a line per distinct row[row_key] (sorted), a cell per
+    entry of `columns` (matched against row["column"]), "—" where nothing was run."""
+    lines = [f"| {row_key} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name in sorted({r[row_key] for r in rows}):
+        cells = []
+        for column in columns:
+            values = [r[value_key] for r in rows if (r[row_key], r["column"]) == (name, column)]
+            cells.append(mean_sd(values, digits, count=True) if values else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
     """Write JSON atomically (temp file + rename), so readers never see half a file."""
     path = Path(path)
