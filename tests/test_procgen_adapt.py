@@ -102,7 +102,8 @@ def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_r
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     argv = ["--games", "bigfish", "--source-run", f"bigfish={source_run}", "--total-steps", "128", "--methods",
-            "shot-im", "--frames", "64", "--epochs", "1", "--episodes", "2", "--out", str(tmp_path)]
+            "shot-im", "--visual", "no-backgrounds", "monochrome", "--frames", "64", "--epochs", "1", "--episodes", "2",
+            "--out", str(tmp_path)]
     bench.main(argv)
     rows = {r["column"]: r["return"] for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
     adapted = json.loads((tmp_path / "bigfish-shot-im-s0" / "metrics.json").read_text())
