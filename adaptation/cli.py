@@ -144,7 +144,7 @@ def _train_source(argv) -> int:
     from .dense.source import DenseSourceConfig
     from .label_noise import NOISE_TYPES
     from .objectives import OBJECTIVES
-    from .source import SourceConfig
+    from .source import KEEP_CHOICES, SourceConfig
 
     d, ds, ps = SourceConfig(), DenseSourceConfig(), PoseSourceConfig()
     p = argparse.ArgumentParser(prog="workbench train-source",
@@ -180,6 +180,9 @@ def _train_source(argv) -> int:
     p.add_argument("--select-on", default=None, help="data to select the checkpoint on (default: the test split "
                    "of built-in digits or scenes, else a held-out 10%% of --data)")
     p.add_argument("--eval-target", default=None, help="also report accuracy (mIoU) on this data at the end")
+    p.add_argument("--keep", default=d.keep, choices=KEEP_CHOICES, help="classification: the model to keep, the "
+                   "best selection check (default, the official protocol) or the last (noisy-label studies, where "
+                   "a clean selection set would be an oracle early stop)")
     p.add_argument("--objective", default=d.objective, choices=OBJECTIVES,
                    help="classification: ce (SHOT's label-smoothed cross-entropy), sat (self-adaptive training), "
                    "core-tuning (contrastive fine-tuning of a --pretrained or --init-from encoder), at (PGD adversarial training), "
@@ -200,9 +203,10 @@ def _train_source(argv) -> int:
     if a.task == "classification" and a.precision not in (None, "fp32"):
         return _fail(ValueError("--precision applies to segmentation and pose training; classification runs "
                                 "in fp32"))
-    if a.task != "classification" and (a.objective != "ce" or a.label_noise or a.resume or a.init_from):
-        return _fail(ValueError("--objective, --label-noise, --init-from and --resume apply to classification "
-                                "source training"))
+    if a.task != "classification" and (a.objective != "ce" or a.label_noise or a.resume or a.init_from
+                                       or a.keep != "best"):
+        return _fail(ValueError("--objective, --label-noise, --init-from, --keep and --resume apply to "
+                                "classification source training"))
     if a.task != "classification":
         try:
             single_process_only(f"{a.task} source training")
@@ -221,7 +225,7 @@ def _train_source(argv) -> int:
             epochs=_pick(a.epochs, d.epochs), batch_size=_pick(a.batch_size, d.batch_size),
             lr=_pick(a.lr, d.lr), pretrained=a.pretrained, init_from=a.init_from, transform=a.transform,
             select_on=a.select_on, eval_target=a.eval_target, objective=a.objective, label_noise=a.label_noise,
-            noise_type=a.noise_type, resume=a.resume, seed=a.seed,
+            noise_type=a.noise_type, keep=a.keep, resume=a.resume, seed=a.seed,
             device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress), dist)
     except USER_ERRORS as exc:
         return _fail(exc)

@@ -59,6 +59,9 @@ CHECKPOINT = "source.pt"
 TRAIN_STATE, TRAIN_STATE_KIND = "train-state.pt", "source-training"
 ROBUST_SLICE = 512          # selection samples attacked at every check of the adversarial objectives
 ADVERSARIAL = ("at", "cifs-at")
+# which model the checkpoint keeps: the best selection check, or the final model (with noisy training labels a clean
+# selection set is an oracle early stop, which hides memorisation; SAT's published figures are last-epoch figures)
+KEEP_CHOICES = ("best", "last")
 
 
 @dataclass
@@ -74,6 +77,7 @@ class SourceConfig:
     holdout: float = 0.1                   # fraction held out for selection when there is no `select_on`
     select_on: str | None = None           # selection data; default: the test split of built-in digits
     selection_checks: int = 10             # how many times over the run the selection accuracy is checked
+    keep: str = "best"                     # best: the best check (official protocol); last: the final model
     pretrained: str | None = None          # torchvision weights file for a ResNet backbone
     init_from: str | None = None           # or a source/adapted checkpoint whose backbone (same kind) to start from
     backbone_lr_mult: float | None = None  # default: 0.1 with pretrained weights, else 1
@@ -99,6 +103,9 @@ def check_source_config(cfg: SourceConfig) -> None:
         raise ValueError(f"--label-noise must be in [0, 1), got {cfg.label_noise}")
     if cfg.pretrained and cfg.init_from:
         raise ValueError("--pretrained and --init-from both give the backbone's starting weights: pass one")
+    if cfg.keep not in KEEP_CHOICES:
+        raise ValueError(f"unknown --keep {cfg.keep!r}: choose best (the best selection check) or last (the final "
+                         f"model)")
     if cfg.resume and not cfg.run_dir:
         raise ValueError("--resume continues the run in --out: give the run directory")
 
@@ -214,7 +221,7 @@ def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:
                 if cfg.label_noise > 0:
                     checked["fits_noisy_labels"] = noisy_fit(model, train_set, rt)
                 logger.scalars("source", checked, step)
-                if checked["selection_accuracy"] >= best["selection_accuracy"]:  # ties: the later model, officially
+                if keeps(cfg.keep, checked, best, final=step == total_iters):
                     best = {**best, **checked, "iteration": step, "epoch": step / len(loader)}
                     if dist.is_main:
                         save_checkpoint(run_dir / CHECKPOINT, SOURCE_KIND, {
@@ -234,6 +241,14 @@ def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:
             metrics["target"] = evaluate_model(run_dir / CHECKPOINT, cfg.eval_target, device=cfg.device)
         write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def keeps(keep: str, checked: dict, best: dict, final: bool) -> bool:
+    """Whether this check's model replaces the kept one: the best so far (ties: the later model, as the official
+    code does) or, with keep='last', the final one."""
+    if keep == "last":
+        return final
+    return checked["selection_accuracy"] >= best["selection_accuracy"]
 
 
 def load_backbone_from(model: ShotModel, path, backbone: str) -> None:

@@ -270,6 +270,28 @@ def test_noisy_labels_stay_out_of_selection_and_are_reported(tmp_path):
     assert metrics["selection_data"] == "builtin:digits/uci:test"  # clean labels: the test split
 
 
+def test_keep_last_saves_the_final_model_not_the_best_check(tmp_path):
+    from adaptation.source import keeps
+    from workbench.checkpoint import load_checkpoint
+
+    best = {"selection_accuracy": 90.0}
+    assert keeps("best", {"selection_accuracy": 90.0}, best, final=False)      # ties: the later model
+    assert not keeps("best", {"selection_accuracy": 80.0}, best, final=True)
+    assert keeps("last", {"selection_accuracy": 10.0}, best, final=True)
+    assert not keeps("last", {"selection_accuracy": 99.0}, best, final=False)
+    metrics = lenet_source(tmp_path, label_noise=0.4, epochs=2, selection_checks=3, keep="last")
+    saved = load_checkpoint(tmp_path / "source.pt", kind="source-model")
+    last = load_checkpoint(tmp_path / "train-state.pt", kind="source-training")
+    assert metrics["iteration"] == last["step"] == saved["iteration"]
+    for name, value in last["model"].items():
+        assert torch.equal(saved["model"][name], value), name
+
+
+def test_keep_refuses_an_unknown_choice(tmp_path):
+    with pytest.raises(ValueError, match="--keep"):
+        lenet_source(tmp_path, keep="first")
+
+
 def test_robust_source_models_are_ordinary_source_checkpoints(tmp_path):
     from adaptation.cli import evaluate_main
     from adaptation.model import build_model, model_config
