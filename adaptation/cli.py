@@ -189,7 +189,9 @@ def _train_source(argv) -> int:
                    "cifs-at (CIFS on a ResNet's last stage + AT)")
     p.add_argument("--label-noise", type=float, default=0.0, metavar="RATE",
                    help="corrupt exactly this fraction of the training labels (seeded by --seed), for experiments")
-    p.add_argument("--noise-type", default=d.noise_type, choices=NOISE_TYPES)
+    p.add_argument("--noise-type", default=d.noise_type, choices=NOISE_TYPES, help="symmetric (default): each "
+                   "corrupted label moves to another class, uniformly; pairflip: to the next class; uniform: re-drawn "
+                   "from all classes, the SAT code's corruption (about 9/10 of the rate end up wrong with 10 classes)")
     p.add_argument("--resume", action="store_true", help="classification: continue the run in --out from its "
                    "train-state.pt")
     p.add_argument("--seed", type=int, default=d.seed)

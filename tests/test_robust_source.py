@@ -28,6 +28,19 @@ def test_label_noise_hits_the_rate_exactly_and_is_reproducible(noise_type, rate)
         assert len(set(((noisy[changed] - clean[changed]) % 10).tolist())) == 9
 
 
+@pytest.mark.parametrize("rate", [0.4, 0.8])
+def test_uniform_noise_redraws_the_rate_from_all_classes_as_the_sat_code_does(rate):
+    clean = np.random.default_rng(3).integers(0, 10, 20000)
+    noisy = corrupt_labels(clean, rate, 10, "uniform", seed=7)
+    assert np.array_equal(noisy, corrupt_labels(clean, rate, 10, "uniform", seed=7))
+    # the same samples as the symmetric corruption are re-drawn; a tenth of them land on their true class
+    redrawn = corrupt_labels(clean, rate, 10, "symmetric", seed=7) != clean
+    assert np.array_equal(noisy[~redrawn], clean[~redrawn])
+    assert abs((noisy != clean).mean() - rate * 0.9) < 0.01
+    assert abs((noisy[redrawn] == clean[redrawn]).mean() - 0.1) < 0.01
+    assert set(noisy[redrawn].tolist()) == set(range(10))
+
+
 def test_label_noise_refuses_bad_settings():
     with pytest.raises(ValueError, match="unknown noise type"):
         corrupt_labels([0, 1], 0.5, 2, "asymmetric")
