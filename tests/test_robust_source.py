@@ -339,9 +339,11 @@ def test_robust_source_models_are_ordinary_source_checkpoints(tmp_path):
 
 @pytest.mark.slow
 def test_sat_beats_plain_training_at_40_percent_label_noise(tmp_path):
-    """LeNet on the handwritten digits, 40% symmetric noise, 20 epochs (about a minute each on one core)."""
-    plain = lenet_source(tmp_path / "ce", label_noise=0.4, epochs=20, selection_checks=10)
-    sat = lenet_source(tmp_path / "sat", objective="sat", label_noise=0.4, epochs=20, selection_checks=10)
+    """LeNet on the handwritten digits, 40% symmetric noise, 60 epochs, the final models compared on the clean
+    test split as the SAT paper does (about a minute each on one core; docs/RESULTS.md has the 200-epoch runs)."""
+    plain = lenet_source(tmp_path / "ce", label_noise=0.4, epochs=60, selection_checks=10, keep="last")
+    sat = lenet_source(tmp_path / "sat", objective="sat", label_noise=0.4, epochs=60, selection_checks=10, keep="last")
+    assert sat["fits_noisy_labels"] < plain["fits_noisy_labels"]
     assert sat["selection_accuracy"] > plain["selection_accuracy"]
 
 
