@@ -491,6 +491,9 @@ def evaluate_main(argv=None) -> int:
                    "an L-inf PGD attack (from the clean image, step eps/10; CIFS models through their joint loss)")
     p.add_argument("--eps", type=float, default=8 / 255, help="attack budget in [0, 1] pixel units (default 8/255)")
     p.add_argument("--steps", type=int, default=20, help="attack steps (default 20: PGD-20)")
+    p.add_argument("--attack-loss", default="model", choices=("model", "logits"), help="what PGD ascends: the "
+                   "model's training loss (default; CIFS: the joint loss with its probes, as the CIFS code) or the "
+                   "cross-entropy of the output logits alone")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--out", default=None, help="also write the result as JSON")
     a = p.parse_args(argv)
@@ -515,7 +518,7 @@ def evaluate_main(argv=None) -> int:
                 from .evaluate import evaluate_robustness
 
                 result["robustness"] = evaluate_robustness(a.model, a.data, eps=a.eps, steps=a.steps,
-                                                           device=a.device)
+                                                           device=a.device, attack_loss=a.attack_loss)
     except USER_ERRORS as exc:
         return _fail(exc)
     if a.out:

@@ -47,9 +47,16 @@ def evaluate_model(path, data: str, device: str = "auto", batch_size: int = 256)
             / max(1, sum(a is not None for a in per_class_accuracy(pred, labels, k)))}
 
 
-def evaluate_robustness(path, data: str, eps: float, steps: int, device: str = "auto", batch_size: int = 256) -> dict:
-    """Clean and PGD accuracy (%) of a classifier checkpoint; a CIFS model is attacked through the joint loss
-    of its network and probes, as the CIFS code evaluates it."""
+ATTACK_LOSSES = ("model", "logits")
+
+
+def evaluate_robustness(path, data: str, eps: float, steps: int, device: str = "auto", batch_size: int = 256,
+                        attack_loss: str = "model") -> dict:
+    """Clean and PGD accuracy (%) of a classifier checkpoint. attack_loss 'model': a CIFS model is attacked
+    through the joint loss of its network and probes, as the CIFS code evaluates it; 'logits': every model
+    through the cross-entropy of its output alone (a check that the probes do not mask the gradient)."""
+    if attack_loss not in ATTACK_LOSSES:
+        raise ValueError(f"unknown attack loss {attack_loss!r}: choose model or logits")
     from .adversarial import evaluation_attack, robust_accuracy
     from .objectives import cifs_joint_loss
 
@@ -57,8 +64,9 @@ def evaluate_robustness(path, data: str, eps: float, steps: int, device: str = "
     model, state = load_model(path, rt)
     dataset = load_target(data, state["model_config"])
     loss_of = None
-    if getattr(model.backbone, "cifs", None):
+    if attack_loss == "model" and getattr(model.backbone, "cifs", None):
         def loss_of(images, labels):
             return cifs_joint_loss(model(images), model.backbone.probe_logits, labels)
-    return robust_accuracy(model, make_loader(dataset, batch_size, train=False), evaluation_attack(eps, steps),
-                           state["model_config"].get("transform", "digits"), rt.device, loss_of=loss_of)
+    report = robust_accuracy(model, make_loader(dataset, batch_size, train=False), evaluation_attack(eps, steps),
+                             state["model_config"].get("transform", "digits"), rt.device, loss_of=loss_of)
+    return {**report, "attack": {**report["attack"], "loss": "joint" if loss_of else "logits"}}

@@ -335,6 +335,31 @@ def test_robust_source_models_are_ordinary_source_checkpoints(tmp_path):
                           "--steps", "2", "--device", "cpu", "--out", str(out)]) == 0
     report = json.loads(out.read_text())["robustness"]
     assert report["samples"] == 6 and report["attack"]["steps"] == 2 and report["robust_accuracy"] <= 100
+    assert report["attack"]["loss"] == "joint"
+    # --attack-loss logits: the same model attacked through its output's cross-entropy alone
+    assert evaluate_main(["--model", str(tmp_path / "cifs"), "--data", str(tmp_path / "list.txt"), "--attack", "pgd",
+                          "--steps", "2", "--attack-loss", "logits", "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["robustness"]["attack"]["loss"] == "logits"
+
+
+def test_attack_loss_picks_what_pgd_ascends(tmp_path, monkeypatch):
+    import adaptation.adversarial as adversarial
+    from adaptation.evaluate import evaluate_robustness
+    from adaptation.model import build_model, model_config
+    from workbench.checkpoint import save_checkpoint
+
+    config = model_config("resnet18", 10, backbone_kwargs={"cifs_classes": 10}, transform="digits")
+    save_checkpoint(tmp_path / "cifs" / "source.pt", "source-model",
+                    {"model_config": config, "model": build_model(config).state_dict(), "source_data": "test"})
+    seen = []
+    monkeypatch.setattr(adversarial, "robust_accuracy", lambda *a, loss_of=None, **k: seen.append(loss_of) or {
+        "attack": {}})
+    for choice in ("model", "logits"):
+        evaluate_robustness(tmp_path / "cifs", "builtin:digits/uci:test", eps=8 / 255, steps=1, device="cpu",
+                            attack_loss=choice)
+    assert callable(seen[0]) and seen[1] is None
+    with pytest.raises(ValueError, match="attack loss"):
+        evaluate_robustness(tmp_path / "cifs", "builtin:digits/uci:test", 8 / 255, 1, "cpu", attack_loss="probes")
 
 
 @pytest.mark.slow
