@@ -476,7 +476,7 @@ def _adapt_pose(cfg, adapter_cls) -> int:
 
 
 def evaluate_main(argv=None) -> int:
-    from .evaluate import evaluate_model
+    from .evaluate import ATTACK_LOSSES, evaluate_model
 
     p = argparse.ArgumentParser(prog="workbench evaluate", description="Accuracy (classification), mIoU "
                                 "(segmentation) or PCK and OKS AP (pose) of a source or adapted model.")
@@ -491,7 +491,7 @@ def evaluate_main(argv=None) -> int:
                    "an L-inf PGD attack (from the clean image, step eps/10; CIFS models through their joint loss)")
     p.add_argument("--eps", type=float, default=8 / 255, help="attack budget in [0, 1] pixel units (default 8/255)")
     p.add_argument("--steps", type=int, default=20, help="attack steps (default 20: PGD-20)")
-    p.add_argument("--attack-loss", default="model", choices=("model", "logits"), help="what PGD ascends: the "
+    p.add_argument("--attack-loss", default="model", choices=ATTACK_LOSSES, help="what PGD ascends: the "
                    "model's training loss (default; CIFS: the joint loss with its probes, as the CIFS code) or the "
                    "cross-entropy of the output logits alone")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)

@@ -23,7 +23,7 @@ def corrupt_labels(labels, rate: float, num_classes: int, noise_type: str = "sym
                    seed: int = 0) -> np.ndarray:
     """A corrupted copy of `labels` (N,) with exactly round(rate * N) of them changed (uniform: re-drawn)."""
     if noise_type not in NOISE_TYPES:
-        raise ValueError(f"unknown noise type {noise_type!r}: choose {' or '.join(NOISE_TYPES)}")
+        raise ValueError(f"unknown noise type {noise_type!r}: choose one of {', '.join(NOISE_TYPES)}")
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"--label-noise must be a rate in [0, 1], got {rate}")
     if num_classes < 2:

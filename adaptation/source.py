@@ -98,7 +98,7 @@ def check_source_config(cfg: SourceConfig) -> None:
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {cfg.objective!r}: choose one of {', '.join(OBJECTIVES)}")
     if cfg.noise_type not in NOISE_TYPES:
-        raise ValueError(f"unknown noise type {cfg.noise_type!r}: choose {' or '.join(NOISE_TYPES)}")
+        raise ValueError(f"unknown noise type {cfg.noise_type!r}: choose one of {', '.join(NOISE_TYPES)}")
     if not 0.0 <= cfg.label_noise < 1.0:
         raise ValueError(f"--label-noise must be in [0, 1), got {cfg.label_noise}")
     if cfg.pretrained and cfg.init_from:
