@@ -288,7 +288,7 @@ def adapt_config(argv=None):
     the source checkpoint; a `procgen:<game>[:<visual options>]` target gives a ProcgenAdaptConfig."""
     from .dense.mean_teacher import METHODS as POSE_METHODS
     from .dense.mean_teacher import PoseAdaptConfig
-    from .dense.shot import DenseAdaptConfig
+    from .dense.shot import DIVERSITY_PRIORS, DenseAdaptConfig
     from .dense.shot import METHODS as DENSE_METHODS
     from .rotation import KEEP_CHOICES
     from .procgen_adapt import ProcgenAdaptConfig
@@ -333,6 +333,11 @@ def adapt_config(argv=None):
                    help="segmentation: feature pixels per image sampled to fit the centroids")
     p.add_argument("--schedule", default=dd.schedule, choices=("shot", "poly"),
                    help="segmentation lr schedule: SHOT's (1+10p)^-0.75 or poly 0.9")
+    p.add_argument("--diversity-prior", default=dd.diversity_prior, choices=DIVERSITY_PRIORS,
+                   help="segmentation IM diversity: towards uniform class proportions (SHOT) or towards the source "
+                   "model's initial mean pixel prediction on the target (initial; background dominates pixels)")
+    p.add_argument("--diversity-weight", type=float, default=dd.diversity_weight,
+                   help="segmentation IM diversity weight (SHOT 1; URMA 0, entropy alone)")
     p.add_argument("--no-save-predictions", action="store_true", help="segmentation: skip the palette PNGs")
     p.add_argument("--cluster-backend", default="auto", choices=("auto", "faiss", "torch"))
     p.add_argument("--test-on", default=None, help="held-out target data scored before and after adapting "
@@ -378,6 +383,7 @@ def adapt_config(argv=None):
             source=a.source, target=a.target, method=a.method or dd.method, epochs=_pick(a.epochs, dd.epochs),
             batch_size=_pick(a.batch_size, dd.batch_size), lr=_pick(a.lr, dd.lr), schedule=a.schedule,
             beta=_pick(a.beta, dd.beta), pixels_per_image=a.pixels_per_image, cluster_backend=a.cluster_backend,
+            diversity_prior=a.diversity_prior, diversity_weight=a.diversity_weight,
             test_on=a.test_on, save_predictions=not a.no_save_predictions, precision=a.precision or dd.precision,
             seed=a.seed, device=a.device,
             workers=a.workers, run_dir=a.out, progress=not a.no_progress)

@@ -94,6 +94,28 @@ def test_pixel_im_loss_against_hand_computation():
     assert loss.item() == pytest.approx(hand_cond - hand_marg, rel=1e-4, abs=1e-6)
 
 
+def test_pixel_im_with_a_class_prior_is_kl_to_that_prior():
+    """With a prior pi the diversity term is KL(p_bar || pi): hand-computed, zero when p_bar = pi, and
+    with the uniform prior the same gradients as SHOT's -H(p_bar) (the losses differ by log K)."""
+    logits = torch.randn(2, 4, 3, 3, requires_grad=True)
+    prior = torch.tensor([0.7, 0.1, 0.1, 0.1])
+    loss, cond, _ = pixel_information_maximization(logits, prior, diversity_weight=0.5)
+    p_bar = [sum(torch.softmax(logits[n, :, i, j], 0)[k].item() for n in range(2) for i in range(3) for j in range(3))
+             / 18 for k in range(4)]
+    kl = sum(p * math.log(p / q) for p, q in zip(p_bar, prior.tolist()))
+    assert loss.item() == pytest.approx(cond.item() + 0.5 * kl, rel=1e-5)
+
+    at_prior, cond_at, _ = pixel_information_maximization(torch.zeros(1, 4, 2, 2), torch.full((4,), 0.25))
+    assert at_prior.item() == pytest.approx(cond_at.item(), abs=1e-6)
+
+    shot, _, _ = pixel_information_maximization(logits)
+    uniform, _, _ = pixel_information_maximization(logits, torch.full((4,), 0.25))
+    assert (uniform - shot).item() == pytest.approx(math.log(4), rel=1e-4)
+    g_shot, = torch.autograd.grad(shot, logits)
+    g_uniform, = torch.autograd.grad(uniform, logits)
+    assert torch.allclose(g_shot, g_uniform, atol=1e-6)
+
+
 # ------------------------------------------------------------------ commands on a tiny scene set
 @pytest.fixture(scope="module")
 def tiny_scenes(tmp_path_factory):
@@ -180,6 +202,24 @@ def test_adapt_reads_task_from_checkpoint_freezes_classifier_and_writes_outputs(
     assert result["task"] == "segmentation" and 0 <= result["miou"] <= 100
     assert result["miou"] == pytest.approx(metrics["test_miou"])
     assert len(list((tmp_path / "eval_png").glob("*.png"))) == int(TINY.split(",")[1])
+
+
+def test_initial_prior_is_the_source_models_mean_pixel_prediction(tiny_source, tmp_path):
+    """diversity_prior="initial": the prior is the mean softmax of the unadapted model over every pixel of
+    every target image (brute force here), and the option reaches the adapter from the command line."""
+    from adaptation.cli import adapt_config
+    from adaptation.dense.shot import DenseShotAdapter
+
+    cfg = adapt_config(["--source", str(tiny_source), "--target", "builtin:scenes/textured", "--diversity-prior",
+                        "initial", "--diversity-weight", "0.5", "--device", "cpu", "--out", str(tmp_path)])
+    assert (cfg.diversity_prior, cfg.diversity_weight) == ("initial", 0.5)
+    adapter = DenseShotAdapter(cfg)
+    prior = adapter.evaluate()["mean_prediction"]
+    adapter.model.eval()
+    with torch.no_grad():
+        probs = torch.cat([adapter.model(adapter.target[i][0][None]).softmax(1) for i in range(len(adapter.target))])
+    assert torch.allclose(prior, probs.mean((0, 2, 3)), atol=1e-5)
+    assert prior.sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
 def _one_line_error(capsys) -> str:

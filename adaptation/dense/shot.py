@@ -7,6 +7,13 @@ target images with
     L  = IM + beta * CE(C(z), y_hat)                              (beta = 0: SHOT-IM)
     IM = mean_{n,u} H(p_{n,u}) - H(mean_{n,u} p_{n,u})             over the batch's pixels u of images n
 
+The diversity term -H(p_bar) equals KL(p_bar || uniform) - log K: it pulls the batch's class marginal
+towards uniform, which suits SHOT's balanced image benchmarks but not pixels, where background is most
+of every image. `diversity_prior="initial"` replaces it with KL(p_bar || pi), pi the source model's
+mean per-pixel prediction over the target images, measured once before adaptation: the model may
+sharpen its pixels but not shift its class proportions away from where it started. `diversity_weight`
+scales the term (URMA, a segmentation-specific SFDA method, uses 0: entropy alone).
+
 z = g(F(x)) the per-pixel features (`pixel_features`), p the softmax at input resolution. No pixel
 is ignored: no labels are used. The pseudo-labels y_hat are SHOT's, recomputed at the start of every
 epoch with the model in eval mode, from pixel features:
@@ -61,6 +68,7 @@ CHECKPOINT = "adapted.pt"
 PIXELS_PER_IMAGE = 128     # feature pixels per image that fit the centroids (all of them on 8 x 8 maps)
 PANEL_IMAGES = 4           # fixed target images drawn as input | truth | prediction each epoch
 SCHEDULES = ("shot", "poly")
+DIVERSITY_PRIORS = ("uniform", "initial")
 
 
 @dataclass
@@ -75,6 +83,8 @@ class DenseAdaptConfig:
     weight_decay: float | None = None  # None: 1e-3 (shot) / 5e-4 (poly)
     beta: float = 0.3                 # --cls_par for images; forced to 0 for shot-im
     im_weight: float = 1.0
+    diversity_prior: str = "uniform"  # uniform (SHOT) | initial (see the module doc)
+    diversity_weight: float = 1.0     # SHOT's; URMA uses 0
     backbone_lr_mult: float = 0.1     # SHOT images: F at 0.1x
     pixels_per_image: int = PIXELS_PER_IMAGE
     panel_images: int = PANEL_IMAGES
@@ -94,6 +104,9 @@ class DenseAdaptConfig:
                              f"{', '.join(METHODS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.diversity_prior not in DIVERSITY_PRIORS:
+            raise ValueError(f"unknown diversity prior {self.diversity_prior!r}: choose one of "
+                             f"{', '.join(DIVERSITY_PRIORS)}")
         if self.pixels_per_image < 1:
             raise ValueError(f"pixels_per_image must be positive, got {self.pixels_per_image}")
         if self.method == "shot-im":
@@ -102,11 +115,18 @@ class DenseAdaptConfig:
             self.weight_decay = 1e-3 if self.schedule == "shot" else 5e-4
 
 
-def pixel_information_maximization(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """IM over every pixel of a (N, K, H, W) batch: mean_{n,u} H(p_nu) - H(mean_{n,u} p_nu);
-    returns (loss, mean pixel entropy, entropy of the mean prediction)."""
+def pixel_information_maximization(logits: torch.Tensor, prior: torch.Tensor | None = None,
+                                   diversity_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IM over every pixel of a (N, K, H, W) batch: mean_{n,u} H(p_nu) - H(p_bar), p_bar = mean_{n,u} p_nu,
+    or with a class `prior` pi: mean_{n,u} H(p_nu) + KL(p_bar || pi). The diversity term is scaled by
+    `diversity_weight`. Returns (loss, mean pixel entropy, entropy of the mean prediction)."""
     k = logits.shape[1]
-    return information_maximization(logits.permute(0, 2, 3, 1).reshape(-1, k))
+    _, conditional, marginal = information_maximization(logits.permute(0, 2, 3, 1).reshape(-1, k))
+    if prior is None:
+        return conditional - diversity_weight * marginal, conditional, marginal
+    p_bar = logits.softmax(1).mean((0, 2, 3))
+    kl = (p_bar * (p_bar.clamp_min(1e-12).log() - prior.clamp_min(1e-12).log())).sum()
+    return conditional + diversity_weight * kl, conditional, marginal
 
 
 def sample_pixels(z: torch.Tensor, probs: torch.Tensor, count: int, generator: torch.Generator):
@@ -172,8 +192,10 @@ class DenseShotAdapter:
         centroids: (features, softmax) of at most pixels_per_image feature pixels per image."""
         gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
         feats, probs, panels = [], [], {}
+        prob_sum = torch.zeros(self.num_classes, dtype=torch.float64)
 
         def on_batch(images, masks, idx, z, logits):
+            prob_sum.add_(logits.float().softmax(1).sum((0, 2, 3)).double().cpu())
             if sample:
                 f, p = sample_pixels(z.float(), self.model.classifier(z).float().softmax(1),
                                      self.cfg.pixels_per_image, gen)
@@ -186,6 +208,7 @@ class DenseShotAdapter:
         scores = segmentation_pass(self.model, self.eval_loader, self.rt.scoring(), self.num_classes, save_dir=save_dir,
                                    names=self.target.names, on_batch=on_batch)
         scores["panels"] = panels
+        scores["mean_prediction"] = (prob_sum / prob_sum.sum().clamp_min(1e-12)).float()  # p_bar over every pixel
         if sample:
             scores["sample"] = (torch.cat(feats), torch.cat(probs))
         return scores
@@ -235,6 +258,7 @@ class DenseShotAdapter:
             optimizer = segmentation_optimizer(groups, cfg.lr, cfg.weight_decay)
         total_iters, step = max(1, cfg.epochs * len(self.loader)), 0
         history = {"miou_per_epoch": [], "pseudo_label_miou_per_epoch": []}
+        prior = latest["mean_prediction"].to(self.rt.device) if cfg.diversity_prior == "initial" else None
         for epoch in range(cfg.epochs):
             maps = None
             if cfg.beta > 0:   # `latest` evaluated the current model and sampled its pixels
@@ -252,7 +276,7 @@ class DenseShotAdapter:
                     set_group_lr(optimizer, poly_lr(cfg.lr, (step - 1) / total_iters))
                 with self.rt.autocast():
                     logits = model(self.rt.images(images)).float()
-                im, cond_ent, marg_ent = pixel_information_maximization(logits)
+                im, cond_ent, marg_ent = pixel_information_maximization(logits, prior, cfg.diversity_weight)
                 terms = {"im": im.detach(), "conditional_entropy": cond_ent.detach(),
                          "marginal_entropy": marg_ent.detach()}
                 loss = cfg.im_weight * im
