@@ -4,6 +4,8 @@
 For each seed and head: train a source model on `printed` (train split, selected by mIoU on the
 printed test split), score it on the `textured` test split (source-only), then adapt it to the
 textured train split with each method and score the adapted model on the textured test split.
+`--diversity-priors uniform initial` adds a column per method with the IM diversity term pulled
+towards the source model's initial pixel class proportions instead of uniform ones (`<method>+initial`).
 Finished runs (a metrics.json in their directory) are skipped, so the script can be stopped and
 started again. Writes results.jsonl and a markdown table (table.md) to the output folder.
 
@@ -29,12 +31,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaptation.dense.heads import list_heads  # noqa: E402
-from adaptation.dense.shot import METHODS, DenseAdaptConfig, DenseShotAdapter  # noqa: E402
+from adaptation.dense.shot import DIVERSITY_PRIORS, METHODS, DenseAdaptConfig, DenseShotAdapter  # noqa: E402
 from adaptation.dense.source import DenseSourceConfig, train_dense_source  # noqa: E402
 from workbench.logging import seed_table  # noqa: E402
 
 SOURCE, TARGET = "builtin:scenes/printed", "builtin:scenes/textured"
-COLUMNS = ("in-domain", "source-only", *METHODS)
+
+
+def method_column(method: str, prior: str) -> str:
+    """A table column (and run-name part) per method and IM diversity prior; SHOT's uniform prior is bare."""
+    return method if prior == "uniform" else f"{method}+{prior}"
 
 
 def source_model(out: Path, head: str, seed: int, args) -> dict:
@@ -47,11 +53,12 @@ def source_model(out: Path, head: str, seed: int, args) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
-def adapted(out: Path, head: str, method: str, seed: int, args) -> dict:
-    run = out / f"{head}-{method}-s{seed}"
+def adapted(out: Path, head: str, method: str, prior: str, seed: int, args) -> dict:
+    run = out / f"{head}-{method_column(method, prior)}-s{seed}"
     if not (run / "metrics.json").exists():
         cfg = DenseAdaptConfig(source=str(out / f"source-{head}-s{seed}"), target=TARGET, method=method, seed=seed,
-                               epochs=args.epochs, precision=args.precision, run_dir=str(run), progress=False)
+                               epochs=args.epochs, diversity_prior=prior, precision=args.precision, run_dir=str(run),
+                               progress=False)
         DenseShotAdapter(cfg).run()
     return json.loads((run / "metrics.json").read_text())
 
@@ -61,6 +68,9 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--heads", nargs="+", default=list_heads("segmentation"), choices=list_heads("segmentation"))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--diversity-priors", nargs="+", default=["uniform"], choices=DIVERSITY_PRIORS,
+                   help="IM diversity prior(s), each a column per method: uniform (SHOT's) or initial (the source "
+                   "model's mean pixel prediction on the target; see adaptation/dense/shot.py)")
     p.add_argument("--backbone", default="dtn")
     p.add_argument("--head-channels", type=int, default=64)
     p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="source training (default adam)")
@@ -80,8 +90,9 @@ def main(argv=None) -> None:
             rows += [{"head": head, "seed": seed, "column": "in-domain", "miou": src["miou"]},
                      {"head": head, "seed": seed, "column": "source-only", "miou": src["target"]["miou"]}]
             for method in args.methods:
-                rows.append({"head": head, "seed": seed, "column": method,
-                             "miou": adapted(out, head, method, seed, args)["test_miou"]})
+                for prior in args.diversity_priors:
+                    rows.append({"head": head, "seed": seed, "column": method_column(method, prior),
+                                 "miou": adapted(out, head, method, prior, seed, args)["test_miou"]})
             print(f"seed {seed} {head}: " + ", ".join(f"{r['column']} {r['miou']:.1f}" for r in rows
                                                       if (r["head"], r["seed"]) == (head, seed)), flush=True)
             (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -94,7 +105,11 @@ def report(rows: list[dict], args) -> str:
     return (f"mIoU (%) on {TARGET}:test (in-domain: {SOURCE}:test), backbone {args.backbone}, head width "
             f"{args.head_channels}, source {args.optimizer} x {args.source_epochs} epochs, adaptation {args.epochs} "
             f"epochs, precision {args.precision}, {seeds:.0f} seed(s) per head\n\n"
-            + seed_table(rows, "head", COLUMNS, "miou") + "\n")
+            + seed_table(rows, "head", columns(args), "miou") + "\n")
+
+
+def columns(args) -> list[str]:
+    return ["in-domain", "source-only", *(method_column(m, p) for m in args.methods for p in args.diversity_priors)]
 
 
 if __name__ == "__main__":

@@ -339,15 +339,19 @@ def test_scenes_benchmark_reports_what_the_runs_score_and_resumes(tiny_scenes, t
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     argv = ["--seeds", "0", "--heads", "fcn", "--methods", "shot-im", "--head-channels", "8", "--source-epochs", "1",
-            "--epochs", "1", "--out", str(tmp_path)]
+            "--epochs", "1", "--diversity-priors", "uniform", "initial", "--out", str(tmp_path)]
     bench.main(argv)
     rows = {r["column"]: r["miou"] for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
-    assert set(rows) == {"in-domain", "source-only", "shot-im"}
+    assert set(rows) == {"in-domain", "source-only", "shot-im", "shot-im+initial"}
     target = "builtin:scenes/textured:test"
     assert rows["source-only"] == pytest.approx(evaluate_dense_model(tmp_path / "source-fcn-s0" / "source.pt",
                                                                      target, device="cpu")["miou"])
     assert rows["shot-im"] == pytest.approx(evaluate_dense_model(tmp_path / "fcn-shot-im-s0" / "adapted.pt",
                                                                  target, device="cpu")["miou"])
+    initial = tmp_path / "fcn-shot-im+initial-s0"
+    assert json.loads((initial / "config.json").read_text())["diversity_prior"] == "initial"
+    assert rows["shot-im+initial"] == pytest.approx(evaluate_dense_model(initial / "adapted.pt", target,
+                                                                         device="cpu")["miou"])
     assert rows["in-domain"] == pytest.approx(evaluate_dense_model(tmp_path / "source-fcn-s0" / "source.pt",
                                                                    "builtin:scenes/printed:test", device="cpu")["miou"])
     stamp = (tmp_path / "fcn-shot-im-s0" / "metrics.json").stat().st_mtime_ns
