@@ -334,8 +334,8 @@ def adapt_config(argv=None):
     p.add_argument("--schedule", default=dd.schedule, choices=("shot", "poly"),
                    help="segmentation lr schedule: SHOT's (1+10p)^-0.75 or poly 0.9")
     p.add_argument("--diversity-prior", default=dd.diversity_prior, choices=DIVERSITY_PRIORS,
-                   help="segmentation IM diversity: towards uniform class proportions (SHOT) or towards the source "
-                   "model's initial mean pixel prediction on the target (initial; background dominates pixels)")
+                   help="segmentation IM diversity: towards the source model's initial mean pixel prediction on the "
+                   "target (initial, the default: background dominates pixels) or uniform class proportions (SHOT)")
     p.add_argument("--diversity-weight", type=float, default=dd.diversity_weight,
                    help="segmentation IM diversity weight (SHOT 1; URMA 0, entropy alone)")
     p.add_argument("--no-save-predictions", action="store_true", help="segmentation: skip the palette PNGs")

@@ -4,8 +4,8 @@
 For each seed and head: train a source model on `printed` (train split, selected by mIoU on the
 printed test split), score it on the `textured` test split (source-only), then adapt it to the
 textured train split with each method and score the adapted model on the textured test split.
-`--diversity-priors uniform initial` adds a column per method with the IM diversity term pulled
-towards the source model's initial pixel class proportions instead of uniform ones (`<method>+initial`).
+`--diversity-priors initial uniform` adds a column per method with SHOT's own IM diversity term, pulled
+towards uniform class proportions instead of the source model's initial ones (`<method>+uniform`).
 Finished runs (a metrics.json in their directory) are skipped, so the script can be stopped and
 started again. Writes results.jsonl and a markdown table (table.md) to the output folder.
 
@@ -42,8 +42,8 @@ SOURCE, TARGET = "builtin:scenes/printed", "builtin:scenes/textured"
 
 
 def method_column(method: str, prior: str) -> str:
-    """A table column (and run-name part) per method and IM diversity prior; SHOT's uniform prior is bare."""
-    return method if prior == "uniform" else f"{method}+{prior}"
+    """A table column (and run-name part) per method and IM diversity prior; the default prior is bare."""
+    return method if prior == DenseAdaptConfig.diversity_prior else f"{method}+{prior}"
 
 
 def source_model(out: Path, head: str, seed: int, args) -> dict:
@@ -71,9 +71,10 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--heads", nargs="+", default=list_heads("segmentation"), choices=list_heads("segmentation"))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--diversity-priors", nargs="+", default=["uniform"], choices=DIVERSITY_PRIORS,
-                   help="IM diversity prior(s), each a column per method: uniform (SHOT's) or initial (the source "
-                   "model's mean pixel prediction on the target; see adaptation/dense/shot.py)")
+    p.add_argument("--diversity-priors", nargs="+", default=[DenseAdaptConfig.diversity_prior],
+                   choices=DIVERSITY_PRIORS, help="IM diversity prior(s), each a column per method: initial (the "
+                   "default: the source model's mean pixel prediction on the target) or uniform (SHOT's); see "
+                   "adaptation/dense/shot.py")
     p.add_argument("--backbone", default="dtn")
     p.add_argument("--head-channels", type=int, default=64)
     p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="source training (default adam)")

@@ -9,10 +9,12 @@ target images with
 
 The diversity term -H(p_bar) equals KL(p_bar || uniform) - log K: it pulls the batch's class marginal
 towards uniform, which suits SHOT's balanced image benchmarks but not pixels, where background is most
-of every image. `diversity_prior="initial"` replaces it with KL(p_bar || pi), pi the source model's
-mean per-pixel prediction over the target images, measured once before adaptation: the model may
-sharpen its pixels but not shift its class proportions away from where it started. `diversity_weight`
-scales the term (URMA, a segmentation-specific SFDA method, uses 0: entropy alone).
+of every image. The default `diversity_prior="initial"` replaces it with KL(p_bar || pi), pi the
+source model's mean per-pixel prediction over the target images, measured once before adaptation:
+the model may sharpen its pixels but not shift its class proportions away from where it started.
+On the built-in scenes (dtn + fcn source at 80 mIoU in-domain, 44.5 on the target; 5 epochs of
+SHOT-IM) the target mIoU went to 48.7 with it, 35.1 with SHOT's uniform prior (`"uniform"`, kept as an
+option) and 26.7 with entropy alone (`diversity_weight=0`, URMA's setting), docs/RESULTS.md.
 
 z = g(F(x)) the per-pixel features (`pixel_features`), p the softmax at input resolution. No pixel
 is ignored: no labels are used. The pseudo-labels y_hat are SHOT's, recomputed at the start of every
@@ -83,7 +85,7 @@ class DenseAdaptConfig:
     weight_decay: float | None = None  # None: 1e-3 (shot) / 5e-4 (poly)
     beta: float = 0.3                 # --cls_par for images; forced to 0 for shot-im
     im_weight: float = 1.0
-    diversity_prior: str = "uniform"  # uniform (SHOT) | initial (see the module doc)
+    diversity_prior: str = "initial"  # initial | uniform (SHOT's; lowers mIoU on pixels, see the module doc)
     diversity_weight: float = 1.0     # SHOT's; URMA uses 0
     backbone_lr_mult: float = 0.1     # SHOT images: F at 0.1x
     pixels_per_image: int = PIXELS_PER_IMAGE
