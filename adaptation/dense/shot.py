@@ -56,7 +56,7 @@ from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import Runtime, seed_everything
 
 from ..cluster import assign_to_centroids, shot_centroids
-from ..losses import information_maximization
+from ..losses import entropy
 from ..training import add_terms, make_loader, set_group_lr, set_shot_lr, shot_optimizer, take_step
 from .data import builtin_scenes_test_split
 from .evaluate import TASK, eval_batch_size, eval_loader, load_dense_model, load_dense_target, public_scores, segmentation_pass
@@ -122,13 +122,15 @@ def pixel_information_maximization(logits: torch.Tensor, prior: torch.Tensor | N
     """IM over every pixel of a (N, K, H, W) batch: mean_{n,u} H(p_nu) - H(p_bar), p_bar = mean_{n,u} p_nu,
     or with a class `prior` pi: mean_{n,u} H(p_nu) + KL(p_bar || pi). The diversity term is scaled by
     `diversity_weight`. Returns (loss, mean pixel entropy, entropy of the mean prediction)."""
-    k = logits.shape[1]
-    _, conditional, marginal = information_maximization(logits.permute(0, 2, 3, 1).reshape(-1, k))
+    probs = logits.softmax(1)
+    conditional = entropy(probs).mean()
+    p_bar = probs.mean((0, 2, 3))
+    marginal = entropy(p_bar[None])[0]
     if prior is None:
-        return conditional - diversity_weight * marginal, conditional, marginal
-    p_bar = logits.softmax(1).mean((0, 2, 3))
-    kl = (p_bar * (p_bar.clamp_min(1e-12).log() - prior.clamp_min(1e-12).log())).sum()
-    return conditional + diversity_weight * kl, conditional, marginal
+        diversity = -marginal
+    else:
+        diversity = (p_bar * (p_bar.clamp_min(1e-12).log() - prior.clamp_min(1e-12).log())).sum()
+    return conditional + diversity_weight * diversity, conditional, marginal
 
 
 def sample_pixels(z: torch.Tensor, probs: torch.Tensor, count: int, generator: torch.Generator):
