@@ -36,14 +36,28 @@ PRECISIONS = ("bf16", "fp32")
 CURVES = {"train": "train/episode_return", "test": "test/episode_return"}
 
 
+def event_files(run: Path) -> list[Path]:
+    """A run's event files in the order they were written: by the creation second, then the writer's
+    counter (events.out.tfevents.<seconds>.<host>.<pid>.<counter>), both as numbers; by name, a 10th writer
+    of one second would come before the 9th."""
+    def order(f: Path):
+        parts = f.name.split(".")
+        return int(parts[3]), int(parts[-1]) if parts[-1].isdigit() else 0
+
+    return sorted(Path(run).glob("events.out.tfevents.*"), key=order)
+
+
 def curves(run: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
-    events.Reload()
+    files = []
+    for f in event_files(run):
+        events = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        events.Reload()
+        files.append(events)
     out = {}
     for name, tag in CURVES.items():
-        points = events.Scalars(tag) if tag in events.Tags()["scalars"] else []
+        points = [p for events in files if tag in events.Tags()["scalars"] for p in events.Scalars(tag)]
         last = {p.step: p.value for p in points}  # a resumed run rewrites the steps it repeats
         steps = np.array(sorted(last), dtype=np.float64)
         out[name] = (steps, np.array([last[s] for s in sorted(last)]))

@@ -64,3 +64,13 @@ def test_precision_comparison_reads_resumed_curves_and_tests_the_difference(tmp_
     ma, mb, va, vb = sum(a) / 3, sum(b) / 3, 4.0, 7.0   # sample variances
     t, p = compare.welch(a, b)
     assert abs(t - (ma - mb) / ((va / 3 + vb / 3) ** 0.5)) < 1e-9 and 0 < p < 1
+
+
+def test_event_files_are_read_in_the_order_they_were_written(tmp_path):
+    """By name, a writer's 10th file of one second sorts before its 9th; the reader orders by numbers."""
+    compare = _load_script("compare_precision")
+    names = ["events.out.tfevents.1700000000.host.a.1.10", "events.out.tfevents.1700000000.host.a.1.9",
+             "events.out.tfevents.1699999999.host.a.2.11"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert [f.name for f in compare.event_files(tmp_path)] == [names[2], names[1], names[0]]
