@@ -288,7 +288,7 @@ def adapt_config(argv=None):
     the source checkpoint; a `procgen:<game>[:<visual options>]` target gives a ProcgenAdaptConfig."""
     from .dense.mean_teacher import METHODS as POSE_METHODS
     from .dense.mean_teacher import PoseAdaptConfig
-    from .dense.shot import DIVERSITY_PRIORS, DenseAdaptConfig
+    from .dense.shot import DIVERSITY_PRIORS, PSEUDO_LABELS, DenseAdaptConfig
     from .dense.shot import METHODS as DENSE_METHODS
     from .rotation import KEEP_CHOICES
     from .procgen_adapt import ProcgenAdaptConfig
@@ -338,6 +338,9 @@ def adapt_config(argv=None):
                    "target (initial, the default: background dominates pixels) or uniform class proportions (SHOT)")
     p.add_argument("--diversity-weight", type=float, default=dd.diversity_weight,
                    help="segmentation IM diversity weight (SHOT 1; URMA 0, entropy alone)")
+    p.add_argument("--pseudo-labels", default=dd.pseudo_labels, choices=PSEUDO_LABELS,
+                   help="segmentation SHOT pseudo-labels: SHOT's nearest centroid (centroid, the default) or URMA's "
+                   "class-balanced confident predictions (balanced)")
     p.add_argument("--no-save-predictions", action="store_true", help="segmentation: skip the palette PNGs")
     p.add_argument("--cluster-backend", default="auto", choices=("auto", "faiss", "torch"))
     p.add_argument("--test-on", default=None, help="held-out target data scored before and after adapting "
@@ -383,7 +386,7 @@ def adapt_config(argv=None):
             source=a.source, target=a.target, method=a.method or dd.method, epochs=_pick(a.epochs, dd.epochs),
             batch_size=_pick(a.batch_size, dd.batch_size), lr=_pick(a.lr, dd.lr), schedule=a.schedule,
             beta=_pick(a.beta, dd.beta), pixels_per_image=a.pixels_per_image, cluster_backend=a.cluster_backend,
-            diversity_prior=a.diversity_prior, diversity_weight=a.diversity_weight,
+            diversity_prior=a.diversity_prior, diversity_weight=a.diversity_weight, pseudo_labels=a.pseudo_labels,
             test_on=a.test_on, save_predictions=not a.no_save_predictions, precision=a.precision or dd.precision,
             seed=a.seed, device=a.device,
             workers=a.workers, run_dir=a.out, progress=not a.no_progress)

@@ -5,7 +5,9 @@ For each seed and head: train a source model on `printed` (train split, selected
 printed test split), score it on the `textured` test split (source-only), then adapt it to the
 textured train split with each method and score the adapted model on the textured test split.
 `--diversity-priors initial uniform` adds a column per method with SHOT's own IM diversity term, pulled
-towards uniform class proportions instead of the source model's initial ones (`<method>+uniform`).
+towards uniform class proportions instead of the source model's initial ones (`<method>+uniform`), and
+`--pseudo-labels centroid balanced` a SHOT column with URMA's class-balanced confident predictions in place
+of SHOT's centroid pseudo-labels (`shot+balanced`).
 Finished runs (a metrics.json in their directory) are skipped, so the script can be stopped and
 started again. Writes results.jsonl and a markdown table (table.md) to the output folder.
 
@@ -34,16 +36,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaptation.dense.heads import list_heads  # noqa: E402
-from adaptation.dense.shot import DIVERSITY_PRIORS, METHODS, DenseAdaptConfig, DenseShotAdapter  # noqa: E402
+from adaptation.dense.shot import (DIVERSITY_PRIORS, METHODS, PSEUDO_LABELS, DenseAdaptConfig,  # noqa: E402
+                                   DenseShotAdapter)
 from adaptation.dense.source import DenseSourceConfig, train_dense_source  # noqa: E402
 from workbench.logging import seed_table  # noqa: E402
 
 SOURCE, TARGET = "builtin:scenes/printed", "builtin:scenes/textured"
 
 
-def method_column(method: str, prior: str) -> str:
-    """A table column (and run-name part) per method and IM diversity prior; the default prior is bare."""
-    return method if prior == DenseAdaptConfig.diversity_prior else f"{method}+{prior}"
+def method_column(method: str, prior: str, pseudo: str = DenseAdaptConfig.pseudo_labels) -> str:
+    """A table column (and run-name part) per method, IM diversity prior and pseudo-label rule; defaults are bare."""
+    return "+".join([method, *(v for v, d in ((prior, DenseAdaptConfig.diversity_prior),
+                                               (pseudo, DenseAdaptConfig.pseudo_labels)) if v != d)])
+
+
+def variants(args) -> list[tuple[str, str, str]]:
+    """(method, prior, pseudo-labels) of every adapted column; pseudo-label rules apply to SHOT only."""
+    return [(m, prior, pseudo) for m in args.methods for prior in args.diversity_priors
+            for pseudo in (args.pseudo_labels if m == "shot" else [DenseAdaptConfig.pseudo_labels])]
 
 
 def source_model(out: Path, head: str, seed: int, args) -> dict:
@@ -56,12 +66,12 @@ def source_model(out: Path, head: str, seed: int, args) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
-def adapted(out: Path, head: str, method: str, prior: str, seed: int, args) -> dict:
-    run = out / f"{head}-{method_column(method, prior)}-s{seed}"
+def adapted(out: Path, head: str, method: str, prior: str, pseudo: str, seed: int, args) -> dict:
+    run = out / f"{head}-{method_column(method, prior, pseudo)}-s{seed}"
     if not (run / "metrics.json").exists():
         cfg = DenseAdaptConfig(source=str(out / f"source-{head}-s{seed}"), target=TARGET, method=method, seed=seed,
-                               epochs=args.epochs, diversity_prior=prior, precision=args.precision, run_dir=str(run),
-                               progress=False)
+                               epochs=args.epochs, diversity_prior=prior, pseudo_labels=pseudo,
+                               precision=args.precision, run_dir=str(run), progress=False)
         DenseShotAdapter(cfg).run()
     return json.loads((run / "metrics.json").read_text())
 
@@ -75,6 +85,9 @@ def main(argv=None) -> None:
                    choices=DIVERSITY_PRIORS, help="IM diversity prior(s), each a column per method: initial (the "
                    "default: the source model's mean pixel prediction on the target) or uniform (SHOT's); see "
                    "adaptation/dense/shot.py")
+    p.add_argument("--pseudo-labels", nargs="+", default=[DenseAdaptConfig.pseudo_labels], choices=PSEUDO_LABELS,
+                   help="SHOT pseudo-label rule(s), each a SHOT column: centroid (SHOT's, the default) or balanced "
+                   "(URMA's class-balanced confident predictions)")
     p.add_argument("--backbone", default="dtn")
     p.add_argument("--head-channels", type=int, default=64)
     p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="source training (default adam)")
@@ -93,10 +106,9 @@ def main(argv=None) -> None:
             src = source_model(out, head, seed, args)
             rows += [{"head": head, "seed": seed, "column": "in-domain", "miou": src["miou"]},
                      {"head": head, "seed": seed, "column": "source-only", "miou": src["target"]["miou"]}]
-            for method in args.methods:
-                for prior in args.diversity_priors:
-                    rows.append({"head": head, "seed": seed, "column": method_column(method, prior),
-                                 "miou": adapted(out, head, method, prior, seed, args)["test_miou"]})
+            for method, prior, pseudo in variants(args):
+                rows.append({"head": head, "seed": seed, "column": method_column(method, prior, pseudo),
+                             "miou": adapted(out, head, method, prior, pseudo, seed, args)["test_miou"]})
             print(f"seed {seed} {head}: " + ", ".join(f"{r['column']} {r['miou']:.1f}" for r in rows
                                                       if (r["head"], r["seed"]) == (head, seed)), flush=True)
             (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -113,7 +125,7 @@ def report(rows: list[dict], args) -> str:
 
 
 def columns(args) -> list[str]:
-    return ["in-domain", "source-only", *(method_column(m, p) for m in args.methods for p in args.diversity_priors)]
+    return ["in-domain", "source-only", *(method_column(*v) for v in variants(args))]
 
 
 if __name__ == "__main__":

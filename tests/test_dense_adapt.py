@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from adaptation.cluster import faiss_available, shot_centroids
-from adaptation.dense.shot import label_pixels, pixel_information_maximization, sample_pixels, upsample_labels
+from adaptation.dense.shot import (IGNORE_INDEX, balanced_fraction, balanced_labels, class_thresholds, label_pixels,
+                                   pixel_information_maximization, pseudo_label_loss, sample_pixels, upsample_labels)
 
 TINY = "24,8"   # scenes per split for the fast command-line tests
 
@@ -64,6 +65,44 @@ def test_pixel_pseudo_labels_match_brute_force(backend):
     labels = label_pixels(z, centroids, classes, backend)
     assert labels.shape == (3, 4, 5)
     np.testing.assert_array_equal(labels.numpy(), _brute_force_pixel_labels(z.numpy(), probs.numpy()))
+
+
+def test_class_balanced_pseudo_labels_against_brute_force():
+    """URMA's rule written out: per class, sort the confidences of the rows predicted as that class, the
+    threshold is the one at position floor(n f); a pixel takes the class of its largest p_k / t_k, or no
+    label when that ratio is below 1. Fractions grow 0.2, 0.25, ... up to 0.5."""
+    assert [balanced_fraction(r) for r in (0, 1, 2, 6, 7, 20)] == pytest.approx([0.2, 0.25, 0.3, 0.5, 0.5, 0.5])
+    gen = torch.Generator().manual_seed(5)
+    sample = (torch.randn(200, 4, generator=gen) * torch.tensor([3.0, 1.0, 1.0, 0.5])).softmax(1)
+    sample[:, 3] *= 0.01  # class 3 is never the argmax: its threshold is 1
+    sample = sample / sample.sum(1, keepdim=True)
+    for fraction in (0.2, 0.5):
+        thresholds = class_thresholds(sample, fraction)
+        for k in range(4):
+            conf = sorted((float(q.max()) for q in sample if int(q.argmax()) == k), reverse=True)
+            expected = conf[min(int(len(conf) * fraction), len(conf) - 1)] if conf else 1.0
+            assert thresholds[k].item() == pytest.approx(expected), (fraction, k)
+        probs = (torch.randn(2, 4, 3, 5, generator=gen) * 2).softmax(1)
+        labels = balanced_labels(probs, thresholds)
+        for n in range(2):
+            for i in range(3):
+                for j in range(5):
+                    ratios = [probs[n, k, i, j].item() / thresholds[k].item() for k in range(4)]
+                    best = max(range(4), key=lambda k: ratios[k])
+                    assert labels[n, i, j].item() == (best if ratios[best] >= 1 else IGNORE_INDEX)
+    # about the top fraction of each predicted class's own rows is labelled with that class
+    kept = balanced_labels(sample.T[None, :, :, None], class_thresholds(sample, 0.2))[0, :, 0]
+    for k in range(3):
+        own = sample.argmax(1) == k
+        assert 0.2 * own.sum() <= (kept[own] == k).sum() <= 0.2 * own.sum() + 2
+    # the CE ignores unlabelled pixels, and a batch without labels adds nothing
+    logits = torch.randn(1, 4, 2, 2, requires_grad=True)
+    target = torch.tensor([[[1, IGNORE_INDEX], [IGNORE_INDEX, 2]]])
+    expected = (torch.nn.functional.cross_entropy(logits[0, :, 0, 0][None], torch.tensor([1]))
+                + torch.nn.functional.cross_entropy(logits[0, :, 1, 1][None], torch.tensor([2]))) / 2
+    assert pseudo_label_loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
+    none = pseudo_label_loss(logits, torch.full((1, 2, 2), IGNORE_INDEX))
+    assert none.item() == 0 and none.requires_grad
 
 
 def test_pixel_sample_is_bounded_and_consistent():
@@ -222,6 +261,32 @@ def test_initial_prior_is_the_source_models_mean_pixel_prediction(tiny_source, t
     assert prior.sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_balanced_pseudo_labels_are_the_models_confident_predictions(tiny_source, tmp_path):
+    """--pseudo-labels balanced: some but not all pixels are labelled, the coverage reported is that share,
+    and the labels are nearly always the model's own argmax (p_k / t_k can favour a less probable class
+    only where that class's threshold is lower)."""
+    from adaptation.cli import adapt_config
+    from adaptation.dense.shot import DenseShotAdapter
+
+    cfg = adapt_config(["--source", str(tiny_source), "--target", "builtin:scenes/textured", "--pseudo-labels",
+                        "balanced", "--device", "cpu", "--out", str(tmp_path)])
+    assert cfg.pseudo_labels == "balanced"
+    adapter = DenseShotAdapter(cfg)
+    maps, scores = adapter.pseudo_labels(adapter.evaluate(sample=True)["sample"], round_=0)
+    adapter.model.eval()
+    labelled = agree = 0
+    with torch.no_grad():
+        for i in range(len(adapter.target)):
+            pred = adapter.model.classifier(adapter.model.pixel_features(adapter.target[i][0][None]))[0].argmax(0)
+            keep = maps[i].long() != IGNORE_INDEX
+            labelled += int(keep.sum())
+            agree += int((maps[i].long()[keep] == pred[keep]).sum())
+    total = sum(m.numel() for m in maps)
+    assert 0 < labelled < total
+    assert scores["coverage"] == pytest.approx(100 * labelled / total)
+    assert agree >= 0.9 * labelled
+
+
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
@@ -343,11 +408,17 @@ def test_scenes_benchmark_reports_what_the_runs_score_and_resumes(tiny_scenes, t
                                                   Path(__file__).resolve().parents[1] / "scripts/run_scenes_benchmark.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    argv = ["--seeds", "0", "--heads", "fcn", "--methods", "shot-im", "--head-channels", "8", "--source-epochs", "1",
-            "--epochs", "1", "--diversity-priors", "uniform", "initial", "--out", str(tmp_path)]
+    argv = ["--seeds", "0", "--heads", "fcn", "--methods", "shot-im", "shot", "--head-channels", "8",
+            "--source-epochs", "1", "--epochs", "1", "--diversity-priors", "uniform", "initial", "--pseudo-labels",
+            "centroid", "balanced", "--out", str(tmp_path)]
     bench.main(argv)
     rows = {r["column"]: r["miou"] for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
-    assert set(rows) == {"in-domain", "source-only", "shot-im", "shot-im+uniform"}
+    # pseudo-label rules make SHOT columns only
+    assert set(rows) == {"in-domain", "source-only", "shot-im", "shot-im+uniform", "shot", "shot+balanced",
+                         "shot+uniform", "shot+uniform+balanced"}
+    for column, prior, pseudo in (("shot", "initial", "centroid"), ("shot+uniform+balanced", "uniform", "balanced")):
+        config = json.loads((tmp_path / f"fcn-{column}-s0" / "config.json").read_text())
+        assert (config["method"], config["diversity_prior"], config["pseudo_labels"]) == ("shot", prior, pseudo)
     target = "builtin:scenes/textured:test"
     assert rows["source-only"] == pytest.approx(evaluate_dense_model(tmp_path / "source-fcn-s0" / "source.pt",
                                                                      target, device="cpu")["miou"])
