@@ -389,6 +389,55 @@ def test_source_training_trains_the_network_its_checkpoint_describes(tmp_path, m
     assert saved["model_config"]["bottleneck_dropout"] == 0.5
 
 
+def test_source_training_is_the_official_digit_recipe_step_for_step(tmp_path, monkeypatch):
+    """train-source replayed by an independent loop written from the official digit `train_source`: one SGD
+    group per tensor, lr = 0.01 (1 + 10 t/T)^-0.75 with t counted from 1, weight decay 1e-3, Nesterov
+    momentum 0.9, the label-smoothed CE of `CrossEntropyLabelSmooth` written out, every layer's dropout
+    (the same masks: the RNG state of each of our forwards is replayed). The final models must agree."""
+    import adaptation.source as source
+    from adaptation.model import ShotModel
+    from workbench.checkpoint import load_checkpoint
+
+    seen = {"steps": []}
+    real = source.build_objective
+
+    def spy(name, model, **kw):
+        objective = real(name, model, **kw)
+        seen["init"] = {k: v.clone() for k, v in model.state_dict().items()}
+        loss = objective.loss
+
+        def recorded(images, labels, index, epoch):
+            seen["steps"].append((images.clone(), labels.clone(), torch.get_rng_state()))
+            return loss(images, labels, index, epoch)
+
+        objective.loss = recorded
+        return objective
+
+    monkeypatch.setattr(source, "build_objective", spy)
+    lenet_source(tmp_path, epochs=2, keep="last")
+    ours = load_checkpoint(tmp_path / "source.pt")["model"]
+
+    reference = ShotModel("lenet", 10, bottleneck_dropout=0.5)
+    reference.load_state_dict(seen["init"])
+    reference.train()
+    optimizer = torch.optim.SGD([{"params": [p]} for p in reference.parameters()], lr=0.01, momentum=0.9,
+                                nesterov=True, weight_decay=1e-3)
+    total = len(seen["steps"])
+    for t, (images, labels, rng) in enumerate(seen["steps"], start=1):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.01 * (1 + 10 * t / total) ** -0.75
+        torch.set_rng_state(rng)
+        log_probs = torch.log_softmax(reference(images), 1)
+        smoothed = F.one_hot(labels, 10).float() * 0.9 + 0.1 / 10
+        loss = (-smoothed * log_probs).mean(0).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert total == 2 * 23  # 1,438 uci training images in batches of 64, the last partial batch kept
+    for name, value in reference.state_dict().items():
+        assert torch.allclose(ours[name].float(), value.float(), rtol=1e-4, atol=1e-6), name
+
+
 def test_init_from_starts_the_backbone_from_a_trained_checkpoint(tmp_path):
     from adaptation.model import ShotModel
     from adaptation.source import load_backbone_from
