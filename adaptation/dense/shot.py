@@ -271,8 +271,14 @@ class DenseShotAdapter:
         cfg = self.cfg
         if cfg.pseudo_labels == "balanced":
             thresholds = class_thresholds(sample[1].float(), balanced_fraction(round_))
+
+            def label(z):
+                return balanced_labels(self.model.classifier(z).float().softmax(1), thresholds.to(z.device))
         else:
             centroids, classes = shot_centroids(*sample, backend=cfg.cluster_backend)
+
+            def label(z):
+                return label_pixels(z, centroids.to(z.device), classes.to(z.device), cfg.cluster_backend)
         was_training = self.model.training
         self.model.eval()
         maps: list[torch.Tensor | None] = [None] * len(self.target)
@@ -281,10 +287,7 @@ class DenseShotAdapter:
         for images, masks, idx in self.eval_loader:
             with self.rt.autocast():
                 z = self.model.pixel_features(self.rt.images(images)).float()
-            if cfg.pseudo_labels == "balanced":
-                labels = balanced_labels(self.model.classifier(z).float().softmax(1), thresholds.to(z.device))
-            else:
-                labels = label_pixels(z, centroids.to(z.device), classes.to(z.device), cfg.cluster_backend)
+            labels = label(z)
             full = upsample_labels(labels, masks.shape[-2:])
             truth = masks.to(full.device).masked_fill(full == IGNORE_INDEX, IGNORE_INDEX)
             acc.update(full.masked_fill(full == IGNORE_INDEX, 0), truth)
