@@ -9,7 +9,8 @@ towards uniform class proportions instead of the source model's initial ones (`<
 `--pseudo-labels centroid balanced` a SHOT column with URMA's class-balanced confident predictions in place
 of SHOT's centroid pseudo-labels (`shot+balanced`).
 Finished runs (a metrics.json in their directory) are skipped, so the script can be stopped and
-started again. Writes results.jsonl and a markdown table (table.md) to the output folder.
+started again. Writes results.jsonl and a markdown table (table.md) to the output folder;
+`--report-only` writes them from the runs finished so far and trains nothing.
 
     python scripts/run_scenes_benchmark.py --seeds 0 1 2 --out runs/scenes-benchmark
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -56,24 +56,34 @@ def variants(args) -> list[tuple[str, str, str]]:
             for pseudo in (args.pseudo_labels if m == "shot" else [DenseAdaptConfig.pseudo_labels])]
 
 
-def source_model(out: Path, head: str, seed: int, args) -> dict:
+def finished(run: Path) -> dict | None:
+    """A run's metrics.json, or None while it has none (not started, or stopped before the end)."""
+    metrics = run / "metrics.json"
+    return json.loads(metrics.read_text()) if metrics.exists() else None
+
+
+def source_model(out: Path, head: str, seed: int, args) -> dict | None:
     run = out / f"source-{head}-s{seed}"
+    if args.report_only:
+        return finished(run)
     if not (run / "metrics.json").exists():
         cfg = DenseSourceConfig(data=SOURCE, backbone=args.backbone, head=head, head_channels=args.head_channels,
                                 optimizer=args.optimizer, epochs=args.source_epochs, eval_target=f"{TARGET}:test",
                                 precision=args.precision, seed=seed, run_dir=str(run), progress=False)
         train_dense_source(cfg)
-    return json.loads((run / "metrics.json").read_text())
+    return finished(run)
 
 
-def adapted(out: Path, head: str, method: str, prior: str, pseudo: str, seed: int, args) -> dict:
+def adapted(out: Path, head: str, method: str, prior: str, pseudo: str, seed: int, args) -> dict | None:
     run = out / f"{head}-{method_column(method, prior, pseudo)}-s{seed}"
+    if args.report_only:
+        return finished(run)
     if not (run / "metrics.json").exists():
         cfg = DenseAdaptConfig(source=str(out / f"source-{head}-s{seed}"), target=TARGET, method=method, seed=seed,
                                epochs=args.epochs, diversity_prior=prior, pseudo_labels=pseudo,
                                precision=args.precision, run_dir=str(run), progress=False)
         DenseShotAdapter(cfg).run()
-    return json.loads((run / "metrics.json").read_text())
+    return finished(run)
 
 
 def main(argv=None) -> None:
@@ -97,6 +107,8 @@ def main(argv=None) -> None:
                    "adaptation (default auto: bf16 autocast where the CPU or GPU computes it natively, 3x faster "
                    "on AMX CPUs)")
     p.add_argument("--out", default="runs/scenes-benchmark")
+    p.add_argument("--report-only", action="store_true", help="train nothing: the table of the runs already "
+                   "finished in --out (for example while other processes are still filling it)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,11 +116,15 @@ def main(argv=None) -> None:
     for seed in args.seeds:  # seed-major: a stopped run leaves every head at as many seeds as it reached
         for head in args.heads:
             src = source_model(out, head, seed, args)
+            if src is None:   # --report-only, and this source is not finished
+                continue
             rows += [{"head": head, "seed": seed, "column": "in-domain", "miou": src["miou"]},
                      {"head": head, "seed": seed, "column": "source-only", "miou": src["target"]["miou"]}]
             for method, prior, pseudo in variants(args):
-                rows.append({"head": head, "seed": seed, "column": method_column(method, prior, pseudo),
-                             "miou": adapted(out, head, method, prior, pseudo, seed, args)["test_miou"]})
+                run = adapted(out, head, method, prior, pseudo, seed, args)
+                if run is not None:
+                    rows.append({"head": head, "seed": seed, "column": method_column(method, prior, pseudo),
+                                 "miou": run["test_miou"]})
             print(f"seed {seed} {head}: " + ", ".join(f"{r['column']} {r['miou']:.1f}" for r in rows
                                                       if (r["head"], r["seed"]) == (head, seed)), flush=True)
             (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -117,10 +133,9 @@ def main(argv=None) -> None:
 
 
 def report(rows: list[dict], args) -> str:
-    seeds = statistics.mean(len({r["seed"] for r in rows if r["head"] == h}) for h in {r["head"] for r in rows})
     return (f"mIoU (%) on {TARGET}:test (in-domain: {SOURCE}:test), backbone {args.backbone}, head width "
             f"{args.head_channels}, source {args.optimizer} x {args.source_epochs} epochs, adaptation {args.epochs} "
-            f"epochs, precision {args.precision}, {seeds:.0f} seed(s) per head\n\n"
+            f"epochs, precision {args.precision}; mean ± sd over the seeds finished (n) per cell\n\n"
             + seed_table(rows, "head", columns(args), "miou") + "\n")
 
 

@@ -435,3 +435,10 @@ def test_scenes_benchmark_reports_what_the_runs_score_and_resumes(tiny_scenes, t
     bench.main(argv)
     assert (tmp_path / "fcn-shot-im-s0" / "metrics.json").stat().st_mtime_ns == stamp
     assert "| fcn |" in (tmp_path / "table.md").read_text()
+    # --report-only: the table of what is finished, training nothing (an unfinished run is left out)
+    (tmp_path / "fcn-shot+balanced-s0" / "metrics.json").unlink()
+    bench.main([*argv, "--seeds", "0", "1", "--report-only"])
+    assert not (tmp_path / "fcn-shot+balanced-s0" / "metrics.json").exists()
+    assert not (tmp_path / "source-fcn-s1").exists()
+    reported = {r["column"]: r["miou"] for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
+    assert reported == {column: miou for column, miou in rows.items() if column != "shot+balanced"}
