@@ -62,28 +62,27 @@ def finished(run: Path) -> dict | None:
     return json.loads(metrics.read_text()) if metrics.exists() else None
 
 
+def finished_or_trained(run: Path, train, args) -> dict | None:
+    """The run's metrics, after `train()` if it is not finished (never under --report-only: then None)."""
+    if not args.report_only and finished(run) is None:
+        train()
+    return finished(run)
+
+
 def source_model(out: Path, head: str, seed: int, args) -> dict | None:
     run = out / f"source-{head}-s{seed}"
-    if args.report_only:
-        return finished(run)
-    if not (run / "metrics.json").exists():
-        cfg = DenseSourceConfig(data=SOURCE, backbone=args.backbone, head=head, head_channels=args.head_channels,
-                                optimizer=args.optimizer, epochs=args.source_epochs, eval_target=f"{TARGET}:test",
-                                precision=args.precision, seed=seed, run_dir=str(run), progress=False)
-        train_dense_source(cfg)
-    return finished(run)
+    cfg = DenseSourceConfig(data=SOURCE, backbone=args.backbone, head=head, head_channels=args.head_channels,
+                            optimizer=args.optimizer, epochs=args.source_epochs, eval_target=f"{TARGET}:test",
+                            precision=args.precision, seed=seed, run_dir=str(run), progress=False)
+    return finished_or_trained(run, lambda: train_dense_source(cfg), args)
 
 
 def adapted(out: Path, head: str, method: str, prior: str, pseudo: str, seed: int, args) -> dict | None:
     run = out / f"{head}-{method_column(method, prior, pseudo)}-s{seed}"
-    if args.report_only:
-        return finished(run)
-    if not (run / "metrics.json").exists():
-        cfg = DenseAdaptConfig(source=str(out / f"source-{head}-s{seed}"), target=TARGET, method=method, seed=seed,
-                               epochs=args.epochs, diversity_prior=prior, pseudo_labels=pseudo,
-                               precision=args.precision, run_dir=str(run), progress=False)
-        DenseShotAdapter(cfg).run()
-    return finished(run)
+    cfg = DenseAdaptConfig(source=str(out / f"source-{head}-s{seed}"), target=TARGET, method=method, seed=seed,
+                           epochs=args.epochs, diversity_prior=prior, pseudo_labels=pseudo,
+                           precision=args.precision, run_dir=str(run), progress=False)
+    return finished_or_trained(run, lambda: DenseShotAdapter(cfg).run(), args)
 
 
 def main(argv=None) -> None:
