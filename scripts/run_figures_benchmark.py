@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaptation.dense.mean_teacher import PoseAdaptConfig, PoseMeanTeacher  # noqa: E402
 from adaptation.dense.pose_source import PoseSourceConfig, train_pose_source  # noqa: E402
-from workbench.logging import mean_sd  # noqa: E402
+from workbench.logging import finished_run, mean_sd  # noqa: E402
 
 SOURCE, TARGET = "builtin:figures/flat", "builtin:figures/textured"
 METRICS = ("pck@0.05", "pck@0.1", "ap")
@@ -34,21 +34,21 @@ COLUMNS = ("in-domain", "source-only", "mean-teacher")
 
 def source_model(out: Path, seed: int, args) -> dict:
     run = out / f"source-s{seed}"
-    if not (run / "metrics.json").exists():
-        train_pose_source(PoseSourceConfig(data=SOURCE, backbone=args.backbone, head=args.head,
-                                           head_channels=args.head_channels, epochs=args.source_epochs,
-                                           eval_target=f"{TARGET}:test", precision=args.precision, seed=seed,
-                                           run_dir=str(run), progress=False))
-    return json.loads((run / "metrics.json").read_text())
+    cfg = PoseSourceConfig(data=SOURCE, backbone=args.backbone, head=args.head, head_channels=args.head_channels,
+                           epochs=args.source_epochs, eval_target=f"{TARGET}:test", precision=args.precision,
+                           seed=seed, run_dir=str(run), progress=False)
+    if finished_run(run, cfg) is None:
+        train_pose_source(cfg)
+    return finished_run(run, cfg)
 
 
 def adapted(out: Path, seed: int, args) -> dict:
     run = out / f"mean-teacher-s{seed}"
-    if not (run / "metrics.json").exists():
-        PoseMeanTeacher(PoseAdaptConfig(source=str(out / f"source-s{seed}"), target=TARGET, epochs=args.epochs,
-                                        precision=args.precision, seed=seed, run_dir=str(run),
-                                        progress=False)).run()
-    return json.loads((run / "metrics.json").read_text())
+    cfg = PoseAdaptConfig(source=str(out / f"source-s{seed}"), target=TARGET, epochs=args.epochs,
+                          precision=args.precision, seed=seed, run_dir=str(run), progress=False)
+    if finished_run(run, cfg) is None:
+        PoseMeanTeacher(cfg).run()
+    return finished_run(run, cfg)
 
 
 def table(rows: list[dict]) -> str:
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--head", default="deconv")
     p.add_argument("--head-channels", type=int, default=128, help="deconv width (published: 256)")
-    p.add_argument("--source-epochs", type=int, default=15, help="source epochs (PoseSourceConfig: 30)")
+    p.add_argument("--source-epochs", type=int, default=60, help="source epochs (PoseSourceConfig: 30)")
     p.add_argument("--epochs", type=int, default=5, help="adaptation epochs (PoseAdaptConfig: 10)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="source training and "
                    "adaptation (default auto: bf16 autocast where the CPU or GPU computes it natively, 3x faster "

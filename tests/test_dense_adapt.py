@@ -442,3 +442,8 @@ def test_scenes_benchmark_reports_what_the_runs_score_and_resumes(tiny_scenes, t
     assert not (tmp_path / "source-fcn-s1").exists()
     reported = {r["column"]: r["miou"] for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
     assert reported == {column: miou for column, miou in rows.items() if column != "shot+balanced"}
+    # resuming the folder with other settings would mix two experiments in one table: a clear error instead
+    stamp = (tmp_path / "source-fcn-s0" / "metrics.json").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"source-fcn-s0 was made with epochs=1 .* asks for epochs=2"):
+        bench.main([*argv, "--source-epochs", "2"])
+    assert (tmp_path / "source-fcn-s0" / "metrics.json").stat().st_mtime_ns == stamp

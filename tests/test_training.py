@@ -153,3 +153,27 @@ def test_seed_table_cells_are_mean_sd_over_the_rows_of_each_cell():
     assert lines[0] == "| head | a | b |" and lines[1] == "|---|---|---|"
     # sample sd of 10 and 14 is 2.83; one value has no sd; an empty cell is a dash
     assert lines[2] == "| fcn | 12.0 ± 2.8 (n=2) | 3.0 (n=1) |" and lines[3] == "| issa | — | 5.2 (n=1) |"
+
+
+def test_finished_run_compares_what_the_run_computes_and_ignores_where_it_ran(tmp_path):
+    from dataclasses import dataclass
+
+    from workbench.logging import finished_run, write_json
+
+    @dataclass
+    class Config:
+        epochs: int = 3
+        input_size: tuple | None = None
+        run_dir: str = ""
+
+    run = tmp_path / "run"
+    write_json(run / "config.json", {"epochs": 3, "input_size": [96, 128], "run_dir": "elsewhere", "task": "pose"})
+    assert finished_run(run, Config()) is None  # no metrics.json yet: not finished
+    write_json(run / "metrics.json", {"pck@0.1": 97.1})
+    # a setting left at None is the run's to resolve; run_dir and keys the config lacks are not compared
+    assert finished_run(run, Config(run_dir=str(run))) == {"pck@0.1": 97.1}
+    assert finished_run(run, Config(input_size=(96, 128))) == {"pck@0.1": 97.1}  # a tuple is JSON's list
+    with pytest.raises(ValueError, match=r"made with epochs=3 and this run asks for epochs=60"):
+        finished_run(run, Config(epochs=60))
+    with pytest.raises(ValueError, match=r"input_size=\[96, 128\] .* input_size=\[64, 64\]"):
+        finished_run(run, Config(input_size=(64, 64)))

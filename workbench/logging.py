@@ -11,6 +11,7 @@ Every long job writes into one run directory:
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -59,6 +60,31 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
     os.replace(tmp, path)
     return path
+
+
+# Where and how a run ran and what it kept, not what it computes: free to differ when a benchmark resumes.
+PLACE_SETTINGS = ("run_dir", "progress", "device", "workers", "save_predictions")
+
+
+def finished_run(run_dir: str | os.PathLike, config) -> dict | None:
+    """A finished run's metrics.json, or None while it has none (not started, or stopped before the end).
+
+    Benchmarks skip finished runs when started again, so a folder must not mix runs made with other
+    settings: a setting in the run's config.json that differs from `config` (a dataclass instance)
+    raises. Settings left at None in `config` are resolved by the run itself and not compared."""
+    run = Path(run_dir)
+    metrics = run / "metrics.json"
+    if not metrics.exists():
+        return None
+    written = json.loads((run / "config.json").read_text())
+    wanted = json.loads(json.dumps(dataclasses.asdict(config), default=_json_default))
+    differ = [k for k, v in wanted.items()
+              if v is not None and k not in PLACE_SETTINGS and k in written and written[k] != v]
+    if differ:
+        raise ValueError(f"{run} was made with " + ", ".join(f"{k}={written[k]!r}" for k in differ)
+                         + " and this run asks for " + ", ".join(f"{k}={wanted[k]!r}" for k in differ)
+                         + ": pass the same settings to resume that folder, or a new --out")
+    return json.loads(metrics.read_text())
 
 
 def _json_default(obj):
