@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaptation.dense.mean_teacher import PoseAdaptConfig, PoseMeanTeacher  # noqa: E402
 from adaptation.dense.pose_source import PoseSourceConfig, train_pose_source  # noqa: E402
-from workbench.logging import finished_run, mean_sd  # noqa: E402
+from workbench.logging import finished_or_trained, mean_sd  # noqa: E402
 
 SOURCE, TARGET = "builtin:figures/flat", "builtin:figures/textured"
 METRICS = ("pck@0.05", "pck@0.1", "ap")
@@ -39,18 +39,14 @@ def source_model(out: Path, seed: int, args) -> dict:
     cfg = PoseSourceConfig(data=SOURCE, backbone=args.backbone, head=args.head, head_channels=args.head_channels,
                            epochs=args.source_epochs, eval_target=f"{TARGET}:test", precision=args.precision,
                            seed=seed, run_dir=str(run), progress=False)
-    if finished_run(run, cfg) is None:
-        train_pose_source(cfg)
-    return finished_run(run, cfg)
+    return finished_or_trained(run, cfg, lambda: train_pose_source(cfg))
 
 
 def adapted(out: Path, seed: int, args) -> dict:
     run = out / f"mean-teacher-s{seed}"
     cfg = PoseAdaptConfig(source=str(out / f"source-s{seed}"), target=TARGET, epochs=args.epochs,
                           precision=args.precision, seed=seed, run_dir=str(run), progress=False)
-    if finished_run(run, cfg) is None:
-        PoseMeanTeacher(cfg).run()
-    return finished_run(run, cfg)
+    return finished_or_trained(run, cfg, lambda: PoseMeanTeacher(cfg).run())
 
 
 def table(rows: list[dict]) -> str:

@@ -39,7 +39,7 @@ from adaptation.dense.heads import list_heads  # noqa: E402
 from adaptation.dense.shot import (DIVERSITY_PRIORS, METHODS, PSEUDO_LABELS, DenseAdaptConfig,  # noqa: E402
                                    DenseShotAdapter)
 from adaptation.dense.source import DenseSourceConfig, train_dense_source  # noqa: E402
-from workbench.logging import finished_run, seed_table  # noqa: E402
+from workbench.logging import finished_or_trained, seed_table  # noqa: E402
 
 SOURCE, TARGET = "builtin:scenes/printed", "builtin:scenes/textured"
 
@@ -56,19 +56,12 @@ def variants(args) -> list[tuple[str, str, str]]:
             for pseudo in (args.pseudo_labels if m == "shot" else [DenseAdaptConfig.pseudo_labels])]
 
 
-def finished_or_trained(run: Path, cfg, train, args) -> dict | None:
-    """The run's metrics, after `train()` if it is not finished (never under --report-only: then None)."""
-    if not args.report_only and finished_run(run, cfg) is None:
-        train()
-    return finished_run(run, cfg)
-
-
 def source_model(out: Path, head: str, seed: int, args) -> dict | None:
     run = out / f"source-{head}-s{seed}"
     cfg = DenseSourceConfig(data=SOURCE, backbone=args.backbone, head=head, head_channels=args.head_channels,
                             optimizer=args.optimizer, epochs=args.source_epochs, eval_target=f"{TARGET}:test",
                             precision=args.precision, seed=seed, run_dir=str(run), progress=False)
-    return finished_or_trained(run, cfg, lambda: train_dense_source(cfg), args)
+    return finished_or_trained(run, cfg, lambda: train_dense_source(cfg), not args.report_only)
 
 
 def adapted(out: Path, head: str, method: str, prior: str, pseudo: str, seed: int, args) -> dict | None:
@@ -76,7 +69,7 @@ def adapted(out: Path, head: str, method: str, prior: str, pseudo: str, seed: in
     cfg = DenseAdaptConfig(source=str(out / f"source-{head}-s{seed}"), target=TARGET, method=method, seed=seed,
                            epochs=args.epochs, diversity_prior=prior, pseudo_labels=pseudo,
                            precision=args.precision, run_dir=str(run), progress=False)
-    return finished_or_trained(run, cfg, lambda: DenseShotAdapter(cfg).run(), args)
+    return finished_or_trained(run, cfg, lambda: DenseShotAdapter(cfg).run(), not args.report_only)
 
 
 def main(argv=None) -> None:

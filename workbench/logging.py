@@ -87,6 +87,14 @@ def finished_run(run_dir: str | os.PathLike, config) -> dict | None:
     return json.loads(metrics.read_text())
 
 
+def finished_or_trained(run_dir: str | os.PathLike, config, train, train_missing: bool = True) -> dict | None:
+    """A benchmark's resumable step: the run's metrics (see `finished_run`), after `train()` if it has none
+    and `train_missing` (a report-only pass gives False, and gets None for an unfinished run)."""
+    if train_missing and finished_run(run_dir, config) is None:
+        train()
+    return finished_run(run_dir, config)
+
+
 def _json_default(obj):
     if isinstance(obj, (np.integer, np.floating)):
         return obj.item()
