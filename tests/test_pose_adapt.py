@@ -294,7 +294,8 @@ def test_end_to_end_mean_teacher_improves_target_pck(tmp_path, monkeypatch):
     default): the target test PCK@0.1 and AP rise. The settings of the figures table's seed 0, which went
     83.1 -> 85.1 PCK@0.1 and 48.2 -> 51.7 AP (docs/RESULTS.md). From scratch the source needs 3,600
     iterations (60 epochs): after 900 it scored 38 PCK@0.1 in-domain and its mean teacher lost 4.7.
-    It passed in 58 min on one CPU thread under bf16, with the same figures (set POSE_E2E_EPOCHS to shorten the source for a smoke run)."""
+    It passed in 58 min on one CPU thread under bf16, with those figures (set POSE_E2E_EPOCHS to shorten
+    the source for a smoke run)."""
     from adaptation.cli import adapt_main, train_source_main
 
     monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "wbdata"))
