@@ -333,9 +333,10 @@ def adapt_config(argv=None):
                    help="segmentation: feature pixels per image sampled to fit the centroids")
     p.add_argument("--schedule", default=dd.schedule, choices=("shot", "poly"),
                    help="segmentation lr schedule: SHOT's (1+10p)^-0.75 or poly 0.9")
-    p.add_argument("--diversity-prior", default=dd.diversity_prior, choices=DIVERSITY_PRIORS,
-                   help="segmentation IM diversity: towards the source model's initial mean pixel prediction on the "
-                   "target (initial, the default: background dominates pixels) or uniform class proportions (SHOT)")
+    p.add_argument("--diversity-prior", default=None, choices=DIVERSITY_PRIORS,
+                   help="IM diversity for segmentation and Procgen: towards the source model's initial mean prediction "
+                   f"on the target (initial; segmentation's default, {dd.diversity_prior}: background dominates pixels) "
+                   f"or uniform class or action proportions (SHOT; Procgen's default, {rd.diversity_prior})")
     p.add_argument("--diversity-weight", type=float, default=dd.diversity_weight,
                    help="segmentation IM diversity weight (SHOT 1; URMA 0, entropy alone)")
     p.add_argument("--pseudo-labels", default=dd.pseudo_labels, choices=PSEUDO_LABELS,
@@ -353,6 +354,9 @@ def adapt_config(argv=None):
                    "written by an earlier run) instead of collecting, to repeat an experiment")
     p.add_argument("--recollect", action="store_true", help="Procgen target: collect again with the adapted "
                    "policy before every epoch (adapting during play)")
+    p.add_argument("--paired-steps", type=int, default=rd.paired_steps, help="Procgen target: steps of 32 envs whose "
+                   "states are rendered in both visuals, to measure how far the adapted policy is from the source "
+                   "policy on the same states (0 skips)")
     p.add_argument("--eval-episodes", type=int, default=rd.eval_episodes, help="Procgen target: test episodes per "
                    "domain for the source and the adapted agent (0 skips)")
     p.add_argument("--precision", default=None, choices=PRECISION_CHOICES, help="segmentation and pose: fp32 "
@@ -369,7 +373,8 @@ def adapt_config(argv=None):
             source=a.source, target=a.target, method=a.method or rd.method, frames=a.frames,
             collect_policy=a.collect_policy, frames_file=a.frames_file, recollect=a.recollect,
             epochs=_pick(a.epochs, rd.epochs), batch_size=_pick(a.batch_size, rd.batch_size), lr=_pick(a.lr, rd.lr),
-            beta=_pick(a.beta, rd.beta), eval_episodes=a.eval_episodes, cluster_backend=a.cluster_backend,
+            beta=_pick(a.beta, rd.beta), diversity_prior=a.diversity_prior or rd.diversity_prior,
+            eval_episodes=a.eval_episodes, paired_steps=a.paired_steps, cluster_backend=a.cluster_backend,
             seed=a.seed, device=a.device, run_dir=a.out, progress=not a.no_progress)
     task = _resolve_task(a.task, a.source)
     if task == "classification" and a.precision not in (None, "fp32"):
@@ -386,7 +391,7 @@ def adapt_config(argv=None):
             source=a.source, target=a.target, method=a.method or dd.method, epochs=_pick(a.epochs, dd.epochs),
             batch_size=_pick(a.batch_size, dd.batch_size), lr=_pick(a.lr, dd.lr), schedule=a.schedule,
             beta=_pick(a.beta, dd.beta), pixels_per_image=a.pixels_per_image, cluster_backend=a.cluster_backend,
-            diversity_prior=a.diversity_prior, diversity_weight=a.diversity_weight, pseudo_labels=a.pseudo_labels,
+            diversity_prior=a.diversity_prior or dd.diversity_prior, diversity_weight=a.diversity_weight, pseudo_labels=a.pseudo_labels,
             test_on=a.test_on, save_predictions=not a.no_save_predictions, precision=a.precision or dd.precision,
             seed=a.seed, device=a.device,
             workers=a.workers, run_dir=a.out, progress=not a.no_progress)

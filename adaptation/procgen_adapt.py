@@ -37,7 +37,7 @@ from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import Runtime, seed_everything
 
 from .cluster import shot_pseudo_labels
-from .losses import information_maximization
+from .losses import DIVERSITY_PRIORS, information_maximization
 from .training import add_terms, set_shot_lr, shot_optimizer, take_step
 
 METHODS = ("shot-im", "shot")
@@ -75,8 +75,10 @@ class ProcgenAdaptConfig:
     lr: float = LR
     encoder_lr_mult: float = ENCODER_LR_MULT
     beta: float = BETA
+    diversity_prior: str = "uniform"      # SHOT's uniform action marginal, or the source policy's own on the frames
     weight_decay: float = 1e-3
     eval_episodes: int = 100              # per domain, before and after; 0 skips the evaluation
+    paired_steps: int = 64                # x 32 envs: states seen in both visuals to compare policies; 0 skips
     cluster_backend: str = "auto"
     seed: int = 0
     device: str = "auto"
@@ -88,6 +90,8 @@ class ProcgenAdaptConfig:
             raise ValueError(f"unknown method {self.method!r} for a Procgen agent: choose {' or '.join(METHODS)}")
         if self.collect_policy not in COLLECT_POLICIES:
             raise ValueError(f"unknown --collect-policy {self.collect_policy!r}: choose source or random")
+        if self.diversity_prior not in DIVERSITY_PRIORS:
+            raise ValueError(f"unknown diversity prior {self.diversity_prior!r}: choose uniform or initial")
         if self.frames < 1 or self.epochs < 1:
             raise ValueError("--frames and --epochs must be positive")
         if self.frames_file and self.recollect:
@@ -149,6 +153,38 @@ def features_and_policy(model, frames: torch.Tensor, runtime: Runtime, batch: in
     return torch.cat(feats), torch.cat(probs)
 
 
+def paired_frames(agent, game: str, source_options: list[str], target_options: list[str], steps: int,
+                  num_envs: int, seed: int, distribution_mode: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The same states rendered in both domains: the agent plays the source visuals, and a copy of the same
+    levels in the target visuals is stepped with its actions. Procgen's visual options leave the dynamics
+    alone, so the two stay in lockstep; None if rewards or episode ends ever differ (the pairing broke)."""
+    envs = [ProcgenVecEnv(game, num_envs, distribution_mode, num_levels=0, start_level=0, device=agent.rt.device,
+                          seed=seed, **visual_options(options)) for options in (source_options, target_options)]
+    obs = envs[0].reset()
+    envs[1].reset()
+    source, target = [], []
+    with torch.random.fork_rng(devices=[]):  # the same states for every run with this seed
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            source.append(envs[0].last_frames.copy())
+            target.append(envs[1].last_frames.copy())
+            actions = agent.act(obs).cpu().numpy()
+            (_, r0, d0), (_, r1, d1) = (env.step_numpy(actions) for env in envs)
+            if not (np.array_equal(r0, r1) and np.array_equal(d0, d1)):
+                return None
+            obs = envs[0].as_tensor(envs[0].last_frames)
+    return torch.from_numpy(np.concatenate(source)), torch.from_numpy(np.concatenate(target))
+
+
+def policy_divergence(reference: torch.Tensor, probs: torch.Tensor) -> dict:
+    """How far a policy on the target frames is from the source policy on the same states in the source
+    visuals: mean KL(pi_src(s_source) || pi(s_target)), argmax agreement, and pi's own mean entropy."""
+    log = lambda p: p.clamp_min(1e-8).log()  # noqa: E731
+    return {"kl_from_source_policy": float((reference * (log(reference) - log(probs))).sum(1).mean()),
+            "argmax_agreement": float((reference.argmax(1) == probs.argmax(1)).float().mean()),
+            "policy_entropy": float(-(probs * log(probs)).sum(1).mean())}
+
+
 class ProcgenAdapter:
     def __init__(self, cfg: ProcgenAdaptConfig):
         self.cfg = cfg
@@ -184,11 +220,13 @@ class ProcgenAdapter:
         model.value_head.requires_grad_(False)
         optimizer = shot_optimizer([(model.backbone, cfg.encoder_lr_mult)], cfg.lr, cfg.weight_decay)
         steps_per_epoch = self.steps_per_epoch(frames)
-        total, step, history = cfg.epochs * steps_per_epoch, 0, []
+        total, step, history, prior = cfg.epochs * steps_per_epoch, 0, [], None
         for epoch in range(cfg.epochs):
             if epoch > 0 and cfg.recollect:
                 frames = self.target_frames(epoch)
             feats, probs = features_and_policy(model, frames, self.rt)
+            if epoch == 0 and cfg.diversity_prior == "initial":
+                prior = probs.mean(0).to(self.rt.device)
             pseudo = shot_pseudo_labels(feats, probs, backend=cfg.cluster_backend) if cfg.beta > 0 else None
             stats = {"policy_entropy": float(-(probs * probs.clamp_min(1e-8).log()).sum(1).mean()),
                      "action_agreement_with_pseudo_labels": float((probs.argmax(1) == pseudo).float().mean())
@@ -201,7 +239,7 @@ class ProcgenAdapter:
                 step += 1
                 set_shot_lr(optimizer, cfg.lr, step / total)
                 logits, _ = model(self.rt.images(frames[idx]))
-                im, cond, marg = information_maximization(logits.float())
+                im, cond, marg = information_maximization(logits.float(), prior)
                 loss, terms = im, {"im": im, "conditional_entropy": cond, "marginal_entropy": marg}
                 if pseudo is not None:
                     terms["pseudo_ce"] = F.cross_entropy(logits.float(), pseudo[idx].to(self.rt.device))
@@ -240,6 +278,27 @@ class ProcgenAdapter:
                   f"{result['mean_return']:.2f} over {result['episodes']} episodes", flush=True)
         return out
 
+    def paired_policies(self):
+        """A function scoring a model's policy on the target renderings of states that the source policy
+        visited in the source visuals (policy_divergence), for the source model now and the adapted later."""
+        source_options = list(self.source_state["config"].get("visual", []))
+        pairs = paired_frames(self.agent, self.game, source_options, self.options, self.cfg.paired_steps, 32,
+                              self.cfg.seed + 777, self.mode)
+        if pairs is None:
+            print("paired states: the two renderings fell out of step; no policy comparison", flush=True)
+            return None
+        reference = features_and_policy(self.model, pairs[0], self.rt)[1]
+        before = policy_divergence(reference, features_and_policy(self.model, pairs[1], self.rt)[1])
+
+        def score(model) -> dict:
+            after = policy_divergence(reference, features_and_policy(model, pairs[1], self.rt)[1])
+            for label, d in (("source", before), ("adapted", after)):
+                print(f"{label} policy on {len(reference)} paired target frames: KL from the source policy "
+                      f"{d['kl_from_source_policy']:.3f}, argmax agreement {d['argmax_agreement']:.3f}, entropy "
+                      f"{d['policy_entropy']:.3f}", flush=True)
+            return {"frames": len(reference), "source_agent": before, "adapted_agent": after}
+        return score
+
     def run(self) -> dict:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -249,6 +308,7 @@ class ProcgenAdapter:
                    "game": self.game, "visual": self.options}
         if cfg.eval_episodes:
             metrics["source_agent"] = self.evaluate_both_domains(self.source_path, "source")
+        paired = self.paired_policies() if cfg.paired_steps else None
         frames = self.target_frames(0)
         logger = RunLogger(self.run_dir, total=cfg.epochs * self.steps_per_epoch(frames),
                            desc=f"{cfg.method} {self.game}", progress=cfg.progress)
@@ -257,6 +317,8 @@ class ProcgenAdapter:
         finally:
             logger.close()
         checkpoint = save_checkpoint(self.run_dir / "checkpoint.pt", "procgen-agent", self.checkpoint_payload())
+        if paired is not None:
+            metrics["paired_states"] = paired(self.model)
         if cfg.eval_episodes:
             metrics["adapted_agent"] = self.evaluate_both_domains(checkpoint, "adapted")
         metrics.update(checkpoint=str(checkpoint), wall_seconds=time.time() - start)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from adaptation.cli import adapt_main
-from adaptation.procgen_adapt import ProcgenAdaptConfig, ProcgenAdapter, parse_procgen_target
+from adaptation.procgen_adapt import (ProcgenAdaptConfig, ProcgenAdapter, paired_frames, parse_procgen_target,
+                                      policy_divergence)
 from agents.cli import evaluate_main
 from agents.train import Trainer, TrainConfig
 from envs.procgen import ProcgenVecEnv, visual_options
@@ -31,7 +32,7 @@ def source_run(tmp_path_factory):
 
 
 def tiny_adapt(source, run_dir, **overrides):
-    cfg = dict(source=str(source), target=TARGET, frames=128, num_envs=8, epochs=2, eval_episodes=0,
+    cfg = dict(source=str(source), target=TARGET, frames=128, num_envs=8, epochs=2, eval_episodes=0, paired_steps=0,
                run_dir=str(run_dir), progress=False, device="cpu")
     return ProcgenAdapter(ProcgenAdaptConfig(**{**cfg, **overrides})).run()
 
@@ -47,7 +48,7 @@ def test_visual_options_reach_the_renderer_for_the_same_levels():
 
 def test_adaptation_keeps_the_policy_head_trains_the_encoder_and_evaluates(source_run, tmp_path):
     rc = adapt_main(["--source", str(source_run), "--target", TARGET, "--method", "shot", "--frames", "128",
-                     "--epochs", "2", "--eval-episodes", "0", "--device", "cpu", "--out", str(tmp_path / "adapt"),
+                     "--epochs", "2", "--eval-episodes", "0", "--paired-steps", "3", "--device", "cpu", "--out", str(tmp_path / "adapt"),
                      "--no-progress"])
     assert rc == 0
     metrics = json.loads((tmp_path / "adapt" / "metrics.json").read_text())
@@ -60,10 +61,34 @@ def test_adaptation_keeps_the_policy_head_trains_the_encoder_and_evaluates(sourc
     assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("backbone."))
     assert after_ckpt["config"]["visual"] == ["no-backgrounds", "monochrome"]
     assert len(metrics["epochs"]) == 2 and 0 <= metrics["epochs"][0]["action_agreement_with_pseudo_labels"] <= 1
+    paired = metrics["paired_states"]
+    assert paired["frames"] == 3 * 32 and paired["adapted_agent"]["kl_from_source_policy"] >= 0
+    assert paired["adapted_agent"] != paired["source_agent"]  # the encoder moved, so did the policy on those states
     frames = np.load(tmp_path / "adapt" / "frames.npz")
     assert frames["frames"].shape == (128, 64, 64, 3) and str(frames["game"]) == "bigfish"
     rc = evaluate_main([str(tmp_path / "adapt"), "--episodes", "2", "--num-envs", "2", "--device", "cpu"])
     assert rc == 0
+
+
+def test_paired_states_are_the_same_states_in_both_visuals(source_run):
+    """Same levels, same actions: the source policy's states rendered twice. With the same visuals the two
+    renderings are equal, so the divergence of a policy from itself is zero; monochrome changes the pixels
+    and keeps the game in lockstep."""
+    adapter = ProcgenAdapter(ProcgenAdaptConfig(source=str(source_run), target=TARGET, device="cpu"))
+    same = paired_frames(adapter.agent, "bigfish", [], [], 5, 4, 0, "easy")
+    assert torch.equal(same[0], same[1]) and same[0].shape == (20, 64, 64, 3)
+    shifted = paired_frames(adapter.agent, "bigfish", [], ["monochrome"], 5, 4, 0, "easy")
+    assert shifted is not None and torch.equal(shifted[0], same[0]) and not torch.equal(shifted[1], same[1])
+    assert policy_divergence(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.5, 0.5]]))["kl_from_source_policy"] == 0
+
+
+def test_policy_divergence_by_hand():
+    d = policy_divergence(torch.tensor([[0.5, 0.5], [0.9, 0.1]]), torch.tensor([[0.25, 0.75], [0.9, 0.1]]))
+    kl = (0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)) / 2
+    assert d["kl_from_source_policy"] == pytest.approx(kl, abs=1e-6)
+    assert d["argmax_agreement"] == 0.5
+    h = -(0.25 * np.log(0.25) + 0.75 * np.log(0.75)) - (0.9 * np.log(0.9) + 0.1 * np.log(0.1))
+    assert d["policy_entropy"] == pytest.approx(h / 2, abs=1e-6)
 
 
 def test_saved_frames_repeat_an_experiment(source_run, tmp_path):

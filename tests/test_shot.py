@@ -32,6 +32,17 @@ def test_information_maximization_hand_computed():
     assert loss.item() == pytest.approx(expected_cond - expected_marg, abs=1e-4)
 
 
+def test_information_maximization_with_a_prior_is_kl_of_the_mean_to_it():
+    # same batch; prior (0.75, 0.25) equals the mean prediction, so the diversity term vanishes
+    logits = torch.tensor([[0.0, 0.0], [30.0, -30.0]])
+    loss, cond, _ = information_maximization(logits, torch.tensor([0.75, 0.25]))
+    assert loss.item() == pytest.approx(cond.item(), abs=1e-5)
+    # prior (0.5, 0.5): KL = sum p log(p / 0.5), weighted by one half
+    loss, cond, _ = information_maximization(logits, torch.tensor([0.5, 0.5]), diversity_weight=0.5)
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert loss.item() == pytest.approx(cond.item() + 0.5 * kl, abs=1e-5)
+
+
 def brute_force_pseudo_labels(features, probs, rounds=2):
     """Loop-by-loop restatement of SHOT's labelling with scipy-style cosine distances."""
     f = np.concatenate([features, np.ones((len(features), 1))], 1)

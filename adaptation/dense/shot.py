@@ -64,7 +64,7 @@ from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import Runtime, seed_everything
 
 from ..cluster import assign_to_centroids, shot_centroids
-from ..losses import entropy
+from ..losses import DIVERSITY_PRIORS, information_maximization
 from ..training import add_terms, make_loader, set_group_lr, set_shot_lr, shot_optimizer, take_step
 from .data import builtin_scenes_test_split
 from .evaluate import TASK, eval_batch_size, eval_loader, load_dense_model, load_dense_target, public_scores, segmentation_pass
@@ -78,7 +78,6 @@ CHECKPOINT = "adapted.pt"
 PIXELS_PER_IMAGE = 128     # feature pixels per image that fit the centroids (all of them on 8 x 8 maps)
 PANEL_IMAGES = 4           # fixed target images drawn as input | truth | prediction each epoch
 SCHEDULES = ("shot", "poly")
-DIVERSITY_PRIORS = ("uniform", "initial")
 PSEUDO_LABELS = ("centroid", "balanced")
 # URMA's class-balanced selection: the top fraction of each class's pixels, growing every round to a cap
 BALANCED_FRACTION, BALANCED_STEP, BALANCED_MAX_FRACTION = 0.2, 0.05, 0.5
@@ -133,18 +132,10 @@ class DenseAdaptConfig:
 
 def pixel_information_maximization(logits: torch.Tensor, prior: torch.Tensor | None = None,
                                    diversity_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """IM over every pixel of a (N, K, H, W) batch: mean_{n,u} H(p_nu) - H(p_bar), p_bar = mean_{n,u} p_nu,
-    or with a class `prior` pi: mean_{n,u} H(p_nu) + KL(p_bar || pi). The diversity term is scaled by
-    `diversity_weight`. Returns (loss, mean pixel entropy, entropy of the mean prediction)."""
-    probs = logits.softmax(1)
-    conditional = entropy(probs).mean()
-    p_bar = probs.mean((0, 2, 3))
-    marginal = entropy(p_bar[None])[0]
-    if prior is None:
-        diversity = -marginal
-    else:
-        diversity = (p_bar * (p_bar.clamp_min(1e-12).log() - prior.clamp_min(1e-12).log())).sum()
-    return conditional + diversity_weight * diversity, conditional, marginal
+    """IM over every pixel of a (N, K, H, W) batch, each pixel a sample: mean_{n,u} H(p_nu) - H(p_bar),
+    p_bar = mean_{n,u} p_nu, or with a class `prior` pi: mean_{n,u} H(p_nu) + KL(p_bar || pi). The
+    diversity term is scaled by `diversity_weight`. Returns (loss, mean pixel entropy, entropy of p_bar)."""
+    return information_maximization(logits.movedim(1, -1).flatten(0, -2), prior, diversity_weight)
 
 
 def sample_pixels(z: torch.Tensor, probs: torch.Tensor, count: int, generator: torch.Generator):
