@@ -12,7 +12,18 @@ with IM and the cosine k-means pseudo-labels over actions exactly as for images 
 adaptation.cluster). Only phi is trained: the policy head is frozen, and the value head is left
 as it was (its input, phi's features, moves with the adaptation; the value head is used only for
 further PPO training, not for acting). With `recollect`, the frames are collected again with the
-adapted policy before every epoch (adapting during play).
+adapted policy before every epoch (adapting during play). `diversity_prior="initial"` pulls the
+batch's mean action distribution towards the source policy's own on the target frames instead of
+towards uniform (a policy's action marginal is far from uniform).
+
+A PPO policy is not a confident classifier: trained with an entropy bonus, it keeps most of its
+entropy (a starpilot agent at 150k steps: 2.47 nats of ln 15 = 2.71), and acts by sampling. IM's
+conditional-entropy term makes it nearly deterministic within one epoch (0.07 nats at the end), which
+changes the behaviour far more than the visual shift did (docs/RESULTS.md). To see what adaptation
+does to the policy itself, `paired_steps` plays the source policy in the source visuals and steps a
+copy of the same levels in the target visuals with its actions (the visual options leave the
+dynamics alone): on those same states, the KL from the source policy on its own frames to the
+source and to the adapted policy on the target frames, their argmax agreement and entropy.
 
 The result is an ordinary Procgen checkpoint (the source run's, with the adapted encoder), whose
 config names the target's visual options, so `scripts/evaluate_procgen.py RUN` plays it in the
