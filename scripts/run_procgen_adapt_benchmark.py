@@ -79,8 +79,8 @@ def adapted_agent(out: Path, game: str, method: str, seed: int, source: Path, ar
     if not (run / "metrics.json").exists():
         ProcgenAdapter(ProcgenAdaptConfig(source=str(source), target=f"procgen:{game}:{'+'.join(args.visual)}",
                                           method=method, frames=args.frames, epochs=args.epochs,
-                                          eval_episodes=args.episodes, seed=seed, run_dir=str(run),
-                                          progress=False)).run()
+                                          eval_episodes=args.episodes, paired_steps=args.paired_steps, seed=seed,
+                                          run_dir=str(run), progress=False)).run()
     return json.loads((run / "metrics.json").read_text())
 
 
@@ -90,15 +90,31 @@ def target_return(run: Path, args) -> float:
         "mean_return"]
 
 
+PAIRED_COLUMNS = {"kl_from_source_policy": "KL from the source policy", "argmax_agreement": "argmax agreement",
+                  "policy_entropy": "entropy (nats)"}
+
+
+def paired_rows(game: str, seed: int, label: str, m: dict, who: str) -> list[dict]:
+    """The policy on the target renderings of states the source policy visited (ProcgenAdapter.paired_policies)."""
+    paired = m.get("paired_states", {}).get(who)
+    return [{"agent": f"{game}: {label}", "seed": seed, "column": name, "value": paired[key]}
+            for key, name in PAIRED_COLUMNS.items()] if paired else []
+
+
 COLUMNS = ("source agent, source", "source agent, target", *(f"{m}, target" for m in METHODS),
            *(f"{m}, source" for m in METHODS), "trained in target, target")
 
 
-def report(rows: list[dict], args) -> str:
-    return (f"Mean test return on unseen levels ({args.episodes} episodes per agent and domain); target visuals "
+def report(rows: list[dict], paired: list[dict], args) -> str:
+    text = (f"Mean test return on unseen levels ({args.episodes} episodes per agent and domain); target visuals "
             f"{'+'.join(args.visual)}; agents trained for {args.total_steps} env steps; adaptation on {args.frames} "
             f"frames collected by the source policy, {args.epochs} epochs; mean ± sd over seeds (n)\n\n"
             + seed_table(rows, "game", COLUMNS, "return", digits=2) + "\n")
+    if paired:
+        text += ("\nThe policy on the target renderings of states that the source policy visited in its own visuals, "
+                 "against the source policy there (mean over the paired frames)\n\n"
+                 + seed_table(paired, "agent", tuple(PAIRED_COLUMNS.values()), "value", digits=3) + "\n")
+    return text
 
 
 def main(argv=None) -> None:
@@ -114,6 +130,8 @@ def main(argv=None) -> None:
                    help="use this finished PPO run as the game's source agent (for every seed)")
     p.add_argument("--frames", type=int, default=ProcgenAdaptConfig.frames)
     p.add_argument("--epochs", type=int, default=ProcgenAdaptConfig.epochs, help="adaptation epochs")
+    p.add_argument("--paired-steps", type=int, default=ProcgenAdaptConfig.paired_steps,
+                   help="steps of 32 envs whose states are compared in both visuals (0 skips)")
     p.add_argument("--episodes", type=int, default=100, help="evaluation episodes per agent and domain")
     p.add_argument("--out", default="runs/procgen-adapt")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train_procgen.py flags for the source "
@@ -123,7 +141,7 @@ def main(argv=None) -> None:
     visual_options(args.visual)  # unknown names fail here, listing the valid ones
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, paired = [], []
     for seed in args.seeds:
         for game in args.games:
             source = source_agent(out, game, seed, args)
@@ -137,14 +155,16 @@ def main(argv=None) -> None:
                 if method == args.methods[0]:  # the source agent's scores, from the adaptation run's evaluation
                     add("source agent, source", m["source_agent"]["source"]["mean_return"])
                     add("source agent, target", m["source_agent"]["target"]["mean_return"])
+                    paired += paired_rows(game, seed, "source agent", m, "source_agent")
+                paired += paired_rows(game, seed, method, m, "adapted_agent")
                 add(f"{method}, target", m["adapted_agent"]["target"]["mean_return"])
                 add(f"{method}, source", m["adapted_agent"]["source"]["mean_return"])
             add("trained in target, target", target_return(target, args))
             print(f"seed {seed} {game}: " + ", ".join(f"{r['column']} {r['return']:.2f}" for r in rows
                                                       if (r["game"], r["seed"]) == (game, seed)), flush=True)
             (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            (out / "table.md").write_text(report(rows, args))
-    print(report(rows, args))
+            (out / "table.md").write_text(report(rows, paired, args))
+    print(report(rows, paired, args))
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_r
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     argv = ["--games", "bigfish", "--source-run", f"bigfish={source_run}", "--total-steps", "128", "--methods",
-            "shot-im", "--visual", "no-backgrounds", "monochrome", "--frames", "64", "--epochs", "1", "--episodes", "2",
+            "shot-im", "--visual", "no-backgrounds", "monochrome", "--frames", "64", "--epochs", "1", "--episodes", "2", "--paired-steps", "2",
             "--out", str(tmp_path)]
     bench.main(argv)
     rows = {r["column"]: r["return"] for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
@@ -143,7 +143,10 @@ def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_r
     assert json.loads((target_run / "metrics.json").read_text())["env_steps"] >= 128
     evaluation = json.loads((target_run / "evaluation_target_2.json").read_text())
     assert rows["trained in target, target"] == evaluation["mean_return"] and evaluation["episodes"] == 2
-    assert "| bigfish |" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "| bigfish |" in table
+    kl = adapted["paired_states"]["adapted_agent"]["kl_from_source_policy"]
+    assert f"| bigfish: shot-im | {kl:.3f} (n=1) |" in table
     stamp = (target_run / "checkpoint.pt").stat().st_mtime_ns
     bench.main(argv)
     assert (target_run / "checkpoint.pt").stat().st_mtime_ns == stamp
