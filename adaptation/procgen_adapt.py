@@ -85,7 +85,7 @@ class ProcgenAdaptConfig:
     batch_size: int = 64
     lr: float = LR
     encoder_lr_mult: float = ENCODER_LR_MULT
-    beta: float = BETA
+    beta: float = BETA                    # set to 0 for shot-im
     diversity_prior: str = "uniform"      # SHOT's uniform action marginal, or the source policy's own on the frames
     weight_decay: float = 1e-3
     eval_episodes: int = 100              # per domain, before and after; 0 skips the evaluation
@@ -101,6 +101,8 @@ class ProcgenAdaptConfig:
             raise ValueError(f"unknown method {self.method!r} for a Procgen agent: choose {' or '.join(METHODS)}")
         if self.collect_policy not in COLLECT_POLICIES:
             raise ValueError(f"unknown --collect-policy {self.collect_policy!r}: choose source or random")
+        if self.method == "shot-im":  # information maximisation alone, no pseudo-label term
+            self.beta = 0.0
         if self.diversity_prior not in DIVERSITY_PRIORS:
             raise ValueError(f"unknown diversity prior {self.diversity_prior!r}: choose uniform or initial")
         if self.frames < 1 or self.epochs < 1:

@@ -92,7 +92,9 @@ def test_policy_divergence_by_hand():
 
 
 def test_saved_frames_repeat_an_experiment(source_run, tmp_path):
-    tiny_adapt(source_run, tmp_path / "a", method="shot-im", seed=5)
+    im = tiny_adapt(source_run, tmp_path / "a", method="shot-im", seed=5)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["beta"] == 0  # SHOT-IM: no pseudo-labels
+    assert all(e["action_agreement_with_pseudo_labels"] is None for e in im["epochs"])
     frames = tmp_path / "a" / "frames.npz"
     one = tiny_adapt(source_run, tmp_path / "b", method="shot-im", frames_file=str(frames), seed=5)
     two = tiny_adapt(source_run, tmp_path / "c", method="shot-im", frames_file=str(frames), seed=5)
