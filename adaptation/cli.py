@@ -334,9 +334,10 @@ def adapt_config(argv=None):
     p.add_argument("--schedule", default=dd.schedule, choices=("shot", "poly"),
                    help="segmentation lr schedule: SHOT's (1+10p)^-0.75 or poly 0.9")
     p.add_argument("--diversity-prior", default=None, choices=DIVERSITY_PRIORS,
-                   help="IM diversity for segmentation and Procgen: towards the source model's initial mean prediction "
-                   f"on the target (initial; segmentation's default, {dd.diversity_prior}: background dominates pixels) "
-                   f"or uniform class or action proportions (SHOT; Procgen's default, {rd.diversity_prior})")
+                   help="IM diversity for segmentation and Procgen: towards the source model's initial mean "
+                   f"prediction on the target (initial; segmentation's default, {dd.diversity_prior}: background "
+                   f"dominates pixels) or uniform class or action proportions (SHOT; Procgen's default, "
+                   f"{rd.diversity_prior})")
     p.add_argument("--diversity-weight", type=float, default=dd.diversity_weight,
                    help="segmentation IM diversity weight (SHOT 1; URMA 0, entropy alone)")
     p.add_argument("--pseudo-labels", default=dd.pseudo_labels, choices=PSEUDO_LABELS,
@@ -391,7 +392,8 @@ def adapt_config(argv=None):
             source=a.source, target=a.target, method=a.method or dd.method, epochs=_pick(a.epochs, dd.epochs),
             batch_size=_pick(a.batch_size, dd.batch_size), lr=_pick(a.lr, dd.lr), schedule=a.schedule,
             beta=_pick(a.beta, dd.beta), pixels_per_image=a.pixels_per_image, cluster_backend=a.cluster_backend,
-            diversity_prior=a.diversity_prior or dd.diversity_prior, diversity_weight=a.diversity_weight, pseudo_labels=a.pseudo_labels,
+            diversity_prior=a.diversity_prior or dd.diversity_prior, diversity_weight=a.diversity_weight,
+            pseudo_labels=a.pseudo_labels,
             test_on=a.test_on, save_predictions=not a.no_save_predictions, precision=a.precision or dd.precision,
             seed=a.seed, device=a.device,
             workers=a.workers, run_dir=a.out, progress=not a.no_progress)

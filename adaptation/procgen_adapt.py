@@ -20,11 +20,11 @@ A PPO policy is not a confident classifier: trained with an entropy bonus, it ke
 entropy (a starpilot agent at 500k steps: 2.28 nats on the target frames, of ln 15 = 2.71), and acts
 by sampling. IM's conditional-entropy term makes it nearly deterministic within one epoch (SHOT-IM:
 0.07 nats after the first, 0.01 at the end), which changes the behaviour far more than the visual
-shift did (docs/RESULTS.md). To see what adaptation
-does to the policy itself, `paired_steps` plays the source policy in the source visuals and steps a
-copy of the same levels in the target visuals with its actions (the visual options leave the
-dynamics alone): on those same states, the KL from the source policy on its own frames to the
-source and to the adapted policy on the target frames, their argmax agreement and entropy.
+shift did (docs/RESULTS.md). To see what adaptation does to the policy itself, `paired_steps` plays
+the source policy in the source visuals and steps a copy of the same levels in the target visuals
+with its actions (the visual options leave the dynamics alone): on those same states, the KL from
+the source policy on its own frames to the source and to the adapted policy on the target frames,
+their argmax agreement and entropy.
 
 The result is an ordinary Procgen checkpoint (the source run's, with the adapted encoder), whose
 config names the target's visual options, so `scripts/evaluate_procgen.py RUN` plays it in the

@@ -48,7 +48,8 @@ def test_visual_options_reach_the_renderer_for_the_same_levels():
 
 def test_adaptation_keeps_the_policy_head_trains_the_encoder_and_evaluates(source_run, tmp_path):
     rc = adapt_main(["--source", str(source_run), "--target", TARGET, "--method", "shot", "--frames", "128",
-                     "--epochs", "2", "--eval-episodes", "0", "--paired-steps", "3", "--device", "cpu", "--out", str(tmp_path / "adapt"),
+                     "--epochs", "2", "--eval-episodes", "0", "--paired-steps", "3", "--device", "cpu",
+                     "--out", str(tmp_path / "adapt"),
                      "--no-progress"])
     assert rc == 0
     metrics = json.loads((tmp_path / "adapt" / "metrics.json").read_text())
