@@ -5,6 +5,7 @@ is kept, an interrupted one resumed from its checkpoint, so a driver can be stop
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,30 @@ def run_finished(run: Path, total_steps: int) -> bool:
     return not m["interrupted"] and m["env_steps"] >= total_steps
 
 
-def train_to(run: Path, total_steps: int, train_args: list[str]) -> None:
+def thread_env(threads: int | None) -> dict | None:
+    """This process's environment with OMP/MKL limited to `threads` (None: unchanged)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
+
+
+def run_logged(cmd: list[str], threads: int | None = None, log: Path | None = None) -> None:
+    """Run a workbench command to completion: with `threads`, its OMP/MKL thread count (for several
+    commands side by side); with `log`, its output appended there instead of this process's."""
+    env = thread_env(threads)
+    if log is None:
+        subprocess.run(cmd, check=True, env=env)
+        return
+    with open(log, "a") as out:
+        out.write(" ".join(cmd) + "\n")
+        out.flush()
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    if code:
+        raise RuntimeError(f"a command exited with code {code}; its command line and output are in {log}")
+
+
+def train_to(run: Path, total_steps: int, train_args: list[str], threads: int | None = None,
+             log: Path | None = None) -> None:
     """`scripts/train_procgen.py` into `run` until `total_steps`: a new run with `train_args`, or the
-    saved run resumed (its own config; `train_args` are not reapplied)."""
+    saved run resumed (its own config; `train_args` are not reapplied). `threads`, `log`: run_logged."""
     run = Path(run)
     if run_finished(run, total_steps):
         return
@@ -34,10 +56,11 @@ def train_to(run: Path, total_steps: int, train_args: list[str]) -> None:
         cmd = script + [*train_args, "--total-steps", str(total_steps), "--runs-root", str(run.parent),
                         "--run-name", run.name]
     print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    run_logged(cmd, threads, log)
 
 
-def final_evaluation(run: Path, episodes: int, visual: list[str] | None = None, name: str | None = None) -> dict:
+def final_evaluation(run: Path, episodes: int, visual: list[str] | None = None, name: str | None = None,
+                     threads: int | None = None) -> dict:
     """`scripts/evaluate_procgen.py` on unseen levels (seed EVALUATION_SEED), cached as JSON in the run:
     `visual=None` plays the visuals the agent was trained in, a list (empty: the game's own) others."""
     out = Path(run) / (name or f"final_evaluation_{episodes}.json")
@@ -46,5 +69,5 @@ def final_evaluation(run: Path, episodes: int, visual: list[str] | None = None, 
                "--seed", str(EVALUATION_SEED), "--out", str(out)]
         if visual is not None:
             cmd += ["--visual", *visual]
-        subprocess.run(cmd, check=True, capture_output=True)
+        subprocess.run(cmd, check=True, capture_output=True, env=thread_env(threads))
     return json.loads(out.read_text())

@@ -10,9 +10,11 @@ For every game and seed, in <out>:
                                the target visuals (`workbench adapt --target procgen:<game>:<visual>`)
 Every agent is scored on unseen levels of both domains with the same episodes and evaluation seed.
 Finished pieces are skipped and interrupted trainings resumed, so the script can be stopped and
-started again. Writes results.jsonl and table.md to <out>.
+started again. With --jobs N the agents train side by side, then the adaptations and evaluations run
+side by side, each command with cores/N threads and its output in a .log beside its run. Writes
+results.jsonl and table.md to <out>.
 
-    python scripts/run_procgen_adapt_benchmark.py --games starpilot coinrun fruitbot --total-steps 500000 \\
+    python scripts/run_procgen_adapt_benchmark.py --games starpilot coinrun fruitbot --total-steps 500000 --jobs 2 \\
         --source-run starpilot=runs/precision/fp32-s0 --visual monochrome --out runs/procgen-adapt
 """
 
@@ -20,14 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adaptation.procgen_adapt import METHODS, ProcgenAdaptConfig, ProcgenAdapter  # noqa: E402
-from agents.resumable import final_evaluation, run_finished, train_to  # noqa: E402
+from adaptation.procgen_adapt import METHODS, ProcgenAdaptConfig  # noqa: E402
+from agents.resumable import final_evaluation, run_finished, run_logged, train_to  # noqa: E402
 from envs.procgen import GAMES, visual_options  # noqa: E402
 from workbench.logging import seed_table  # noqa: E402
 
@@ -49,45 +53,78 @@ def recipe_args(config: dict, seed: int) -> list[str]:
             "--reward-norm-gamma", str(agent["reward_norm_gamma"])]
 
 
-def source_agent(out: Path, game: str, seed: int, args) -> Path:
+def given_source(game: str, args) -> Path | None:
+    """The finished PPO run passed as --source-run for `game`, checked; None when the driver trains one."""
     given = dict(item.split("=", 1) for item in args.source_run).get(game)
-    if given:
-        run = Path(given)
-        config = json.loads((run / "config.json").read_text())
-        if config["env"] != game or config["algo"] != "ppo" or config.get("visual"):
-            raise SystemExit(f"error: --source-run {game}={run} is a {config['algo']} run on {config['env']} "
-                             f"(visual {config.get('visual') or 'default'}): give a PPO run on {game} in its own "
-                             "visuals")
-        if not run_finished(run, args.total_steps):
-            raise SystemExit(f"error: --source-run {run} has not finished {args.total_steps} steps: resume it "
-                             "first or lower --total-steps")
-        return run
-    run = out / f"{game}-source-s{seed}"
-    train_to(run, args.total_steps, ["--env", game, "--seed", str(seed), "--precision", args.precision, *args.extra])
+    if not given:
+        return None
+    run = Path(given)
+    config = json.loads((run / "config.json").read_text())
+    if config["env"] != game or config["algo"] != "ppo" or config.get("visual"):
+        raise SystemExit(f"error: --source-run {game}={run} is a {config['algo']} run on {config['env']} "
+                         f"(visual {config.get('visual') or 'default'}): give a PPO run on {game} in its own "
+                         "visuals")
+    if not run_finished(run, args.total_steps):
+        raise SystemExit(f"error: --source-run {run} has not finished {args.total_steps} steps: resume it "
+                         "first or lower --total-steps")
     return run
 
 
-def target_agent(out: Path, game: str, seed: int, source: Path, args) -> Path:
-    run = out / f"{game}-target-s{seed}"
-    recipe = recipe_args(json.loads((source / "config.json").read_text()), seed)
-    train_to(run, args.total_steps, [*recipe, "--visual", *args.visual])
-    return run
+def source_args(game: str, seed: int, args) -> list[str]:
+    return ["--env", game, "--seed", str(seed), "--precision", args.precision, *args.extra]
 
 
-def adapted_agent(out: Path, game: str, method: str, seed: int, source: Path, args) -> dict:
+def target_args(game: str, seed: int, args) -> list[str]:
+    """The source agent's recipe in the target visuals: a given run's resolved config, or the same flags
+    as the source agent trained here (so both can train side by side)."""
+    given = given_source(game, args)
+    recipe = recipe_args(json.loads((given / "config.json").read_text()), seed) if given else \
+        source_args(game, seed, args)
+    return [*recipe, "--visual", *args.visual]
+
+
+def agent_trainings(out: Path, game: str, seed: int, args) -> list[tuple[Path, list[str]]]:
+    """(run directory, train_procgen.py flags) of the agents this game and seed still need."""
+    target = (out / f"{game}-target-s{seed}", target_args(game, seed, args))
+    if given_source(game, args):
+        return [target]
+    return [(out / f"{game}-source-s{seed}", source_args(game, seed, args)), target]
+
+
+def source_run(out: Path, game: str, seed: int, args) -> Path:
+    return given_source(game, args) or out / f"{game}-source-s{seed}"
+
+
+def adapt_command(out: Path, game: str, method: str, seed: int, args) -> list[str]:
+    """The `workbench adapt` command line of one adaptation run, with this driver's settings."""
+    return [sys.executable, "-m", "workbench.cli", "adapt", "--source", str(source_run(out, game, seed, args)),
+            "--target", f"procgen:{game}:{'+'.join(args.visual)}", "--method", method, "--frames", str(args.frames),
+            "--epochs", str(args.epochs), "--eval-episodes", str(args.episodes), "--paired-steps",
+            str(args.paired_steps), "--seed", str(seed), "--out", str(out / f"{game}-{method}-s{seed}"),
+            "--no-progress"]
+
+
+def adapted_metrics(out: Path, game: str, method: str, seed: int, args) -> dict:
+    """An adaptation run's metrics.json, running the adaptation first when it has none."""
     run = out / f"{game}-{method}-s{seed}"
     if not (run / "metrics.json").exists():
-        ProcgenAdapter(ProcgenAdaptConfig(source=str(source), target=f"procgen:{game}:{'+'.join(args.visual)}",
-                                          method=method, frames=args.frames, epochs=args.epochs,
-                                          eval_episodes=args.episodes, paired_steps=args.paired_steps, seed=seed,
-                                          run_dir=str(run), progress=False)).run()
+        run.mkdir(parents=True, exist_ok=True)
+        run_logged(adapt_command(out, game, method, seed, args), args.threads, run / "adapt.log")
     return json.loads((run / "metrics.json").read_text())
 
 
 def target_return(run: Path, args) -> float:
     """Mean test return of the agent trained in the target visuals, in them (as the adapter evaluates)."""
-    return final_evaluation(run, args.episodes, args.visual, name=f"evaluation_target_{args.episodes}.json")[
-        "mean_return"]
+    return final_evaluation(run, args.episodes, args.visual, name=f"evaluation_target_{args.episodes}.json",
+                            threads=args.threads)["mean_return"]
+
+
+def run_all(jobs: int, tasks: list) -> list:
+    """Call every task (a function of no arguments), `jobs` at a time; the results in task order. The first
+    failure is raised once the tasks already running have ended."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(task) for task in tasks]
+        return [future.result() for future in futures]
 
 
 PAIRED_COLUMNS = {"kl_from_source_policy": "KL from the source policy", "argmax_agreement": "argmax agreement",
@@ -134,36 +171,49 @@ def main(argv=None) -> None:
                    help="steps of 32 envs whose states are compared in both visuals (0 skips)")
     p.add_argument("--episodes", type=int, default=100, help="evaluation episodes per agent and domain")
     p.add_argument("--out", default="runs/procgen-adapt")
+    p.add_argument("--jobs", type=int, default=1, help="trainings, adaptations and evaluations run side by side, "
+                   "each with cores/jobs threads (2 on a 2-core machine: the source and target agents train "
+                   "together)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train_procgen.py flags for the source "
                    "agents trained here (the target agents repeat their recipe)")
     args = p.parse_args(argv)
     args.extra = [a for a in args.extra if a != "--"]
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs {args.jobs}: give at least 1")
+    args.threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     visual_options(args.visual)  # unknown names fail here, listing the valid ones
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    pieces = [(seed, game) for seed in args.seeds for game in args.games]
+    for seed, game in pieces:
+        given_source(game, args)  # a wrong --source-run fails before anything trains
+    logged = args.jobs > 1  # side by side, each command writes to a log in the out folder
+    run_all(args.jobs, [lambda run=run, flags=flags: train_to(run, args.total_steps, flags, args.threads,
+                                                             out / f"{run.name}.log" if logged else None)
+                        for seed, game in pieces for run, flags in agent_trainings(out, game, seed, args)])
+    adapted = run_all(args.jobs, [lambda s=seed, g=game, m=method: adapted_metrics(out, g, m, s, args)
+                                  for seed, game in pieces for method in args.methods])
+    reference = run_all(args.jobs, [lambda s=seed, g=game: target_return(out / f"{g}-target-s{s}", args)
+                                    for seed, game in pieces])
     rows, paired = [], []
-    for seed in args.seeds:
-        for game in args.games:
-            source = source_agent(out, game, seed, args)
-            target = target_agent(out, game, seed, source, args)
+    for i, (seed, game) in enumerate(pieces):
+        def add(column: str, value: float) -> None:
+            rows.append({"game": game, "seed": seed, "column": column, "return": value})
 
-            def add(column: str, value: float) -> None:
-                rows.append({"game": game, "seed": seed, "column": column, "return": value})
-
-            for method in args.methods:
-                m = adapted_agent(out, game, method, seed, source, args)
-                if method == args.methods[0]:  # the source agent's scores, from the adaptation run's evaluation
-                    add("source agent, source", m["source_agent"]["source"]["mean_return"])
-                    add("source agent, target", m["source_agent"]["target"]["mean_return"])
-                    paired += paired_rows(game, seed, "source agent", m, "source_agent")
-                paired += paired_rows(game, seed, method, m, "adapted_agent")
-                add(f"{method}, target", m["adapted_agent"]["target"]["mean_return"])
-                add(f"{method}, source", m["adapted_agent"]["source"]["mean_return"])
-            add("trained in target, target", target_return(target, args))
-            print(f"seed {seed} {game}: " + ", ".join(f"{r['column']} {r['return']:.2f}" for r in rows
-                                                      if (r["game"], r["seed"]) == (game, seed)), flush=True)
-            (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            (out / "table.md").write_text(report(rows, paired, args))
+        for j, method in enumerate(args.methods):
+            m = adapted[i * len(args.methods) + j]
+            if j == 0:  # the source agent's scores, from the adaptation run's evaluation
+                add("source agent, source", m["source_agent"]["source"]["mean_return"])
+                add("source agent, target", m["source_agent"]["target"]["mean_return"])
+                paired += paired_rows(game, seed, "source agent", m, "source_agent")
+            paired += paired_rows(game, seed, method, m, "adapted_agent")
+            add(f"{method}, target", m["adapted_agent"]["target"]["mean_return"])
+            add(f"{method}, source", m["adapted_agent"]["source"]["mean_return"])
+        add("trained in target, target", reference[i])
+        print(f"seed {seed} {game}: " + ", ".join(f"{r['column']} {r['return']:.2f}" for r in rows
+                                                  if (r["game"], r["seed"]) == (game, seed)), flush=True)
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "table.md").write_text(report(rows, paired, args))
     print(report(rows, paired, args))
 
 

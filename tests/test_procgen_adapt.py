@@ -119,9 +119,8 @@ def test_clear_errors_for_mismatched_sources_and_targets(source_run, tmp_path):
         tiny_adapt(rainbow, tmp_path / "y")
 
 
-def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_run, tmp_path, capsys):
-    """The table's figures are the adaptation runs' and the target-trained agent's own evaluations; the
-    reference agent repeats the source recipe in the target visuals; a second call retrains nothing."""
+def benchmark_script():
+    """scripts/run_procgen_adapt_benchmark.py as a module."""
     import importlib.util
     from pathlib import Path
 
@@ -129,10 +128,20 @@ def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_r
         "run_procgen_adapt_benchmark", Path(__file__).resolve().parents[1] / "scripts/run_procgen_adapt_benchmark.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_run, tmp_path, capsys):
+    """The table's figures are the adaptation runs' and the target-trained agent's own evaluations; the
+    reference agent repeats the source recipe in the target visuals; a second call retrains nothing."""
+    bench = benchmark_script()
     argv = ["--games", "bigfish", "--source-run", f"bigfish={source_run}", "--total-steps", "128", "--methods",
-            "shot-im", "--visual", "no-backgrounds", "monochrome", "--frames", "64", "--epochs", "1", "--episodes", "2", "--paired-steps", "2",
-            "--out", str(tmp_path)]
+            "shot-im", "--visual", "no-backgrounds", "monochrome", "--frames", "64", "--epochs", "1", "--episodes", "2",
+            "--paired-steps", "2", "--out", str(tmp_path), "--jobs", "2"]
     bench.main(argv)
+    # side by side, every command's line and output go to a log beside its run
+    assert "--visual no-backgrounds monochrome" in (tmp_path / "bigfish-target-s0.log").read_text()
+    assert f"adapt --source {source_run}" in (tmp_path / "bigfish-shot-im-s0" / "adapt.log").read_text()
     rows = {r["column"]: r["return"] for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
     adapted = json.loads((tmp_path / "bigfish-shot-im-s0" / "metrics.json").read_text())
     assert rows["shot-im, target"] == adapted["adapted_agent"]["target"]["mean_return"]
@@ -156,3 +165,21 @@ def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_r
     # a source run of another game is refused in one line
     with pytest.raises(SystemExit, match="give a PPO run on starpilot"):
         bench.main(["--games", "starpilot", "--source-run", f"starpilot={source_run}", "--out", str(tmp_path / "x")])
+
+
+def test_benchmark_jobs_run_side_by_side_and_fail_loudly():
+    """run_all runs `jobs` tasks at once (two tasks meeting at a barrier deadlock when run one after the
+    other), keeps the task order in its results and raises a task's failure."""
+    import threading
+
+    bench = benchmark_script()
+    barrier = threading.Barrier(2, timeout=10)
+    assert bench.run_all(2, [lambda: barrier.wait() * 0 + 1, lambda: barrier.wait() * 0 + 2]) == [1, 2]
+    barrier = threading.Barrier(2, timeout=0.5)  # one at a time, the first task waits alone
+    with pytest.raises(threading.BrokenBarrierError):
+        bench.run_all(1, [barrier.wait, barrier.wait])
+
+    def fail():
+        raise RuntimeError("adaptation failed")
+    with pytest.raises(RuntimeError, match="adaptation failed"):
+        bench.run_all(2, [lambda: 1, fail])
