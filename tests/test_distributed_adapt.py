@@ -10,6 +10,7 @@
 import builtins
 import io
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,10 +34,11 @@ def spawn(worker, *args) -> None:
 
 
 def checksum(module: torch.nn.Module) -> list[float]:
-    """Sum and sum of squares of every parameter and buffer, in float64: equal models give equal lists."""
+    """Sum and sum of squares of every parameter and buffer, correctly rounded (math.fsum: the same in any
+    process, whatever its thread count or SIMD width): equal models give equal lists."""
     values = [v.double().flatten() for v in module.state_dict().values() if v.is_floating_point()]
     flat = torch.cat(values)
-    return [float(flat.sum()), float((flat * flat).sum())]
+    return [math.fsum(flat.tolist()), math.fsum((flat * flat).tolist())]
 
 
 # ------------------------------------------------------------------ gathering over shards

@@ -434,8 +434,15 @@ def test_source_training_is_the_official_digit_recipe_step_for_step(tmp_path, mo
         loss.backward()
         optimizer.step()
     assert total == 2 * 23  # 1,438 uci training images in batches of 64, the last partial batch kept
+    # fp32 rounding differs between the two loops and grows over 46 steps, by the CPU's SIMD width and thread
+    # count (0.35% of how far training moved a tensor, at most, on 2 AVX2 threads). A wrong recipe is far out:
+    # the lr schedule with t counted from 0 ends 24% away.
     for name, value in reference.state_dict().items():
-        assert torch.allclose(ours[name].float(), value.float(), rtol=1e-4, atol=1e-6), name
+        if not value.is_floating_point():
+            assert torch.equal(ours[name], value), name
+            continue
+        moved = (value.float() - seen["init"][name].float()).norm()
+        assert (ours[name].float() - value.float()).norm() <= 0.02 * moved + 1e-5, name
 
 
 def test_init_from_starts_the_backbone_from_a_trained_checkpoint(tmp_path):
