@@ -77,7 +77,7 @@ def source_args(game: str, seed: int, args) -> list[str]:
 def target_args(game: str, seed: int, args) -> list[str]:
     """The source agent's recipe in the target visuals: a given run's resolved config, or the same flags
     as the source agent trained here (so both can train side by side)."""
-    given = given_source(game, args)
+    given = args.given[game]
     recipe = recipe_args(json.loads((given / "config.json").read_text()), seed) if given else \
         source_args(game, seed, args)
     return [*recipe, "--visual", *args.visual]
@@ -86,13 +86,13 @@ def target_args(game: str, seed: int, args) -> list[str]:
 def agent_trainings(out: Path, game: str, seed: int, args) -> list[tuple[Path, list[str]]]:
     """(run directory, train_procgen.py flags) of the agents this game and seed still need."""
     target = (out / f"{game}-target-s{seed}", target_args(game, seed, args))
-    if given_source(game, args):
+    if args.given[game]:
         return [target]
     return [(out / f"{game}-source-s{seed}", source_args(game, seed, args)), target]
 
 
 def source_run(out: Path, game: str, seed: int, args) -> Path:
-    return given_source(game, args) or out / f"{game}-source-s{seed}"
+    return args.given[game] or out / f"{game}-source-s{seed}"
 
 
 def adapt_command(out: Path, game: str, method: str, seed: int, args) -> list[str]:
@@ -185,8 +185,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pieces = [(seed, game) for seed in args.seeds for game in args.games]
-    for seed, game in pieces:
-        given_source(game, args)  # a wrong --source-run fails before anything trains
+    args.given = {game: given_source(game, args) for game in args.games}  # a wrong one fails before any training
     logged = args.jobs > 1  # side by side, each command writes to a log in the out folder
     run_all(args.jobs, [lambda run=run, flags=flags: train_to(run, args.total_steps, flags, args.threads,
                                                              out / f"{run.name}.log" if logged else None)

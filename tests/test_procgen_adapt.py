@@ -119,22 +119,10 @@ def test_clear_errors_for_mismatched_sources_and_targets(source_run, tmp_path):
         tiny_adapt(rainbow, tmp_path / "y")
 
 
-def benchmark_script():
-    """scripts/run_procgen_adapt_benchmark.py as a module."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "run_procgen_adapt_benchmark", Path(__file__).resolve().parents[1] / "scripts/run_procgen_adapt_benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
-def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_run, tmp_path, capsys):
+def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_run, tmp_path, capsys, load_script):
     """The table's figures are the adaptation runs' and the target-trained agent's own evaluations; the
     reference agent repeats the source recipe in the target visuals; a second call retrains nothing."""
-    bench = benchmark_script()
+    bench = load_script("run_procgen_adapt_benchmark")
     argv = ["--games", "bigfish", "--source-run", f"bigfish={source_run}", "--total-steps", "128", "--methods",
             "shot-im", "--visual", "no-backgrounds", "monochrome", "--frames", "64", "--epochs", "1", "--episodes", "2",
             "--paired-steps", "2", "--out", str(tmp_path), "--jobs", "2"]
@@ -167,12 +155,12 @@ def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_r
         bench.main(["--games", "starpilot", "--source-run", f"starpilot={source_run}", "--out", str(tmp_path / "x")])
 
 
-def test_benchmark_jobs_run_side_by_side_and_fail_loudly():
+def test_benchmark_jobs_run_side_by_side_and_fail_loudly(load_script):
     """run_all runs `jobs` tasks at once (two tasks meeting at a barrier deadlock when run one after the
     other), keeps the task order in its results and raises a task's failure."""
     import threading
 
-    bench = benchmark_script()
+    bench = load_script("run_procgen_adapt_benchmark")
     barrier = threading.Barrier(2, timeout=10)
     assert bench.run_all(2, [lambda: barrier.wait() * 0 + 1, lambda: barrier.wait() * 0 + 2]) == [1, 2]
     barrier = threading.Barrier(2, timeout=0.5)  # one at a time, the first task waits alone
