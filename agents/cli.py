@@ -151,7 +151,8 @@ def _train(args: argparse.Namespace) -> int:
 def parse_evaluate_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="evaluate-procgen",
                                 description="Evaluate a trained Procgen agent on unseen levels and write JSON.")
-    p.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
+    p.add_argument("checkpoint", help="a run directory or its checkpoint.pt; random:<game> plays the uniform random "
+                   "policy instead (the floor to read a return against; easy mode and own visuals unless told)")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--num-envs", type=int, default=64)
     p.add_argument("--num-levels", type=int, default=0, help="0 = the full level distribution (unseen levels)")
@@ -171,14 +172,21 @@ def parse_evaluate_args(argv=None) -> argparse.Namespace:
 def evaluate_main(argv=None) -> int:
     from workbench.checkpoint import CheckpointError
 
-    from .evaluate import evaluate_checkpoint
+    from .evaluate import RANDOM_POLICY, evaluate_checkpoint, evaluate_random_policy
 
     args = parse_evaluate_args(argv)
+    episodes = dict(episodes=args.episodes, num_envs=args.num_envs, num_levels=args.num_levels,
+                    start_level=args.start_level, distribution_mode=args.distribution_mode, visual=args.visual,
+                    seed=args.seed)
     try:
-        result, default_out = evaluate_checkpoint(
-            args.checkpoint, episodes=args.episodes, num_envs=args.num_envs, num_levels=args.num_levels,
-            start_level=args.start_level, distribution_mode=args.distribution_mode, visual=args.visual,
-            deterministic=args.deterministic, seed=args.seed, device=args.device)
+        if args.checkpoint.startswith(RANDOM_POLICY):
+            game = args.checkpoint[len(RANDOM_POLICY):]
+            result = evaluate_random_policy(game, **episodes)
+            visual = "-".join(args.visual or []) or "default"
+            default_out = Path("runs") / "random-policy" / f"{game}-{result['distribution_mode']}-{visual}.json"
+        else:
+            result, default_out = evaluate_checkpoint(args.checkpoint, deterministic=args.deterministic,
+                                                      device=args.device, **episodes)
     except (CheckpointError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 from envs.procgen import PROTOCOLS, ProcgenVecEnv, visual_options
@@ -57,6 +58,33 @@ def evaluate(agent, env: ProcgenVecEnv, num_episodes: int, deterministic: bool =
               "start_level": env.start_level, "deterministic": deterministic}
     if record_video:
         result["video"] = np.stack(frames) if frames else np.zeros((0, 64, 64, 3), np.uint8)
+    return result
+
+
+RANDOM_POLICY = "random:"  # evaluate_procgen.py random:<game>: the uniform policy instead of a checkpoint
+
+
+class UniformRandomPolicy:
+    """Every action equally likely at every step: the floor a trained agent's return is read against
+    (Procgen's R_min constants are not a random agent's return: coinrun's is 5, uniform play scores about 2)."""
+
+    def __init__(self, num_actions: int, seed: int):
+        self.num_actions = num_actions
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        return torch.randint(self.num_actions, (obs.shape[0],), generator=self.generator)
+
+
+def evaluate_random_policy(game: str, episodes: int = 100, num_envs: int = 64, num_levels: int = 0,
+                           start_level: int = 0, distribution_mode: str | None = None, visual=None,
+                           seed: int = 12345, policy_seed: int = 0) -> dict:
+    """The uniform random policy on `game` (easy unless told), with the same episodes as evaluate_checkpoint
+    (levels and env randomness from `seed`; `policy_seed` draws the actions)."""
+    env = ProcgenVecEnv(game, min(num_envs, episodes), distribution_mode or "easy", num_levels, start_level,
+                        "cpu", seed=seed, **visual_options(visual or []))
+    result = evaluate(UniformRandomPolicy(env.num_actions, policy_seed), env, episodes)
+    result.update(policy="uniform random", visual=list(visual or []), seed=seed, policy_seed=policy_seed)
     return result
 
 

@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adaptation.procgen_adapt import METHODS, ProcgenAdaptConfig  # noqa: E402
+from agents.evaluate import evaluate_random_policy  # noqa: E402
 from agents.resumable import final_evaluation, run_finished, run_logged, train_to  # noqa: E402
-from envs.procgen import GAMES, visual_options  # noqa: E402
+from envs.procgen import GAMES, PROTOCOLS, visual_options  # noqa: E402
 from workbench.logging import seed_table  # noqa: E402
 
 # Monochrome assets: the shift that costs a trained agent (starpilot, 500k steps: 4.16 -> 3.10 test return);
@@ -119,6 +120,15 @@ def target_return(run: Path, args) -> float:
                             threads=args.threads)["mean_return"]
 
 
+def random_policy_returns(out: Path, game: str, seed: int, args) -> tuple[float, float]:
+    """The uniform random policy's mean test return in the source and the target visuals, on the agents'
+    evaluation levels and mode: the floor that says whether an agent learned anything."""
+    config = json.loads((source_run(out, game, seed, args) / "config.json").read_text())
+    mode = PROTOCOLS[config["protocol"]].distribution_mode
+    return tuple(evaluate_random_policy(game, args.episodes, distribution_mode=mode, visual=visual,
+                                        policy_seed=seed)["mean_return"] for visual in ([], args.visual))
+
+
 def run_all(jobs: int, tasks: list) -> list:
     """Call every task (a function of no arguments), `jobs` at a time; the results in task order. The first
     failure is raised once the tasks already running have ended."""
@@ -139,7 +149,8 @@ def paired_rows(game: str, seed: int, label: str, m: dict, who: str) -> list[dic
 
 
 COLUMNS = ("source agent, source", "source agent, target", *(f"{m}, target" for m in METHODS),
-           *(f"{m}, source" for m in METHODS), "trained in target, target")
+           *(f"{m}, source" for m in METHODS), "trained in target, target",
+           "random policy, source", "random policy, target")
 
 
 def report(rows: list[dict], paired: list[dict], args) -> str:
@@ -209,6 +220,8 @@ def main(argv=None) -> None:
             add(f"{method}, target", m["adapted_agent"]["target"]["mean_return"])
             add(f"{method}, source", m["adapted_agent"]["source"]["mean_return"])
         add("trained in target, target", reference[i])
+        for domain, value in zip(("source", "target"), random_policy_returns(out, game, seed, args)):
+            add(f"random policy, {domain}", value)
         print(f"seed {seed} {game}: " + ", ".join(f"{r['column']} {r['return']:.2f}" for r in rows
                                                   if (r["game"], r["seed"]) == (game, seed)), flush=True)
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -10,6 +10,7 @@ from adaptation.cli import adapt_main
 from adaptation.procgen_adapt import (ProcgenAdaptConfig, ProcgenAdapter, paired_frames, parse_procgen_target,
                                       policy_divergence)
 from agents.cli import evaluate_main
+from agents.evaluate import UniformRandomPolicy, evaluate_random_policy
 from agents.train import Trainer, TrainConfig
 from envs.procgen import ProcgenVecEnv, visual_options
 from workbench.checkpoint import CheckpointError, load_checkpoint
@@ -143,6 +144,10 @@ def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_r
     assert json.loads((target_run / "metrics.json").read_text())["env_steps"] >= 128
     evaluation = json.loads((target_run / "evaluation_target_2.json").read_text())
     assert rows["trained in target, target"] == evaluation["mean_return"] and evaluation["episodes"] == 2
+    # the floor: the uniform random policy on the same evaluation levels, in each domain
+    floor = evaluate_random_policy("bigfish", 2, visual=["no-backgrounds", "monochrome"])
+    assert rows["random policy, target"] == floor["mean_return"] and floor["episodes"] == 2
+    assert rows["random policy, source"] == evaluate_random_policy("bigfish", 2)["mean_return"]
     table = (tmp_path / "table.md").read_text()
     assert "| bigfish |" in table
     kl = adapted["paired_states"]["adapted_agent"]["kl_from_source_policy"]
@@ -171,3 +176,24 @@ def test_benchmark_jobs_run_side_by_side_and_fail_loudly(load_script):
         raise RuntimeError("adaptation failed")
     with pytest.raises(RuntimeError, match="adaptation failed"):
         bench.run_all(2, [lambda: 1, fail])
+
+
+def test_uniform_random_policy_is_uniform_and_evaluates_from_the_command_line(tmp_path, capsys):
+    """`evaluate_procgen.py random:<game>`: every action equally often (chi-square over 15 actions), the same
+    episodes again for the same seeds, and an unknown game refused in one line."""
+    actions = UniformRandomPolicy(15, seed=0).act(torch.zeros(30_000, 64, 64, 3, dtype=torch.uint8))
+    counts = np.bincount(actions.numpy(), minlength=15)
+    chi2 = ((counts - 2000) ** 2 / 2000).sum()
+    assert chi2 < 36.1  # the 0.999 quantile of chi-square with 14 degrees of freedom
+    out = tmp_path / "random.json"
+    argv = ["random:bigfish", "--episodes", "4", "--num-envs", "4", "--visual", "monochrome", "--out", str(out)]
+    assert evaluate_main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["policy"] == "uniform random" and result["episodes"] == 4 and result["visual"] == ["monochrome"]
+    assert result["mean_return"] == evaluate_random_policy("bigfish", 4, num_envs=4, visual=["monochrome"])[
+        "mean_return"]
+    capsys.readouterr()
+    assert evaluate_main(["random:bigfsh", "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'bigfsh'" in err[0] and "bigfish" in err[0]
+    assert not (tmp_path / "x.json").exists()
