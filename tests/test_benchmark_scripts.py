@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_digits_benchmark_runs_chosen_pairs_and_keeps_earlier_rows(tmp_path):
-    bench = _script("run_digits_benchmark")
+def test_digits_benchmark_runs_chosen_pairs_and_keeps_earlier_rows(tmp_path, load_script):
+    bench = load_script("run_digits_benchmark")
     common = ["--seeds", "0", "--methods", "shot-im", "--backbone", "lenet", "--source-epochs", "1", "--epochs", "1",
               "--out", str(tmp_path)]
     bench.main(common + ["--pairs", "photo:uci"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -397,17 +396,12 @@ def test_end_to_end_adaptation_improves_target_miou(tmp_path, monkeypatch):
     assert metrics["test_miou"] > metrics["source_only_test_miou"] + 1.0
 
 
-def test_scenes_benchmark_reports_what_the_runs_score_and_resumes(tiny_scenes, tmp_path):
+def test_scenes_benchmark_reports_what_the_runs_score_and_resumes(tiny_scenes, tmp_path, load_script):
     """The table's figures are the checkpoints' own scores on the textured test split, and a second
     call reuses the finished runs instead of training again."""
-    import importlib.util
-
     from adaptation.dense.evaluate import evaluate_dense_model
 
-    spec = importlib.util.spec_from_file_location("run_scenes_benchmark",
-                                                  Path(__file__).resolve().parents[1] / "scripts/run_scenes_benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("run_scenes_benchmark")
     argv = ["--seeds", "0", "--heads", "fcn", "--methods", "shot-im", "shot", "--head-channels", "8",
             "--source-epochs", "1", "--epochs", "1", "--diversity-priors", "uniform", "initial", "--pseudo-labels",
             "centroid", "balanced", "--out", str(tmp_path)]

@@ -31,23 +31,12 @@ def test_bf16_gradient_agrees_with_fp32():
     assert abs(losses["fp32"] - losses["bf16"]) < 0.01 * abs(losses["fp32"]) + 1e-3
 
 
-def _load_script(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_precision_comparison_reads_resumed_curves_and_tests_the_difference(tmp_path):
+def test_precision_comparison_reads_resumed_curves_and_tests_the_difference(tmp_path, load_script):
     """A resumed run logs some steps twice: the curve keeps the later value once. Welch's t against the
     formula by hand."""
     from torch.utils.tensorboard import SummaryWriter
 
-    compare = _load_script("compare_precision")
+    compare = load_script("compare_precision")
     writer = SummaryWriter(tmp_path)
     for step, value in [(100, 1.0), (200, 2.0), (300, 3.0)]:
         writer.add_scalar("train/episode_return", value, step)
@@ -66,9 +55,9 @@ def test_precision_comparison_reads_resumed_curves_and_tests_the_difference(tmp_
     assert abs(t - (ma - mb) / ((va / 3 + vb / 3) ** 0.5)) < 1e-9 and 0 < p < 1
 
 
-def test_event_files_are_read_in_the_order_they_were_written(tmp_path):
+def test_event_files_are_read_in_the_order_they_were_written(tmp_path, load_script):
     """By name, a writer's 10th file of one second sorts before its 9th; the reader orders by numbers."""
-    compare = _load_script("compare_precision")
+    compare = load_script("compare_precision")
     names = ["events.out.tfevents.1700000000.host.a.1.10", "events.out.tfevents.1700000000.host.a.1.9",
              "events.out.tfevents.1699999999.host.a.2.11"]
     for name in names:
