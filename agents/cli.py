@@ -180,6 +180,8 @@ def evaluate_main(argv=None) -> int:
                     seed=args.seed)
     try:
         if args.checkpoint.startswith(RANDOM_POLICY):
+            if args.deterministic:
+                raise ValueError("--deterministic has no meaning for the uniform random policy: leave it out")
             game = args.checkpoint[len(RANDOM_POLICY):]
             result = evaluate_random_policy(game, **episodes)
             visual = "-".join(args.visual or []) or "default"

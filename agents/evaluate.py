@@ -66,7 +66,7 @@ RANDOM_POLICY = "random:"  # evaluate_procgen.py random:<game>: the uniform poli
 
 class UniformRandomPolicy:
     """Every action equally likely at every step: the floor a trained agent's return is read against
-    (Procgen's R_min constants are not a random agent's return: coinrun's is 5, uniform play scores about 2)."""
+    (Procgen's R_min constants are not a random agent's return: coinrun's is 5, uniform play scores 3.2)."""
 
     def __init__(self, num_actions: int, seed: int):
         self.num_actions = num_actions

@@ -196,4 +196,6 @@ def test_uniform_random_policy_is_uniform_and_evaluates_from_the_command_line(tm
     assert evaluate_main(["random:bigfsh", "--out", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'bigfsh'" in err[0] and "bigfish" in err[0]
+    assert evaluate_main(["random:bigfish", "--deterministic", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--deterministic" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
