@@ -42,7 +42,8 @@ DEFAULT_VISUAL = ["monochrome"]
 # The games whose agents beat the uniform random policy within a CPU's budget (docs/RESULTS.md, easy, 100 test
 # episodes): starpilot 4.06 at 500k (random 1.72); coinrun 4.80 at 500k (bf16) and 5.90 at 303k in monochrome
 # (random 3.20; fp32 agents in its own visuals walked left and scored 0 at 140k, and seed 0 came unstuck to 5.80
-# at 303k); maze 5.40 at 200k (random 4.10). Bigfish and fruitbot were still at a random agent's return at 410-430k steps.
+# at 303k); maze 5.40 at 200k (random 4.10). Bigfish and fruitbot were still at a random agent's return at
+# 410-430k steps.
 DEFAULT_GAMES = ["starpilot", "coinrun", "maze"]
 
 
