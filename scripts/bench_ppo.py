@@ -9,9 +9,13 @@ steps-per-second figures and ends with `ppo_sps_ratio_vs_sb3=<x>`.
 
 With `--world-size N` it times this PPO alone, on the same work (the same envs in total, split
 over the workers, the same iterations) with 1 process and with N processes joined as torchrun
-joins them (gloo on CPUs, one GPU per process with NCCL), and ends with
-`ppo_sps_ratio_world_N_vs_1=<x>`. On a CPU the cores are shared out: the single process gets
-all of them as torch threads, each of the N processes its share.
+joins them (gloo on CPUs, one GPU per process with NCCL). Both sides get the same total thread
+budget T (`--threads`, default the machine's cores, rounded down to a multiple of N): the single
+process runs T threads, each of the N processes T / N (torch threads, OMP_NUM_THREADS and
+Procgen's env threads alike); both settings are printed. Each side first runs
+`--warmup-iterations` untimed PPO iterations, then times `--iterations` with every rank between two
+barriers, counting only the timed env steps over all workers. It ends with
+`ppo_world_size_speedup=<x>`: steps/s with N processes over steps/s with one.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,11 +76,34 @@ def bench_network(args) -> None:
                   f"forward {fwd:8.0f}   train step {step:7.0f}")
 
 
-def bench_ours(args, dist=SINGLE) -> float:
-    """Env steps per second of this PPO (over all workers when `dist` is a torchrun world)."""
+def time_iterations(agent: PPO, dist=SINGLE, warmup: int = 0, iterations: int = 1) -> tuple[int, float]:
+    """(env steps over all workers, seconds) of `iterations` PPO iterations run after `warmup` untimed ones.
+
+    The barriers make the interval cover every rank's timed work: it starts when the slowest rank has
+    finished warming up and stops when the slowest rank has finished its last iteration."""
+    for _ in range(warmup):
+        agent.train_iteration()
+    steps_before = agent.env_steps
+    _synchronize(agent.rt.device)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        agent.train_iteration()
+    _synchronize(agent.rt.device)
+    dist.barrier()
+    return agent.env_steps - steps_before, time.perf_counter() - start
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_ours(args, dist=SINGLE, warmup: int = 0, env_threads: int | None = None) -> tuple[int, float]:
+    """(env steps, seconds) of this PPO's timed iterations, over all workers when `dist` is a torchrun world."""
     torch.manual_seed(dist.seed(args.seed))
     num_envs = args.num_envs // dist.world_size
-    env = ProcgenVecEnv(args.env, num_envs, num_levels=200, seed=dist.seed(args.seed))
+    env = ProcgenVecEnv(args.env, num_envs, num_levels=200, seed=dist.seed(args.seed), num_threads=env_threads)
     runtime = Runtime.create(args.device, args.precision, distributed=dist)
     cfg = PPOConfig(num_envs=num_envs, num_steps=args.num_steps, num_minibatches=args.num_minibatches,
                     num_epochs=args.num_epochs, backbone=args.backbone, mixreg=args.mixreg)
@@ -84,42 +112,80 @@ def bench_ours(args, dist=SINGLE) -> float:
         print(f"ours: {dist.world_size} process(es) x {num_envs} envs, device {runtime.device}, precision "
               f"{runtime.precision_name}, channels_last {runtime.channels_last}, torch threads "
               f"{torch.get_num_threads()}", flush=True)
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(args.iterations):
-        agent.train_iteration()
-    elapsed = time.perf_counter() - start
-    return agent.env_steps / elapsed
+    return time_iterations(agent, dist, warmup, args.iterations)
 
 
-def _bench_rank(rank: int, args, result_file: str) -> None:
-    sps = bench_ours(args, init_distributed(args.device))
-    if rank == 0:
+@contextmanager
+def thread_budget(threads: int):
+    """torch's intra-op threads and OMP_NUM_THREADS (inherited by spawned processes, read by the OpenMP
+    and BLAS runtimes they load) set to `threads`; both restored afterwards."""
+    before_torch, before_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before_torch)
+        if before_env is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = before_env
+
+
+def _bench_rank(rank: int, args, result_file: str, threads: int) -> None:
+    steps, seconds = bench_ours(args, init_distributed(args.device), args.warmup_iterations, threads)
+    if rank == 0:  # spawned processes print to their own stdout: rank 0 hands its figures to the parent
         with open(result_file, "w") as f:
-            f.write(str(sps))
+            f.write(f"{steps} {seconds!r}")
 
 
-def bench_world(args, world_size: int) -> float:
-    """bench_ours in `world_size` local processes; each gets its share of the CPU cores as threads."""
-    if world_size == 1:
-        return bench_ours(args)
-    threads = max(1, (os.cpu_count() or 1) // world_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = os.path.join(tmp, "sps")
-        spawn_local(_bench_rank, world_size, args, result, threads_per_process=threads)
-        with open(result) as f:
-            return float(f.read())
+def bench_world(args, world_size: int, threads: int) -> tuple[int, float]:
+    """(env steps, seconds) of bench_ours in `world_size` local processes of `threads` threads each."""
+    with thread_budget(threads):
+        if world_size == 1:
+            return bench_ours(args, warmup=args.warmup_iterations, env_threads=threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = os.path.join(tmp, "steps_seconds")
+            spawn_local(_bench_rank, world_size, args, result, threads, threads_per_process=threads)
+            with open(result) as f:
+                steps, seconds = f.read().split()
+    return int(steps), float(seconds)
 
 
-def compare_world_sizes(args) -> None:
+def total_threads(args) -> int:
+    """The thread budget both sides share: --threads (default: every core), rounded down to a multiple of
+    the world size so that the N processes together get exactly what the single process gets."""
+    threads = args.threads if args.threads is not None else os.cpu_count() or 1
+    if threads < args.world_size:
+        raise SystemExit(f"error: --threads {threads} is fewer than --world-size {args.world_size}: "
+                         "every process needs at least one thread")
+    return threads - threads % args.world_size
+
+
+def _processes(n: int, threads: int) -> str:
+    return f"{n} process{'es' if n > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
+
+
+def compare_world_sizes(args) -> float:
+    """Steps/s with N processes over steps/s with one, on the same work and the same total threads."""
     if args.num_envs % args.world_size:
         raise SystemExit(f"error: --num-envs {args.num_envs} does not split over --world-size {args.world_size}: "
                          "give a multiple")
-    one = bench_world(args, 1)
-    print(f"1 process: {one:.1f} steps/s", flush=True)
-    many = bench_world(args, args.world_size)
-    print(f"{args.world_size} processes: {many:.1f} steps/s")
-    print(f"ppo_sps_ratio_world_{args.world_size}_vs_1={many / one:.2f}")
+    if args.iterations < 1 or args.warmup_iterations < 0:
+        raise SystemExit("error: --iterations must be at least 1 and --warmup-iterations at least 0")
+    total = total_threads(args)
+    print(f"{total} threads in total on each side (torch intra-op, OMP_NUM_THREADS and Procgen env threads per "
+          f"process); {args.warmup_iterations} warm-up iteration(s) untimed, {args.iterations} timed", flush=True)
+    sps = {}
+    for n in (1, args.world_size):
+        print(f"{_processes(n, total // n)}: running", flush=True)
+        steps, seconds = bench_world(args, n, total // n)
+        sps[n] = steps / seconds
+        print(f"{_processes(n, total // n)}: {steps} env steps in {seconds:.2f} s = {sps[n]:.1f} steps/s",
+              flush=True)
+    speedup = sps[args.world_size] / sps[1]
+    print(f"ppo_world_size_speedup={speedup:.2f}")
+    return speedup
 
 
 def bench_sb3(args) -> float:
@@ -151,10 +217,16 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env", default="starpilot")
     p.add_argument("--num-envs", type=int, default=64)
-    p.add_argument("--num-steps", type=int, default=256)
+    p.add_argument("--num-steps", type=int, default=None, help="rollout length per env (default 256, the "
+                   "recipe's; 64 for the --world-size comparison, which then finishes in about ten minutes on 2 "
+                   "cores without AVX-512)")
     p.add_argument("--num-minibatches", type=int, default=8)
     p.add_argument("--num-epochs", type=int, default=3)
     p.add_argument("--iterations", type=int, default=2, help="PPO iterations (rollout + update) per learner")
+    p.add_argument("--warmup-iterations", type=int, default=1, help="untimed PPO iterations before the timed "
+                   "ones (--world-size comparison)")
+    p.add_argument("--threads", type=int, default=None, help="total threads of each side of the --world-size "
+                   "comparison: the single process runs them all, each of N processes 1/N (default: every core)")
     p.add_argument("--backbone", default="impala_1x")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help="for this PPO (SB3 runs fp32)")
@@ -164,13 +236,19 @@ def main(argv=None) -> None:
     p.add_argument("--world-size", type=int, default=1, help="time this PPO with 1 and with N torchrun-style "
                    "processes on the same work instead of comparing with SB3")
     args = p.parse_args(argv)
-    print(f"{args.iterations} iterations x {args.num_envs} envs x {args.num_steps} steps, {args.num_minibatches} "
-          f"minibatches, {args.num_epochs} epochs, {args.backbone}, torch threads {torch.get_num_threads()}")
-    if args.world_size > 1:
-        return compare_world_sizes(args)
+    if args.num_steps is None:
+        args.num_steps = 64 if args.world_size > 1 else 256
+    work = (f"{args.iterations} iterations x {args.num_envs} envs x {args.num_steps} steps, {args.num_minibatches} "
+            f"minibatches, {args.num_epochs} epochs, {args.backbone}")
+    if args.world_size > 1:  # each side's threads are set, and printed, by the comparison
+        print(work)
+        compare_world_sizes(args)
+        return
+    print(f"{work}, torch threads {torch.get_num_threads()}")
     if not args.skip_network:
         bench_network(args)
-    ours = bench_ours(args)
+    steps, seconds = bench_ours(args)
+    ours = steps / seconds
     print(f"this PPO: {ours:.1f} steps/s", flush=True)
     sb3 = bench_sb3(args)
     print(f"stable-baselines3 PPO: {sb3:.1f} steps/s")
