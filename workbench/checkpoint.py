@@ -4,7 +4,8 @@ A checkpoint is a dict saved by torch.save holding at least `format`,
 `kind` (e.g. "procgen-agent", "source-model") and whatever the family stores
 (config, model and optimiser state, counters, RNG states ...). Saving writes
 a temporary file in the same directory and renames it over the target, so an
-interruption never leaves a half-written checkpoint behind.
+interruption or a failed write (a full disk) never leaves a half-written
+checkpoint behind, and the previous checkpoint stays loadable.
 
 Loading uses `torch.load(weights_only=True)`, which builds only tensors and
 plain Python values and refuses any other pickled global, so a shared file
@@ -23,13 +24,14 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .files import atomic_write
 
 FORMAT = "workbench-checkpoint-v2"
 FORMAT_V1 = "workbench-checkpoint-v1"
@@ -126,22 +128,9 @@ def _decode(value: Any) -> Any:
 
 # ------------------------------------------------------------------ save / load
 def save_checkpoint(path: str | os.PathLike, kind: str, payload: dict[str, Any]) -> Path:
-    path = Path(path)
+    """Write atomically (workbench.files): a failed write raises WriteError and keeps the previous file."""
     data = _encode({"format": FORMAT, "kind": kind, **payload}, "checkpoint")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary output file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(data, f))
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:

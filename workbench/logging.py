@@ -15,6 +15,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +23,8 @@ from typing import Any, Mapping
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
+
+from .files import atomic_write
 
 
 def default_run_name(*parts: str) -> str:
@@ -53,13 +56,42 @@ def seed_table(rows: list[dict], row_key: str, columns, value_key: str, digits: 
 
 
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
-    """Write JSON atomically (temp file + rename), so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write JSON atomically (temp file + rename), so readers never see half a file; WriteError on failure."""
+    text = json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# The outputs that show a run has written to a directory: a checkpoint or its final metrics.
+RUN_OUTPUTS = ("metrics.json", "checkpoint.pt", "adapted.pt", "source.pt", "train-state.pt")
+# What --overwrite clears before a new run writes there, so that nothing of the earlier run mixes with it
+# (TensorBoard curves, stale snapshots, a metrics.json that a failed new run would leave looking finished).
+EARLIER_RUN_FILES = (*RUN_OUTPUTS, "config.json", "predictions.csv", "keypoints.json", "evaluation.json",
+                     "events.out.tfevents.*")
+EARLIER_RUN_FOLDERS = ("snapshots", "ranks", "predictions")
+
+
+def claim_run_dir(run_dir: str | os.PathLike, overwrite: bool = False, option: str = "--out",
+                  resume_hint: str = "") -> None:
+    """Refuse a run directory that holds an earlier run's outputs (RUN_OUTPUTS) unless `overwrite`, which
+    first removes the earlier run's files (EARLIER_RUN_FILES and _FOLDERS; nothing else in the folder).
+    The refusal is one line naming the folder, what it holds and the ways on (`resume_hint` for commands
+    that can continue it)."""
+    run = Path(run_dir)
+    held = [name for name in RUN_OUTPUTS if (run / name).exists()]
+    if not held:
+        return
+    if not overwrite:
+        state = "a finished run" if "metrics.json" in held else "an unfinished run"
+        ways = [resume_hint] if resume_hint else []
+        raise ValueError(f"{run} already holds {state} ({', '.join(held)}): " + ", ".join(
+            ways + ["pass --overwrite to replace it", f"or choose another {option}"]))
+    for pattern in EARLIER_RUN_FILES:
+        for path in run.glob(pattern):
+            if path.is_file():
+                path.unlink()
+    for name in EARLIER_RUN_FOLDERS:
+        if (run / name).is_dir():
+            shutil.rmtree(run / name)
 
 
 # Where and how a run ran and what it kept, not what it computes: free to differ when a benchmark resumes.
