@@ -197,11 +197,8 @@ def normalize_advantages(advantages: torch.Tensor, dist: Distributed = SINGLE) -
     minibatches (sums of A and A^2 all-reduced; the sample std, as torch.std)."""
     if not dist.enabled:
         return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    a = advantages.double()
-    total, total_sq, n = dist.sum(torch.stack([a.sum(), (a * a).sum(), a.new_tensor(a.numel())])).unbind()
-    mean = total / n
-    std = ((total_sq - n * mean * mean).clamp_min(0) / (n - 1)).sqrt()
-    return ((a - mean) / (std + 1e-8)).to(advantages.dtype)
+    mean, var = dist.moments(advantages)
+    return ((advantages.double() - mean) / (var.sqrt() + 1e-8)).to(advantages.dtype)
 
 
 def ppo_loss(logits: torch.Tensor, values: torch.Tensor, batch: dict[str, torch.Tensor],
@@ -229,9 +226,13 @@ def ppo_loss(logits: torch.Tensor, values: torch.Tensor, batch: dict[str, torch.
     return loss, stats
 
 
-def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
-    var = target.var()
-    return float("nan") if var == 0 else float(1 - (target - predicted).var() / var)
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, dist: Distributed = SINGLE) -> float:
+    """1 - Var[target - predicted] / Var[target]; under torchrun over the union of the workers' samples."""
+    if not dist.enabled:
+        var = target.var()
+        return float("nan") if var == 0 else float(1 - (target - predicted).var() / var)
+    var, residual_var = dist.moments(target)[1], dist.moments(target - predicted)[1]
+    return float("nan") if var == 0 else float(1 - residual_var / var)
 
 
 class PPO:
@@ -396,8 +397,9 @@ class PPO:
                     totals[k] = totals[k] + v if k in totals else v.float()
                 count += 1
         self.iterations += 1
-        metrics = {k: float(v) / max(count, 1) for k, v in totals.items()}
-        metrics["explained_variance"] = explained_variance(flat["old_values"], flat["returns"])
+        # every worker's minibatches: the losses are means over ranks, the explained variance is the union's
+        metrics = self.rt.dist.mean({k: float(v) / max(count, 1) for k, v in totals.items()})
+        metrics["explained_variance"] = explained_variance(flat["old_values"], flat["returns"], self.rt.dist)
         return metrics
 
     @property

@@ -16,7 +16,9 @@ With mixreg, each replay batch is mixed (agents.mixreg.mix_rainbow_batch) before
 Distributed (torchrun): each worker steps its own envs into its own replay, as the paper's code ran
 its workers, and samples its own batch; every gradient step averages the workers' gradients, so the
 effective batch is batch_size x workers. Update and target-copy periods count each worker's own
-env steps; env_steps (and the IS schedule) count the steps of all workers.
+env steps (so the replay ratio is the single process's); the warm-up, env_steps and the IS schedule
+count the steps of all workers together, so N workers start learning after as many transitions as
+one process would. With save_replay every worker checkpoints its own replay (agents.train).
 """
 
 from __future__ import annotations
@@ -184,8 +186,10 @@ def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discou
 
 class Rainbow:
     kind = "rainbow"
-    # State that differs between torchrun workers: each keeps its own replay and sampling generator.
+    # State that differs between torchrun workers: each keeps its own replay and sampling generator; the replay
+    # (GiBs) is written by its own worker rather than gathered onto rank 0.
     RANK_LOCAL_STATE = ("replay", "rng")
+    RANK_SHARD_STATE = ("replay",)
 
     def __init__(self, env, cfg: RainbowConfig, runtime: Runtime, with_replay: bool = True):
         self.env, self.cfg, self.rt = env, cfg, runtime
@@ -330,7 +334,8 @@ class Rainbow:
             steps_done += n
             self._since_update += n
             self._since_target += n
-            if len(self.replay) < cfg.warmup_steps:  # also after a resume without a saved replay
+            if len(self.replay) * self.rt.dist.world_size < cfg.warmup_steps:  # the workers' replays together;
+                # also after a resume without a saved replay
                 self._since_update = 0
                 continue
             while self._since_update >= cfg.update_every:
@@ -344,7 +349,7 @@ class Rainbow:
         if steps_done == 0:
             return None
         self.iterations += 1
-        metrics = {k: v / count for k, v in totals.items()}
+        metrics = self.rt.dist.mean({k: v / count for k, v in totals.items()})  # every worker's updates
         metrics.update(updates=float(self.updates), replay_size=float(len(self.replay)))
         return metrics
 

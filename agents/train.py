@@ -8,11 +8,19 @@ An agent plugs in through a small interface:
     agent.state_dict() / agent.load_state_dict(state)
     agent_cls.for_evaluation(env, cfg, runtime) -> an agent that only acts (no training buffers)
     agent_cls.RANK_LOCAL_STATE: state_dict keys that differ between torchrun workers
+    agent_cls.RANK_SHARD_STATE: the large ones among them, which each worker writes to a file of its own
 
 Under torchrun (workbench.distributed) every rank builds the same Trainer: each steps its own envs
 (seeds offset per rank), the agents average gradients, and rank 0 alone writes the run directory,
 TensorBoard, checkpoints and evaluations. A checkpoint holds rank 0's agent state plus every rank's
-own part (RANK_LOCAL_STATE and RNG states), so `--resume` puts each rank back where it was.
+own part (RANK_LOCAL_STATE and RNG states), so `--resume` puts each rank back where it was; a rank's
+RANK_SHARD_STATE (Rainbow's replay with --save-replay) goes to ranks/rank-<r>.step-<steps>.pt, written
+by that rank, instead of travelling to rank 0 (N replays in one process's memory).
+
+Checkpoints are written at the end of every `checkpoint_interval` iterations, at the end of the run and
+when a stop is requested (Ctrl-C, SIGTERM). A run that fails (an error on any rank) writes nothing more:
+the last checkpoint stays as it was, and under torchrun the failed rank leaves at once instead of
+entering a collective the others will never join.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from .ppo import PPO, PPOConfig
 from .rainbow import Rainbow, RainbowConfig
 
 ALGORITHMS = {"ppo": (PPO, PPOConfig), "rainbow": (Rainbow, RainbowConfig)}
+SHARD_DIR, SHARD_KIND = "ranks", "procgen-agent-shard"  # the torchrun workers' own large state
 REGULARIZERS = ("none", "cutout_color", "random_crop", "random_conv", "l2", "batchnorm")
 
 
@@ -166,20 +175,41 @@ class Trainer:
                 f"{run_dir} was trained by {saved_world} process(es) but this run has {dist.world_size}: resume it "
                 + ("without torchrun" if saved_world == 1 else f"with torchrun --nproc-per-node {saved_world} "
                    "(in total, over all nodes)"))
-        if dist.enabled:
+        if "ranks" in state:  # a torchrun run: this rank's own part, and its shard file
             mine = state["ranks"][dist.rank]
             agent_state, rng = {**agent_state, **mine["agent_state"]}, mine["rng"]
+            if mine.get("shard"):
+                shard = load_checkpoint(Path(run_dir) / mine["shard"], kind=SHARD_KIND)
+                agent_state.update(shard["agent_state"])
         return cls(TrainConfig(**config), resume_state={"agent": agent_state, "rng": rng})
 
     def save(self) -> Path | None:
-        """The latest checkpoint; under torchrun every rank calls it (its own part travels to rank 0)."""
+        """The latest checkpoint; under torchrun every rank calls it: its own small part travels to rank 0,
+        its RANK_SHARD_STATE goes to a file it writes itself."""
         agent_state = self.agent.state_dict()
+        if not self.dist.enabled:
+            return save_checkpoint(self.run_dir / LATEST, "procgen-agent", self._payload(agent_state))
+        shard = {k: agent_state.pop(k) for k in getattr(self.agent, "RANK_SHARD_STATE", ()) if k in agent_state}
+        shard_path = self._save_shard(shard) if shard else None
+        own = {"agent_state": {k: agent_state[k] for k in getattr(self.agent, "RANK_LOCAL_STATE", ())
+                               if k in agent_state}, "rng": rng_state(),
+               "shard": None if shard_path is None else str(shard_path.relative_to(self.run_dir))}
         payload = self._payload(agent_state)
-        if self.dist.enabled:
-            own = {"agent_state": {k: agent_state[k] for k in getattr(self.agent, "RANK_LOCAL_STATE", ())
-                                   if k in agent_state}, "rng": rng_state()}
-            payload["ranks"] = self.dist.gather_objects_to_main(own)
-        return save_checkpoint(self.run_dir / LATEST, "procgen-agent", payload) if self.dist.is_main else None
+        payload["ranks"] = self.dist.gather_objects_to_main(own)  # every shard is written by now
+        path = save_checkpoint(self.run_dir / LATEST, "procgen-agent", payload) if self.dist.is_main else None
+        if shard_path is not None:
+            self.dist.barrier()  # the checkpoint that names the new shards is written: the older ones can go
+            for old in shard_path.parent.glob(f"rank-{self.dist.rank}.step-*.pt"):
+                if old != shard_path:
+                    old.unlink()
+        return path
+
+    def _save_shard(self, shard: dict) -> Path:
+        """This rank's large own state, in a file named by its step (the checkpoint in place still names the
+        previous one, which stays until the new checkpoint is written)."""
+        path = self.run_dir / SHARD_DIR / f"rank-{self.dist.rank}.step-{self.agent.env_steps}.pt"
+        return save_checkpoint(path, SHARD_KIND, {"rank": self.dist.rank, "env_steps": self.agent.env_steps,
+                                                  "agent_state": shard})
 
     def save_snapshot(self) -> Path | None:
         """Keep this moment of the run for later evaluation (rank 0's state; the replay stays out, it can be
@@ -244,7 +274,7 @@ class Trainer:
         last_test = None
         interrupted, stop_signal = False, None
         start_steps, start_time = agent.env_steps, time.time()
-        try:
+        try:  # an error skips the final checkpoint: the last one written stays as it was
             with StopFlag() as stop:
                 # Workers must stop together (they meet in every gradient all-reduce): under torchrun a stop
                 # request ends the run at the next iteration boundary, agreed on by all ranks.
@@ -266,8 +296,8 @@ class Trainer:
                     if cfg.snapshot_interval and agent.env_steps // cfg.snapshot_interval > s0 // cfg.snapshot_interval:
                         self.save_snapshot()  # this iteration crossed a multiple of the interval
                 interrupted, stop_signal = dist.any(stop()), stop.signum
-        finally:
             self.save()
+        finally:
             logger.close()
         elapsed = time.time() - start_time
         metrics = {"env": cfg.env, "algo": cfg.algo, "mixreg": bool(getattr(self.agent_cfg, "mixreg", False)),
