@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from workbench.distributed import SINGLE, Distributed
+
 from .adversarial import PGD, pgd_attack
 from .core_tuning import CONTRAST_WEIGHT, ProjectionHead, core_tuning_loss
 from .sat import SelfAdaptiveTargets, start_epoch_for
@@ -55,9 +57,11 @@ class Objective:
 class SelfAdaptiveTraining(Objective):
     name = "sat"
 
-    def __init__(self, model: nn.Module, train_labels, num_classes: int, epochs: int):
+    def __init__(self, model: nn.Module, train_labels, num_classes: int, epochs: int, dist: Distributed = SINGLE):
         super().__init__(model)
-        self.targets = SelfAdaptiveTargets(torch.as_tensor(train_labels), num_classes, start_epoch_for(epochs))
+        # under torchrun every rank moves the targets of every rank's batch: one table, the same on all ranks
+        self.targets = SelfAdaptiveTargets(torch.as_tensor(train_labels), num_classes, start_epoch_for(epochs),
+                                           dist=dist)
 
     def loss(self, images, labels, index, epoch):
         loss, terms = self.targets.loss(self.model(images), labels, index, epoch)
@@ -157,11 +161,11 @@ def joint_pgd(loss_of, images, labels, attack: PGD, style: str) -> torch.Tensor:
 
 
 def build_objective(name: str, model: nn.Module, *, style: str, num_classes: int, train_labels=None,
-                    epochs: int = 1, label_smoothing: float = 0.1) -> Objective:
+                    epochs: int = 1, label_smoothing: float = 0.1, dist: Distributed = SINGLE) -> Objective:
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}: choose one of {', '.join(OBJECTIVES)}")
     if name == "sat":
-        return SelfAdaptiveTraining(model, train_labels, num_classes, epochs)
+        return SelfAdaptiveTraining(model, train_labels, num_classes, epochs, dist=dist)
     if name == "core-tuning":
         return CoreTuning(model, num_classes)
     if name == "at":

@@ -11,12 +11,25 @@ batch
 so the model's own (smoothed) predictions gradually replace labels it disagrees with, and samples
 whose targets stay uncertain count less. Published setting: E_s = 60 of 200 epochs, alpha = 0.9
 (CIFAR-10, 40% / 80% symmetric noise); `start_epoch_for` scales E_s to a run's length.
+
+Under torchrun each rank sees only its share b_r of the step's union batch U (|U| = N). Every rank
+gathers the indices and softmax predictions of U and moves the targets of all of U, so all ranks hold
+the table one process would hold after the union batches. The weights are rescaled over U, and rank
+r's loss is scaled so that the mean of the ranks' losses (and so of their gradients, which
+`take_step` averages) is one process's loss on U:
+
+    w_i  = max_k t_ik * N / sum_{j in U} max_k t_jk
+    L_r  = (R |b_r| / N) * 1/|b_r| sum_{i in b_r} w_i * CE(t_i, z_i),     1/R sum_r L_r = 1/N sum_{i in U} ...
+
+(with R ranks of equal batches the factor is 1: each rank's loss is the mean over its own batch).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from workbench.distributed import SINGLE, Distributed
 
 MOMENTUM = 0.9                 # alpha
 START_FRACTION = 60 / 200      # E_s as a fraction of the run (60 of the paper's 200 epochs)
@@ -28,28 +41,37 @@ def start_epoch_for(epochs: int, fraction: float = START_FRACTION) -> int:
 
 
 class SelfAdaptiveTargets:
-    """The soft targets t (N, K) of a training set, and the SAT loss that updates them."""
+    """The soft targets t (N, K) of a training set, and the SAT loss that updates them (on every rank alike)."""
 
-    def __init__(self, labels: torch.Tensor, num_classes: int, start_epoch: int, momentum: float = MOMENTUM):
+    def __init__(self, labels: torch.Tensor, num_classes: int, start_epoch: int, momentum: float = MOMENTUM,
+                 dist: Distributed = SINGLE):
         self.targets = F.one_hot(torch.as_tensor(labels, dtype=torch.long), num_classes).float()
-        self.start_epoch, self.momentum = start_epoch, momentum
-        self.updates = 0  # samples whose target has been moved, summed over batches
+        self.start_epoch, self.momentum, self.dist = start_epoch, momentum, dist
+        self.updates = 0  # samples whose target has been moved, summed over (union) batches
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, epoch: int
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss on one batch (`epoch` counts from 0) and what to log; moves the batch's targets."""
+        """The loss on one batch (`epoch` counts from 0) and what to log; moves the (union) batch's targets."""
         if epoch < self.start_epoch:
             return F.cross_entropy(logits, labels), {}
-        index = index.cpu()
-        probs = logits.detach().float().softmax(1).cpu()
-        self.targets[index] = self.momentum * self.targets[index] + (1 - self.momentum) * probs
-        self.updates += len(index)
-        targets = self.targets[index].to(logits.device)
-        weights = targets.max(1).values
-        weights = weights * (len(weights) / weights.sum())
+        union = self.union(index, logits.device)
+        probs = self.union(logits.detach().float().softmax(1), logits.device)
+        self.targets[union] = self.momentum * self.targets[union] + (1 - self.momentum) * probs
+        self.updates += len(union)
+        targets = self.targets[index.cpu()].to(logits.device)
+        confidence = self.targets[union].max(1).values.to(logits.device)
+        weights = targets.max(1).values * (len(union) / confidence.sum())
         per_sample = -(targets * F.log_softmax(logits.float(), 1)).sum(1)
-        return (weights * per_sample).mean(), {"sample_weight_min": weights.min().detach(),
-                                               "target_confidence": targets.max(1).values.mean().detach()}
+        share = len(index) * self.dist.world_size / len(union)  # exactly 1 in a world of one
+        return (weights * per_sample).mean() * share, {"sample_weight_min": weights.min().detach(),
+                                                       "target_confidence": targets.max(1).values.mean().detach()}
+
+    def union(self, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Every rank's rows in rank order, on the CPU (the table's device). The gather runs on the logits'
+        device, since NCCL sends GPU tensors only."""
+        if not self.dist.enabled:
+            return rows.cpu()
+        return self.dist.gather_cat(rows.to(device)).cpu()
 
     def state_dict(self) -> dict:
         return {"targets": self.targets, "start_epoch": self.start_epoch, "momentum": self.momentum,

@@ -23,7 +23,8 @@ SAT's soft targets, counters, RNG) is written to train-state.pt, from which `res
 
 Under torchrun (`train_source(cfg, dist)`) rank 0's freshly initialised model is broadcast, every rank
 trains on its share of the data (per-rank batches of `batch_size`; the effective batch is
-batch_size * world_size) with averaged gradients and synchronised batch norm, the selection accuracy is
+batch_size * world_size) with averaged gradients and synchronised batch norm (SAT's soft targets move for
+every rank's batch on every rank, so all ranks hold one table), the selection accuracy is
 computed on predictions gathered from every rank (so all ranks select the same step), and rank 0
 alone writes the run directory.
 """
@@ -168,7 +169,7 @@ def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:
     model = synchronise_batch_norm(model, rt)
     objective = build_objective(cfg.objective, model, style=style, num_classes=num_classes,
                                 train_labels=base_train.labels, epochs=cfg.epochs,
-                                label_smoothing=cfg.label_smoothing)
+                                label_smoothing=cfg.label_smoothing, dist=dist)
     for module in objective.modules.values():
         dist.broadcast_module(module)
     starts_trained = bool(cfg.pretrained or cfg.init_from)
