@@ -15,21 +15,39 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from workbench.arguments import (ArgumentParser, at_least, fraction, non_negative_float, non_negative_int,
+                                 positive_float, positive_int, report_error, seed, unit_interval)
 from workbench.backbones import list_backbones
-from workbench.checkpoint import CheckpointError
+from workbench.distributed import SINGLE, Distributed
+from workbench.files import WriteError
 from workbench.runtime import DEVICE_CHOICES, PRECISION_CHOICES
 
 from . import digits
-from .data import DataError
-
-USER_ERRORS = (DataError, CheckpointError, ValueError, FileNotFoundError)
+from .data import INPUT_ERRORS
 
 
 def _fail(exc: Exception) -> int:
-    print(f"error: {exc}", file=sys.stderr)
+    """A problem with the input: one line, exit status 2."""
+    report_error(str(exc))
     return 2
+
+
+def _write_failed(exc: WriteError) -> int:
+    """An output that could not be written (the previous version is kept): one line, exit status 1."""
+    report_error(str(exc), every_rank=True)
+    return 1
+
+
+def _claim_out(run_dir: str, overwrite: bool, dist: Distributed = SINGLE, resume_hint: str = "") -> None:
+    """Refuse an --out that holds an earlier run unless --overwrite (checked by rank 0, raised on every rank)."""
+    from workbench.logging import claim_run_dir
+
+    if run_dir:
+        dist.main_only(lambda: claim_run_dir(run_dir, overwrite, "--out", resume_hint), INPUT_ERRORS)
+
+
+OVERWRITE_HELP = "replace the run in --out (its checkpoints, metrics and TensorBoard events are removed first)"
 
 
 def datasets_main(argv=None) -> int:
@@ -45,7 +63,7 @@ def datasets_main(argv=None) -> int:
             raise ValueError(f"unknown built-in domain {name!r}: choose from {known}")
         return matches[0], domain
 
-    p = argparse.ArgumentParser(prog="workbench datasets",
+    p = ArgumentParser(prog="workbench datasets",
                                 description="The built-in benchmarks: digits (classification), digit scenes "
                                             "(segmentation) and articulated figures (pose).")
     sub = p.add_subparsers(dest="action", required=True)
@@ -86,7 +104,7 @@ def datasets_main(argv=None) -> int:
                 arrays = scenes.load_domain(domain)
                 print(f"builtin:scenes/{domain}: {len(arrays['x_train'])} train / {len(arrays['x_test'])} test "
                       f"{scenes.SIZE}x{scenes.SIZE} scenes, {scenes.NUM_CLASSES} classes -> {path}")
-    except USER_ERRORS as exc:
+    except INPUT_ERRORS as exc:
         return _fail(exc)
     return 0
 
@@ -129,12 +147,9 @@ def single_process_only(what: str) -> None:
 
 def train_source_main(argv=None) -> int:
     """Train a source model; under torchrun every worker runs this and rank 0 writes and reports."""
-    from workbench.distributed import shutdown_distributed
+    from workbench.distributed import worker_main
 
-    try:
-        return _train_source(argv)
-    finally:
-        shutdown_distributed()
+    return worker_main(lambda: _train_source(argv))
 
 
 def _train_source(argv) -> int:
@@ -147,9 +162,9 @@ def _train_source(argv) -> int:
     from .source import KEEP_CHOICES, SourceConfig
 
     d, ds, ps = SourceConfig(), DenseSourceConfig(), PoseSourceConfig()
-    p = argparse.ArgumentParser(prog="workbench train-source",
-                                description="Train the source model (classification: label smoothing; segmentation: "
-                                            "CE with ignore 255, SGD poly; the best check on a selection set is kept).")
+    p = ArgumentParser(prog="workbench train-source",
+                       description="Train the source model (classification: label smoothing; segmentation: "
+                                   "CE with ignore 255, SGD poly; the best check on a selection set is kept).")
     p.add_argument("--task", default="classification", choices=TASKS)
     p.add_argument("--data", default=None, help=f"builtin:digits/<domain>, a list file or a class-folder root "
                    f"(default {d.data}); segmentation: builtin:scenes/<domain>, an images/+masks/ folder or a "
@@ -159,20 +174,20 @@ def _train_source(argv) -> int:
                    f"(default {d.backbone}; segmentation {ds.backbone}; pose {ps.backbone})")
     p.add_argument("--head", default=None, help=f"segmentation head: fcn, issa, ordnet, hrnet, ocr (default "
                    f"{ds.head}); pose head: deconv, heatmap (default {ps.head})")
-    p.add_argument("--head-channels", type=int, default=None, help="dense head width (default: the head's "
+    p.add_argument("--head-channels", type=positive_int, default=None, help="dense head width (default: the head's "
                    "published 512, 256 for deconv)")
-    p.add_argument("--output-stride", type=int, default=None, help="segmentation ResNet output stride (default 8)")
-    p.add_argument("--crop-size", type=int, default=None, help="segmentation training crop (default: 64 for the "
+    p.add_argument("--output-stride", type=positive_int, default=None, help="segmentation ResNet output stride (default 8)")
+    p.add_argument("--crop-size", type=positive_int, default=None, help="segmentation training crop (default: 64 for the "
                    "scenes, 512 for user data)")
     p.add_argument("--pretrained", default=None, help="a local torchvision-format weights file for the backbone")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT", help="classification: start the backbone "
                    "from this source or adapted checkpoint (or run directory) of the same backbone, e.g. as the "
                    "pretrained encoder for --objective core-tuning")
-    p.add_argument("--num-classes", type=int, default=None, help="default: from the data")
-    p.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs} (segmentation {ds.epochs})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size} (segmentation "
+    p.add_argument("--num-classes", type=at_least(2), default=None, help="default: from the data")
+    p.add_argument("--epochs", type=positive_int, default=None, help=f"default {d.epochs} (segmentation {ds.epochs})")
+    p.add_argument("--batch-size", type=at_least(2), default=None, help=f"default {d.batch_size} (segmentation "
                    f"{ds.batch_size}); under torchrun per process (one step sees batch size x processes)")
-    p.add_argument("--lr", type=float, default=None, help=f"default {d.lr} (segmentation 0.01 with SGD, 2e-3 with "
+    p.add_argument("--lr", type=positive_float, default=None, help=f"default {d.lr} (segmentation 0.01 with SGD, 2e-3 with "
                    f"Adam; pose {ps.lr})")
     p.add_argument("--optimizer", default=None, choices=("sgd", "adam"), help="segmentation: SGD (the papers', "
                    "default) or Adam (for from-scratch models)")
@@ -187,18 +202,19 @@ def _train_source(argv) -> int:
                    help="classification: ce (SHOT's label-smoothed cross-entropy), sat (self-adaptive training), "
                    "core-tuning (contrastive fine-tuning of a --pretrained or --init-from encoder), at (PGD adversarial training), "
                    "cifs-at (CIFS on a ResNet's last stage + AT)")
-    p.add_argument("--label-noise", type=float, default=0.0, metavar="RATE",
+    p.add_argument("--label-noise", type=fraction, default=0.0, metavar="RATE",
                    help="corrupt exactly this fraction of the training labels (seeded by --seed), for experiments")
     p.add_argument("--noise-type", default=d.noise_type, choices=NOISE_TYPES, help="symmetric (default): each "
                    "corrupted label moves to another class, uniformly; pairflip: to the next class; uniform: re-drawn "
                    "from all classes, the SAT code's corruption (about 9/10 of the rate end up wrong with 10 classes)")
     p.add_argument("--resume", action="store_true", help="classification: continue the run in --out from its "
                    "train-state.pt")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--seed", type=seed, default=d.seed)
     p.add_argument("--precision", default=None, choices=PRECISION_CHOICES, help="segmentation and pose: fp32 "
                    "(default) or bf16 autocast (auto: bf16 where the CPU or GPU computes it natively)")
     p.add_argument("--device", default=d.device, choices=DEVICE_CHOICES)
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="data-loading processes")
     p.add_argument("--out", default="", help="run directory (default runs/source-<backbone>-s<seed>-<time>)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -209,9 +225,12 @@ def _train_source(argv) -> int:
                                        or a.keep != "best"):
         return _fail(ValueError("--objective, --label-noise, --init-from, --keep and --resume apply to "
                                 "classification source training"))
+    if a.resume and a.overwrite:
+        return _fail(ValueError("--resume continues the run in --out and --overwrite replaces it: pass one"))
     if a.task != "classification":
         try:
             single_process_only(f"{a.task} source training")
+            _claim_out(a.out, a.overwrite)
         except ValueError as exc:
             return _fail(exc)
     if a.task == "segmentation":
@@ -222,6 +241,8 @@ def _train_source(argv) -> int:
 
     try:
         dist = init_distributed(a.device)
+        if not a.resume:
+            _claim_out(a.out, a.overwrite, dist, resume_hint="continue it with --resume")
         metrics = train_source(SourceConfig(
             data=a.data or d.data, backbone=a.backbone or d.backbone, num_classes=a.num_classes,
             epochs=_pick(a.epochs, d.epochs), batch_size=_pick(a.batch_size, d.batch_size),
@@ -229,8 +250,10 @@ def _train_source(argv) -> int:
             select_on=a.select_on, eval_target=a.eval_target, objective=a.objective, label_noise=a.label_noise,
             noise_type=a.noise_type, keep=a.keep, resume=a.resume, seed=a.seed,
             device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress), dist)
-    except USER_ERRORS as exc:
+    except INPUT_ERRORS as exc:
         return _fail(exc)
+    except WriteError as exc:
+        return _write_failed(exc)
     if not dist.is_main:
         return 0
     print(f"selected model: {metrics['selection_accuracy']:.2f}% on {metrics['selection_data']} "
@@ -253,8 +276,10 @@ def _train_dense_source(a, ds) -> int:
             optimizer=a.optimizer or ds.optimizer, lr=a.lr, pretrained=a.pretrained, select_on=a.select_on,
             eval_target=a.eval_target, precision=a.precision or ds.precision, seed=a.seed, device=a.device,
             workers=a.workers, run_dir=a.out, progress=not a.no_progress))
-    except USER_ERRORS as exc:
+    except INPUT_ERRORS as exc:
         return _fail(exc)
+    except WriteError as exc:
+        return _write_failed(exc)
     print(f"selected model: mIoU {metrics['miou']:.2f} on {metrics['selection_data']} "
           f"(iteration {metrics['iteration']}, epoch {metrics['epoch']:.1f}); checkpoint {metrics['checkpoint']}")
     if "target" in metrics:
@@ -272,8 +297,10 @@ def _train_pose_source(a, ps) -> int:
             batch_size=_pick(a.batch_size, ps.batch_size), lr=_pick(a.lr, ps.lr), pretrained=a.pretrained,
             select_on=a.select_on, eval_target=a.eval_target, precision=a.precision or ps.precision, seed=a.seed,
             device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress))
-    except USER_ERRORS as exc:
+    except INPUT_ERRORS as exc:
         return _fail(exc)
+    except WriteError as exc:
+        return _write_failed(exc)
     print(f"selected model: AP {metrics['ap']:.2f}, PCK@0.1 {metrics['pck@0.1']:.2f} on {metrics['selection_data']} "
           f"(iteration {metrics['iteration']}, epoch {metrics['epoch']:.1f}); checkpoint {metrics['checkpoint']}")
     if "target" in metrics:
@@ -286,6 +313,10 @@ def adapt_config(argv=None):
     """The config of an `adapt` command line: an AdaptConfig for classification (options left out take the
     benchmark's official value), a DenseAdaptConfig for segmentation. Without --task the task is read from
     the source checkpoint; a `procgen:<game>[:<visual options>]` target gives a ProcgenAdaptConfig."""
+    return config_from_adapt_args(parse_adapt_args(argv))
+
+
+def parse_adapt_args(argv=None) -> argparse.Namespace:
     from .dense.mean_teacher import METHODS as POSE_METHODS
     from .dense.mean_teacher import PoseAdaptConfig
     from .dense.shot import DIVERSITY_PRIORS, PSEUDO_LABELS, DenseAdaptConfig
@@ -295,41 +326,43 @@ def adapt_config(argv=None):
     from .shot import BENCHMARKS, METHODS, AdaptConfig
 
     d, dd, pd, rd = AdaptConfig(), DenseAdaptConfig(), PoseAdaptConfig(), ProcgenAdaptConfig()
-    p = argparse.ArgumentParser(prog="workbench adapt", description="Source-free adaptation of a source model.")
+    p = ArgumentParser(prog="workbench adapt", description="Source-free adaptation of a source model.")
     p.add_argument("--task", default=None, choices=TASKS, help="default: the task the --source checkpoint names")
     p.add_argument("--method", default=None, choices=sorted(set(METHODS) | set(DENSE_METHODS) | set(POSE_METHODS)),
                    help=f"default {d.method}; segmentation offers {', '.join(DENSE_METHODS)} (default {dd.method}); "
                    f"pose offers {', '.join(POSE_METHODS)} (default {pd.method})")
     p.add_argument("--source", required=True, help="a source checkpoint (or its run directory)")
     p.add_argument("--target", required=True, help="unlabelled target data (labels, if present, only for metrics)")
-    p.add_argument("--out", default="", help="run directory (default runs/adapt-<method>-s<seed>-<time>)")
+    p.add_argument("--out", default="", help="run directory (default runs/adapt-<method>-s<seed>-<time>); one that "
+                   "holds a run is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--benchmark", default=None, choices=BENCHMARKS,
                    help="whose official settings to use (default: digits for digits data, office-home for images)")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help=f"default 30 for digits (SHOT++ 15), 15 for images and segmentation, {pd.epochs} for pose")
-    p.add_argument("--beta", type=float, default=None, help="pseudo-label weight (default 0.1 digits, 0.3 images "
-                   "and segmentation)")
-    p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size} (segmentation "
+    p.add_argument("--beta", type=non_negative_float, default=None, help="pseudo-label weight (default 0.1 digits, "
+                   "0.3 images and segmentation)")
+    p.add_argument("--batch-size", type=at_least(2), default=None, help=f"default {d.batch_size} (segmentation "
                    f"{dd.batch_size}); under torchrun per process (one step sees batch size x processes)")
-    p.add_argument("--lr", type=float, default=None, help=f"default 0.01 (VisDA-C 0.001; pose {pd.lr})")
-    p.add_argument("--ema-alpha", type=float, default=pd.ema_alpha, help="pose mean teacher: teacher EMA decay")
-    p.add_argument("--mask-ratio", type=float, default=pd.mask_ratio, help="pose mean teacher: fraction of "
+    p.add_argument("--lr", type=positive_float, default=None, help=f"default 0.01 (VisDA-C 0.001; pose {pd.lr})")
+    p.add_argument("--ema-alpha", type=unit_interval, default=pd.ema_alpha, help="pose mean teacher: teacher EMA decay")
+    p.add_argument("--mask-ratio", type=fraction, default=pd.mask_ratio, help="pose mean teacher: fraction of "
                    "joints (lowest teacher maxima in the batch) left out of the consistency loss")
     p.add_argument("--no-flip-test", action="store_true", help="pose: score without flip testing")
-    p.add_argument("--rotation-weight", type=float, default=None, help="SHOT++ (default 0.2 digits, 0.6 images)")
-    p.add_argument("--rotation-epochs", type=int, default=None, help="SHOT++ rotation-head pre-training "
+    p.add_argument("--rotation-weight", type=non_negative_float, default=None, help="SHOT++ (default 0.2 digits, 0.6 images)")
+    p.add_argument("--rotation-epochs", type=positive_int, default=None, help="SHOT++ rotation-head pre-training "
                    "(default: the adaptation epochs)")
     p.add_argument("--rotation-keep", default=d.rotation_keep, choices=KEEP_CHOICES,
                    help="pre-trained rotation head to keep: best rotation accuracy, or the last")
-    p.add_argument("--transfer-epochs", type=int, default=None, help="SHOT++ labeling transfer (default: digits "
+    p.add_argument("--transfer-epochs", type=positive_int, default=None, help="SHOT++ labeling transfer (default: digits "
                    "30, office31 100, office-home 50, visda-c 10)")
-    p.add_argument("--transfer-batch-size", type=int, default=None, help="default 36 (24 with resnet101); per process "
+    p.add_argument("--transfer-batch-size", type=at_least(2), default=None, help="default 36 (24 with resnet101); per process "
                    "under torchrun")
     p.add_argument("--transfer-classifier", default=d.transfer_classifier, choices=("fresh", "adapted"),
                    help="classifier MixMatch starts from: a new one (the official code) or the adapted one")
-    p.add_argument("--mix-alpha", type=float, default=None, help="MixMatch Beta(alpha, alpha) (default 0.1 digits, "
+    p.add_argument("--mix-alpha", type=positive_float, default=None, help="MixMatch Beta(alpha, alpha) (default 0.1 digits, "
                    "0.75 images)")
-    p.add_argument("--pixels-per-image", type=int, default=dd.pixels_per_image,
+    p.add_argument("--pixels-per-image", type=positive_int, default=dd.pixels_per_image,
                    help="segmentation: feature pixels per image sampled to fit the centroids")
     p.add_argument("--schedule", default=dd.schedule, choices=("shot", "poly"),
                    help="segmentation lr schedule: SHOT's (1+10p)^-0.75 or poly 0.9")
@@ -338,7 +371,7 @@ def adapt_config(argv=None):
                    f"prediction on the target (initial; segmentation's default, {dd.diversity_prior}: background "
                    f"dominates pixels) or uniform class or action proportions (SHOT; Procgen's default, "
                    f"{rd.diversity_prior})")
-    p.add_argument("--diversity-weight", type=float, default=dd.diversity_weight,
+    p.add_argument("--diversity-weight", type=non_negative_float, default=dd.diversity_weight,
                    help="segmentation IM diversity weight (SHOT 1; URMA 0, entropy alone)")
     p.add_argument("--pseudo-labels", default=dd.pseudo_labels, choices=PSEUDO_LABELS,
                    help="segmentation SHOT pseudo-labels: SHOT's nearest centroid (centroid, the default) or URMA's "
@@ -347,7 +380,7 @@ def adapt_config(argv=None):
     p.add_argument("--cluster-backend", default="auto", choices=("auto", "faiss", "torch"))
     p.add_argument("--test-on", default=None, help="held-out target data scored before and after adapting "
                    "(default: the test split of built-in digits or scenes)")
-    p.add_argument("--frames", type=int, default=rd.frames, help="Procgen target: frames collected in the target "
+    p.add_argument("--frames", type=positive_int, default=rd.frames, help="Procgen target: frames collected in the target "
                    f"domain (default {rd.frames})")
     p.add_argument("--collect-policy", default=rd.collect_policy, choices=("source", "random"),
                    help="Procgen target: who acts while frames are collected (the frozen source policy, or random)")
@@ -355,18 +388,27 @@ def adapt_config(argv=None):
                    "written by an earlier run) instead of collecting, to repeat an experiment")
     p.add_argument("--recollect", action="store_true", help="Procgen target: collect again with the adapted "
                    "policy before every epoch (adapting during play)")
-    p.add_argument("--paired-steps", type=int, default=rd.paired_steps, help="Procgen target: steps of 32 envs whose "
+    p.add_argument("--paired-steps", type=non_negative_int, default=rd.paired_steps, help="Procgen target: steps of 32 envs whose "
                    "states are rendered in both visuals, to measure how far the adapted policy is from the source "
                    "policy on the same states (0 skips)")
-    p.add_argument("--eval-episodes", type=int, default=rd.eval_episodes, help="Procgen target: test episodes per "
+    p.add_argument("--eval-episodes", type=non_negative_int, default=rd.eval_episodes, help="Procgen target: test episodes per "
                    "domain for the source and the adapted agent (0 skips)")
     p.add_argument("--precision", default=None, choices=PRECISION_CHOICES, help="segmentation and pose: fp32 "
                    "(default) or bf16 autocast (auto: bf16 where the CPU or GPU computes it natively)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=seed, default=d.seed)
     p.add_argument("--device", default=d.device, choices=DEVICE_CHOICES)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=non_negative_int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def config_from_adapt_args(a: argparse.Namespace):
+    from .dense.mean_teacher import PoseAdaptConfig
+    from .dense.shot import DenseAdaptConfig
+    from .procgen_adapt import ProcgenAdaptConfig
+    from .shot import AdaptConfig
+
+    d, dd, pd, rd = AdaptConfig(), DenseAdaptConfig(), PoseAdaptConfig(), ProcgenAdaptConfig()
     if a.target.startswith("procgen:"):  # a Procgen agent adapted to a visual domain over its actions
         if a.precision not in (None, "fp32"):
             raise ValueError("--precision applies to segmentation and pose adaptation; Procgen agents adapt in fp32")
@@ -408,12 +450,9 @@ def adapt_config(argv=None):
 
 def adapt_main(argv=None) -> int:
     """Adapt a source model; under torchrun every worker runs this and rank 0 writes and reports."""
-    from workbench.distributed import shutdown_distributed
+    from workbench.distributed import worker_main
 
-    try:
-        return _adapt(argv)
-    finally:
-        shutdown_distributed()
+    return worker_main(lambda: _adapt(argv))
 
 
 def _adapt(argv) -> int:
@@ -424,22 +463,25 @@ def _adapt(argv) -> int:
     from .procgen_adapt import ProcgenAdaptConfig
     from .shot import ShotAdapter
 
+    a = parse_adapt_args(argv)
     try:
-        cfg = adapt_config(argv)
-        if isinstance(cfg, ProcgenAdaptConfig):
-            single_process_only("Procgen agent adaptation")
-            return _adapt_procgen(cfg)
-        if isinstance(cfg, DenseAdaptConfig):
-            single_process_only("segmentation adaptation")
-            return _adapt_dense(cfg, DenseShotAdapter)
-        if isinstance(cfg, PoseAdaptConfig):
-            single_process_only("pose adaptation")
-            return _adapt_pose(cfg, PoseMeanTeacher)
+        cfg = config_from_adapt_args(a)
+        single = {ProcgenAdaptConfig: ("Procgen agent adaptation", _adapt_procgen),
+                  DenseAdaptConfig: ("segmentation adaptation", lambda c: _adapt_dense(c, DenseShotAdapter)),
+                  PoseAdaptConfig: ("pose adaptation", lambda c: _adapt_pose(c, PoseMeanTeacher))}
+        if type(cfg) in single:
+            what, adapt = single[type(cfg)]
+            single_process_only(what)
+            _claim_out(cfg.run_dir, a.overwrite)
+            return adapt(cfg)
         dist = init_distributed(cfg.device)
+        _claim_out(cfg.run_dir, a.overwrite, dist)
         adapter = ShotAdapter(cfg, dist)
         metrics = adapter.run()
-    except USER_ERRORS as exc:
+    except INPUT_ERRORS as exc:
         return _fail(exc)
+    except WriteError as exc:
+        return _write_failed(exc)
     if not dist.is_main:
         return 0
     if metrics["accuracy"] is not None:
@@ -494,8 +536,8 @@ def _adapt_pose(cfg, adapter_cls) -> int:
 def evaluate_main(argv=None) -> int:
     from .evaluate import ATTACK_LOSSES, evaluate_model
 
-    p = argparse.ArgumentParser(prog="workbench evaluate", description="Accuracy (classification), mIoU "
-                                "(segmentation) or PCK and OKS AP (pose) of a source or adapted model.")
+    p = ArgumentParser(prog="workbench evaluate", description="Accuracy (classification), mIoU "
+                       "(segmentation) or PCK and OKS AP (pose) of a source or adapted model.")
     p.add_argument("--model", required=True, help="a source or adapted checkpoint (or its run directory)")
     p.add_argument("--data", required=True)
     p.add_argument("--task", default=None, choices=TASKS, help="default: the task the checkpoint names")
@@ -505,8 +547,8 @@ def evaluate_main(argv=None) -> int:
     p.add_argument("--no-flip-test", action="store_true", help="pose: score without flip testing")
     p.add_argument("--attack", default=None, choices=("pgd",), help="classification: also report accuracy under "
                    "an L-inf PGD attack (from the clean image, step eps/10; CIFS models through their joint loss)")
-    p.add_argument("--eps", type=float, default=8 / 255, help="attack budget in [0, 1] pixel units (default 8/255)")
-    p.add_argument("--steps", type=int, default=20, help="attack steps (default 20: PGD-20)")
+    p.add_argument("--eps", type=unit_interval, default=8 / 255, help="attack budget in [0, 1] pixel units (default 8/255)")
+    p.add_argument("--steps", type=positive_int, default=20, help="attack steps (default 20: PGD-20)")
     p.add_argument("--attack-loss", default="model", choices=ATTACK_LOSSES, help="what PGD ascends: the "
                    "model's training loss (default; CIFS: the joint loss with its probes, as the CIFS code) or the "
                    "cross-entropy of the output logits alone")
@@ -535,10 +577,13 @@ def evaluate_main(argv=None) -> int:
 
                 result["robustness"] = evaluate_robustness(a.model, a.data, eps=a.eps, steps=a.steps,
                                                            device=a.device, attack_loss=a.attack_loss)
-    except USER_ERRORS as exc:
+        if a.out:
+            from workbench.logging import write_json
+
+            write_json(a.out, result)
+    except INPUT_ERRORS as exc:
         return _fail(exc)
-    if a.out:
-        from workbench.logging import write_json
-        write_json(a.out, result)
+    except WriteError as exc:
+        return _write_failed(exc)
     print(json.dumps(result, indent=2))
     return 0

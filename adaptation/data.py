@@ -21,6 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from workbench.checkpoint import CheckpointError
+
 from . import digits
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -30,6 +32,11 @@ DIGITS_MEAN, DIGITS_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 class DataError(ValueError):
     """A problem with user-supplied data (missing image, bad label, empty list ...)."""
+
+
+# Problems with what a user passed (data, checkpoints, settings): one line each, and under torchrun found before
+# training starts and raised on every rank alike (Distributed.main_first).
+INPUT_ERRORS = (ValueError, CheckpointError, FileNotFoundError)
 
 
 @dataclass

@@ -39,10 +39,11 @@ from workbench.logging import RunLogger, default_run_name, run_logger, write_jso
 from workbench.runtime import Runtime, seed_everything
 
 from .cluster import shot_pseudo_labels
+from .data import INPUT_ERRORS
 from .evaluate import builtin_test_split, load_model, load_target
 from .losses import information_maximization
 from .rotation import KEEP_CHOICES, RotationHead, pretrain_rotation_head, rotation_loss
-from .training import (accuracy, add_terms, average_batch_norm_statistics, confusion_matrix, main_rank_first,
+from .training import (accuracy, add_terms, average_batch_norm_statistics, confusion_matrix,
                        make_loader, per_class_accuracy, predict, set_epoch, set_shot_lr, shot_optimizer,
                        synchronise_batch_norm, take_step)
 
@@ -149,19 +150,15 @@ class ShotAdapter:
         seed_everything(dist.seed(cfg.seed))  # data order and dropout differ per rank; the model does not
         self.rt = Runtime.create(cfg.device, "fp32", distributed=dist)
         self.dist = dist
-        self.model, self.source_state = load_model(cfg.source, self.rt)
-        self.model = synchronise_batch_norm(self.model, self.rt)
+        # rank 0 reads the inputs first (building any data cache, which the others then read); a problem with
+        # them stops every rank with the same message before the first step
+        model, self.source_state, self.eval_set, self.train_set, test_set = dist.main_first(
+            lambda: self._load_inputs(cfg), INPUT_ERRORS)
+        self.model = synchronise_batch_norm(model, self.rt)
         mcfg = self.source_state["model_config"]
         self.cfg = cfg.resolved(mcfg["transform"], mcfg["backbone"])
-        with main_rank_first(dist):  # rank 0 builds any data cache, the others then read it
-            self.eval_set = load_target(cfg.target, mcfg, train=False)
-            # digits use the same (deterministic) transform for training: share the prepared data set
-            self.train_set = (self.eval_set if mcfg["transform"] == "digits"
-                              else load_target(cfg.target, mcfg, train=True))
-            # adaptation is transductive on `target`; a held-out split is scored as well, as the official digits
-            # code does
-            self.test_on = cfg.test_on or builtin_test_split(cfg.target)
-            test_set = load_target(self.test_on, mcfg) if self.test_on else None
+        # adaptation is transductive on `target`; a held-out split is scored as well, as the official digits code does
+        self.test_on = cfg.test_on or builtin_test_split(cfg.target)
         self.num_classes = mcfg["num_classes"]
         self.labels_known = bool((self.eval_set.labels >= 0).all())
         run_dir = cfg.run_dir or str(Path("runs") / default_run_name("adapt", cfg.method, f"s{cfg.seed}"))
@@ -179,6 +176,16 @@ class ShotAdapter:
         self.cfg = dataclasses.replace(self.cfg, test_on=self.test_on)  # config.json names the data scored
         self.test_loader = (make_loader(test_set, 256, train=False, workers=cfg.workers, dist=dist)
                             if test_set is not None else None)
+
+    def _load_inputs(self, cfg: AdaptConfig) -> tuple:
+        """The source model, the target (for evaluation and for training) and the held-out test data."""
+        model, source_state = load_model(cfg.source, self.rt)
+        mcfg = source_state["model_config"]
+        eval_set = load_target(cfg.target, mcfg, train=False)
+        # digits use the same (deterministic) transform for training: share the prepared data set
+        train_set = eval_set if mcfg["transform"] == "digits" else load_target(cfg.target, mcfg, train=True)
+        test_on = cfg.test_on or builtin_test_split(cfg.target)
+        return model, source_state, eval_set, train_set, load_target(test_on, mcfg) if test_on else None
 
     def run_config(self) -> dict:
         """The resolved settings as config.json records them, with the number of processes and the batch one

@@ -46,13 +46,13 @@ from workbench.distributed import SINGLE, Distributed
 from workbench.logging import default_run_name, run_logger, write_json
 from workbench.runtime import Runtime, rng_state, seed_everything, set_rng_state
 
-from .data import default_style, image_transform, load_dataset
+from .data import INPUT_ERRORS, default_style, image_transform, load_dataset
 from .evaluate import builtin_test_split
 from .adversarial import EVAL_STEPS, evaluation_attack, robust_accuracy
 from .label_noise import NOISE_TYPES, corrupt_labels
 from .model import ShotModel, model_config
 from .objectives import OBJECTIVES, build_objective, cifs_joint_loss
-from .training import (accuracy, average_batch_norm_statistics, forever, main_rank_first, make_loader, predict,
+from .training import (accuracy, average_batch_norm_statistics, forever, make_loader, predict,
                        set_shot_lr, shot_optimizer, synchronise_batch_norm, take_step)
 
 SOURCE_KIND = "source-model"
@@ -149,8 +149,8 @@ def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:
     seed_everything(dist.seed(cfg.seed))  # data order and dropout differ per rank; the model is rank 0's
     rt = Runtime.create(cfg.device, "fp32", distributed=dist)
     style = cfg.transform or default_style(cfg.data)
-    with main_rank_first(dist):  # rank 0 builds any data cache, the others then read it
-        train_set, selection_set, selection_name = selection_sets(cfg, style)
+    # rank 0 builds any data cache, the others then read it; a problem with the data stops every rank alike
+    train_set, selection_set, selection_name = dist.main_first(lambda: selection_sets(cfg, style), INPUT_ERRORS)
     num_classes = (train_set.dataset if isinstance(train_set, Subset) else train_set).num_classes
     if cfg.label_noise > 0:
         train_set = with_noisy_labels(train_set, cfg.label_noise, cfg.noise_type, cfg.seed)

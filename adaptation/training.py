@@ -20,7 +20,6 @@ In a world of one every helper leaves the single-process computation exactly as 
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import numpy as np
@@ -71,17 +70,6 @@ def add_terms(sums: dict[str, float], terms: dict[str, torch.Tensor]) -> None:
     """Accumulate a step's loss terms into per-epoch sums (for the epoch means written to TensorBoard)."""
     for name, value in terms.items():
         sums[name] = sums.get(name, 0.0) + float(value.detach())
-
-
-@contextlib.contextmanager
-def main_rank_first(dist: Distributed):
-    """Rank 0 runs the block before the other ranks do: it alone builds a missing data cache, which the
-    others then read."""
-    if not dist.is_main:
-        dist.barrier()
-    yield
-    if dist.is_main:
-        dist.barrier()
 
 
 class ContiguousShard(Sampler):

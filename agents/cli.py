@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import sys
 from pathlib import Path
 
 from envs.procgen import GAMES, PROTOCOLS, VISUAL_OPTIONS
+from workbench.arguments import (ArgumentParser, discount, non_negative_float, non_negative_int, non_negative_steps,
+                                 positive_float, positive_int, positive_steps, report_error, seed)
 from workbench.backbones import list_backbones
 from workbench.runtime import DEVICE_CHOICES, PRECISION_CHOICES
 
@@ -24,45 +25,39 @@ that finishes in a few minutes on 2 CPU cores. The paper-scale recipe:
 """
 
 
-
-def steps_arg(value: str) -> int:
-    return int(float(value))  # accepts 5e6
-
-
 def total_steps_arg(value: str):
-    return value if value == "protocol" else steps_arg(value)
+    return value if value == "protocol" else positive_steps(value)
 
 
 def parse_train_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train-procgen", description=TRAIN_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="train-procgen", description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env", default="starpilot", help=f"Procgen game: {', '.join(GAMES)}")
     p.add_argument("--algo", default="ppo", help=f"algorithm: {', '.join(ALGORITHMS)}")
-    p.add_argument("--buffer-size", type=int, default=500_000, help="Rainbow: replay capacity (transitions)")
+    p.add_argument("--buffer-size", type=positive_steps, default=500_000, help="Rainbow: replay capacity (transitions)")
     p.add_argument("--save-replay", action="store_true", help="Rainbow: keep the replay in checkpoints")
-    p.add_argument("--warmup-steps", type=int, default=20_000, help="Rainbow: env steps before learning")
-    p.add_argument("--batch-size", type=int, default=512, help="Rainbow: replay batch size")
-    p.add_argument("--update-every", type=int, default=64, help="Rainbow: env steps per gradient update")
-    p.add_argument("--target-update", type=int, default=8192, help="Rainbow: env steps between target-network copies")
+    p.add_argument("--warmup-steps", type=non_negative_steps, default=20_000, help="Rainbow: env steps before learning (under torchrun: of all workers together)")
+    p.add_argument("--batch-size", type=positive_int, default=512, help="Rainbow: replay batch size")
+    p.add_argument("--update-every", type=positive_int, default=64, help="Rainbow: env steps per gradient update")
+    p.add_argument("--target-update", type=positive_steps, default=8192, help="Rainbow: env steps between target-network copies")
     p.add_argument("--mixreg", action=argparse.BooleanOptionalAction, default=True,
                    help="mixture regularisation (default on; --no-mixreg for the plain algorithm)")
-    p.add_argument("--mix-alpha", type=float, default=0.2, help="Beta(alpha, alpha) of the mixing weights")
+    p.add_argument("--mix-alpha", type=positive_float, default=0.2, help="Beta(alpha, alpha) of the mixing weights")
     p.add_argument("--regularizer", default="none", choices=REGULARIZERS,
                    help="the mixreg paper's comparison regularisers")
-    p.add_argument("--l2-coef", type=float, default=1e-4,
+    p.add_argument("--l2-coef", type=non_negative_float, default=1e-4,
                    help="coefficient of the L2 penalty, 0.5 * sum of squared weights (--regularizer l2)")
     p.add_argument("--protocol", default="easy-200", choices=sorted(PROTOCOLS),
                    help="level split and distribution mode (easy-200: easy, levels [0,200); hard-500: hard, 500)")
     p.add_argument("--total-steps", type=total_steps_arg, default=None,
                    help="env steps to train for; 'protocol' uses the protocol's budget (25M / 200M); "
                         "default 40960 (a few minutes on a CPU)")
-    p.add_argument("--num-envs", type=int, default=16, help="parallel training envs (the recipe uses 64)")
-    p.add_argument("--num-steps", type=int, default=256, help="PPO: rollout length per env")
-    p.add_argument("--reward-norm-gamma", type=float, default=0.99,
+    p.add_argument("--num-envs", type=positive_int, default=16, help="parallel training envs (the recipe uses 64)")
+    p.add_argument("--num-steps", type=positive_int, default=256, help="PPO: rollout length per env")
+    p.add_argument("--reward-norm-gamma", type=discount, default=0.99,
                    help="PPO: discount of the reward scaler's running return (VecNormalize's 0.99; GAE uses 0.999)")
     p.add_argument("--backbone", default="impala_1x", help=f"registered backbone: {', '.join(list_backbones())}")
-    p.add_argument("--lr", type=float, default=None, help="default: 5e-4 (PPO), 2.5e-4 (Rainbow)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=positive_float, default=None, help="default: 5e-4 (PPO), 2.5e-4 (Rainbow)")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="auto: bf16 autocast where the hardware computes bf16 natively, else fp32")
@@ -70,12 +65,15 @@ def parse_train_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--visual", nargs="*", default=[], choices=sorted(VISUAL_OPTIONS),
                    help="visual-domain variants (dynamics unchanged)")
-    p.add_argument("--eval-interval", type=int, default=5, help="iterations between test evaluations")
-    p.add_argument("--eval-episodes", type=int, default=32)
+    p.add_argument("--eval-interval", type=positive_int, default=5, help="iterations between test evaluations")
+    p.add_argument("--eval-episodes", type=positive_int, default=32)
     p.add_argument("--no-video", action="store_true", help="skip the test-episode GIF in TensorBoard")
-    p.add_argument("--snapshot-every", type=steps_arg, default=0, metavar="STEPS",
+    p.add_argument("--snapshot-every", type=non_negative_steps, default=0, metavar="STEPS",
                    help="also keep snapshots/checkpoint-<steps>.pt every STEPS env steps, to evaluate later (0: off)")
-    p.add_argument("--run-name", default=None, help="run directory name under runs/")
+    p.add_argument("--run-name", default=None, help="run directory name under runs/ (one that holds a run is "
+                   "refused unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --run-name (its checkpoints, "
+                   "metrics and TensorBoard events are removed first)")
     p.add_argument("--runs-root", default="runs")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     p.add_argument("--no-progress", action="store_true")
@@ -107,35 +105,61 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def train_main(argv=None) -> int:
     """Train (or resume) one agent; under torchrun every worker runs this and rank 0 reports."""
-    from workbench.distributed import shutdown_distributed
+    from workbench.distributed import worker_main
 
-    try:
-        return _train(parse_train_args(argv))
-    finally:
-        shutdown_distributed()
+    return worker_main(lambda: _train(parse_train_args(argv)))
+
+
+def _start(args: argparse.Namespace) -> Trainer:
+    """The Trainer a command line asks for; problems with the input raise before training starts."""
+    from workbench.distributed import init_distributed
+    from workbench.logging import claim_run_dir
+
+    if args.resume:
+        if args.total_steps == "protocol":
+            raise ValueError("--total-steps protocol cannot be combined with --resume: give a number")
+        if args.overwrite or args.run_name:
+            raise ValueError("--resume continues the run in its own directory: leave out --run-name and --overwrite")
+        return Trainer.resume(args.resume, total_steps=args.total_steps, progress=not args.no_progress)
+    cfg = config_from_args(args)
+    if cfg.run_dir:  # rank 0 writes the run directory; every rank stops if it is taken
+        init_distributed(cfg.device).main_only(lambda: claim_run_dir(
+            cfg.run_dir, args.overwrite, "--run-name", f"continue it with --resume {cfg.run_dir}"), (ValueError,))
+    return Trainer(cfg)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from workbench.distributed import lost_a_peer
+    from workbench.files import WriteError
+
     try:
-        if args.resume:
-            total = args.total_steps
-            if total == "protocol":
-                raise ValueError("--total-steps protocol cannot be combined with --resume: give a number")
-            trainer = Trainer.resume(args.resume, total_steps=total, progress=not args.no_progress)
-        else:
-            trainer = Trainer(config_from_args(args))
+        trainer = _start(args)
     except (ValueError, RuntimeError, MemoryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if lost_a_peer(exc):
+            raise
+        report_error(str(exc))
         return 2
-    cfg, main = trainer.cfg, trainer.dist.is_main
+    if trainer.dist.is_main:
+        _announce(args, trainer)
+    try:
+        return _report(args, trainer, trainer.run())
+    except WriteError as exc:  # the last checkpoint written stays loadable
+        report_error(str(exc), every_rank=True)
+        return 1
+
+
+def _announce(args: argparse.Namespace, trainer: Trainer) -> None:
+    cfg = trainer.cfg
     workers = f", {trainer.dist.world_size} workers" if trainer.dist.enabled else ""
-    if main:
-        print(f"run directory: {trainer.run_dir}  (tensorboard --logdir {trainer.run_dir.parent})")
-        print(f"{cfg.algo} on {cfg.env} ({cfg.protocol}), mixreg {'on' if trainer.agent_cfg.mixreg else 'off'}, "
-              f"{trainer.agent_cfg.num_envs} envs{' per worker' if workers else ''}{workers}, {cfg.total_steps} "
-              f"steps, device {trainer.runtime.device}, precision {trainer.runtime.precision_name}" +
-              (f", resuming at step {trainer.agent.env_steps}" if args.resume else ""))
-    metrics = trainer.run()
+    print(f"run directory: {trainer.run_dir}  (tensorboard --logdir {trainer.run_dir.parent})")
+    print(f"{cfg.algo} on {cfg.env} ({cfg.protocol}), mixreg {'on' if trainer.agent_cfg.mixreg else 'off'}, "
+          f"{trainer.agent_cfg.num_envs} envs{' per worker' if workers else ''}{workers}, {cfg.total_steps} "
+          f"steps, device {trainer.runtime.device}, precision {trainer.runtime.precision_name}" +
+          (f", resuming at step {trainer.agent.env_steps}" if args.resume else ""))
+
+
+def _report(args: argparse.Namespace, trainer: Trainer, metrics: dict) -> int:
+    cfg, main = trainer.cfg, trainer.dist.is_main
     if not main:
         return 128 + (metrics["stop_signal"] or signal.SIGTERM) if metrics["interrupted"] else 0
     print(json.dumps({k: metrics[k] for k in ("env_steps", "steps_per_second", "train_mean_return_last100")}))
@@ -149,21 +173,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def parse_evaluate_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate-procgen",
-                                description="Evaluate a trained Procgen agent on unseen levels and write JSON.")
+    p = ArgumentParser(prog="evaluate-procgen",
+                       description="Evaluate a trained Procgen agent on unseen levels and write JSON.")
     p.add_argument("checkpoint", help="a run directory or its checkpoint.pt; random:<game> plays the uniform random "
                    "policy instead (the floor to read a return against; easy mode and own visuals unless told)")
-    p.add_argument("--episodes", type=int, default=100)
-    p.add_argument("--num-envs", type=int, default=64)
-    p.add_argument("--num-levels", type=int, default=0, help="0 = the full level distribution (unseen levels)")
-    p.add_argument("--start-level", type=int, default=0)
+    p.add_argument("--episodes", type=positive_int, default=100)
+    p.add_argument("--num-envs", type=positive_int, default=64)
+    p.add_argument("--num-levels", type=non_negative_int, default=0,
+                   help="0 = the full level distribution (unseen levels)")
+    p.add_argument("--start-level", type=non_negative_int, default=0)
     p.add_argument("--distribution-mode", choices=("easy", "hard"), default=None,
                    help="default: the training protocol's")
     p.add_argument("--visual", nargs="*", default=None, choices=sorted(VISUAL_OPTIONS),
                    help="visual-domain variants (default: as in training)")
     p.add_argument("--deterministic", action="store_true",
                    help="PPO: the most likely action instead of a sample; Rainbow: the noise-free mean network")
-    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--seed", type=seed, default=12345)
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--out", default=None, help="JSON file to write (default: <run dir>/evaluation.json)")
     return p.parse_args(argv)
@@ -190,11 +215,16 @@ def evaluate_main(argv=None) -> int:
             result, default_out = evaluate_checkpoint(args.checkpoint, deterministic=args.deterministic,
                                                       device=args.device, **episodes)
     except (CheckpointError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_error(str(exc))
         return 2
+    from workbench.files import WriteError
     from workbench.logging import write_json
 
-    out = write_json(args.out or default_out, result)
+    try:
+        out = write_json(args.out or default_out, result)
+    except WriteError as exc:
+        report_error(str(exc))
+        return 1
     print(json.dumps(result, indent=2))
     print(f"written to {out}")
     return 0

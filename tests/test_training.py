@@ -106,7 +106,9 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("steps", ["-5", "0"])
 def test_a_run_without_steps_is_refused_with_one_line(tmp_path, capsys, steps):
-    assert train_main(["--total-steps", steps, "--no-progress", "--runs-root", str(tmp_path), "--run-name", "r"]) == 2
+    with pytest.raises(SystemExit) as stop:  # at parse time, as every number out of range
+        train_main(["--total-steps", steps, "--no-progress", "--runs-root", str(tmp_path), "--run-name", "r"])
+    assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--total-steps" in err[0] and steps in err[0]
     assert not (tmp_path / "r").exists()
