@@ -10,8 +10,9 @@ A class that empties in one round drops out of the next, as in the official imag
 
 Nearest-centroid search runs on faiss (inner product on normalised vectors) when it is
 importable and on torch otherwise; both give the same labels. Features on a GPU stay there:
-faiss's GPU index when the installed faiss has one (`pip install -e ".[gpu]"`), else torch on
-the GPU. Features on the CPU use faiss's CPU index (or torch), as before.
+faiss's GPU index when the installed faiss has one (`pip install -e ".[gpu]"`, faiss-gpu-cu12),
+else torch on the GPU. Features on the CPU use faiss's CPU index (`pip install -e ".[cpu]"`,
+faiss-cpu; the GPU build has it too), or torch where faiss is not installed.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def _check_backend(backend: str, device: torch.device | None = None) -> str:
         backend = "faiss" if (faiss_gpu_available() if on_gpu else faiss_available()) else "torch"
     if backend not in ("faiss", "torch"):
         raise ValueError(f"unknown clustering backend {backend!r}: use auto, faiss or torch")
+    if backend == "faiss" and not faiss_available():
+        raise ValueError("--cluster-backend faiss but faiss is not installed: pip install -e \".[cpu]\" (or "
+                         "\".[gpu]\" on a GPU machine), or use --cluster-backend torch (the same labels)")
     return backend
 
 

@@ -251,11 +251,12 @@ class ShotAdapter:
             set_epoch(self.loader, epoch)
             pseudo = None
             if cfg.beta > 0:  # the model is unchanged since `latest` was evaluated (F, B frozen for rotation)
-                pseudo = shot_pseudo_labels(latest["features"], latest["probs"], backend=cfg.cluster_backend)
+                # clustered where the model runs: on a GPU, faiss's GPU index (or torch there)
+                pseudo = shot_pseudo_labels(latest["features"].to(self.rt.device), latest["probs"].to(self.rt.device),
+                                            backend=cfg.cluster_backend)
                 if self.labels_known:
-                    logger.scalars("pseudo_labels", {"accuracy": accuracy(pseudo, torch.as_tensor(
+                    logger.scalars("pseudo_labels", {"accuracy": accuracy(pseudo.cpu(), torch.as_tensor(
                         self.eval_set.labels))}, epoch)
-                pseudo = pseudo.to(self.rt.device)
             model.train()
             sums: dict[str, float] = {}
             for images, _, idx in self.loader:
