@@ -157,6 +157,7 @@ class Trainer:
                                  self.protocol.num_levels, self.protocol.start_level, self.runtime.device,
                                  seed=self.dist.seed(cfg.seed + 1000 * iterations_done), **visual_options(cfg.visual))
         self.agent = agent_cls(self.env, self.agent_cfg, self.runtime)
+        self.saved_at: int | None = None  # env steps of the latest checkpoint this Trainer wrote
         if resume_state is not None:
             self.agent.load_state_dict(resume_state["agent"])
             set_rng_state(resume_state["rng"])
@@ -186,7 +187,7 @@ class Trainer:
     def save(self) -> Path | None:
         """The latest checkpoint; under torchrun every rank calls it: its own small part travels to rank 0,
         its RANK_SHARD_STATE goes to a file it writes itself."""
-        agent_state = self.agent.state_dict()
+        agent_state, self.saved_at = self.agent.state_dict(), self.agent.env_steps
         if not self.dist.enabled:
             return save_checkpoint(self.run_dir / LATEST, "procgen-agent", self._payload(agent_state))
         shard = {k: agent_state.pop(k) for k in getattr(self.agent, "RANK_SHARD_STATE", ()) if k in agent_state}
@@ -296,7 +297,8 @@ class Trainer:
                     if cfg.snapshot_interval and agent.env_steps // cfg.snapshot_interval > s0 // cfg.snapshot_interval:
                         self.save_snapshot()  # this iteration crossed a multiple of the interval
                 interrupted, stop_signal = dist.any(stop()), stop.signum
-            self.save()
+            if self.saved_at != agent.env_steps:  # not already saved by the last iteration (a replay can be GiBs)
+                self.save()
         finally:
             logger.close()
         elapsed = time.time() - start_time
