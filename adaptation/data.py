@@ -189,7 +189,11 @@ def parse_builtin(spec: str) -> tuple[str, str]:
         raise DataError(f"unknown built-in data {spec!r}: use builtin:digits/<domain> with domain in "
                         f"{', '.join(digits.DOMAINS)}")
     domain, _, split = rest.partition(":")
-    return digits.check_domain(domain), split or "train"
+    split = split or digits.DEFAULT_SPLIT
+    if split not in digits.SPLITS:
+        raise DataError(f"unknown split {split!r} in {spec!r}: use one of {', '.join(digits.SPLITS)} "
+                        f"(none: {digits.DEFAULT_SPLIT})")
+    return digits.check_domain(domain), split
 
 
 def load_dataset(spec: str, transform: Callable, num_classes: int | None = None, root: str | None = None):

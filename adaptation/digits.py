@@ -1,6 +1,6 @@
 """A built-in digits benchmark made only from real data that Python packages ship.
 
-Three domains of 32x32 RGB digits (10 classes), each with a fixed train/test split:
+Three domains of 32x32 RGB digits (10 classes), each with a fixed split:
 
 - `uci`:   scikit-learn's 1,797 handwritten digits (8x8, UCI), upsampled to 32x32 grey-as-RGB;
 - `fonts`: digits printed with matplotlib's bundled TrueType faces, each glyph filling most of the
@@ -10,8 +10,11 @@ Three domains of 32x32 RGB digits (10 classes), each with a fixed train/test spl
            absolute difference, the MNIST-M recipe.
 
 Building is deterministic (fixed seeds) and cached as .npz under $WORKBENCH_DATA
-(default ~/.cache/workbench/digits). `builtin:digits/<domain>` names a domain anywhere
-a data argument is accepted.
+(default ~/.cache/workbench/digits). `builtin:digits/<domain>[:split]` names a domain anywhere
+a data argument is accepted. Splits: `test` (a stratified 20%); `trainval`, the other 80% (the
+published train split the SHOT digits protocol trains and adapts on, and the default when no split is
+named); `val`, a fixed stratified 10% of trainval for choosing checkpoints and defaults; and `train`,
+trainval without val. train, val and test are disjoint.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ NUM_CLASSES = 10
 SIZE = 32
 VERSION = 2  # 2: printed glyphs fill the frame (in v1 they covered about 60% of its height)
 TEST_FRACTION = 0.2
+VAL_FRACTION = 0.1              # of trainval: held out for selection, never trained on when selected on
+SPLITS = ("train", "val", "test", "trainval", "all")
+DEFAULT_SPLIT = "trainval"
 FONT_IMAGES_PER_CLASS = 600
 GLYPH_RENDER_SIZE = 96          # points; glyphs are drawn large, then fitted to the frame
 GLYPH_HEIGHT = (0.8, 0.98)      # fraction of the frame height the ink spans (house-number crops)
@@ -218,12 +224,28 @@ def build_domain(domain: str, force: bool = False) -> Path:
     return path
 
 
-def load_domain(domain: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+def val_indices(labels: np.ndarray, domain: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices into a domain's trainval arrays: a fixed stratified VAL_FRACTION goes to val."""
+    return stratified_split(labels, VAL_FRACTION, np.random.default_rng([SEEDS[domain], 2]))
+
+
+def load_domain(domain: str, split: str = DEFAULT_SPLIT) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, 32, 32, 3) uint8, labels (N,) int64) of one split, building the cache if needed."""
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"unknown split {split!r}: use train, test or all")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: use {', '.join(SPLITS)}")
     with np.load(build_domain(domain)) as data:
         if split == "all":
             return (np.concatenate([data["x_train"], data["x_test"]]),
                     np.concatenate([data["y_train"], data["y_test"]]))
-        return data[f"x_{split}"], data[f"y_{split}"]
+        if split == "test":
+            return data["x_test"], data["y_test"]
+        images, labels = data["x_train"], data["y_train"]  # the cache's train arrays are trainval
+    if split == "trainval":
+        return images, labels
+    part = val_indices(labels, check_domain(domain))[split == "val"]
+    return images[part], labels[part]
+
+
+def split_contains(outer: str, inner: str) -> bool:
+    """Whether every sample of split `inner` is also in split `outer` (of the same domain)."""
+    return outer == inner or outer == "all" or (outer == "trainval" and inner in ("train", "val"))

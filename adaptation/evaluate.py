@@ -20,12 +20,12 @@ def load_model(path, runtime):
 
 
 def builtin_test_split(spec: str) -> str | None:
-    """`builtin:digits/<d>[:train]` -> `builtin:digits/<d>:test` (the official digits protocol trains or adapts on
-    the train split and reports the test split); None for any other data."""
+    """`builtin:digits/<d>[:train|:trainval]` -> `builtin:digits/<d>:test` (adaptation runs on the unlabelled
+    training data and reports the test split); None for any other data."""
     if not spec.startswith("builtin:"):
         return None
     domain, split = parse_builtin(spec)
-    return f"builtin:digits/{domain}:test" if split == "train" else None
+    return f"builtin:digits/{domain}:test" if split in ("train", "trainval") else None
 
 
 def load_target(spec: str, model_config: dict, train: bool = False):

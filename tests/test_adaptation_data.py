@@ -24,7 +24,7 @@ def write_images(folder, n, size=(12, 10)):
 
 
 def test_builtin_domains_are_deterministic_and_split(tmp_path):
-    x, y = digits.load_domain("uci", "train")
+    x, y = digits.load_domain("uci", "trainval")
     xt, yt = digits.load_domain("uci", "test")
     assert x.shape[1:] == (32, 32, 3) and x.dtype == np.uint8
     assert len(x) + len(xt) == 1797 and set(np.unique(y)) == set(range(10))
@@ -35,6 +35,42 @@ def test_builtin_domains_are_deterministic_and_split(tmp_path):
     path = digits.build_domain("uci")
     first = np.load(path)["x_train"].copy()
     assert np.array_equal(np.load(digits.build_domain("uci", force=True))["x_train"], first)
+
+
+def test_val_is_a_stratified_tenth_of_trainval_disjoint_from_train_and_test():
+    images, labels = digits.load_domain("uci", "trainval")
+    parts = {s: digits.load_domain("uci", s) for s in ("train", "val", "test")}
+    assert len(parts["train"][0]) + len(parts["val"][0]) == len(images)
+    # every trainval image lands in exactly one of train and val, and no test image is in either
+    key = lambda x: {a.tobytes() for a in x}  # noqa: E731
+    train, val, test = (key(parts[s][0]) for s in ("train", "val", "test"))
+    assert not (train & val) and not (val & test) and not (train & test)
+    assert train | val == key(images)
+    per_class = np.bincount(parts["val"][1], minlength=10) / np.bincount(labels, minlength=10)
+    assert np.all(np.abs(per_class - 0.1) < 0.03)
+    assert np.array_equal(digits.load_domain("uci", "val")[0], parts["val"][0])  # fixed, not re-drawn
+
+
+def test_a_split_less_builtin_spec_is_trainval_and_a_bad_split_is_one_line():
+    from adaptation.data import DataError, parse_builtin
+
+    assert parse_builtin("builtin:digits/uci") == ("uci", "trainval")
+    assert parse_builtin("builtin:digits/photo:val") == ("photo", "val")
+    with pytest.raises(DataError, match="unknown split 'valid'.*train, val, test"):
+        parse_builtin("builtin:digits/uci:valid")
+
+
+def test_a_digits_source_fits_train_and_selects_on_val_unless_told(tmp_path):
+    from adaptation.source import SourceConfig, selection_sets
+
+    fit, selection, name = selection_sets(SourceConfig(data="builtin:digits/uci"), "digits")
+    assert name == "builtin:digits/uci:val"
+    assert len(fit) == len(digits.load_domain("uci", "train")[0])
+    assert len(selection) == len(digits.load_domain("uci", "val")[0])
+    _, _, name = selection_sets(SourceConfig(data="builtin:digits/uci", select_on="builtin:digits/uci:test"), "digits")
+    assert name == "builtin:digits/uci:test"  # the digits benchmark's preset: SHOT's protocol
+    with pytest.raises(ValueError, match="overlaps --data"):
+        selection_sets(SourceConfig(data="builtin:digits/uci", select_on="builtin:digits/uci:val"), "digits")
 
 
 def test_photo_is_the_mnist_m_blend_of_uci_digits():

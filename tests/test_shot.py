@@ -360,7 +360,7 @@ def test_end_to_end_shot_improves_target_accuracy_and_keeps_classifier(source_ru
 
     src_dir, src_metrics = source_run
     assert src_metrics["selection_accuracy"] > 90
-    assert src_metrics["selection_data"] == "builtin:digits/uci:test"
+    assert src_metrics["selection_data"] == "builtin:digits/uci:val"
     out = tmp_path / "adapt"
     assert adapt_main(["--method", "shot", "--source", str(src_dir), "--target", "builtin:digits/photo",
                        "--epochs", "4", "--out", str(out), "--no-progress"]) == 0
