@@ -68,9 +68,9 @@ def rotation_accuracy(model, head: RotationHead, loader, runtime) -> float:
 
 
 def pretrain_rotation_head(model, head: RotationHead, loader, runtime, epochs: int, lr: float,
-                           weight_decay: float, logger=None, keep: str = "best") -> dict:
-    """Step 1 above. Returns the accuracy of every check and of the head kept (`keep`: "best", or
-    "last", the final head)."""
+                           weight_decay: float, logger=None, keep: str = "last") -> dict:
+    """Step 1 above. Returns the accuracy of every check and of the head kept (`keep`: "last", the final head,
+    as the official code ends with, or "best")."""
     if keep not in KEEP_CHOICES:
         raise ValueError(f"unknown rotation head choice {keep!r}: use one of {', '.join(KEEP_CHOICES)}")
     was_training = model.training

@@ -98,9 +98,9 @@ class AdaptConfig:
     # SHOT++ rotation: the head is pre-trained with F, B frozen, then trained with them
     rotation_weight: float | None = None
     rotation_epochs: int | None = None   # default: the adaptation epochs (the official code uses one max_epoch)
-    # "best": the head with the best rotation accuracy (the official intent); "last" is what the official code
-    # ends up with, its un-copied state_dict() following the live weights
-    rotation_keep: str = "best"
+    # "last": what the official code ends with (its `best_netR = netR.state_dict()` is a live reference that
+    # is never copied, so it follows the weights to the end); "best": the head with the best rotation accuracy
+    rotation_keep: str = "last"
     # SHOT++ labeling transfer (MixMatch, adaptation.mixmatch)
     transfer_epochs: int | None = None
     transfer_batch_size: int | None = None
