@@ -79,17 +79,37 @@ def test_crop_targets_peak_where_the_hand_computed_affine_puts_each_joint(tmp_pa
     assert item["weights"].tolist() == [1.0, 1.0, 1.0]   # an occluded but labelled joint (v=1) is trained on
 
 
-def test_a_mirrored_view_swaps_left_and_right_targets(tmp_path):
+def centroid_x(heatmap: torch.Tensor) -> float:
+    """The weighted mean column of a heatmap: a Gaussian's sub-pixel centre (sigma 0.5 here: within 0.03 px)."""
+    return float((heatmap.sum(0) * torch.arange(heatmap.shape[1])).sum() / heatmap.sum())
+
+
+def test_a_mirrored_view_has_its_targets_under_its_mirrored_pixels(tmp_path):
+    """The crop is mirrored in input pixels (x_in -> 47 - x_in at width 48) and the targets are input joints
+    divided by the stride 4 (HRNet's rule), computed here by hand: x_in = (x - 35) * 48 / 37.5 + 24, so the
+    mirrored joint sits at (47 - x_in) / 4 in the 12-wide heatmap, not at 11 - x_in / 4 (0.75 px further)."""
+    from adaptation.dense.keypoints import affine_matrix, gaussian_heatmaps
+
     data = KeypointDataset(str(write_coco(tmp_path, [PERSON])), train=False, input_size=(48, 64),
                            flip_pairs=[(1, 2)])
     plain, mirrored = data.view(0), data.view(0, flip=True)
     h_plain, _ = data.targets(0, plain.matrix, False)
     h_flip, _ = data.targets(0, mirrored.matrix, True)
-    # channel "left_hand" of the mirrored view is the mirror image of channel "right_hand" of the plain one
-    assert torch.allclose(h_flip[1], torch.flip(h_plain[2], dims=[1]), atol=1e-6)
-    assert torch.allclose(h_flip[0], torch.flip(h_plain[0], dims=[1]), atol=1e-6)
+    x_in = np.array([(x - 35) * 48 / 37.5 + 24 for x, _, _ in PERSON])
+    y_hm = np.array([((y - 30) * 64 / 50 + 32) / 4 for _, y, _ in PERSON])
+    # unflipped: unchanged, the crop affine onto the 12 x 16 heatmap
+    assert np.allclose(plain.matrix, affine_matrix([35, 30], [37.5, 50], 0, (12, 16)))
+    expected, _ = gaussian_heatmaps(np.stack([x_in / 4, y_hm], 1), np.ones(3, bool), (12, 16), data.sigma)
+    assert torch.allclose(h_plain, torch.from_numpy(expected), atol=1e-6)
+    # mirrored: channel k holds joint flip_order[k] (left and right hands swapped) at (47 - x_in) / 4
+    order = flip_permutation(3, [(1, 2)])
+    assert order == [0, 2, 1]
+    mirrored_x = (47 - x_in[order]) / 4
+    expected, _ = gaussian_heatmaps(np.stack([mirrored_x, y_hm[order]], 1), np.ones(3, bool), (12, 16), data.sigma)
+    assert torch.allclose(h_flip, torch.from_numpy(expected), atol=1e-6)
+    for k in range(3):
+        assert abs(centroid_x(h_flip[k]) - mirrored_x[k]) < 0.05   # the old target was 0.75 px left
     assert torch.allclose(mirrored.image, torch.flip(plain.image, dims=[2]), atol=1e-5)
-    assert flip_permutation(3, [(1, 2)]) == [0, 2, 1]
 
 
 @pytest.mark.parametrize("case, message", [
@@ -134,15 +154,34 @@ def test_confident_mask_keeps_joints_above_the_batch_median():
     assert confident_mask(maxvals, 0.5).tolist() == [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]]   # median 0.4
 
 
-def test_ema_update_by_hand_and_frozen_parameters_untouched():
+def test_ema_update_by_hand_and_frozen_parameters_and_buffers_untouched():
+    """UniFrame / SFDAHPE's OldWeightEMA: parameters only; the teacher's batch-norm statistics are its own."""
     from adaptation.dense.mean_teacher import ema_update
 
-    teacher, student = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
-    student.bias.requires_grad_(False)
-    t_w, s_w, t_b = teacher.weight.clone(), student.weight.clone(), teacher.bias.clone()
+    teacher, student = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)), \
+        torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    student[0].bias.requires_grad_(False)
+    student.train()(torch.randn(8, 2))   # the student's running statistics move away from the teacher's
+    t_w, s_w, t_b = teacher[0].weight.clone(), student[0].weight.clone(), teacher[0].bias.clone()
+    buffers = [b.clone() for b in teacher.buffers()]
     ema_update(teacher, student, 0.9)
-    assert torch.allclose(teacher.weight, 0.9 * t_w + 0.1 * s_w)
-    assert torch.equal(teacher.bias, t_b)
+    assert torch.allclose(teacher[0].weight, 0.9 * t_w + 0.1 * s_w)
+    assert torch.equal(teacher[0].bias, t_b)
+    assert all(torch.equal(a, b) for a, b in zip(teacher.buffers(), buffers))
+
+
+def test_the_teacher_normalises_with_batch_statistics_and_keeps_dropout_off():
+    from adaptation.dense.mean_teacher import batch_statistics
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Dropout2d(0.5)).eval()
+    x = torch.randn(6, 3, 5, 5) * 3 + 2
+    with torch.no_grad(), batch_statistics(model):
+        out = model(x)
+        assert model[1].training and not model[2].training and not model.training
+    assert not model[1].training                                   # back to evaluation mode afterwards
+    assert model[1].num_batches_tracked.item() == 1 and not torch.equal(model[1].running_mean, torch.zeros(4))
+    per_channel = out.transpose(0, 1).reshape(4, -1)
+    assert torch.allclose(per_channel.mean(1), model[1].bias, atol=1e-5)   # normalised by the batch's own mean
 
 
 # ------------------------------------------------------------------ commands on a tiny figures set
@@ -169,7 +208,10 @@ def test_pose_source_outputs(tiny_pose_source):
     from workbench.checkpoint import load_checkpoint
 
     metrics = json.loads((tiny_pose_source / "metrics.json").read_text())
-    assert metrics["selection_data"] == "builtin:figures/flat:test"
+    assert metrics["selection_data"] == "builtin:figures/flat:val"           # chosen on val, reported on test
+    assert metrics["test"]["data"] == "builtin:figures/flat:test" and not math.isnan(metrics["test"]["pck@0.1"])
+    config = json.loads((tiny_pose_source / "config.json").read_text())
+    assert config["select_on"] == "builtin:figures/flat:val" and config["test_on"] == "builtin:figures/flat:test"
     assert {"ap", "pck@0.05", "pck@0.1", "per_joint_pck@0.1"} <= set(metrics)
     state = load_checkpoint(tiny_pose_source / "source.pt", kind="source-model")
     assert state["task"] == "pose" and state["model_config"]["num_classes"] == 14
@@ -211,7 +253,8 @@ def test_datasets_list_and_build_include_the_figures(tiny_figures, capsys):
     from adaptation.cli import datasets_main
 
     assert datasets_main(["build", "figures/flat"]) == 0
-    assert "builtin:figures/flat: 12 train / 6 test 128x128 images, 14 joints" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "builtin:figures/flat: 12 train / " in out and "6 test 128x128 images, 14 joints" in out
     assert datasets_main(["list"]) == 0
     listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("builtin:figures/")]
     assert len(listed) == 2 and "figures/flat     built" in listed[0]

@@ -7,7 +7,7 @@ from PIL import Image
 
 from adaptation.dense import figures as F
 
-SMALL = {"n_train": 6, "n_test": 3}
+SMALL = {"n_train": 6, "n_test": 3}   # val: as many as test
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +56,7 @@ def test_build_is_deterministic_cached_and_atomic(tmp_path, monkeypatch):
         for split in F.SPLITS:
             assert (a / f"annotations_{split}.json").read_bytes() == (b / f"annotations_{split}.json").read_bytes()
             pixels_a, pixels_b = read_split(a, split)[1], read_split(b, split)[1]
-            assert len(pixels_a) == SMALL[f"n_{split}"]
+            assert len(pixels_a) == SMALL.get(f"n_{split}", SMALL["n_test"])
             assert all(np.array_equal(pixels_a[i], pixels_b[i]) for i in pixels_a)
     # cached: a second call reuses the folder; force rebuilds it identically; no temporary folder is left
     folder = builds[1]["flat"]
@@ -78,19 +78,27 @@ def test_a_half_built_folder_is_not_taken_as_built():
 
 
 def test_counts_come_from_arguments_then_the_environment(monkeypatch):
-    assert F.figure_counts() == (F.TRAIN_IMAGES, F.TEST_IMAGES) == (1500, 300)
+    # (train, val, test); val defaults to the test count
+    assert F.figure_counts() == (F.TRAIN_IMAGES, F.TEST_IMAGES, F.TEST_IMAGES) == (1500, 300, 300)
+    assert F.domain_dir("flat").name == "flat-v1" and F.domain_dir("flat", n_val=50).name == "flat-v1-val50"
     monkeypatch.setenv("WORKBENCH_FIGURES_N", "4,2")
-    assert F.figure_counts() == (4, 2) and F.figure_counts(n_test=5) == (4, 5)
-    monkeypatch.setenv("WORKBENCH_FIGURES_N", "4")
-    with pytest.raises(ValueError, match="WORKBENCH_FIGURES_N"):
-        F.figure_counts()
+    assert F.figure_counts() == (4, 2, 2) and F.figure_counts(n_test=5) == (4, 5, 5)
+    assert F.domain_dir("flat").name == "flat-v1-n4-2"
+    monkeypatch.setenv("WORKBENCH_FIGURES_N", "4,2,3")
+    assert F.figure_counts() == (4, 3, 2) and F.domain_dir("flat").name == "flat-v1-n4-2-val3"
+    for bad in ("4", "4,2,3,1", "4,x"):
+        monkeypatch.setenv("WORKBENCH_FIGURES_N", bad)
+        with pytest.raises(ValueError, match="WORKBENCH_FIGURES_N"):
+            F.figure_counts()
     monkeypatch.delenv("WORKBENCH_FIGURES_N")
     with pytest.raises(ValueError, match="positive"):
         F.figure_counts(0, 1)
+    with pytest.raises(ValueError, match="positive"):
+        F.figure_counts(1, 1, 0)
     with pytest.raises(ValueError, match="unknown built-in figures domain"):
         F.build_domain("photo")
-    with pytest.raises(ValueError, match="unknown split"):
-        F.annotation_file("flat", "val")
+    with pytest.raises(ValueError, match="unknown split 'dev': use train, val, test"):
+        F.annotation_file("flat", "dev")
 
 
 def test_the_environment_gives_prefixes_of_larger_sets(monkeypatch):
@@ -107,11 +115,44 @@ def test_the_environment_gives_prefixes_of_larger_sets(monkeypatch):
         assert all(np.array_equal(pixels_small[i], pixels_large[i]) for i in pixels_small)
 
 
-def test_train_and_test_images_differ():
+def test_train_val_and_test_images_differ():
     folder = F.build_domain("flat", **SMALL)
-    train, test = read_split(folder, "train")[1], read_split(folder, "test")[1]
-    assert not any(np.array_equal(a, b) for a in train.values() for b in test.values())
-    assert len({a.tobytes() for a in train.values()}) == len(train)
+    splits = {split: read_split(folder, split)[1] for split in F.SPLITS}
+    assert {split: len(images) for split, images in splits.items()} == {"train": 6, "val": 3, "test": 3}
+    for a, b in (("train", "val"), ("val", "test"), ("train", "test")):
+        assert not any(np.array_equal(x, y) for x in splits[a].values() for y in splits[b].values())
+    assert len({a.tobytes() for a in splits["train"].values()}) == len(splits["train"])
+
+
+def test_adding_val_kept_every_train_and_test_image():
+    """Train and test keep their streams (0 and 1), val draws from its own (2): the train / test images and
+    annotations are those that the seeds gave before val existed."""
+    assert F.SPLIT_STREAM == {"train": 0, "test": 1, "val": 2}
+    image, fields, _ = F.render_image("flat", "test", 0)
+    rng = np.random.default_rng([F.SEEDS["flat"], 1, 0])   # the stream by hand
+    figures = F.place_figures(rng, 1 + int(rng.choice(2, p=F.FIGURES_PER_IMAGE["flat"])))
+    assert np.array_equal(F.paint_flat(rng, figures, F.stroke_layers(figures)), image)
+    assert not np.array_equal(F.render_image("flat", "val", 0)[0], image)
+    # the first joint of image 1's first figure, as the code before val rendered it
+    assert F.render_image("flat", "train", 1)[1][0]["keypoints"][:3] == [46.38, 9.96, 2]
+    assert F.render_image("flat", "test", 1)[1][0]["keypoints"][:3] == [47.52, 37.85, 2]
+
+
+def test_a_cache_built_before_val_gets_its_val_split_added(monkeypatch):
+    """A folder holding only train and test (as built before val existed) is completed, not served as is and
+    not rebuilt: its train / test files stay untouched and its val split equals a fresh build's."""
+    folder = F.build_domain("flat", **SMALL)
+    fresh_val = (folder / "annotations_val.json").read_bytes()
+    import shutil
+    shutil.rmtree(folder / "images" / "val")
+    (folder / "annotations_val.json").unlink()
+    stamps = {split: (folder / f"annotations_{split}.json").stat().st_mtime_ns for split in ("train", "test")}
+    assert F.annotation_file("flat", "val", **SMALL) == folder / "annotations_val.json"
+    assert (folder / "annotations_val.json").read_bytes() == fresh_val
+    assert len(list((folder / "images" / "val").iterdir())) == 3
+    assert {split: (folder / f"annotations_{split}.json").stat().st_mtime_ns for split in stamps} == stamps
+    assert sorted(p.name for p in folder.iterdir()) == ["annotations_test.json", "annotations_train.json",
+                                                        "annotations_val.json", "images"]
 
 
 # ------------------------------------------------------------------ annotations
@@ -126,7 +167,7 @@ def test_annotations_are_coco_keypoints_consistent_with_the_figures():
             assert category["keypoints"] == list(F.JOINTS)
             assert category["skeleton"] == [[a + 1, b + 1] for a, b in F.SKELETON]
             images = coco.loadImgs(coco.getImgIds())
-            assert [im["id"] for im in images] == list(range(1, SMALL[f"n_{split}"] + 1))
+            assert [im["id"] for im in images] == list(range(1, SMALL.get(f"n_{split}", SMALL["n_test"]) + 1))
             for image in images:
                 assert (F.image_root(domain, split, **SMALL) / image["file_name"]).is_file()
                 anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))

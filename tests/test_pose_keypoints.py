@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from adaptation.dense.keypoints import (affine_matrix, box_to_center_scale, coco_results, decode_heatmaps,
-                                        flip_heatmaps_back, flip_keypoints, gaussian_heatmaps, heatmap_sigma, oks,
+                                        flip_heatmaps_back, flip_keypoints, flip_shift, gaussian_heatmaps,
+                                        heatmap_sigma, oks,
                                         oks_ap, pck, transform_points)
 
 
@@ -66,17 +67,41 @@ def test_flip_keypoints_is_its_own_inverse_and_swaps_pairs():
     assert np.array_equal(flip_keypoints(flipped, 32, [(1, 2)]), kps)
 
 
+def centroids(heatmaps: torch.Tensor) -> np.ndarray:
+    """(K, H, W) -> the weighted mean (x, y) of each map: a Gaussian's sub-pixel centre."""
+    h, w = heatmaps.shape[-2:]
+    mass = heatmaps.sum((-1, -2))
+    x = (heatmaps.sum(-2) * torch.arange(w)).sum(-1) / mass
+    y = (heatmaps.sum(-1) * torch.arange(h)).sum(-1) / mass
+    return torch.stack([x, y], -1).double().numpy()
+
+
 def test_flip_heatmaps_back_recovers_the_original_peaks():
-    """Heatmaps of the mirrored image (built independently by mirroring the joints) come back to the original
-    joints after flipping back, up to the one-pixel shift HRNet adds for the mirrored pixel grid."""
+    """Heatmaps mirrored in the heatmap's own grid (joints built independently with flip_keypoints) come back
+    to the original joints with no shift; shift 1 is HRNet's whole pixel."""
     joints, pairs, size = np.array([[4.0, 5.0], [9.0, 2.0], [14.0, 11.0]]), [(1, 2)], (24, 32)
     mirrored = flip_keypoints(joints, size[0], pairs)
     maps, _ = gaussian_heatmaps(mirrored, np.ones(3, bool), size, 1.0)
-    back = flip_heatmaps_back(torch.from_numpy(maps)[None], pairs, shift=False)
-    coords, _ = decode_heatmaps(back)
-    assert np.allclose(coords[0].numpy(), joints, atol=0.25)
-    shifted, _ = decode_heatmaps(flip_heatmaps_back(torch.from_numpy(maps)[None], pairs))
+    back = flip_heatmaps_back(torch.from_numpy(maps)[None], pairs)
+    assert np.allclose(centroids(back[0])[:, 0], joints[:, 0], atol=1e-3)   # y = 2 cuts a Gaussian: x only
+    shifted, _ = decode_heatmaps(flip_heatmaps_back(torch.from_numpy(maps)[None], pairs, shift=1.0))
     assert np.allclose(shifted[0].numpy() - [1.0, 0.0], joints, atol=0.25)
+
+
+def test_flip_test_shift_brings_a_mirrored_input_back_onto_the_plain_heatmap():
+    """Targets as input joints / stride (stride 4, input 96 wide, heatmap 24): the mirrored input holds a joint
+    at 95 - x_in, its heatmap at (95 - x_in) / 4; flipped back and shifted by flip_shift = 0.75 (by hand:
+    23 - (95 - x_in) / 4 + 0.75 = x_in / 4) it lands on the plain heatmap's x_in / 4, to the sub-pixel."""
+    assert flip_shift(96, 24) == 0.75 and flip_shift(192, 48) == 0.75 and flip_shift(64, 64) == 0.0
+    x_in, y_hm, pairs, size = np.array([30.0, 41.0, 70.2]), np.array([5.0, 9.5, 20.0]), [(1, 2)], (24, 32)
+    plain, _ = gaussian_heatmaps(np.stack([x_in / 4, y_hm], 1), np.ones(3, bool), size, 1.0)
+    order = [0, 2, 1]   # channel k of the mirrored input holds joint order[k]
+    mirrored, _ = gaussian_heatmaps(np.stack([(95 - x_in[order]) / 4, y_hm[order]], 1), np.ones(3, bool), size, 1.0)
+    back = flip_heatmaps_back(torch.from_numpy(mirrored)[None], pairs, flip_shift(96, 24))[0]
+    assert np.allclose(centroids(back), centroids(torch.from_numpy(plain)), atol=1e-3)
+    assert np.allclose(centroids(back)[:, 0], x_in / 4, atol=1e-3)
+    unshifted = flip_heatmaps_back(torch.from_numpy(mirrored)[None], pairs)[0]
+    assert np.allclose(centroids(unshifted)[:, 0], x_in / 4 - 0.75, atol=1e-3)   # what no shift leaves
 
 
 def test_gaussian_weights_are_zero_for_unlabelled_and_far_outside_joints():

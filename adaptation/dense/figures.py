@@ -39,15 +39,18 @@ holds every labelled joint), [first column, first row, columns, rows]; its `area
 of those pixels: the figure's pixel area, the analogue of COCO's mask area that scales OKS
 (about 0.26 x the squared joint height, as for COCO persons).
 
-Each image has its own random stream (domain seed, split, index), so train and test never share
-an image and a smaller set is a prefix of the full one. Building is deterministic and cached under
-$WORKBENCH_DATA/figures (default ~/.cache/workbench/figures) as one folder per domain,
-`<domain>-v<VERSION>[-n<train>-<test>]/`, holding `images/<split>/<id>.png` and
-`annotations_<split>.json` (COCO keypoints, image ids from 1). The folder is written under a
-temporary name and renamed when complete, so a half-built folder is never taken as built. Smaller
-sets (for tests) come from `build_domain(..., n_train=, n_test=)` or
-WORKBENCH_FIGURES_N="<train>,<test>". `builtin:figures/<domain>[:train|test]` names a domain
-wherever pose data is accepted (`adaptation.dense.pose_data`).
+Each image has its own random stream (domain seed, split, index), so train, val and test never
+share an image, a smaller set is a prefix of the full one, and adding val (stream 2) left every train
+and test image as it was. Checkpoints and defaults are chosen on val; figures are reported on test.
+Building is deterministic and cached under $WORKBENCH_DATA/figures (default ~/.cache/workbench/figures)
+as one folder per domain, `<domain>-v<VERSION>[-n<train>-<test>][-val<val>]/`, holding
+`images/<split>/<id>.png` and `annotations_<split>.json` (COCO keypoints, image ids from 1). The
+folder is written under a temporary name and renamed when complete, so a half-built folder is never
+taken as built; a folder written before val existed gets its val split added on first use (train and
+test untouched), never served without it. Smaller sets (for tests) come from `build_domain(...,
+n_train=, n_test=, n_val=)` or WORKBENCH_FIGURES_N="<train>,<test>[,<val>]" (val defaults to the test
+count). `builtin:figures/<domain>[:train|val|test]` names a domain wherever pose data is accepted
+(`adaptation.dense.pose_data`).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ from .. import digits
 from .scenes import PHOTOS, TEXTURES
 
 DOMAINS = ("flat", "textured")
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 JOINTS = ("head", "neck", "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
           "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle")
 (HEAD, NECK, L_SHOULDER, R_SHOULDER, L_ELBOW, R_ELBOW, L_WRIST, R_WRIST,
@@ -82,9 +85,10 @@ SIGMAS = np.array([np.mean(COCO_FACE_SIGMAS), 0.079, 0.079, 0.079, 0.072, 0.072,
                    0.107, 0.107, 0.087, 0.087, 0.089, 0.089])
 IMAGE_SIZE = 128
 VERSION = 1
-TRAIN_IMAGES, TEST_IMAGES = 1500, 300
+TRAIN_IMAGES, TEST_IMAGES = 1500, 300   # val: as many as test
 SEEDS = {"flat": 31, "textured": 32}
-SPLIT_STREAM = {"train": 0, "test": 1}
+SPLIT_STREAM = {"train": 0, "test": 1, "val": 2}   # val added after train / test: they kept theirs
+COUNTS_VARIABLE = "WORKBENCH_FIGURES_N"
 FIGURES_PER_IMAGE = {"flat": (0.75, 0.25), "textured": (0.35, 0.4, 0.25)}   # P(1 figure), P(2), P(3)
 
 # The body, in fractions of the standing height (head top to ankles: 0.07 + 0.12 + 0.30 + 0.25 + 0.25).
@@ -126,7 +130,7 @@ def check_domain(domain: str) -> str:
 
 def check_split(split: str) -> str:
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: use train or test")
+        raise ValueError(f"unknown split {split!r}: use {', '.join(SPLITS)}")
     return split
 
 
@@ -570,19 +574,43 @@ def render_image(domain: str, split: str, index: int) -> tuple[np.ndarray, list[
 
 
 # ------------------------------------------------------------------ cache
-def figure_counts(n_train: int | None = None, n_test: int | None = None) -> tuple[int, int]:
-    """The images per split: arguments, else WORKBENCH_FIGURES_N="<train>,<test>", else 1500 / 300."""
-    return digits.split_counts("WORKBENCH_FIGURES_N", (TRAIN_IMAGES, TEST_IMAGES), n_train, n_test, "figure image")
+def figure_counts(n_train: int | None = None, n_test: int | None = None,
+                  n_val: int | None = None) -> tuple[int, int, int]:
+    """(train, val, test) images: arguments, else WORKBENCH_FIGURES_N="<train>,<test>[,<val>]", else
+    1500 / 300 / 300; val defaults to the test count."""
+    train, test, val = TRAIN_IMAGES, TEST_IMAGES, None
+    override = os.environ.get(COUNTS_VARIABLE, "").strip()
+    if override:
+        try:
+            values = [int(v) for v in override.split(",")]
+            if len(values) not in (2, 3):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{COUNTS_VARIABLE}={override!r}: expected '<train>,<test>[,<val>]' figure image "
+                             f"counts, e.g. 200,50 or 200,50,50") from None
+        train, test, val = values[0], values[1], values[2] if len(values) == 3 else None
+    train = n_train if n_train is not None else train
+    test = n_test if n_test is not None else test
+    val = n_val if n_val is not None else (val if val is not None else test)
+    if min(train, val, test) < 1:
+        raise ValueError(f"figure image counts must be positive, got {train} train / {val} val / {test} test")
+    return train, val, test
 
 
-def domain_dir(domain: str, n_train: int | None = None, n_test: int | None = None) -> Path:
-    train, test = figure_counts(n_train, n_test)
+def domain_dir(domain: str, n_train: int | None = None, n_test: int | None = None, n_val: int | None = None) -> Path:
+    train, val, test = figure_counts(n_train, n_test, n_val)
     suffix = "" if (train, test) == (TRAIN_IMAGES, TEST_IMAGES) else f"-n{train}-{test}"
+    if val != test:
+        suffix += f"-val{val}"
     return cache_dir() / f"{check_domain(domain)}-v{VERSION}{suffix}"
 
 
+def _has_split(folder: Path, split: str) -> bool:
+    return (folder / f"annotations_{split}.json").is_file()   # written last: the split is complete
+
+
 def _is_built(folder: Path) -> bool:
-    return all((folder / f"annotations_{split}.json").is_file() for split in SPLITS)
+    return all(_has_split(folder, split) for split in SPLITS)
 
 
 def _category() -> dict:
@@ -607,19 +635,25 @@ def _write_split(folder: Path, domain: str, split: str, count: int) -> None:
     (folder / f"annotations_{split}.json").write_text(json.dumps(data))
 
 
-def build_domain(domain: str, force: bool = False, n_train: int | None = None, n_test: int | None = None) -> Path:
+def build_domain(domain: str, force: bool = False, n_train: int | None = None, n_test: int | None = None,
+                 n_val: int | None = None) -> Path:
     """Build (or reuse) the cached images and annotations of one domain; returns its folder. The folder is
-    built under a temporary name and renamed into place when complete."""
-    folder = domain_dir(domain, n_train, n_test)
-    if _is_built(folder) and not force:
+    built under a temporary name and renamed into place when complete; a folder that holds some splits
+    (one built before val existed) gets the missing ones added."""
+    folder = domain_dir(domain, n_train, n_test, n_val)
+    counts = dict(zip(SPLITS, figure_counts(n_train, n_test, n_val)))
+    if not force and _is_built(folder):
+        return folder
+    if not force and any(_has_split(folder, split) for split in SPLITS):
+        _add_missing_splits(folder, domain, counts)
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        for split, count in zip(SPLITS, figure_counts(n_train, n_test)):
-            _write_split(tmp, domain, split, count)
+        for split in SPLITS:
+            _write_split(tmp, domain, split, counts[split])
         if folder.exists() and (force or not _is_built(folder)):   # replace it: set it aside, then drop it
             old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
             os.replace(folder, old)
@@ -634,13 +668,35 @@ def build_domain(domain: str, force: bool = False, n_train: int | None = None, n
     return folder
 
 
-def annotation_file(domain: str, split: str, n_train: int | None = None, n_test: int | None = None) -> Path:
+def _add_missing_splits(folder: Path, domain: str, counts: dict) -> None:
+    """Render the splits a cached folder lacks into a temporary folder and move them in, images first and the
+    annotation file (what marks a split as built) last; the splits it has stay byte for byte."""
+    for split in SPLITS:
+        if _has_split(folder, split):
+            continue
+        tmp = folder / f".{split}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            _write_split(tmp, domain, split, counts[split])
+            images = folder / "images" / split
+            images.parent.mkdir(exist_ok=True)
+            shutil.rmtree(images, ignore_errors=True)   # left by an interrupted attempt (rendering is deterministic)
+            os.replace(tmp / "images" / split, images)
+            os.replace(tmp / f"annotations_{split}.json", folder / f"annotations_{split}.json")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def annotation_file(domain: str, split: str, n_train: int | None = None, n_test: int | None = None,
+                    n_val: int | None = None) -> Path:
     """The COCO keypoint JSON of a domain's split, building the domain if needed."""
     check_split(split)
-    return build_domain(domain, n_train=n_train, n_test=n_test) / f"annotations_{split}.json"
+    return build_domain(domain, n_train=n_train, n_test=n_test, n_val=n_val) / f"annotations_{split}.json"
 
 
-def image_root(domain: str, split: str, n_train: int | None = None, n_test: int | None = None) -> Path:
+def image_root(domain: str, split: str, n_train: int | None = None, n_test: int | None = None,
+               n_val: int | None = None) -> Path:
     """The folder that the split's `file_name`s are relative to, building the domain if needed."""
     check_split(split)
-    return build_domain(domain, n_train=n_train, n_test=n_test) / "images" / split
+    return build_domain(domain, n_train=n_train, n_test=n_test, n_val=n_val) / "images" / split

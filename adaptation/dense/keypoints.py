@@ -10,9 +10,13 @@ HRNet's and SimpleBaseline's top-down crops use); sizes are (width, height).
 - Targets: un-normalised Gaussians exp(-d^2 / 2 sigma^2) at the sub-pixel joint, sigma 2 at a
   48 x 64 heatmap, scaled with the heatmap height; a joint whose 3-sigma square lies wholly
   outside the map, or that is not labelled, gets weight 0 (HRNet's rule).
+- Heatmap frame: a heatmap pixel x_hm is the input pixel x_in = stride * x_hm (HRNet's targets are
+  input joints / feat_stride), mirrored views included: a crop mirrored as x_in -> iw - 1 - x_in
+  puts a joint at x_hm -> hw - 1/stride - x_hm in the heatmap, not at hw - 1 - x_hm.
 - Decoding: the argmax, then a quarter pixel toward the higher neighbour in x and in y (HRNet's
   get_final_preds). Flip testing mirrors the flipped input's heatmaps back, swaps left/right
-  channels and shifts them one pixel right (HRNet's shift_heatmap).
+  channels and shifts them right by 1 - 1/stride (`flip_shift`, 0.75 px at stride 4) by linear
+  interpolation; HRNet's shift_heatmap moves them a whole pixel.
 - Metrics (REFERENCE 8.6): PCK@a counts a labelled joint correct when its error / max(box w, h)
   < a, averaged per joint then over joints; OKS is pycocotools' formula; AP is COCOeval's.
 """
@@ -78,15 +82,26 @@ def flip_keypoints(keypoints: np.ndarray, width: int, flip_pairs) -> np.ndarray:
     return out
 
 
-def flip_heatmaps_back(heatmaps: torch.Tensor, flip_pairs, shift: bool = True) -> torch.Tensor:
-    """Heatmaps predicted on a mirrored input -> the original frame (mirror, swap pairs, shift one pixel right)."""
+def flip_shift(input_width: int, heatmap_width: int) -> float:
+    """How far right a mirrored input's heatmaps, mirrored back, must move to meet the plain input's.
+
+    With r = heatmap_width / input_width (1 / stride), a joint at input x sits at r x in the heatmap; the
+    mirrored input holds it at iw - 1 - x, its heatmap at r (iw - 1 - x) = hw - r - r x, and torch.flip
+    brings column c to hw - 1 - c, i.e. r x - (1 - r): 1 - r short of the plain heatmap's peak."""
+    return 1.0 - heatmap_width / input_width
+
+
+def flip_heatmaps_back(heatmaps: torch.Tensor, flip_pairs, shift: float = 0.0) -> torch.Tensor:
+    """Heatmaps predicted on a mirrored input -> the original frame: mirror, swap pairs, then move `shift`
+    (0..1) pixels right by linear interpolation (the first column keeps its value; shift 1 is HRNet's)."""
     out = torch.flip(heatmaps, dims=[-1])
     order = list(range(out.shape[1]))
     for a, b in flip_pairs:
         order[a], order[b] = b, a
     out = out[:, order]
     if shift:
-        out = torch.cat([out[..., :1], out[..., :-1]], dim=-1)
+        left = torch.cat([out[..., :1], out[..., :-1]], dim=-1)   # each column's left neighbour
+        out = (1.0 - shift) * out + shift * left
     return out
 
 

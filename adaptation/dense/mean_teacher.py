@@ -10,15 +10,20 @@ used without source data as SFDAHPE's intermediate model is).
             strong view is mirrored) and re-rendered as sigma Gaussians
         mask = teacher maximum > median of the batch's maxima (mask ratio 0.5)
         L = lambda_c * JointsMSE(student(strong), pseudo heatmaps, mask)          lambda_c = 1
-        Adam step on the student; teacher <- alpha teacher + (1 - alpha) student   alpha = 0.999
-                                                                                   (batch-norm buffers too)
+        Adam step on the student; teacher <- alpha teacher + (1 - alpha) student   alpha = 0.999, constant
+                                                                                   (parameters only)
 
-The teacher predicts in evaluation mode; the student trains in training mode. The adapted model
-written at the end is the teacher (the smoother of the two, as mean-teacher methods evaluate).
+As in UniFrame's and SFDAHPE's code (OldWeightEMA over `parameters()`, the teacher in train mode),
+the EMA covers parameters only: the teacher's batch-norm layers normalise its target batches with
+the batch statistics and keep their own running averages of them (momentum 0.1), which is what the
+saved teacher evaluates with; its other layers (dropout) predict in evaluation mode. The student
+trains in training mode. The adapted model written at the end is the teacher (the smoother of the
+two, as mean-teacher methods evaluate); unlike those scripts, no epoch is picked on target labels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -44,7 +49,8 @@ METHODS = ("mean-teacher",)
 DEFAULT_METHOD = "mean-teacher"
 ADAPTED_KIND = "adapted-model"
 CHECKPOINT = "adapted.pt"
-EMA_ALPHA, MASK_RATIO, CONSISTENCY_WEIGHT, LR = 0.999, 0.5, 1.0, 1e-4   # UniFrame; lr as SFDAHPE
+# UniFrame and SFDAHPE (--teacher_alpha 0.999, constant, one EMA step per iteration); lr as SFDAHPE
+EMA_ALPHA, MASK_RATIO, CONSISTENCY_WEIGHT, LR = 0.999, 0.5, 1.0, 1e-4
 PANEL_PERSONS = 6
 
 
@@ -114,14 +120,26 @@ def confident_mask(maxvals: torch.Tensor, mask_ratio: float) -> torch.Tensor:
 
 @torch.no_grad()
 def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
+    """teacher <- alpha teacher + (1 - alpha) student over the parameters; buffers (batch-norm statistics) are
+    the teacher's own (see `batch_statistics`), as UniFrame's / SFDAHPE's OldWeightEMA leaves them."""
     for t, s in zip(teacher.parameters(), student.parameters()):
         if s.requires_grad:  # the frozen classifier stays bit for bit the source's
             t.mul_(alpha).add_(s.detach(), alpha=1 - alpha)
-    for t, s in zip(teacher.buffers(), student.buffers()):
-        if t.dtype.is_floating_point:
-            t.mul_(alpha).add_(s, alpha=1 - alpha)
-        else:
-            t.copy_(s)
+
+
+@contextlib.contextmanager
+def batch_statistics(model: torch.nn.Module):
+    """The model's batch-norm layers in training mode (batch statistics; running averages updated), the other
+    layers as they are: the official teacher runs in train mode, and its pose ResNet has no dropout."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in layers]
+    for m in layers:
+        m.train()
+    try:
+        yield model
+    finally:
+        for m, mode in zip(layers, modes):
+            m.train(mode)
 
 
 class PoseMeanTeacher:
@@ -154,7 +172,7 @@ class PoseMeanTeacher:
         return pose_scores(predict_joints(self.teacher, data, self.rt.scoring(), self.cfg.flip_test), data)
 
     def step(self, batch: dict) -> dict[str, float]:
-        with torch.no_grad(), self.rt.autocast():
+        with torch.no_grad(), self.rt.autocast(), batch_statistics(self.teacher.eval()):
             teacher_maps = self.teacher(self.rt.images(batch["weak"])).float().cpu()
         targets, maxvals = [], []
         for j in range(len(teacher_maps)):

@@ -1,7 +1,7 @@
 """Top-down keypoint data: COCO keypoint JSON -> one person crop per annotation, with heatmap targets.
 
 A pose data argument is one of
-    builtin:figures/<domain>[:train|test]     the built-in articulated figures (adaptation.dense.figures)
+    builtin:figures/<domain>[:train|val|test] the built-in articulated figures (adaptation.dense.figures)
     path/to/annotations.json                  COCO keypoint JSON; `file_name`s resolve against the
                                               JSON's folder, else its `images/` sub-folder
     path/to/folder/                           a folder holding annotations.json (as above)
@@ -14,7 +14,9 @@ convention of cv2.warpAffine). Training augments as HRNet's COCO configs: scale 
 0.65, 1.35), rotation clip(45 n, -90, 90) degrees with probability 0.6, horizontal flip with
 probability 0.5 (mirrored crop, left/right joints swapped), n ~ N(0, 1). Targets are Gaussian
 heatmaps at 1/4 of the input (sigma 2 at 48 x 64, scaled with the heatmap) with one weight per
-joint (0 for unlabelled joints and joints outside the map).
+joint (0 for unlabelled joints and joints outside the map). As in HRNet, the target joints are the
+crop's (mirrored) input joints divided by the stride: a crop mirrored as x -> iw - 1 - x has its
+targets at hw - 1/4 - x_hm, exactly under its mirrored pixels (not at hw - 1 - x_hm, 0.75 px off).
 
 Loading checks everything once: an empty file (no person with keypoints), a missing image, a
 malformed box and keypoints of the wrong length raise a `DataError` naming the file, the
@@ -58,25 +60,35 @@ def resolve_pose_data(spec: str) -> PoseSource:
     if spec.startswith(BUILTIN):
         domain, _, split = spec[len(BUILTIN):].partition(":")
         split = split or "train"
-        if domain not in figures.DOMAINS or split not in ("train", "test"):
-            raise DataError(f"unknown built-in pose data {spec!r}: use builtin:figures/<domain>[:train|test] with "
-                            f"domain one of {', '.join(figures.DOMAINS)}")
+        if domain not in figures.DOMAINS or split not in figures.SPLITS:
+            raise DataError(f"unknown built-in pose data {spec!r}: use builtin:figures/<domain>"
+                            f"[:{'|'.join(figures.SPLITS)}] with domain one of {', '.join(figures.DOMAINS)}")
         return PoseSource(figures.annotation_file(domain, split), figures.image_root(domain, split), spec, domain)
     path = Path(spec)
     if path.is_dir():
         path = path / "annotations.json"
     if not path.is_file():
         raise DataError(f"pose data {spec!r} not found: pass a COCO keypoint JSON, a folder holding annotations.json, "
-                        f"or builtin:figures/<domain>[:train|test]")
+                        f"or builtin:figures/<domain>[:{'|'.join(figures.SPLITS)}]")
     images = path.parent / "images"
     return PoseSource(path, images if images.is_dir() else path.parent, spec)
 
 
-def builtin_figures_test_split(spec: str) -> str | None:
-    """The test split of a built-in figures domain (None for user data)."""
+def builtin_figures_split(spec: str, split: str) -> str | None:
+    """`split` of the built-in figures domain that `spec` names (None for user data)."""
     if spec.startswith(BUILTIN):
-        return BUILTIN + spec[len(BUILTIN):].partition(":")[0] + ":test"
+        return BUILTIN + spec[len(BUILTIN):].partition(":")[0] + ":" + split
     return None
+
+
+def builtin_figures_val_split(spec: str) -> str | None:
+    """Where checkpoints of a built-in figures domain are chosen (None for user data)."""
+    return builtin_figures_split(spec, "val")
+
+
+def builtin_figures_test_split(spec: str) -> str | None:
+    """Where figures of a built-in figures domain are reported (None for user data)."""
+    return builtin_figures_split(spec, "test")
 
 
 def flip_permutation(num_joints: int, flip_pairs) -> list[int]:
@@ -91,6 +103,14 @@ def mirror(matrix: np.ndarray, width: int) -> np.ndarray:
     """The 2x3 affine followed by a horizontal mirror of an output `width` pixels wide (x -> width - 1 - x)."""
     flip = np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     return (flip @ np.vstack([matrix, [0.0, 0.0, 1.0]]))[:2]
+
+
+def input_to_heatmap(matrix: np.ndarray, input_size: tuple[int, int], heatmap_size: tuple[int, int]) -> np.ndarray:
+    """An image -> input-crop affine as image -> heatmap: input pixels divided by the stride, per axis (HRNet's
+    joints / feat_stride). Unmirrored this is the crop affine onto the heatmap itself (both put the window's
+    centre at w/2, h/2); mirrored, the heatmap stays under the mirrored input's pixels."""
+    stride = np.diag([heatmap_size[0] / input_size[0], heatmap_size[1] / input_size[1]])
+    return stride @ matrix
 
 
 def warp(image: torch.Tensor, matrix: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -198,23 +218,25 @@ class KeypointDataset(Dataset):
             raise DataError(f"cannot read image {path} ({exc}): replace the file") from None
         return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
 
-    def heatmap_matrix(self, index: int, scale: float = 1.0, rotation: float = 0.0, flip: bool = False) -> np.ndarray:
-        """Image pixels -> heatmap pixels for this person's crop, with the given augmentation."""
+    def input_matrix(self, index: int, scale: float = 1.0, rotation: float = 0.0, flip: bool = False) -> np.ndarray:
+        """Image pixels -> input-crop pixels for this person, with the given augmentation (the mirror in input
+        pixels, x -> iw - 1 - x, so that the crop is exactly the flipped plain crop)."""
         r = self.records[index]
-        matrix = affine_matrix(r["center"], r["size"] * scale, rotation, self.heatmap_size)
-        return mirror(matrix, self.heatmap_size[0]) if flip else matrix
+        matrix = affine_matrix(r["center"], r["size"] * scale, rotation, self.input_size)
+        return mirror(matrix, self.input_size[0]) if flip else matrix
+
+    def heatmap_matrix(self, index: int, scale: float = 1.0, rotation: float = 0.0, flip: bool = False) -> np.ndarray:
+        """Image pixels -> heatmap pixels for this person's crop: the input affine divided by the stride."""
+        return input_to_heatmap(self.input_matrix(index, scale, rotation, flip), self.input_size, self.heatmap_size)
 
     def view(self, index: int, scale: float = 1.0, rotation: float = 0.0, flip: bool = False, colour: bool = False,
              image: torch.Tensor | None = None) -> View:
-        r = self.records[index]
-        matrix = affine_matrix(r["center"], r["size"] * scale, rotation, self.input_size)
-        if flip:
-            matrix = mirror(matrix, self.input_size[0])
+        matrix = self.input_matrix(index, scale, rotation, flip)
         crop = warp(self.load_image(index) if image is None else image, matrix, self.input_size)
         if colour:
             crop = self.colour(crop)
         crop = v2.functional.normalize(crop, IMAGENET_MEAN, IMAGENET_STD)
-        return View(crop, self.heatmap_matrix(index, scale, rotation, flip), flip)
+        return View(crop, input_to_heatmap(matrix, self.input_size, self.heatmap_size), flip)
 
     def targets(self, index: int, matrix: np.ndarray, flipped: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Gaussian heatmaps (K, h, w) and weights (K,) of the labelled joints in a view."""

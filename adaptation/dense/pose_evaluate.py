@@ -5,7 +5,8 @@
 
 Top-down with the annotated boxes: every labelled person is cropped as in evaluation mode of
 `KeypointDataset`, its heatmaps are decoded (argmax + quarter-pixel shift; with `flip_test` the
-heatmaps of the mirrored crop are flipped back, shifted one pixel and averaged in, as HRNet tests)
+heatmaps of the mirrored crop are flipped back, shifted right by 1 - 1/stride (0.75 px, where HRNet
+shifts 1: `keypoints.flip_shift`) and averaged in, as HRNet tests)
 and mapped back to image pixels through the inverse crop affine. Metrics (REFERENCE 8.6):
 PCK@0.05 and PCK@0.1 normalised by max(box w, h) over labelled joints (mean of per-joint
 accuracies), and AP / AP50 / AP75 through pycocotools' COCOeval on the evaluated persons' annotations,
@@ -27,7 +28,8 @@ from workbench.runtime import Runtime
 
 from . import figures
 from .evaluate import load_dense_model
-from .keypoints import COCO_SIGMAS, coco_results, decode_heatmaps, flip_heatmaps_back, oks_ap, pck, transform_points
+from .keypoints import (COCO_SIGMAS, coco_results, decode_heatmaps, flip_heatmaps_back, flip_shift, oks_ap, pck,
+                        transform_points)
 from .pose_data import KeypointDataset
 
 TASK = "pose"
@@ -56,8 +58,9 @@ def predict_heatmaps(model, images: torch.Tensor, runtime: Runtime, flip_pairs, 
     x = runtime.images(images)
     with runtime.autocast():
         heatmaps = model(x).float()
-        if flip_test:
-            heatmaps = (heatmaps + flip_heatmaps_back(model(torch.flip(x, dims=[3])).float(), flip_pairs)) / 2
+        if flip_test:  # the mirrored crop's heatmaps sit 1 - 1/stride left of the plain ones once flipped back
+            shift = flip_shift(x.shape[-1], heatmaps.shape[-1])
+            heatmaps = (heatmaps + flip_heatmaps_back(model(torch.flip(x, dims=[3])).float(), flip_pairs, shift)) / 2
     return heatmaps
 
 

@@ -9,7 +9,9 @@ The recipe of HRFormer's COCO pose configs (REFERENCE 8.2), with epochs scaled t
 with HRNet's scale / rotation / flip augmentation (adaptation.dense.pose_data). The model is
 selected as the segmentation and classification sources are: AP on the selection set is checked
 `selection_checks` times and the last of the best checks is kept (`>=`). The selection set is the
-test split for the built-in figures, otherwise a held-out 10% of the persons, or any `select_on`.
+val split for the built-in figures, otherwise a held-out 10% of the persons, or any `select_on`. The
+kept model is then scored on `test_on` (default: the built-in figures' test split), the in-domain
+figure to report; the selection scores are not.
 
 The default model is SimpleBaseline (ResNet-18 + `deconv`), which a CPU trains on the figures in
 minutes; HRFormer's own is `--backbone hrformer_t --head heatmap`.
@@ -32,7 +34,7 @@ from workbench.runtime import Runtime, seed_everything
 from ..source import cycle, split_holdout
 from ..training import lr_param_groups, make_loader, set_group_lr
 from .model import PoseModel, dense_model_config
-from .pose_data import KeypointDataset, builtin_figures_test_split
+from .pose_data import KeypointDataset, builtin_figures_test_split, builtin_figures_val_split
 from .pose_evaluate import TASK, pose_scores, predict_joints, public_pose_scores
 
 SOURCE_KIND = "source-model"
@@ -63,7 +65,8 @@ class PoseSourceConfig:
     lr: float = LR
     weight_decay: float = WEIGHT_DECAY
     holdout: float = 0.1
-    select_on: str | None = None           # default: the test split of the built-in figures
+    select_on: str | None = None           # default: the val split of the built-in figures
+    test_on: str | None = None             # in-domain report; default: the test split of the built-in figures
     selection_checks: int = 5
     flip_test: bool = True
     pretrained: str | None = None
@@ -79,7 +82,7 @@ class PoseSourceConfig:
 def pose_selection_sets(cfg: PoseSourceConfig):
     """(training set, selection set (evaluation mode), selection data name)."""
     train_set = KeypointDataset(cfg.data, train=True, input_size=cfg.input_size)
-    select_on = cfg.select_on or builtin_figures_test_split(cfg.data)
+    select_on = cfg.select_on or builtin_figures_val_split(cfg.data)
     if select_on:
         return train_set, KeypointDataset(select_on, train=False, num_joints=train_set.num_joints,
                                           input_size=train_set.input_size), select_on
@@ -99,6 +102,8 @@ class HeldOut(KeypointDataset):
 
 
 def train_pose_source(cfg: PoseSourceConfig) -> dict:
+    cfg = dataclasses.replace(cfg, select_on=cfg.select_on or builtin_figures_val_split(cfg.data),
+                              test_on=cfg.test_on or builtin_figures_test_split(cfg.data))   # config.json: resolved
     seed_everything(cfg.seed)
     rt = Runtime.create(cfg.device, cfg.precision)
     train_set, selection_set, selection_name = pose_selection_sets(cfg)
@@ -150,10 +155,10 @@ def train_pose_source(cfg: PoseSourceConfig) -> dict:
     metrics = {"task": TASK, "source_data": cfg.data, "backbone": cfg.backbone, "head": cfg.head,
                "num_joints": num_joints, "joint_names": list(base.joint_names), **best,
                "wall_seconds": time.time() - start, "checkpoint": str(run_dir / CHECKPOINT)}
-    if cfg.eval_target:
-        from .pose_evaluate import evaluate_pose_model
+    from .pose_evaluate import evaluate_pose_model
 
-        metrics["target"] = evaluate_pose_model(run_dir / CHECKPOINT, cfg.eval_target, device=cfg.device,
-                                                flip_test=cfg.flip_test)
+    for key, data in (("test", cfg.test_on), ("target", cfg.eval_target)):
+        if data:
+            metrics[key] = evaluate_pose_model(run_dir / CHECKPOINT, data, device=cfg.device, flip_test=cfg.flip_test)
     write_json(run_dir / "metrics.json", metrics)
     return metrics
