@@ -8,8 +8,8 @@ from PIL import Image
 from adaptation.cli import datasets_main
 from adaptation.data import IMAGENET_MEAN, IMAGENET_STD
 from adaptation.dense import scenes
-from adaptation.dense.data import (IGNORE_INDEX, DataError, builtin_scenes_test_split, load_segmentation,
-                                   parse_builtin_scenes)
+from adaptation.dense.data import (IGNORE_INDEX, DataError, builtin_scenes_test_split, builtin_scenes_val_split,
+                                   load_segmentation, parse_builtin_scenes)
 from adaptation.dense.metrics import ConfusionAccumulator, colorize, confusion_matrix, segmentation_scores
 
 
@@ -202,12 +202,21 @@ def test_list_file_errors_name_the_line(tmp_path):
 
 def test_builtin_spec_errors_and_test_split():
     assert parse_builtin_scenes("builtin:scenes/printed") == ("printed", "train")
+    assert parse_builtin_scenes("builtin:scenes/printed:val") == ("printed", "val")
     assert builtin_scenes_test_split("builtin:scenes/textured") == "builtin:scenes/textured:test"
     assert builtin_scenes_test_split("builtin:scenes/textured:train") == "builtin:scenes/textured:test"
     assert builtin_scenes_test_split("builtin:scenes/textured:test") is None
     assert builtin_scenes_test_split("some/folder") is None
+    # checkpoints and settings are chosen on val, never on the test split that is reported
+    assert builtin_scenes_val_split("builtin:scenes/textured") == "builtin:scenes/textured:val"
+    assert builtin_scenes_val_split("builtin:scenes/textured:train") == "builtin:scenes/textured:val"
+    for other in ("builtin:scenes/textured:val", "builtin:scenes/textured:test", "builtin:scenes/textured:all",
+                  "some/folder"):
+        assert builtin_scenes_val_split(other) is None
     data_error("builtin:scenes/nope", match="unknown built-in scenes domain")
-    data_error("builtin:scenes/printed:val", match="unknown split")
+    assert "train, val, test or all" in data_error("builtin:scenes/printed:valid", match="unknown split")
+    with pytest.raises(ValueError, match="train, val, test or all"):
+        scenes.load_split("printed", "valid")
     data_error("builtin:digits/uci", match="builtin:scenes/<domain>")
     data_error("builtin:scenes/printed", num_classes=5, match="has 11 classes")
 
@@ -221,12 +230,16 @@ def test_scenes_build_is_deterministic_labelled_and_complete(tmp_path, monkeypat
     for domain in scenes.DOMAINS:
         a, b = built[0][domain], built[1][domain]
         assert a["x_train"].shape == (40, scenes.SIZE, scenes.SIZE, 3) and a["m_test"].shape == (10, 64, 64)
+        assert a["x_val"].shape == (10, 64, 64, 3) and a["m_val"].shape == (10, 64, 64)  # val: as many as test
         for key in a:
             assert a[key].dtype == np.uint8 and np.array_equal(a[key], b[key]), (domain, key)
-        masks = np.concatenate([a["m_train"], a["m_test"]])
+        masks = np.concatenate([a["m_train"], a["m_val"], a["m_test"]])
         assert set(np.unique(masks)) <= set(range(scenes.NUM_CLASSES)) | {IGNORE_INDEX}
         assert set(np.unique(a["m_train"])) >= set(range(scenes.NUM_CLASSES))  # background and all ten digits
         assert not np.array_equal(a["x_train"][:10], a["x_test"])
+        # val is its own draw: no val scene equals a train or test scene
+        for other in (a["x_train"], a["x_test"]):
+            assert not (a["x_val"][:, None] == other[None]).all((2, 3, 4)).any(), domain
         # a scene does not depend on the set size: small sets are prefixes of the full ones
         image, mask = scenes.render_scene(domain, "train", 7)
         assert np.array_equal(image, a["x_train"][7]) and np.array_equal(mask, a["m_train"][7])
@@ -273,11 +286,58 @@ def test_scenes_build_is_deterministic_labelled_and_complete(tmp_path, monkeypat
     assert np.median(spreads) > 150
 
 
+def test_val_scenes_keep_the_splits_streams_and_draw_train_glyphs(monkeypatch):
+    """Adding val left the train and test streams (0 and 1) as they were, so their scenes are byte-identical
+    to those of the code before val; val scenes take their handwritten digits from the UCI train glyphs,
+    test scenes alone from the UCI test glyphs."""
+    assert (scenes.SPLIT_STREAM["train"], scenes.SPLIT_STREAM["test"]) == (0, 1)
+    assert len(set(scenes.SPLIT_STREAM.values())) == len(scenes.SPLIT_STREAM) == 3
+    for domain in scenes.DOMAINS:
+        images = {split: scenes.render_scene(domain, split, 3)[0] for split in scenes.SPLITS}
+        assert not np.array_equal(images["val"], images["train"]) and not np.array_equal(images["val"], images["test"])
+    alpha = np.ones((2, 64, 64), np.float32)
+    # glyph 0 is "train" with label 3, glyph 1 "test" with label 7; every digit handwritten
+    monkeypatch.setattr(scenes, "_handwritten", lambda: (alpha, np.array([3, 7]), np.array([0]), np.array([1])))
+    monkeypatch.setattr(scenes, "HANDWRITTEN_FRACTION", 1.0)
+    drawn = {split: {scenes._sample_digit(np.random.default_rng(i), split)[0] for i in range(20)}
+             for split in scenes.SPLITS}
+    assert drawn == {"train": {3}, "val": {3}, "test": {7}}
+
+
+def test_scene_counts_and_a_cache_without_val(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path))
+    assert scenes.scene_counts() == (60, 20, 20)          # WORKBENCH_SCENES_N=60,20: val as many as test
+    monkeypatch.setenv("WORKBENCH_SCENES_N", "12,4,6")
+    assert scenes.scene_counts() == (12, 6, 4)            # (train, val, test)
+    assert scenes.cache_path("printed").name == "printed-v3-n12-4-val6.npz"
+    for bad in ("12", "12,4,6,1", "a,b"):
+        monkeypatch.setenv("WORKBENCH_SCENES_N", bad)
+        with pytest.raises(ValueError, match=r"<train>,<test>\[,<val>\]"):
+            scenes.scene_counts()
+    monkeypatch.setenv("WORKBENCH_SCENES_N", "12,4")
+    with pytest.raises(ValueError, match="positive"):
+        scenes.scene_counts(n_val=0)
+    # a cache written before val existed (train and test only) is completed, not served without val
+    path = scenes.cache_path("textured")
+    path.parent.mkdir(parents=True)
+    train = [scenes.render_scene("textured", "train", i) for i in range(12)]
+    test = [scenes.render_scene("textured", "test", i) for i in range(4)]
+    np.savez_compressed(path, x_train=np.stack([t[0] for t in train]), m_train=np.stack([t[1] for t in train]),
+                        x_test=np.stack([t[0] for t in test]), m_test=np.stack([t[1] for t in test]))
+    images, masks = scenes.load_split("textured", "val")
+    assert images.shape == (4, 64, 64, 3) and np.array_equal(images[2], scenes.render_scene("textured", "val", 2)[0])
+    with np.load(path) as data:
+        assert {"x_val", "m_val", "x_train", "x_test"} <= set(data.files)
+        assert np.array_equal(data["x_train"][5], train[5][0])
+
+
 def test_builtin_scenes_load_as_segmentation_data():
     train = load_segmentation("builtin:scenes/textured", 11, train=True)
+    val = load_segmentation("builtin:scenes/textured:val", None)
     test = load_segmentation("builtin:scenes/textured:test", None)
     both = load_segmentation("builtin:scenes/textured:all", None)
-    assert (len(train), len(test), len(both)) == (60, 20, 80)  # WORKBENCH_SCENES_N=60,20
+    assert (len(train), len(val), len(test), len(both)) == (60, 20, 20, 100)  # WORKBENCH_SCENES_N=60,20
+    assert np.array_equal(both.images[60:80], val.images) and np.array_equal(both.images[80:], test.images)
     assert test.num_classes == 11 and test.class_names[0] == "background" and len(test.class_names) == 11
     x, m, i = train[3]
     assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and m.shape == (64, 64) and i == 3
@@ -289,7 +349,7 @@ def test_builtin_scenes_load_as_segmentation_data():
 
 def test_datasets_list_and_build_include_the_scenes(capsys):
     assert datasets_main(["build", "scenes/printed"]) == 0
-    assert "builtin:scenes/printed: 60 train / 20 test" in capsys.readouterr().out
+    assert "builtin:scenes/printed: 60 train / 20 val / 20 test" in capsys.readouterr().out
     assert datasets_main(["list"]) == 0
     out = capsys.readouterr().out
     for domain in scenes.DOMAINS:

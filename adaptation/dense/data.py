@@ -1,7 +1,9 @@
 """Image + label-map data for segmentation, and the joint transforms that keep the two aligned.
 
 A segmentation data argument is one of
-    builtin:scenes/<domain>[:train|test|all]   the built-in digit scenes (adaptation.dense.scenes)
+    builtin:scenes/<domain>[:train|val|test|all]   the built-in digit scenes (adaptation.dense.scenes):
+                                                train by default; val chooses checkpoints and settings,
+                                                test is what is reported
     path/to/root/                               root/images/<name>.<ext> with root/masks/<name>.png
                                                 (same relative path and stem; sub-folders allowed)
     path/to/list.txt                            one `<image path> <mask path>` per line; relative
@@ -40,7 +42,7 @@ from ..data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError
 from . import scenes
 
 __all__ = ["IGNORE_INDEX", "DataError", "SegmentationDataset", "load_segmentation", "builtin_scenes_test_split",
-           "parse_builtin_scenes", "segmentation_transform", "RandomScale", "DEFAULT_CROP"]
+           "builtin_scenes_val_split", "parse_builtin_scenes", "segmentation_transform", "RandomScale", "DEFAULT_CROP"]
 
 IGNORE_INDEX = 255
 SCALE_RANGE = (0.5, 2.0)
@@ -235,29 +237,42 @@ class SegmentationDataset(Dataset):
 
 
 # ------------------------------------------------------------------ one entry point
+SCENE_SPLITS = ("train", "val", "test", "all")
+
+
 def parse_builtin_scenes(spec: str) -> tuple[str, str]:
-    """`builtin:scenes/<domain>[:train|test|all]` -> (domain, split)."""
+    """`builtin:scenes/<domain>[:train|val|test|all]` -> (domain, split)."""
     family, _, rest = spec[len("builtin:"):].partition("/")
     domain, _, split = rest.partition(":")
     if family != "scenes" or not domain:
-        raise DataError(f"unknown built-in segmentation data {spec!r}: use builtin:scenes/<domain>[:train|test|all] "
+        raise DataError(f"unknown built-in segmentation data {spec!r}: use builtin:scenes/<domain>[:train|val|test|all] "
                         f"with domain in {', '.join(scenes.DOMAINS)}")
     if domain not in scenes.DOMAINS:
         raise DataError(f"unknown built-in scenes domain {domain!r} in {spec!r}: choose one of "
                         f"{', '.join(scenes.DOMAINS)}")
     split = split or "train"
-    if split not in ("train", "test", "all"):
-        raise DataError(f"unknown split {split!r} in {spec!r}: use train, test or all")
+    if split not in SCENE_SPLITS:
+        raise DataError(f"unknown split {split!r} in {spec!r}: use train, val, test or all")
     return domain, split
+
+
+def _builtin_scenes_split(spec: str, split: str) -> str | None:
+    if not spec.startswith("builtin:scenes/"):
+        return None
+    domain, given = parse_builtin_scenes(spec)
+    return f"builtin:scenes/{domain}:{split}" if given == "train" else None
 
 
 def builtin_scenes_test_split(spec: str) -> str | None:
     """`builtin:scenes/<d>[:train]` -> `builtin:scenes/<d>:test` (train or adapt on the train split, report
     the test split); None for any other data."""
-    if not spec.startswith("builtin:scenes/"):
-        return None
-    domain, split = parse_builtin_scenes(spec)
-    return f"builtin:scenes/{domain}:test" if split == "train" else None
+    return _builtin_scenes_split(spec, "test")
+
+
+def builtin_scenes_val_split(spec: str) -> str | None:
+    """`builtin:scenes/<d>[:train]` -> `builtin:scenes/<d>:val` (train or adapt on the train split, choose
+    checkpoints and settings on the val split); None for any other data."""
+    return _builtin_scenes_split(spec, "val")
 
 
 def _check_pairs(pairs: list[Pair], num_classes: int | None) -> int:

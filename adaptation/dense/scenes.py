@@ -30,18 +30,25 @@ models trained from scratch on a CPU barely left all-background on them.) The ha
 (8 x 8 grey levels 0..16) are upsampled smoothly and their ink is the level ramp 4..12 mapped to
 coverage 0..1 (half at level 8).
 
-Calibration (v3): a dtn + fcn source model (Adam, 8 epochs, 1500 iterations, seed 0) scores 31.2
-mIoU on printed:test (background 97.2, digits 9.9-47.4) and 19.9 on textured:test, against 6.4 for
-predicting all background: the shift costs a third of the in-domain figure and leaves room to adapt.
+Calibration (v3, before the val split, so selected on printed:test): a dtn + fcn source model (Adam,
+8 epochs, 1500 iterations, seed 0) scores 31.2 mIoU on printed:test (background 97.2, digits
+9.9-47.4) and 19.9 on textured:test, against 6.4 for predicting all background: the shift costs a
+third of the in-domain figure and leaves room to adapt.
 
-Train and test scenes come from separate random streams (one per domain and split, one per scene),
-and the handwritten test digits are the UCI test split of `adaptation.digits`, so no handwritten
-instance appears in both. Building is deterministic and cached as .npz under
-$WORKBENCH_DATA/scenes (default ~/.cache/workbench/scenes): x_train (N, 64, 64, 3) uint8,
-m_train (N, 64, 64) uint8, x_test, m_test. Smaller sets (for tests) come from `build_domain(...,
-n_train=, n_test=)` or WORKBENCH_SCENES_N="<train>,<test>"; they are prefixes of the full sets
-and are cached under their own file names. `builtin:scenes/<domain>[:train|test|all]` names a
-domain wherever segmentation data is accepted.
+Train, val and test scenes come from separate random streams (one per domain and split, one per
+scene), so the three splits are disjoint draws and adding val left every train and test scene as it
+was. The handwritten digits of test scenes are the UCI test split of `adaptation.digits`; train AND
+val scenes draw theirs from the UCI train split (val is for choosing checkpoints and settings, so the
+test glyphs stay test-only): no handwritten instance of a test scene appears in a train or val scene
+(a val scene may hold an instance that some train scene holds too, at another size, angle and place).
+Checkpoints and defaults are chosen on val; figures are reported on test. Building is deterministic
+and cached as .npz under $WORKBENCH_DATA/scenes (default ~/.cache/workbench/scenes): x_train (N, 64,
+64, 3) uint8, m_train (N, 64, 64) uint8, x_val, m_val, x_test, m_test. A cache written before val
+existed is completed (its val scenes rendered and added) on first use, never served without val.
+Smaller sets (for tests) come from `build_domain(..., n_train=, n_test=, n_val=)` or
+WORKBENCH_SCENES_N="<train>,<test>[,<val>]" (val defaults to the test count); they are prefixes of
+the full sets and are cached under their own file names. `builtin:scenes/<domain>[:train|val|test|all]`
+names a domain wherever segmentation data is accepted (`all`: train, val and test in that order).
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ SIZE = 64
 # 3: a digit's label is its region (ink grown by 2 pixels, holes filled), not its 2-4 pixel strokes
 # 2: printed scenes draw paper and ink colours of either polarity (v1: dark ink on light paper)
 VERSION = 3
-TRAIN_SCENES, TEST_SCENES = 3000, 500
+TRAIN_SCENES, TEST_SCENES = 3000, 500   # val: as many as test
 DIGITS_PER_SCENE = (3, 5)        # inclusive
 GLYPH_HEIGHT = (16, 26)          # pixels, after rotation
 MAX_WIDTH = 0.9                  # of the height
@@ -74,7 +81,8 @@ INK = 0.5                        # ink coverage from which a pixel is ink
 REGION_RADIUS = 2                # pixels: a digit's region is its ink grown by this much
 RENDER_SIZE = 96                 # points: glyphs are drawn large, then area-averaged down
 SEEDS = {"printed": 21, "textured": 22}
-SPLIT_STREAM = {"train": 0, "test": 1}
+SPLIT_STREAM = {"train": 0, "test": 1, "val": 2}   # val added after train / test: they kept their streams
+SPLITS = ("train", "val", "test")
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
           "hubble_deep_field.jpg", "ihc.png", "retina.jpg", "color.png")
 TEXTURES = ("brick.png", "grass.png", "gravel.png")  # grey; tinted with a random colour
@@ -142,7 +150,7 @@ def _sample_digit(rng: np.random.Generator, split: str) -> tuple[int, np.ndarray
     angle = float(rng.uniform(-MAX_ROTATION, MAX_ROTATION))
     if rng.random() < HANDWRITTEN_FRACTION:
         alpha, labels, train, test = _handwritten()
-        index = int(rng.choice(train if split == "train" else test))
+        index = int(rng.choice(test if split == "test" else train))  # val shares the train glyphs
         return int(labels[index]), _fit(alpha[index], height, angle)
     digit = int(rng.integers(10))
     fonts = _fonts()
@@ -298,27 +306,72 @@ def render_scene(domain: str, split: str, index: int) -> tuple[np.ndarray, np.nd
 
 
 # ------------------------------------------------------------------ cache
-def scene_counts(n_train: int | None = None, n_test: int | None = None) -> tuple[int, int]:
-    """The set sizes: arguments, else WORKBENCH_SCENES_N="<train>,<test>", else 3000 / 500."""
-    return digits.split_counts("WORKBENCH_SCENES_N", (TRAIN_SCENES, TEST_SCENES), n_train, n_test, "scene")
+COUNTS_VARIABLE = "WORKBENCH_SCENES_N"
+ARRAY_KEYS = tuple(f"{kind}_{split}" for split in SPLITS for kind in ("x", "m"))
 
 
-def cache_path(domain: str, n_train: int | None = None, n_test: int | None = None) -> Path:
-    train, test = scene_counts(n_train, n_test)
+def scene_counts(n_train: int | None = None, n_test: int | None = None,
+                 n_val: int | None = None) -> tuple[int, int, int]:
+    """(train, val, test) set sizes: arguments, else WORKBENCH_SCENES_N="<train>,<test>[,<val>]", else
+    3000 / 500 / 500; val defaults to the test count."""
+    train, test, val = TRAIN_SCENES, TEST_SCENES, None
+    override = os.environ.get(COUNTS_VARIABLE, "").strip()
+    if override:
+        try:
+            values = [int(v) for v in override.split(",")]
+            if len(values) not in (2, 3):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{COUNTS_VARIABLE}={override!r}: expected '<train>,<test>[,<val>]' scene counts, "
+                             f"e.g. 200,50 or 200,50,50") from None
+        train, test, val = values[0], values[1], values[2] if len(values) == 3 else None
+    train = n_train if n_train is not None else train
+    test = n_test if n_test is not None else test
+    val = n_val if n_val is not None else (val if val is not None else test)
+    if min(train, val, test) < 1:
+        raise ValueError(f"scene counts must be positive, got {train} train / {val} val / {test} test")
+    return train, val, test
+
+
+def cache_path(domain: str, n_train: int | None = None, n_test: int | None = None, n_val: int | None = None) -> Path:
+    train, val, test = scene_counts(n_train, n_test, n_val)
     suffix = "" if (train, test) == (TRAIN_SCENES, TEST_SCENES) else f"-n{train}-{test}"
+    if val != test:
+        suffix += f"-val{val}"
     return cache_dir() / f"{check_domain(domain)}-v{VERSION}{suffix}.npz"
 
 
-def build_domain(domain: str, force: bool = False, n_train: int | None = None, n_test: int | None = None) -> Path:
-    """Build (or reuse) the cached scenes of one domain; returns the .npz path."""
-    path = cache_path(domain, n_train, n_test)
-    if path.exists() and not force:
+def _complete(path: Path) -> bool:
+    """Whether a cache file holds every split (the counts are in its name)."""
+    try:
+        with np.load(path) as data:
+            return set(ARRAY_KEYS) <= set(data.files)
+    except (OSError, ValueError):
+        return False
+
+
+def build_domain(domain: str, force: bool = False, n_train: int | None = None, n_test: int | None = None,
+                 n_val: int | None = None) -> Path:
+    """Build (or reuse) the cached scenes of one domain; returns the .npz path. A cache without a split
+    (val, in caches written before val existed) gets that split rendered and added; the others are kept."""
+    path = cache_path(domain, n_train, n_test, n_val)
+    counts = dict(zip(SPLITS, scene_counts(n_train, n_test, n_val)))
+    if path.exists() and not force and _complete(path):
         return path
     arrays = {}
-    for split, count in zip(("train", "test"), scene_counts(n_train, n_test)):
+    if path.exists() and not force:
+        try:
+            with np.load(path) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError):
+            arrays = {}
+    for split, count in counts.items():
+        if f"x_{split}" in arrays and f"m_{split}" in arrays and len(arrays[f"m_{split}"]) == count:
+            continue
         scenes = [render_scene(domain, split, i) for i in range(count)]
         arrays[f"x_{split}"] = np.stack([s[0] for s in scenes])
         arrays[f"m_{split}"] = np.stack([s[1] for s in scenes])
+    arrays = {key: arrays[key] for key in ARRAY_KEYS}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
     np.savez_compressed(tmp, **arrays)
@@ -326,18 +379,20 @@ def build_domain(domain: str, force: bool = False, n_train: int | None = None, n
     return path
 
 
-def load_domain(domain: str, n_train: int | None = None, n_test: int | None = None) -> dict[str, np.ndarray]:
-    """{x_train, m_train, x_test, m_test} of one domain, building the cache if needed."""
-    with np.load(build_domain(domain, n_train=n_train, n_test=n_test)) as data:
-        return {key: data[key] for key in ("x_train", "m_train", "x_test", "m_test")}
+def load_domain(domain: str, n_train: int | None = None, n_test: int | None = None,
+                n_val: int | None = None) -> dict[str, np.ndarray]:
+    """{x_train, m_train, x_val, m_val, x_test, m_test} of one domain, building the cache if needed."""
+    with np.load(build_domain(domain, n_train=n_train, n_test=n_test, n_val=n_val)) as data:
+        return {key: data[key] for key in ARRAY_KEYS}
 
 
 def load_split(domain: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, 64, 64, 3) uint8, masks (N, 64, 64) uint8) of `train`, `test` or `all`."""
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"unknown split {split!r}: use train, test or all")
+    """(images (N, 64, 64, 3) uint8, masks (N, 64, 64) uint8) of `train`, `val`, `test` or `all` (the three
+    in that order)."""
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"unknown split {split!r}: use train, val, test or all")
     arrays = load_domain(domain)
     if split == "all":
-        return (np.concatenate([arrays["x_train"], arrays["x_test"]]),
-                np.concatenate([arrays["m_train"], arrays["m_test"]]))
+        return (np.concatenate([arrays[f"x_{s}"] for s in SPLITS]),
+                np.concatenate([arrays[f"m_{s}"] for s in SPLITS]))
     return arrays[f"x_{split}"], arrays[f"m_{split}"]

@@ -14,8 +14,10 @@ is offered for from-scratch training and is what scripts/run_scenes_benchmark.py
 with the joint random scale (0.5-2.0) / crop / flip of adaptation.dense.data. As the classification
 source (adaptation.source), the model is selected on held-out data: mIoU on the selection set is
 checked `selection_checks` times over the run and the last of the best checks is kept (`>=`). The
-selection set is the test split for built-in scenes (training on the train split), otherwise a
-held-out 10% of the data (training on the other 90%), or any data passed as `select_on`.
+selection set is the val split for built-in scenes (training on the train split), otherwise a
+held-out 10% of the data (training on the other 90%), or any data passed as `select_on`. The test
+split of built-in scenes is never looked at during training: the kept checkpoint is scored on it once
+at the end (`metrics["test"]`, the in-domain figure to report), as on `eval_target`.
 
 The checkpoint `source.pt` (kind "source-model") carries "task": "segmentation" and the
 `dense_model_config`, so `adapt` and `evaluate` pick the dense pipeline from it.
@@ -39,7 +41,8 @@ from workbench.runtime import Runtime, seed_everything
 
 from ..source import cycle, split_holdout
 from ..training import lr_param_groups, make_loader, set_group_lr
-from .data import IGNORE_INDEX, builtin_scenes_test_split, load_segmentation
+from .data import (IGNORE_INDEX, builtin_scenes_test_split, builtin_scenes_val_split, load_segmentation,
+                   parse_builtin_scenes)
 from .evaluate import TASK, eval_loader, public_scores, segmentation_pass
 from .model import SegmentationModel, dense_model_config
 
@@ -92,7 +95,7 @@ class DenseSourceConfig:
     momentum: float = MOMENTUM
     poly_power: float = POLY_POWER
     holdout: float = 0.1                   # fraction held out for selection when there is no `select_on`
-    select_on: str | None = None           # default: the test split of built-in scenes
+    select_on: str | None = None           # default: the val split of built-in scenes
     selection_checks: int = 5              # mIoU checks over the run (each is a full pass of the selection set)
     pretrained: str | None = None
     eval_target: str | None = None         # report mIoU on this data at the end
@@ -104,10 +107,24 @@ class DenseSourceConfig:
     progress: bool = True
 
 
+def check_disjoint(data: str, select_on: str) -> None:
+    """A selection set inside the training data would choose the checkpoint on scenes it was fit on."""
+    if data.startswith("builtin:scenes/") and select_on.startswith("builtin:scenes/"):
+        (d_domain, d_split), (s_domain, s_split) = parse_builtin_scenes(data), parse_builtin_scenes(select_on)
+        if d_domain == s_domain and (d_split == s_split or "all" in (d_split, s_split)):
+            raise ValueError(f"--select-on {select_on} overlaps --data {data}: select on "
+                             f"builtin:scenes/{s_domain}:val and train on builtin:scenes/{d_domain}:train")
+    elif data == select_on:
+        raise ValueError(f"--select-on is the training data {data}: pass held-out data, or leave it out to hold "
+                         f"out 10% of --data")
+
+
 def selection_sets(cfg: DenseSourceConfig):
-    """(training set, selection set, selection data name)."""
+    """(training set, selection set, selection data name): built-in scenes select on their val split."""
+    select_on = cfg.select_on or builtin_scenes_val_split(cfg.data)
+    if select_on:
+        check_disjoint(cfg.data, select_on)
     train_set = load_segmentation(cfg.data, cfg.num_classes, train=True, crop_size=cfg.crop_size)
-    select_on = cfg.select_on or builtin_scenes_test_split(cfg.data)
     if select_on:
         return train_set, load_segmentation(select_on, train_set.num_classes, train=False), select_on
     eval_set = load_segmentation(cfg.data, train_set.num_classes, train=False)
@@ -179,9 +196,12 @@ def train_dense_source(cfg: DenseSourceConfig) -> dict:
     metrics = {"task": TASK, "source_data": cfg.data, "backbone": cfg.backbone, "head": cfg.head,
                "num_classes": num_classes, "class_names": list(base.class_names), **best,
                "wall_seconds": time.time() - start, "checkpoint": str(run_dir / CHECKPOINT)}
-    if cfg.eval_target:
-        from .evaluate import evaluate_dense_model
+    from .evaluate import evaluate_dense_model
 
+    in_domain_test = builtin_scenes_test_split(cfg.data)   # built-in scenes: the in-domain figure to report
+    if in_domain_test:
+        metrics["test"] = evaluate_dense_model(run_dir / CHECKPOINT, in_domain_test, device=cfg.device)
+    if cfg.eval_target:
         metrics["target"] = evaluate_dense_model(run_dir / CHECKPOINT, cfg.eval_target, device=cfg.device)
     write_json(run_dir / "metrics.json", metrics)
     return metrics
