@@ -90,19 +90,21 @@ def datasets_main(argv=None) -> int:
         for family, domain in [builtin_domain(name) for name in names]:
             if family == "digits":
                 path = digits.build_domain(domain, force=args.force)
-                x_train, _ = digits.load_domain(domain, "train")
-                x_test, _ = digits.load_domain(domain, "test")
-                print(f"builtin:digits/{domain}: {len(x_train)} train / {len(x_test)} test images -> {path}")
+                n = {s: len(digits.load_domain(domain, s)[1]) for s in ("train", "val", "test")}
+                print(f"builtin:digits/{domain}: {n['train']} train / {n['val']} val / {n['test']} test images "
+                      f"(trainval, the default: train + val) -> {path}")
             elif family == "figures":
                 path = figures.build_domain(domain, force=args.force)
                 counts = [len(json.loads(figures.annotation_file(domain, split).read_text())["images"])
-                          for split in ("train", "test")]
-                print(f"builtin:figures/{domain}: {counts[0]} train / {counts[1]} test {figures.IMAGE_SIZE}x"
+                          for split in ("train", "val", "test")]
+                print(f"builtin:figures/{domain}: {counts[0]} train / {counts[1]} val / {counts[2]} test "
+                      f"{figures.IMAGE_SIZE}x"
                       f"{figures.IMAGE_SIZE} images, {len(figures.JOINTS)} joints (COCO keypoint JSON) -> {path}")
             else:
                 path = scenes.build_domain(domain, force=args.force)
                 arrays = scenes.load_domain(domain)
-                print(f"builtin:scenes/{domain}: {len(arrays['x_train'])} train / {len(arrays['x_test'])} test "
+                print(f"builtin:scenes/{domain}: {len(arrays['x_train'])} train / {len(arrays['x_val'])} val / "
+                      f"{len(arrays['x_test'])} test "
                       f"{scenes.SIZE}x{scenes.SIZE} scenes, {scenes.NUM_CLASSES} classes -> {path}")
     except INPUT_ERRORS as exc:
         return _fail(exc)
@@ -192,8 +194,9 @@ def _train_source(argv) -> int:
     p.add_argument("--optimizer", default=None, choices=("sgd", "adam"), help="segmentation: SGD (the papers', "
                    "default) or Adam (for from-scratch models)")
     p.add_argument("--transform", choices=("digits", "imagenet"), default=None, help="default: from the data")
-    p.add_argument("--select-on", default=None, help="data to select the checkpoint on (default: the test split "
-                   "of built-in digits or scenes, else a held-out 10%% of --data)")
+    p.add_argument("--select-on", default=None, help="data to select the checkpoint on (default: the val split "
+                   "of built-in domains, so that their test split is only reported; else a held-out 10%% of --data). "
+                   "The digits benchmark preset selects on test, as SHOT's digits protocol does")
     p.add_argument("--eval-target", default=None, help="also report accuracy (mIoU) on this data at the end")
     p.add_argument("--keep", default=d.keep, choices=KEEP_CHOICES, help="classification: the model to keep, the "
                    "best selection check (default, the official protocol) or the last (noisy-label studies, where "
@@ -282,6 +285,8 @@ def _train_dense_source(a, ds) -> int:
         return _write_failed(exc)
     print(f"selected model: mIoU {metrics['miou']:.2f} on {metrics['selection_data']} "
           f"(iteration {metrics['iteration']}, epoch {metrics['epoch']:.1f}); checkpoint {metrics['checkpoint']}")
+    if "test" in metrics:
+        print(f"mIoU on {metrics['test']['data']} (in-domain test): {metrics['test']['miou']:.2f}")
     if "target" in metrics:
         print(f"mIoU on {metrics['target']['data']}: {metrics['target']['miou']:.2f}")
     return 0
@@ -303,9 +308,10 @@ def _train_pose_source(a, ps) -> int:
         return _write_failed(exc)
     print(f"selected model: AP {metrics['ap']:.2f}, PCK@0.1 {metrics['pck@0.1']:.2f} on {metrics['selection_data']} "
           f"(iteration {metrics['iteration']}, epoch {metrics['epoch']:.1f}); checkpoint {metrics['checkpoint']}")
-    if "target" in metrics:
-        t = metrics["target"]
-        print(f"on {t['data']}: AP {t['ap']:.2f}, PCK@0.05 {t['pck@0.05']:.2f}, PCK@0.1 {t['pck@0.1']:.2f}")
+    for key, what in (("test", " (in-domain test)"), ("target", "")):
+        if key in metrics:
+            t = metrics[key]
+            print(f"on {t['data']}{what}: AP {t['ap']:.2f}, PCK@0.05 {t['pck@0.05']:.2f}, PCK@0.1 {t['pck@0.1']:.2f}")
     return 0
 
 
@@ -353,7 +359,8 @@ def parse_adapt_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rotation-epochs", type=positive_int, default=None, help="SHOT++ rotation-head pre-training "
                    "(default: the adaptation epochs)")
     p.add_argument("--rotation-keep", default=d.rotation_keep, choices=KEEP_CHOICES,
-                   help="pre-trained rotation head to keep: best rotation accuracy, or the last")
+                   help="pre-trained rotation head to keep: the last (default, as the official code ends up with) "
+                   "or the one with the best rotation accuracy")
     p.add_argument("--transfer-epochs", type=positive_int, default=None, help="SHOT++ labeling transfer (default: digits "
                    "30, office31 100, office-home 50, visda-c 10)")
     p.add_argument("--transfer-batch-size", type=at_least(2), default=None, help="default 36 (24 with resnet101); per process "
@@ -370,7 +377,8 @@ def parse_adapt_args(argv=None) -> argparse.Namespace:
                    help="IM diversity for segmentation and Procgen: towards the source model's initial mean "
                    f"prediction on the target (initial; segmentation's default, {dd.diversity_prior}: background "
                    f"dominates pixels) or uniform class or action proportions (SHOT; Procgen's default, "
-                   f"{rd.diversity_prior})")
+                   f"{rd.diversity_prior}). Only the uniform prior makes --method shot-im SHOT-IM (and shot SHOT); "
+                   f"segmentation runs name what ran (metrics.json method_name, e.g. 'im (source prior)')")
     p.add_argument("--diversity-weight", type=non_negative_float, default=dd.diversity_weight,
                    help="segmentation IM diversity weight (SHOT 1; URMA 0, entropy alone)")
     p.add_argument("--pseudo-labels", default=dd.pseudo_labels, choices=PSEUDO_LABELS,
@@ -512,10 +520,14 @@ def _adapt_procgen(cfg) -> int:
 def _adapt_dense(cfg, adapter_cls) -> int:
     adapter = adapter_cls(cfg)
     metrics = adapter.run()
-    print(f"{cfg.method} (segmentation): target mIoU {metrics['source_only_miou']:.2f} (source model) -> "
+    name = metrics.get("method_name", cfg.method)   # what ran: e.g. "im (source prior)" for --method shot-im
+    print(f"{name} (segmentation): target mIoU {metrics['source_only_miou']:.2f} (source model) -> "
           f"{metrics['miou']:.2f}")
+    if metrics.get("val_miou") is not None:
+        print(f"{name} (segmentation): held-out {metrics['val_data']} (for choosing settings) mIoU "
+              f"{metrics['source_only_val_miou']:.2f} -> {metrics['val_miou']:.2f}")
     if metrics.get("test_miou") is not None:
-        print(f"{cfg.method} (segmentation): held-out {metrics['test_data']} mIoU "
+        print(f"{name} (segmentation): held-out {metrics['test_data']} mIoU "
               f"{metrics['source_only_test_miou']:.2f} -> {metrics['test_miou']:.2f}")
     print(f"adapted model, predictions/ and metrics.json in {adapter.run_dir}; tensorboard --logdir {adapter.run_dir}")
     return 0
