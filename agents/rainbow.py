@@ -2,12 +2,19 @@
 
 C51 distributional Q-learning over a fixed support z_1..z_51, with
   - a dueling head:            q(s, a) = V(s) + A(s, a) - mean_a A(s, a)   (per atom, then softmax)
-  - factorised noisy layers:   W = mu_W + sigma_W * (f(eps_out) f(eps_in)^T),  f(x) = sgn(x) sqrt|x|, sigma0 0.5,
-                               in both heads and in the backbone's final 256-unit dense layer
+  - noisy layers as anyrl's noisy_net_dense (anyrl/models/dqn_scalar.py), sigma0 0.5, in both heads and in
+                               the backbone's final 256-unit dense layer:
+                               W = mu_W + sigma_W * (f(eps_out) f(eps_in)^T),  f(x) = sgn(x) sqrt|x|  (factorised)
+                               b = mu_b + sigma_b * eps_b,  eps_b ~ N(0, 1) of its own                (not f(eps_out))
+                               init: mu_W ~ truncated normal (std 1/sqrt(fan_in), cut at 2 std), mu_b = 0,
+                               sigma_W, sigma_b ~ truncated normal (std sigma0/sqrt(fan_in), cut at 2 std)
+                               fresh noise for every network pass, as TF draws it at every run: the online
+                               next-state pass, the target pass and the online prediction each have their own
   - double-Q:                  a* = argmax_a E_z[p_online(s', a)],  target p_target(s', a*)
   - 3-step returns:            T z_j = G_t^(n) + gamma^n z_j, projected onto the support
-  - the loss:                  KL(projected target || p_online(s, a)), importance-weighted
-  - prioritised replay:        p_i = (KL_i + 0.1)^0.5, IS exponent 0.4 (constant), weights over the largest possible
+  - the loss:                  w_i * KL_i,  KL_i = KL(projected target || p_online(s, a)),  w_i the IS weight
+  - prioritised replay:        p_i = (w_i KL_i + 0.1)^0.5 (the importance-weighted loss, as anyrl's DQN feeds its
+                               replay), IS exponent 0.4 (constant), weights over the largest possible
   - a target network copied every 8192 env steps, updates once per 64 env steps after 20k warm-up steps.
 These are the mixreg paper's settings (its code builds Rainbow on the anyrl library).
 
@@ -67,6 +74,8 @@ class RainbowConfig:
     v_max: float | None = None
     noisy_sigma0: float = 0.5
     noisy_trunk: bool = True        # the backbone's final dense layer is noisy too, as in the paper's network
+    noise_per_pass: bool = True     # fresh noise for each network pass of an update, as anyrl (TF) draws it;
+                                    # False: one draw per update, shared by the online passes
     priority_alpha: float = 0.5
     priority_eps: float = 0.1       # added to the KL loss before the exponent
     priority_beta: float = 0.4      # importance-sampling exponent, constant in the paper's anyrl code
@@ -90,20 +99,38 @@ class RainbowConfig:
             raise ValueError(f"mixreg_targets must be one of {MIXREG_TARGETS}, not {self.mixreg_targets!r}")
 
 
+def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """TF's truncated_normal_initializer(stddev=std): a normal of std `std` redrawn beyond 2 std (its own std
+    is then about 0.88 std; TF 1 does not widen it)."""
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
 class NoisyLinear(nn.Module):
-    """Factorised Gaussian noisy linear layer (Fortunato et al. 2018)."""
+    """Noisy linear layer (Fortunato et al. 2018) as anyrl's noisy_net_dense, which the paper's code uses.
+
+    Weight noise is factorised, f(eps_out) f(eps_in)^T with f(x) = sgn(x) sqrt|x|; bias noise is a standard
+    normal vector of its own (eps_b, not f(eps_out)). Initialisation: mu_W truncated normal with std
+    1/sqrt(fan_in), mu_b zero, sigma_W and sigma_b truncated normal with std sigma0/sqrt(fan_in) (drawn,
+    not a constant: a few start negative, which the noise's symmetry makes harmless).
+    """
 
     def __init__(self, in_features: int, out_features: int, sigma0: float = 0.5):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        bound = 1 / math.sqrt(in_features)
-        self.weight_mu = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
-        self.bias_mu = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
-        self.weight_sigma = nn.Parameter(torch.full((out_features, in_features), sigma0 / math.sqrt(in_features)))
-        self.bias_sigma = nn.Parameter(torch.full((out_features,), sigma0 / math.sqrt(in_features)))
+        std = 1 / math.sqrt(in_features)
+        self.weight_mu = nn.Parameter(truncated_normal_(torch.empty(out_features, in_features), std))
+        self.bias_mu = nn.Parameter(torch.zeros(out_features))
+        self.weight_sigma = nn.Parameter(truncated_normal_(torch.empty(out_features, in_features), sigma0 * std))
+        self.bias_sigma = nn.Parameter(truncated_normal_(torch.empty(out_features), sigma0 * std))
         self.register_buffer("eps_in", torch.zeros(in_features))
         self.register_buffer("eps_out", torch.zeros(out_features))
+        self.register_buffer("eps_bias", torch.zeros(out_features))
         self.reset_noise()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint from before the bias had noise of its own keeps this layer's current draw
+        state_dict.setdefault(prefix + "eps_bias", self.eps_bias.detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def _scaled(n: int, device) -> torch.Tensor:
@@ -114,12 +141,13 @@ class NoisyLinear(nn.Module):
     def reset_noise(self) -> None:
         self.eps_in.copy_(self._scaled(self.in_features, self.eps_in.device))
         self.eps_out.copy_(self._scaled(self.out_features, self.eps_out.device))
+        self.eps_bias.normal_()
 
     def forward(self, x: torch.Tensor, noise: bool = True) -> torch.Tensor:
         if not noise:  # the mean network
             return F.linear(x, self.weight_mu, self.bias_mu)
         weight = self.weight_mu + self.weight_sigma * torch.outer(self.eps_out, self.eps_in)
-        bias = self.bias_mu + self.bias_sigma * self.eps_out
+        bias = self.bias_mu + self.bias_sigma * self.eps_bias
         return F.linear(x, weight, bias)
 
 
@@ -259,9 +287,10 @@ class Rainbow:
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-sample KL divergence from the projected target to the online distribution (mixreg optional).
 
-        KL = cross-entropy - H(target): the cross-entropy's gradient, and the paper's priority (0 for a
-        perfect fit). Returns (loss per sample, importance weights, replay index), all in the order of
-        the samples the loss was computed on: with mixreg, the dominant samples'.
+        KL = cross-entropy - H(target): the cross-entropy's gradient, and (times the importance weight) the
+        paper's priority (0 for a perfect fit). Returns (loss per sample, importance weights, replay index),
+        all in the order of the samples the loss was computed on: with mixreg, the dominant samples'.
+        With `cfg.noise_per_pass` each of the three network passes draws its own noise.
 
         mixreg mixes the targets as `cfg.mixreg_targets` says:
           "paper"      as the paper's code does: mix the target network's next-state distributions of every
@@ -276,7 +305,9 @@ class Rainbow:
         cfg = self.cfg
         with torch.no_grad():
             with self.rt.autocast():
+                self._fresh_noise(self.online)
                 next_online = self.online(batch["next_obs"])
+                self._fresh_noise(self.target)
                 next_target = self.target(batch["next_obs"])
             batch["next_actions"] = self.expected_q(next_online.float()).argmax(1)
             next_dists = next_target.float().exp()
@@ -287,11 +318,16 @@ class Rainbow:
                 batch["target"] = self.projected_target(batch)
             batch, _ = mix_rainbow_batch(batch, cfg.mix_alpha, cfg.mixreg_targets)
         target = batch["target"] if "target" in batch else self.projected_target(batch)
+        self._fresh_noise(self.online)
         with self.rt.autocast():
             log_probs = self.forward(batch["obs"])
         chosen = log_probs.float()[torch.arange(len(target)), batch["actions"]]
         per_sample = (torch.xlogy(target, target) - target * chosen).sum(1)
         return per_sample, batch["weights"], batch["index"]
+
+    def _fresh_noise(self, net: RainbowNet) -> None:
+        if self.cfg.noise_per_pass:
+            net.reset_noise()
 
     @torch.no_grad()
     def projected_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -303,7 +339,8 @@ class Rainbow:
         sample = self.replay.sample(self.cfg.batch_size, self.importance_beta(), self.rng)
         batch = to_torch(sample, self.rt.device)
         per_sample, weights, index = self.loss(batch)
-        loss = (weights * per_sample).mean()
+        weighted = weights * per_sample
+        loss = weighted.mean()
         if self.cfg.l2_coef > 0:
             loss = loss + self.cfg.l2_coef * l2_penalty(self.online)
         self.optimizer.zero_grad(set_to_none=True)
@@ -311,7 +348,8 @@ class Rainbow:
         self.rt.dist.average_gradients(self.online.parameters())
         grad_norm = nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
-        self.replay.update_priorities(index.cpu().numpy(), per_sample.detach().cpu().numpy())
+        # anyrl's DQN.train feeds the replay the importance-weighted losses (its `losses` = weights * KL)
+        self.replay.update_priorities(index.cpu().numpy(), weighted.detach().cpu().numpy())
         self.online.reset_noise()
         self.target.reset_noise()
         self.updates += 1
@@ -385,7 +423,8 @@ class Rainbow:
                           "backbone.fc.weight_sigma": torch.zeros_like(weight),
                           "backbone.fc.bias_sigma": torch.zeros_like(bias),
                           "backbone.fc.eps_in": torch.zeros(weight.shape[1]),
-                          "backbone.fc.eps_out": torch.zeros(weight.shape[0])}
+                          "backbone.fc.eps_out": torch.zeros(weight.shape[0]),
+                          "backbone.fc.eps_bias": torch.zeros(weight.shape[0])}
 
         def old_name(name: str) -> str | None:  # None: a sigma the plain layer did not have
             if not name.startswith("backbone.fc."):

@@ -4,10 +4,13 @@ Frames are stored once, as uint8, in a ring of shape (capacity // num_envs, num_
 transition (t, e) is (obs[t, e], action[t, e], reward[t, e], done[t, e]) and its n-step target
 reads rewards t .. t+n-1 and the frame at t+n, so next observations cost no memory.
 
-As the mixreg paper ran it (anyrl's PrioritizedReplayBuffer):
-  priority        p_i = (loss_i + eps)^alpha,  eps 0.1, alpha 0.5; new transitions get the largest
-                  loss seen so far (at least 1)
-  sampling        P(i) = p_i / sum_k p_k, through a sum tree
+As the mixreg paper ran it (anyrl's PrioritizedReplayBuffer, fed by its DQN.train):
+  priority        p_i = (l_i + eps)^alpha,  eps 0.1, alpha 0.5, both applied when a priority is written (the
+                  sum tree holds p_i); l_i = w_i * KL_i, the importance-weighted loss of the update that
+                  sampled i (anyrl's DQN passes `weights * losses` to update_weights). New transitions get
+                  (max l + eps)^alpha, max l the largest l passed so far, starting at first_max = 1
+  sampling        P(i) = p_i / sum_k p_k, independent draws with replacement (anyrl's FloatBuffer.sample;
+                  not Schaul et al.'s stratified segments), through a sum tree
   importance      w_i = (N P(i))^-beta / max_j (N P(j))^-beta,  beta 0.4 (constant in the paper)
                   the max is the largest possible weight, that of the smallest priority in the
                   buffer (a min tree), not the largest in the batch: weights do not depend on
@@ -87,7 +90,7 @@ class PrioritizedReplay:
         self.dones = np.zeros((self.rows, num_envs), dtype=bool)
         self.tree = SumTree(self.rows * num_envs)      # p_i, 0 where no complete transition is stored
         self.min_tree = MinTree(self.rows * num_envs)  # p_i, +inf there
-        self.max_loss = first_max  # new transitions get priority (max_loss + eps)^alpha
+        self.max_loss = first_max  # new transitions get priority (max_loss + eps)^alpha (anyrl's _max_weight_arg)
         self.t = 0          # rows written so far
         self.valid = 0      # transitions whose n-step target is complete
 
@@ -127,12 +130,11 @@ class PrioritizedReplay:
         return (n * priorities / total) ** (-beta) / largest
 
     def sample(self, batch_size: int, beta: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Stratified proportional sample with importance weights and n-step targets."""
+        """Proportional sample (independent draws, with replacement) with importance weights and n-step targets."""
         total = self.tree.total
-        bounds = np.linspace(0.0, total, batch_size + 1)
-        index = self.tree.find(rng.uniform(bounds[:-1], bounds[1:]))
+        index = self.tree.find(rng.uniform(0.0, total, batch_size))
         priorities = self.tree.leaves(index)
-        for _ in range(10):  # float round-off at a segment edge can land on an empty leaf: draw again
+        for _ in range(10):  # float round-off at a leaf edge can land on an empty leaf: draw again
             empty = priorities <= 0
             if not empty.any():
                 break
@@ -156,7 +158,7 @@ class PrioritizedReplay:
         return returns, (alive * self.gamma ** self.n_step).astype(np.float32)
 
     def update_priorities(self, index: np.ndarray, losses: np.ndarray) -> None:
-        """p_i = (loss_i + eps)^alpha for the transitions just trained on."""
+        """p_i = (l_i + eps)^alpha for the transitions just trained on; Rainbow passes l_i = w_i * KL_i."""
         losses = np.asarray(losses, dtype=np.float64)
         self.max_loss = max(self.max_loss, float(losses.max()))
         self._set_priorities(index, (losses + self.eps) ** self.alpha)

@@ -107,8 +107,9 @@ def test_priority_updates_change_sampling():
         replay.add(np.zeros((1, 1), np.uint8), np.zeros(1, np.int64), np.zeros(1, np.float32), np.zeros(1, bool))
     replay.update_priorities(np.arange(len(replay)), np.full(len(replay), 1e-3))
     replay.update_priorities(np.array([7]), np.array([100.0]))
-    batch = replay.sample(256, beta=1.0, rng=np.random.default_rng(1))
+    batch = replay.sample(4096, beta=1.0, rng=np.random.default_rng(1))
     # p = (loss + 0.1)^0.5 over the 19 complete transitions: P(7) = 100.1^0.5 / (100.1^0.5 + 18 * 0.101^0.5)
+    # (independent draws: 0.03 is 4 standard errors of the fraction)
     assert (batch["index"] == 7).mean() == pytest.approx(100.1**0.5 / (100.1**0.5 + 18 * 0.101**0.5), abs=0.03)
     # importance weights: the over-sampled transition gets the smallest weight
     assert batch["weights"][batch["index"] == 7].max() < batch["weights"][batch["index"] != 7].min()
@@ -135,6 +136,63 @@ def brute_force_weights(replay: PrioritizedReplay, index: np.ndarray, beta: floa
     n, probs = stored.sum(), leaves / leaves.sum()
     largest = max((n * probs[j]) ** -beta for j in np.flatnonzero(stored))
     return np.array([(n * probs[i]) ** -beta / largest for i in index])
+
+
+def test_rainbow_priorities_are_the_importance_weighted_losses_by_hand():
+    """anyrl's DQN.train passes `weights * KL` to the buffer, which stores (l + 0.1)^0.5 and gives new
+    transitions (max l + 0.1)^0.5 with max l the largest l passed so far (at least first_max = 1)."""
+    torch.manual_seed(0)
+    agent = tiny_agent(batch_size=6, warmup_steps=0)
+    replay = agent.replay
+    frames = lambda: torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8).numpy()  # noqa: E731
+    for _ in range(6):
+        replay.add(frames(), np.array([0, 1]), np.array([1.0, 0.0], np.float32), np.zeros(2, bool))
+    replay.update_priorities(np.array([0, 1, 2]), np.array([0.1, 3.0, 0.2]))  # uneven: weights below 1
+    rng_state = agent.rng.bit_generator.state
+    sample = replay.sample(6, agent.importance_beta(), agent.rng)
+    agent.rng.bit_generator.state = rng_state  # update() draws the very same batch
+    losses = []
+    original = agent.loss
+
+    def recording_loss(batch):
+        out = original(batch)
+        losses.append(out)
+        return out
+
+    agent.loss = recording_loss
+    agent.update()
+    per_sample, weights = (t.detach().double().numpy() for t in losses[0][:2])
+    index = losses[0][2].numpy()
+    np.testing.assert_array_equal(index, sample["index"])
+    np.testing.assert_allclose(weights, sample["weights"])
+    assert weights.min() < 1
+    expected = {}
+    for i, w, kl in zip(index, weights, per_sample):
+        expected[i] = (w * kl + 0.1) ** 0.5  # a repeated transition keeps its last loss
+    np.testing.assert_allclose(replay.tree.leaves(np.array(list(expected))), list(expected.values()), rtol=1e-5)
+    largest = max(3.0, float((weights * per_sample).max()))
+    assert replay.max_loss == pytest.approx(largest)
+    replay.add(frames(), np.array([0, 1]), np.zeros(2, np.float32), np.zeros(2, bool))
+    newest = (replay.t - 1 - replay.n_step) % replay.rows * 2 + np.arange(2)
+    np.testing.assert_allclose(replay.tree.leaves(newest), (largest + 0.1) ** 0.5, rtol=1e-6)
+
+
+def test_replay_draws_independently_in_proportion_to_priority():
+    """anyrl's FloatBuffer.sample: independent draws with replacement, not one draw per stratum."""
+    replay = PrioritizedReplay(capacity=8, num_envs=1, obs_shape=(1,), n_step=1, gamma=0.9)
+    for _ in range(5):
+        replay.add(np.zeros((1, 1), np.uint8), np.zeros(1, np.int64), np.zeros(1, np.float32), np.zeros(1, bool))
+    replay.update_priorities(np.arange(4), np.array([0.0, 0.0, 0.0, 8.9]))  # p = 0.1^0.5 x3, 3
+    counts = np.zeros(4)
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        batch = replay.sample(4, beta=0.4, rng=rng)
+        counts += np.bincount(batch["index"], minlength=4)
+    probs = np.array([0.1**0.5] * 3 + [3.0]) / (3 * 0.1**0.5 + 3.0)
+    np.testing.assert_allclose(counts / counts.sum(), probs, atol=0.02)
+    # stratified sampling would put one draw in each quarter of the mass: index 3 exactly 3 times per batch
+    per_batch = [np.sum(replay.sample(4, 0.4, rng)["index"] == 3) for _ in range(200)]
+    assert 4 in per_batch
 
 
 def test_priorities_are_loss_plus_epsilon_to_the_half():
@@ -193,11 +251,49 @@ def test_noisy_layer_resampling():
     assert torch.equal(a, b), "the same noise until it is reset"
     layer.reset_noise()
     assert not torch.allclose(layer(x), a)
-    # factorised noise: eps_W = f(eps_out) f(eps_in)^T has rank one
+    # factorised weight noise: eps_W = f(eps_out) f(eps_in)^T has rank one
     eps_w = torch.outer(layer.eps_out, layer.eps_in)
     assert torch.linalg.matrix_rank(eps_w) == 1
-    assert torch.allclose(layer.weight_sigma, torch.full((4, 8), 0.5 / 8**0.5))
+    # the layer by hand, bias noise a plain normal of its own (anyrl's noisy_net_dense)
+    weight = layer.weight_mu + layer.weight_sigma * eps_w
+    torch.testing.assert_close(layer(x), x @ weight.T + layer.bias_mu + layer.bias_sigma * layer.eps_bias)
     assert torch.allclose(layer(x, noise=False), x @ layer.weight_mu.T + layer.bias_mu), "the mean network"
+    # a state dict from before the bias noise of its own loads, keeping the layer's current draw
+    old = {k: v for k, v in NoisyLinear(8, 4).state_dict().items() if k != "eps_bias"}
+    eps_bias = layer.eps_bias.clone()
+    layer.load_state_dict(old)
+    assert torch.equal(layer.eps_bias, eps_bias) and torch.equal(layer.weight_mu, old["weight_mu"])
+
+
+def test_noisy_layer_bias_noise_is_a_standard_normal_not_the_signed_root_of_the_output_noise():
+    layer = NoisyLinear(4, 4000)
+    draws = []
+    for _ in range(5):
+        layer.reset_noise()
+        assert not torch.equal(layer.eps_bias, layer.eps_out)
+        draws.append(layer.eps_bias.clone())
+    eps = torch.cat(draws)
+    # N(0, 1): E|x| = sqrt(2/pi) = 0.798; f(N(0, 1)) = sgn(x) sqrt|x| would give E|f| = 0.822 and E f^2 = 0.798
+    assert abs(eps.var().item() - 1) < 0.03 and abs(eps.abs().mean().item() - (2 / np.pi) ** 0.5) < 0.01
+
+
+@pytest.mark.parametrize("fan_in,fan_out", [(2048, 256), (256, 51), (256, 15 * 51)])
+def test_noisy_layer_initialisation_is_anyrls(fan_in, fan_out):
+    """anyrl's noisy_net_dense: mu_W ~ TF truncated normal (std 1/sqrt(fan_in), redrawn beyond 2 std),
+    mu_b = 0, sigma_W and sigma_b ~ truncated normal with std sigma0/sqrt(fan_in)."""
+    torch.manual_seed(0)
+    layer = NoisyLinear(fan_in, fan_out, sigma0=0.5)
+    std = 1 / fan_in**0.5
+    truncated = 0.87962566103423978  # std of a unit normal cut at +-2
+    assert not layer.bias_mu.any(), "zero bias means"
+    for param, scale in ((layer.weight_mu, std), (layer.weight_sigma, 0.5 * std), (layer.bias_sigma, 0.5 * std)):
+        values = param.detach().double()
+        assert values.abs().max() <= 2 * scale + 1e-7, "cut at 2 std"
+        assert values.abs().max() > 1.8 * scale if values.numel() > 1000 else True
+        if values.numel() >= 10_000:
+            assert abs(values.std().item() / (truncated * scale) - 1) < 0.02
+            assert abs(values.mean().item()) < 0.02 * scale
+    assert (layer.weight_sigma < 0).any(), "drawn, not the constant sigma0/sqrt(fan_in) of Fortunato et al."
 
 
 def test_mixreg_rainbow_batch_mixes_the_targets():
@@ -287,12 +383,31 @@ def losses_by_hand(agent, batch, mix=None, targets="paper") -> np.ndarray:
 
 def test_rainbow_loss_is_the_kl_divergence_to_the_projected_target():
     torch.manual_seed(0)
-    agent = tiny_agent()
+    agent = tiny_agent(noise_per_pass=False)  # one noise draw, so that the passes can be redone by hand
     batch = random_batch(8)
     per_sample, weights, index = agent.loss(dict(batch))
     expected = losses_by_hand(agent, batch)
     np.testing.assert_allclose(per_sample.detach().double().numpy(), expected, rtol=1e-4, atol=1e-5)
     assert torch.equal(index, batch["index"]) and torch.equal(weights, batch["weights"])
+
+
+def test_each_network_pass_of_an_update_draws_its_own_noise():
+    """As TF draws anyrl's noise at every run of a layer: the online next-state pass (double-Q's argmax),
+    the target pass and the online prediction each see their own noise."""
+    torch.manual_seed(0)
+    seen = []
+    for shared in (False, True):
+        agent = tiny_agent(noise_per_pass=not shared)
+        for name, net in (("online", agent.online), ("target", agent.target)):
+            for layer in (net.backbone.fc, net.value):
+                layer.register_forward_pre_hook(
+                    lambda m, args, name=name: seen.append((name, m.eps_in.clone(), m.eps_bias.clone())))
+        seen.clear()
+        agent.loss(random_batch(4))
+        assert [name for name, *_ in seen] == ["online"] * 2 + ["target"] * 2 + ["online"] * 2
+        first, last = seen[:2], seen[4:]
+        same = all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(first, last))
+        assert same is shared
 
 
 @pytest.mark.parametrize("targets", ["paper", "projected"])
@@ -301,7 +416,7 @@ def test_mixreg_rainbow_targets_by_hand(targets):
     from agents.mixreg import draw_mix
 
     torch.manual_seed(0)
-    agent = tiny_agent(mixreg=True, mixreg_targets=targets)
+    agent = tiny_agent(mixreg=True, mixreg_targets=targets, noise_per_pass=False)
     batch = random_batch(16)
     torch.manual_seed(11)
     per_sample, _, index = agent.loss(dict(batch))
@@ -437,7 +552,7 @@ def test_mixreg_priority_updates_go_to_the_dominant_samples():
     from workbench.runtime import Runtime
 
     env = ProcgenVecEnv("bigfish", 2, seed=0)
-    agent = Rainbow(env, RainbowConfig(num_envs=2, buffer_size=256, batch_size=32, mixreg=True),
+    agent = Rainbow(env, RainbowConfig(num_envs=2, buffer_size=256, batch_size=32, mixreg=True, noise_per_pass=False),
                     Runtime.create("cpu", "fp32"))
     g = torch.Generator().manual_seed(0)
     batch = {"obs": torch.randint(0, 256, (32, 64, 64, 3), generator=g, dtype=torch.uint8),
