@@ -67,6 +67,9 @@ def parse_train_args(argv=None) -> argparse.Namespace:
                    help="visual-domain variants (dynamics unchanged)")
     p.add_argument("--eval-interval", type=positive_int, default=5, help="iterations between test evaluations")
     p.add_argument("--eval-episodes", type=positive_int, default=32)
+    p.add_argument("--eval-clean-frames", action="store_true",
+                   help="--regularizer random_conv: evaluate on clean frames instead of through random kernels "
+                        "(the paper's test worker plays through them)")
     p.add_argument("--no-video", action="store_true", help="skip the test-episode GIF in TensorBoard")
     p.add_argument("--snapshot-every", type=non_negative_steps, default=0, metavar="STEPS",
                    help="also keep snapshots/checkpoint-<steps>.pt every STEPS env steps, to evaluate later (0: off)")
@@ -98,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        seed=args.seed, device=args.device, precision="bf16" if args.amp else args.precision,
                        compile=args.compile, visual=list(args.visual), eval_interval=args.eval_interval,
                        eval_episodes=args.eval_episodes, num_test_envs=min(args.eval_episodes, 64),
+                       eval_clean_frames=args.eval_clean_frames,
                        video=not args.no_video, snapshot_interval=args.snapshot_every, run_dir=run_dir,
                        progress=not args.no_progress,
                        agent=apply_regularizer(agent, args.regularizer, args.l2_coef, args.algo))
@@ -188,6 +192,10 @@ def parse_evaluate_args(argv=None) -> argparse.Namespace:
                    help="visual-domain variants (default: as in training)")
     p.add_argument("--deterministic", action="store_true",
                    help="PPO: the most likely action instead of a sample; Rainbow: the noise-free mean network")
+    p.add_argument("--clean-frames", action="store_true",
+                   help="an agent trained with --regularizer random_conv plays clean frames instead of random "
+                        "kernels (default: through them, a new kernel every rollout length, as the paper's test "
+                        "worker); other agents always play clean frames")
     p.add_argument("--seed", type=seed, default=12345)
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--out", default=None, help="JSON file to write (default: <run dir>/evaluation.json)")
@@ -205,15 +213,17 @@ def evaluate_main(argv=None) -> int:
                     seed=args.seed)
     try:
         if args.checkpoint.startswith(RANDOM_POLICY):
-            if args.deterministic:
-                raise ValueError("--deterministic has no meaning for the uniform random policy: leave it out")
+            if args.deterministic or args.clean_frames:
+                flag = "--deterministic" if args.deterministic else "--clean-frames"
+                raise ValueError(f"{flag} has no meaning for the uniform random policy: leave it out")
             game = args.checkpoint[len(RANDOM_POLICY):]
             result = evaluate_random_policy(game, **episodes)
             visual = "-".join(args.visual or []) or "default"
             default_out = Path("runs") / "random-policy" / f"{game}-{result['distribution_mode']}-{visual}.json"
         else:
             result, default_out = evaluate_checkpoint(args.checkpoint, deterministic=args.deterministic,
-                                                      device=args.device, **episodes)
+                                                      device=args.device, clean_frames=args.clean_frames,
+                                                      **episodes)
     except (CheckpointError, ValueError, RuntimeError) as exc:
         report_error(str(exc))
         return 2

@@ -17,14 +17,19 @@ from .regularizers import running_stats_frozen
 
 
 def evaluate(agent, env: ProcgenVecEnv, num_episodes: int, deterministic: bool = False,
-             record_video: bool = False, max_video_frames: int = 400, max_steps: int = 100_000) -> dict:
+             record_video: bool = False, max_video_frames: int = 400, max_steps: int = 100_000,
+             clean_frames: bool = False, seed: int = 0) -> dict:
     """Run `agent.act` until `num_episodes` episodes have finished; return their statistics.
 
     Each env contributes its first ceil(num_episodes / num_envs) episodes, so that
     short episodes are not over-represented. With `record_video`, env 0's frames
-    are kept (up to `max_video_frames`) as a (T, H, W, 3) uint8 array. The agent
-    sees clean frames (no training augmentation, as the paper's test workers), and
-    its networks' batch-norm running statistics are left as training made them.
+    are kept (up to `max_video_frames`) as a (T, H, W, 3) uint8 array. The agent's
+    networks' batch-norm running statistics are left as training made them.
+
+    Frames: as the paper's test workers. An agent trained with network randomisation plays through
+    random kernels (its `test_augmentation`: a new kernel shared by all envs every rollout length, clean
+    stretches with the training probability), drawn from a generator seeded with `seed`, unless
+    `clean_frames`; every other agent sees clean frames (no training augmentation).
     """
     per_env = math.ceil(num_episodes / env.num_envs)
     returns = [[] for _ in range(env.num_envs)]
@@ -32,9 +37,16 @@ def evaluate(agent, env: ProcgenVecEnv, num_episodes: int, deterministic: bool =
     frames = []
     obs = env.reset()
     networks = [value for value in vars(agent).values() if isinstance(value, nn.Module)]
-    for _ in range(max_steps):
+    test_view = None if clean_frames else getattr(agent, "test_augmentation", lambda: None)()
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(max_steps):
         if record_video and len(returns[0]) == 0 and len(frames) < max_video_frames:
             frames.append(env.last_frames[0].copy())
+        if test_view is not None:
+            augmentation, period = test_view
+            if step % period == 0:
+                augmentation.resample(env.num_envs, obs.device, generator)
+            obs = augmentation(obs)
         with running_stats_frozen(*networks):
             actions = agent.act(obs, deterministic=deterministic)
         _, rewards, dones = env.step_numpy(actions.cpu().numpy())
@@ -55,7 +67,7 @@ def evaluate(agent, env: ProcgenVecEnv, num_episodes: int, deterministic: bool =
               "stderr_return": float(np.std(episode_returns, ddof=1) / math.sqrt(n)) if n > 1 else None,
               "normalized_score": env.normalized_score(mean), "env": env.env_name,
               "distribution_mode": env.distribution_mode, "num_levels": env.num_levels,
-              "start_level": env.start_level, "deterministic": deterministic}
+              "start_level": env.start_level, "deterministic": deterministic, "clean_frames": test_view is None}
     if record_video:
         result["video"] = np.stack(frames) if frames else np.zeros((0, 64, 64, 3), np.uint8)
     return result
@@ -90,8 +102,9 @@ def evaluate_random_policy(game: str, episodes: int = 100, num_envs: int = 64, n
 
 def evaluate_checkpoint(path, episodes: int = 100, num_envs: int = 64, num_levels: int = 0, start_level: int = 0,
                         distribution_mode: str | None = None, visual=None, deterministic: bool = False,
-                        seed: int = 12345, device: str = "auto") -> tuple[dict, Path]:
-    """Load a training checkpoint and evaluate it; returns (result, default JSON path beside the checkpoint)."""
+                        seed: int = 12345, device: str = "auto", clean_frames: bool = False) -> tuple[dict, Path]:
+    """Load a training checkpoint and evaluate it; returns (result, default JSON path beside the checkpoint).
+    `clean_frames`: a network-randomisation agent plays clean frames instead of random kernels (evaluate)."""
     from .train import ALGORITHMS  # the registry of agents lives with the training driver
 
     ckpt_path = resolve_checkpoint_path(path)
@@ -104,7 +117,7 @@ def evaluate_checkpoint(path, episodes: int = 100, num_envs: int = 64, num_level
     agent_cls, agent_cfg_cls = ALGORITHMS[config["algo"]]
     agent = agent_cls.for_evaluation(env, agent_cfg_cls(**config["agent"]), runtime)
     agent.load_state_dict(state["agent_state"])
-    result = evaluate(agent, env, episodes, deterministic=deterministic)
+    result = evaluate(agent, env, episodes, deterministic=deterministic, clean_frames=clean_frames, seed=seed)
     result.update(checkpoint=str(ckpt_path), algo=config["algo"], env_steps=agent.env_steps,
                   mixreg=bool(config["agent"].get("mixreg")), seed=seed)
     return result, ckpt_path.parent / "evaluation.json"

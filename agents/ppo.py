@@ -22,6 +22,8 @@ its feature-matching term
 
 while the PPO terms use conv(s), or s in a clean rollout. With mixreg both
 views are mixed, after the convolution, with the same weights and partners.
+Evaluation plays a random-conv agent through random kernels as the paper's
+test worker does (test_augmentation); the other augmentations test on clean frames.
 With the batch-norm regulariser the network stays in training mode for
 rollouts, updates and evaluation, as in the paper's code.
 
@@ -292,10 +294,20 @@ class PPO:
             yield
 
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
-        """Actions on clean frames: evaluation sees no augmentation, as the paper's test workers."""
+        """Actions on the frames given, as they are (evaluation passes them through `test_augmentation`)."""
         with self._acting():
             logits, _ = self.forward(obs)
         return logits.argmax(-1) if deterministic else torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+
+    def test_augmentation(self) -> tuple[RandomConv, int] | None:
+        """What evaluation on unseen levels plays through, and how many steps each draw lasts: for network
+        randomisation a RandomConv of its own (the rollout's kernel stays as it is) with a new kernel, or a
+        clean stretch with clean_rollout_prob, every num_steps steps, as the paper's test worker runs the
+        training runner (train_netrand.py); None for every other agent (cutout-color and random crop are
+        left out on the paper's test worker)."""
+        if self.random_conv is None:
+            return None
+        return RandomConv(clean_rollout_prob=self.cfg.clean_rollout_prob), self.cfg.num_steps
 
     def _policy_step(self, obs: torch.Tensor):
         with self._acting():

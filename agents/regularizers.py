@@ -7,8 +7,16 @@ frames that are already augmented). Each augmentation is an object:
 `resample(num_envs, device)` draws the rollout's parameters (one set per env;
 RandomConv: one kernel for all envs), kept for the whole rollout and redrawn
 before the next one; `aug(obs)` augments an (N, H, W, C) batch of pixel frames,
-row i with env i's parameters. Evaluation on unseen levels acts on clean
-frames, as the paper's test workers do.
+row i with env i's parameters.
+
+At test time (agents.evaluate) the paper's code differs by method. Its PPO runner leaves cutout-color
+and random crop out on the test worker (RunnerWithAugs(is_train=mpi_rank_weight > 0), train_procgen/
+ppo2.py), so those agents are evaluated on clean frames. Network randomisation (train_netrand.py) runs the
+same NetRandRunner on the test worker as on the training ones, so its test returns are played through
+random kernels: a new kernel at every rollout (256 steps, shared by the worker's envs, episodes carrying
+over), and a clean rollout with probability 0.1 (no test-time Monte Carlo averaging over kernels, as its
+README says). That is our default for random-conv agents (PPO.test_augmentation); clean frames are an
+option.
 
 - CutoutColor (Laskin et al. 2020): one box per env filled with one random colour;
   its size h, w ~ U{7..21} also fixes its position (rows 12+h..12+2h, columns 24+w..24+2w).
@@ -110,14 +118,20 @@ class RandomConv:
         self.kernel_size, self.channels = kernel_size, channels
         self.clean_rollout_prob = clean_rollout_prob
 
-    def resample(self, num_envs: int, device: torch.device | str = "cpu") -> None:
+    def resample(self, num_envs: int, device: torch.device | str = "cpu",
+                 generator: torch.Generator | None = None) -> None:
         """Draw this rollout's clean flag and kernel (a kernel in clean rollouts too: the feature-matching loss
-        uses it). `num_envs` is unused: every env sees the same kernel, as the paper's worker."""
-        self.clean = bool(torch.rand(()) < self.clean_rollout_prob)
+        uses it). `num_envs` is unused: every env sees the same kernel, as the paper's worker. With a
+        `generator` (evaluation's own, so that testing leaves training's random streams alone) both are
+        drawn on its device and the kernel moved to `device`."""
+        draw_on = device if generator is None else generator.device
+        flag = torch.rand(()) if generator is None else torch.rand((), generator=generator, device=draw_on)
+        self.clean = bool(flag < self.clean_rollout_prob)
         c, k = self.channels, self.kernel_size
         # A (c, c, k, k) layer has fan-in = fan-out = c*k*k.
         std = glorot_std(fan_in=c * k * k, fan_out=c * k * k) / TRUNCATED_NORMAL_STD
-        self.weight = nn.init.trunc_normal_(torch.empty(c, c, k, k, device=device), std=std, a=-2 * std, b=2 * std)
+        self.weight = nn.init.trunc_normal_(torch.empty(c, c, k, k, device=draw_on), std=std, a=-2 * std, b=2 * std,
+                                            generator=generator).to(device)
 
     def randomise(self, obs: torch.Tensor) -> torch.Tensor:
         """The convolved (N, H, W, C) frames, float32, whatever the rollout's clean flag."""

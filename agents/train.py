@@ -62,6 +62,7 @@ class TrainConfig:
     num_test_envs: int = 32
     eval_interval: int = 5          # iterations between evaluations on unseen levels
     eval_episodes: int = 32
+    eval_clean_frames: bool = False  # network randomisation: test on clean frames, not through random kernels
     video: bool = True
     checkpoint_interval: int = 1    # iterations between checkpoints
     snapshot_interval: int = 0      # env steps between kept snapshots (snapshots/checkpoint-<steps>.pt); 0 = none
@@ -230,7 +231,8 @@ class Trainer:
                                  self.protocol.distribution_mode, num_levels=0, start_level=0,
                                  device=self.runtime.device, seed=self.cfg.seed + 12345,
                                  **visual_options(self.cfg.visual))
-        result = evaluate(self.agent, test_env, self.cfg.eval_episodes, record_video=record_video)
+        result = evaluate(self.agent, test_env, self.cfg.eval_episodes, record_video=record_video,
+                          clean_frames=self.cfg.eval_clean_frames, seed=self.cfg.seed + 12345)
         step = self.agent.env_steps
         if logger is not None:
             logger.scalars("test", {"episode_return": result["mean_return"],

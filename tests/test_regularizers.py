@@ -154,3 +154,102 @@ def test_running_stats_frozen_normalises_with_batch_statistics_and_writes_nothin
     assert int(bn.num_batches_tracked) == 0 and bn.track_running_stats
     bn(x)  # outside the context, training writes the buffers again
     assert int(bn.num_batches_tracked) == 1 and not torch.equal(bn.running_mean, torch.zeros(3))
+
+
+class FrameStub:
+    """A vector env whose frames are step-numbered noise; every env's episode ends each 4th step with return 1."""
+
+    env_name, distribution_mode, num_levels, start_level, num_actions = "stub", "easy", 0, 0, 3
+
+    def __init__(self, num_envs=2):
+        self.num_envs, self.t = num_envs, 0
+
+    def _frames(self):
+        self.last_frames = frames(self.num_envs, 16, 16, seed=self.t).numpy()
+        return self.last_frames
+
+    def reset(self):
+        self.t = 0
+        return torch.from_numpy(self._frames())
+
+    def as_tensor(self, array):
+        return torch.from_numpy(array)
+
+    def step_numpy(self, actions):
+        self.t += 1
+        done = np.full(self.num_envs, self.t % 4 == 0)
+        return self._frames(), done.astype(np.float32), done
+
+    def normalized_score(self, mean):
+        return mean
+
+
+class RecordingAgent:
+    def __init__(self, clean_rollout_prob=0.0, period=3):
+        self.seen, self.view = [], (RandomConv(clean_rollout_prob=clean_rollout_prob), period)
+
+    def test_augmentation(self):
+        return self.view
+
+    def act(self, obs, deterministic=False):
+        self.seen.append(obs.clone())
+        return torch.zeros(len(obs), dtype=torch.long)
+
+
+def test_evaluation_plays_random_conv_agents_through_a_new_kernel_every_rollout_length():
+    """The paper's test worker runs the training runner (NetRandRunner): one kernel for all envs, redrawn
+    every rollout; clean frames only as an option."""
+    from agents.evaluate import evaluate
+
+    agent = RecordingAgent(period=3)
+    result = evaluate(agent, FrameStub(), num_episodes=4, seed=7)
+    assert result["clean_frames"] is False and len(agent.seen) == 8
+    kernels = []
+    for t, seen in enumerate(agent.seen):
+        raw = frames(2, 16, 16, seed=t)
+        x = raw.permute(0, 3, 1, 2).float() / 255
+        # the kernel that maps this step's frames to what the agent saw, found by solving on one env's pixels
+        patches = torch.nn.functional.unfold(x[:1], 3, padding=1)[0].T.double()  # (H*W, 27)
+        target = seen[:1].permute(0, 3, 1, 2).reshape(3, -1).T.double() / 255  # (H*W, 3)
+        kernel = torch.linalg.lstsq(patches, target).solution.T.reshape(3, 3, 3, 3).float()
+        expected = torch.nn.functional.conv2d(x, kernel, padding=1).permute(0, 2, 3, 1) * 255
+        torch.testing.assert_close(seen, expected, rtol=1e-4, atol=1e-2)  # both envs, one kernel
+        kernels.append(kernel)
+    same = [torch.allclose(kernels[t], kernels[t - 1], atol=1e-4) for t in range(1, 8)]
+    assert same == [t % 3 != 0 for t in range(1, 8)], "a new kernel at steps 3 and 6"
+
+    again = RecordingAgent(period=3)
+    evaluate(again, FrameStub(), num_episodes=4, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(agent.seen, again.seen)), "kernels drawn from the seed alone"
+
+    clean = RecordingAgent(period=3)
+    assert evaluate(clean, FrameStub(), num_episodes=4, clean_frames=True)["clean_frames"] is True
+    for t, seen in enumerate(clean.seen):
+        assert torch.equal(seen, frames(2, 16, 16, seed=t))
+
+
+def test_evaluation_keeps_the_training_share_of_clean_stretches():
+    from agents.evaluate import evaluate
+
+    agent = RecordingAgent(clean_rollout_prob=0.3, period=1)
+    evaluate(agent, FrameStub(1), num_episodes=500, seed=0)  # 2000 steps, one draw each
+    clean = sum(torch.equal(seen, frames(1, 16, 16, seed=t)) for t, seen in enumerate(agent.seen))
+    assert abs(clean / len(agent.seen) - 0.3) < 4 * math.sqrt(0.3 * 0.7 / len(agent.seen))
+
+
+def test_ppo_tests_random_conv_agents_through_kernels_of_their_own():
+    from types import SimpleNamespace
+
+    from agents.ppo import PPO, PPOConfig
+    from workbench.runtime import Runtime
+
+    env = SimpleNamespace(num_envs=2, num_actions=3, observation_shape=(64, 64, 3))
+    runtime = Runtime.create("cpu", "fp32")
+    for augment in (None, "cutout_color", "random_crop"):
+        agent = PPO(env, PPOConfig(num_envs=2, num_steps=8, num_minibatches=1, augment=augment), runtime)
+        assert agent.test_augmentation() is None
+    agent = PPO(env, PPOConfig(num_envs=2, num_steps=8, num_minibatches=1, augment="random_conv",
+                               clean_rollout_prob=0.25), runtime)
+    view, period = agent.test_augmentation()
+    assert isinstance(view, RandomConv) and view is not agent.augmentation
+    assert period == 8 and view.clean_rollout_prob == 0.25

@@ -135,7 +135,20 @@ def test_comparison_regularizers_train(tmp_path, regularizer):
     rc = train_main(TINY + ["--total-steps", "128", "--no-mixreg", "--regularizer", regularizer, "--no-video",
                             "--runs-root", str(tmp_path), "--run-name", regularizer])
     assert rc == 0
-    assert json.loads((tmp_path / regularizer / "metrics.json").read_text())["env_steps"] == 128
+    metrics = json.loads((tmp_path / regularizer / "metrics.json").read_text())
+    assert metrics["env_steps"] == 128
+    # the paper's test workers: network randomisation plays through random kernels, the rest on clean frames
+    assert metrics["test"]["clean_frames"] is (regularizer != "random_conv")
+    if regularizer == "random_conv":
+        out = tmp_path / "clean.json"
+        assert evaluate_main([str(tmp_path / regularizer), "--episodes", "2", "--num-envs", "2", "--clean-frames",
+                              "--out", str(out)]) == 0
+        assert json.loads(out.read_text())["clean_frames"] is True
+
+
+def test_clean_frame_evaluation_is_a_training_flag_recorded_in_the_config():
+    assert config_from_args(parse_train_args(["--eval-clean-frames"])).eval_clean_frames is True
+    assert config_from_args(parse_train_args([])).eval_clean_frames is False
 
 
 def test_training_with_the_coordinate_attention_backbone(tmp_path):
