@@ -66,10 +66,14 @@ class ImpalaCNN(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # Orthogonal init with gain sqrt(2) for ReLU layers, as in the OpenAI baselines Procgen code.
+        """As baselines' build_impala_cnn (baselines/common/models.py), which train-procgen and the mixreg
+        code use: tf.layers.conv2d / tf.layers.dense with no initializer given, i.e. TF's default
+        Glorot-uniform kernels, U(+-sqrt(6 / (fan_in + fan_out))) with a conv's fans k*k*c_in and k*k*c_out,
+        and zero biases. (baselines' orthogonal init belongs to its `fc` helper: the policy and value heads,
+        which the agent sets.) The coordinate-attention variants' 1x1 convolutions get the same."""
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.orthogonal_(m.weight, gain=nn.init.calculate_gain("relu"))
+                nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
     def flat_features(self, x: torch.Tensor) -> torch.Tensor:
