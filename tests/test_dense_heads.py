@@ -216,3 +216,113 @@ def test_config_round_trips_through_json_and_rebuilds_the_same_model():
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x))
     assert rebuilt.head.context.group_size == (4, 4)
+
+
+# ------------------------------------------------------------------ fcn: mmsegmentation's FCNHead
+
+def _mmseg_fcn_parameters(cin: int, mid: int, num_classes: int, num_convs: int = 2, concat_input: bool = True,
+                          k: int = 3) -> int:
+    """Parameters of mmseg's FCNHead (fcn_head.py + decode_head.py), counted from its structure: every
+    ConvModule is a bias-free k x k conv (a norm follows) + BN (weight, bias) + ReLU; cls_seg is a 1x1 conv
+    with bias after dropout."""
+    def conv_module(i, o):
+        return k * k * i * o + 2 * o
+    convs = conv_module(cin, mid) + (num_convs - 1) * conv_module(mid, mid) if num_convs else 0
+    return convs + (conv_module(cin + mid, mid) if concat_input else 0) + mid * num_classes + num_classes
+
+
+def test_fcn_head_is_mmsegs_two_convs_then_input_concat_then_dropout_and_1x1_classifier():
+    info = [{"channels": 12, "reduction": 4}, {"channels": 24, "reduction": 8}]   # "auto" reads the last map
+    head = create_head("fcn", info, 5, channels=16)
+    assert head.num_convs == 2 and head.concat_input
+    assert len(head.convs) == 2
+    for block, cin in zip(head.convs, (24, 16)):
+        conv, bn, relu = block
+        assert isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+        assert (conv.in_channels, conv.out_channels) == (cin, 16) and conv.bias is None
+        assert isinstance(bn, torch.nn.BatchNorm2d) and isinstance(relu, torch.nn.ReLU)
+    cat = head.conv_cat[0]
+    assert (cat.in_channels, cat.out_channels, cat.kernel_size, cat.bias) == (24 + 16, 16, (3, 3), None)
+    assert isinstance(head.dropout, torch.nn.Dropout2d) and head.dropout.p == 0.1
+    assert head.classifier.kernel_size == (1, 1) and head.classifier.bias is not None
+    assert (head.classifier.in_channels, head.classifier.out_channels) == (16, 5) and head.feature_dim == 16
+
+    feats = [torch.rand(2, 12, 18, 14), torch.rand(2, 24, 9, 7)]
+    head.eval()
+    with torch.no_grad():
+        logits, aux = head(feats)
+        x = feats[-1]
+        expected = head.classifier(head.conv_cat(torch.cat([x, head.convs(x)], dim=1)))
+    assert aux is None and logits.shape == (2, 5, 9, 7)
+    torch.testing.assert_close(logits, expected)
+
+
+@pytest.mark.parametrize("cin, mid, k, num_convs, concat", [(24, 16, 5, 2, True), (2048, 512, 19, 2, True),
+                                                            (48, 8, 3, 3, True), (48, 8, 3, 1, False),
+                                                            (1024, 256, 19, 1, False), (16, 16, 4, 0, True)])
+def test_fcn_head_parameter_count_is_mmsegs(cin, mid, k, num_convs, concat):
+    with torch.device("meta"):
+        options = {} if (num_convs, concat) == (2, True) else {"num_convs": num_convs, "concat_input": concat}
+        head = create_head("fcn", [{"channels": cin, "reduction": 8}], k, channels=mid, **options)
+    assert sum(p.numel() for p in head.parameters()) == _mmseg_fcn_parameters(cin, mid, k, num_convs, concat)
+
+
+def test_fcn_head_defaults_are_the_fcn_r50_d8_config_and_bad_options_are_one_line_errors():
+    import inspect
+    from adaptation.dense.heads import FCNHead
+    defaults = {n: p.default for n, p in inspect.signature(FCNHead).parameters.items()}
+    assert {k: defaults[k] for k in ("channels", "num_convs", "concat_input", "dropout", "kernel_size")} == \
+        {"channels": 512, "num_convs": 2, "concat_input": True, "dropout": 0.1, "kernel_size": 3}
+    with pytest.raises(ValueError, match="channels must equal its 24"):
+        create_head("fcn", [{"channels": 24, "reduction": 8}], 3, channels=16, num_convs=0)
+    with pytest.raises(ValueError, match="num_convs"):
+        create_head("fcn", [{"channels": 24, "reduction": 8}], 3, channels=16, num_convs=-1)
+
+
+def test_fcn_checkpoint_with_the_old_one_conv_head_is_a_one_line_error(tmp_path, capsys):
+    """Checkpoints written before issue 34 hold head.conv.* (one conv-BN-ReLU, then the classifier): loading
+    them into today's fcn is a one-line error naming the cause, from the library and from the command."""
+    from adaptation.cli import evaluate_main
+    from adaptation.dense.evaluate import load_dense_model
+    from workbench.checkpoint import CheckpointError, save_checkpoint
+    from workbench.runtime import Runtime
+
+    config = dense_model_config("dtn", "fcn", 11, head_kwargs={"channels": 8})
+    # the old head is today's num_convs=1, concat_input=False under its old name `conv`
+    old = SegmentationModel("dtn", "fcn", 11, head_kwargs={"channels": 8, "num_convs": 1, "concat_input": False})
+    state = {k.replace("head.convs.0.", "head.conv."): v for k, v in old.state_dict().items()}
+    path = save_checkpoint(tmp_path / "old" / "source.pt", "source-model",
+                           {"task": "segmentation", "model_config": config, "model": state})
+    with pytest.raises(CheckpointError, match="old one-conv head") as err:
+        load_dense_model(path, Runtime.create("cpu", "fp32"))
+    assert "\n" not in str(err.value)
+    assert evaluate_main(["--model", str(path), "--data", "builtin:scenes/textured:test", "--device", "cpu"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error: ") and "old one-conv head" in message and "\n" not in message
+
+    # any other mismatch is a one-line error too; a checkpoint of today's head loads
+    new = SegmentationModel("dtn", "fcn", 11, head_kwargs={"channels": 8})
+    broken = {k: v for k, v in new.state_dict().items() if not k.startswith("head.conv_cat.")}
+    path = save_checkpoint(tmp_path / "broken" / "source.pt", "source-model",
+                           {"task": "segmentation", "model_config": config, "model": broken})
+    with pytest.raises(CheckpointError, match="6 missing state entries") as err:
+        load_dense_model(path, Runtime.create("cpu", "fp32"))
+    assert "\n" not in str(err.value)
+    path = save_checkpoint(tmp_path / "new" / "source.pt", "source-model",
+                           {"task": "segmentation", "model_config": config, "model": new.state_dict()})
+    model, _ = load_dense_model(path, Runtime.create("cpu", "fp32"))
+    torch.testing.assert_close(model.state_dict()["head.conv_cat.0.weight"], new.state_dict()["head.conv_cat.0.weight"])
+
+
+def test_fcn_split_adapts_both_convs_and_conv_cat_under_the_frozen_1x1_classifier():
+    model = SegmentationModel("dtn", "fcn", num_classes=4, head_kwargs={"channels": 8})
+    model.classifier.requires_grad_(False)
+    assert [n for n, _ in model.head.named_children()][-1] == "classifier"
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    probs = model(torch.rand(2, 3, 32, 32)).softmax(1)
+    (-(probs * probs.clamp_min(1e-8).log()).sum(1).mean()).backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert {"head.convs.0.0.weight", "head.convs.1.0.weight", "head.conv_cat.0.weight"} <= changed
+    assert not any(n.startswith("head.classifier.") for n in changed)
