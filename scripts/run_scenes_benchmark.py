@@ -31,9 +31,9 @@ Defaults sized for a CPU: the DTN of the digits experiments at output stride 4 w
 heads, trained from scratch with Adam (2e-3, poly) for 32 epochs (6,000 iterations, about 17 min on
 one CPU thread under bf16; SGD at the papers' 0.01 leaves from-scratch models at all-background far
 longer), and 5 adaptation epochs. Shorter source training leaves models too uncertain to adapt:
-dtn + fcn reached 29 mIoU on printed:test / 18 on textured:test after 8 epochs and 80 / 45 after 32
-(seed 0, sources then selected on printed:test, docs/RESULTS.md), and SHOT-IM lowered both sources'
-target mIoU.
+dtn + fcn (the one-conv fcn head of before issue 34) reached 29 mIoU on printed:test / 18 on
+textured:test after 8 epochs and 80 / 45 after 32 (seed 0, sources then selected on printed:test,
+docs/RESULTS.md), and SHOT-IM lowered both sources' target mIoU.
 Training and adaptation run under bf16 autocast where the hardware computes it (`--precision auto`;
 fp32 elsewhere or with `--precision fp32`).
 `--backbone resnet18 --head-channels 512 --optimizer sgd --epochs 15` gives the papers' widths,

@@ -16,11 +16,11 @@ That loss is no longer SHOT-IM: `method_name` names what a configuration runs ("
 only with SHOT's uniform prior and, for SHOT, its centroid pseudo-labels; "im (source prior)" and
 "im (source prior) + centroid labels" with the default prior), and tables and logs use that name.
 
-How the default was chosen, honestly: on the built-in scenes (dtn + fcn source, 5 epochs of IM, one
-seed) the target mIoU went to 48.7 with the source prior, 35.1 with the uniform prior (`"uniform"`)
-and 26.7 with entropy alone (`diversity_weight=0`, URMA's setting), measured on
-`builtin:scenes/textured:test`, the split the scenes table reports (docs/RESULTS.md, ninth session
-of issue 11). The scenes now have a val split: the choice is to be repeated on
+How the default was chosen, honestly: on the built-in scenes (dtn + fcn source, the one-conv fcn head of
+before issue 34, 5 epochs of IM, one seed) the target mIoU went to 48.7 with the source prior, 35.1 with
+the uniform prior (`"uniform"`) and 26.7 with entropy alone (`diversity_weight=0`, URMA's setting),
+measured on `builtin:scenes/textured:test`, the split the scenes table reports (docs/RESULTS.md, ninth
+session of issue 11). The scenes now have a val split: the choice is to be repeated on
 `builtin:scenes/textured:val` (scripts/run_scenes_benchmark.py writes the val table it needs); until
 then `initial` stays the default on that test-split evidence. The adapter scores the target's val
 split (`val_on`) beside its test split (`test_on`) before and after adapting: settings are chosen on
