@@ -188,7 +188,8 @@ def test_reweighted_long_range_attention_by_hand():
     torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_cifs_multipliers_follow_the_probe_gradient_are_non_negative_and_sum_to_two():
+def test_cifs_multipliers_follow_the_probe_gradient_are_non_negative_and_sum_to_one():
+    """m = softmax(relevance), as the official code's head (no `* 2`: that was its softmax2 experiment)."""
     from workbench.layers import CIFS
 
     torch.manual_seed(0)
@@ -202,11 +203,11 @@ def test_cifs_multipliers_follow_the_probe_gradient_are_non_negative_and_sum_to_
         first = labels if training else ranked[:, 0]
         # linear probe on the pooled map: d(z_a + z_b)/d(pooled) = w_a + w_b, the positions' sum of the map gradient
         w = block.probe.weight
-        expected = torch.softmax(w[first] + w[ranked[:, 1]], dim=1) * 2
+        expected = torch.softmax(w[first] + w[ranked[:, 1]], dim=1)
         torch.testing.assert_close(out, x * expected[:, :, None, None])
         m, _ = block.multipliers(x, labels)
         assert (m >= 0).all()
-        torch.testing.assert_close(m.sum(1), torch.full((3,), 2.0))
+        torch.testing.assert_close(m.sum(1), torch.ones(3))
     block.train()
     out, logits = block(x, labels)
     (out.sum() + logits.sum()).backward()
@@ -221,7 +222,7 @@ def test_cifs_multipliers_follow_the_probe_gradient_are_non_negative_and_sum_to_
     z = nonlinear.probe(fmap.mean(dim=(2, 3)))
     top = z.topk(2, dim=1).indices
     (z.gather(1, top).sum()).backward()
-    torch.testing.assert_close(m, torch.softmax(fmap.grad.sum(dim=(2, 3)), dim=1) * 2)
+    torch.testing.assert_close(m, torch.softmax(fmap.grad.sum(dim=(2, 3)), dim=1))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "hrformer_t"])

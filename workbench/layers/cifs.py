@@ -1,4 +1,4 @@
-"""CIFS: channel-wise importance-based feature selection (Yan et al., NeurIPS 2021).
+"""CIFS: channel-wise importance-based feature selection (Yan et al., ICML 2021).
 
 A probe classifier on the globally pooled feature map predicts the class. The gradient of two of
 its logits with respect to the feature map, summed over positions, says how relevant each channel
@@ -6,11 +6,16 @@ is:
 
     r   = sum_{h,w} d(z_a + z_b) / d f_{:, h, w}       (a = the true class in training, else the top
                                                          prediction; b = the second prediction)
-    m   = s * softmax(r)                                (non-negative, summing to s = 2)
+    m   = softmax(r)                                    (non-negative, summing to 1 per sample)
     out = f * m                                         (per channel)
 
-as the official code does (its `softmax(...) * 2`, with the relevance taken on a detached copy of
-the features and the graph kept, so that the main loss trains the probe through the multipliers).
+as the official code does (github HanshuYAN/CIFS, models/nets/resnet_CIFS.py, CIFS._get_mask_with_graph
+at its head 2e68025: `mask = F.softmax(mask.view(N,C), dim=1)`, with the relevance taken on a detached
+copy of the features and the graph kept, so that the main loss trains the probe through the
+multipliers). That code's first version (2d8217c) and one later commit (3a3f261) multiplied the
+softmax by 2; the next commit (bb5ff7d) went back to the plain softmax, kept `* 2` as a commented-out
+line and logged both runs (experiments/PAT_Res18_cifar10_CIFS: best PGD-20 51.58%,
+PAT_Res18_cifar10_CIFS_softmax2: 51.60%), so x2 was an experiment variant, not the released model.
 The probe's logits are returned too: CIFS trains each probe with its own cross-entropy beside the
 network's (adversarially, with PGD, in the paper; adaptation.adversarial).
 
@@ -23,7 +28,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-MULTIPLIER_SUM = 2.0
 HIDDEN = 128
 
 
@@ -36,12 +40,11 @@ def make_probe(channels: int, num_classes: int, kind: str) -> nn.Module:
 
 
 class CIFS(nn.Module):
-    def __init__(self, channels: int, num_classes: int, probe: str = "linear", multiplier_sum: float = MULTIPLIER_SUM):
+    def __init__(self, channels: int, num_classes: int, probe: str = "linear"):
         super().__init__()
         if num_classes < 2:
             raise ValueError("CIFS needs at least 2 classes (it reads the top two probe logits)")
         self.probe = make_probe(channels, num_classes, probe)
-        self.multiplier_sum = multiplier_sum
 
     def multipliers(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(channel multipliers m (N, C), probe logits (N, K)) for a feature map x (N, C, H, W)."""
@@ -55,7 +58,7 @@ class CIFS(nn.Module):
             chosen = logits[rows, first].sum() + logits[rows, ranked[:, 1]].sum()
             # d/d(pooled) = sum over positions of d/d(feature map), as pooled is the positions' mean
             (relevance,) = torch.autograd.grad(chosen, pooled, create_graph=keep_graph)
-        return torch.softmax(relevance, dim=1) * self.multiplier_sum, self.probe(x.float().mean(dim=(2, 3)))
+        return torch.softmax(relevance, dim=1), self.probe(x.float().mean(dim=(2, 3)))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         m, logits = self.multipliers(x, labels)
