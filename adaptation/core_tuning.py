@@ -16,6 +16,14 @@ where "y_j = y_i" compares the (soft) label vectors exactly and A holds the rows
 positive. As in the official code, the inner sum is divided by the number of rows N (not by the
 number of positives). Published setting: tau 0.07, eta 0.1, a 1, batch 256, projection to 256-d.
 
+The clean rows f of the batch [f; f'; f''] are detached from the encoder, in both terms: the official
+code (github Vanint/Core-tuning, Core-tuning.py at 3547790, `feature_mixup`) starts the batch with
+`list_f = features.clone().detach().requires_grad_(True)` and concatenates the mixes, built from the
+undetached features, after it; that one batch feeds both the classifier (soft CE) and the projection
+head (L_focal). The encoder is therefore trained through the mixes only, while the classifier and
+the head still learn from the clean rows. `detach_clean=False` (not the official behaviour) lets the
+clean rows' gradients reach the encoder too, as this module did before issue 34.
+
 Here f is the workbench model's embedding (the bottleneck output that the classifier C reads), so
 the saved model stays an ordinary source model that every adapter accepts; g lives beside it.
 """
@@ -31,6 +39,7 @@ CONTRAST_WEIGHT = 0.1        # eta (README of the official code: --eta_weight 0.
 MIX_ALPHA = 1.0
 HARD_NEGATIVE_MIN_WEIGHT = 0.8
 PROJECTION_DIM = 256
+DETACH_CLEAN = True          # the official code's detached clean rows (module docstring)
 
 
 class ProjectionHead(nn.Module):
@@ -63,9 +72,10 @@ def focal_supervised_contrastive(z: torch.Tensor, labels: torch.Tensor, temperat
     return -(focal.sum(dim=1) / n)[anchors].mean()
 
 
-def feature_mixup(features: torch.Tensor, onehot: torch.Tensor, alpha: float = MIX_ALPHA
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[f; hard-negative mixes; hard-positive mixes] (3B, d) and their mixed labels (3B, K)."""
+def feature_mixup(features: torch.Tensor, onehot: torch.Tensor, alpha: float = MIX_ALPHA,
+                  detach_clean: bool = DETACH_CLEAN) -> tuple[torch.Tensor, torch.Tensor]:
+    """[f; hard-negative mixes; hard-positive mixes] (3B, d) and their mixed labels (3B, K); with
+    `detach_clean` the first B rows (f) carry no gradient back to `features`, as in the official code."""
     b = features.shape[0]
     beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
 
@@ -93,15 +103,17 @@ def feature_mixup(features: torch.Tensor, onehot: torch.Tensor, alpha: float = M
     m = weights()
     pos_f = m * features[hard_positive] + (1 - m) * features[hard_negative]
     pos_y = m * onehot[hard_positive] + (1 - m) * onehot[hard_negative]
-    return torch.cat([features, neg_f, pos_f]), torch.cat([onehot, neg_y, pos_y])
+    clean = features.detach() if detach_clean else features
+    return torch.cat([clean, neg_f, pos_f]), torch.cat([onehot, neg_y, pos_y])
 
 
 def core_tuning_loss(model: nn.Module, head: ProjectionHead, images: torch.Tensor, labels: torch.Tensor,
-                     num_classes: int, contrast_weight: float = CONTRAST_WEIGHT, alpha: float = MIX_ALPHA
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Soft cross-entropy on the mixed batch plus eta * L_focal; `model` has .embed and .classifier."""
+                     num_classes: int, contrast_weight: float = CONTRAST_WEIGHT, alpha: float = MIX_ALPHA,
+                     detach_clean: bool = DETACH_CLEAN) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Soft cross-entropy on the mixed batch plus eta * L_focal; `model` has .embed and .classifier.
+    The encoder learns through the mixes only unless `detach_clean` is False (module docstring)."""
     features = model.embed(images)
-    mixed_f, mixed_y = feature_mixup(features, F.one_hot(labels, num_classes).float(), alpha)
+    mixed_f, mixed_y = feature_mixup(features, F.one_hot(labels, num_classes).float(), alpha, detach_clean)
     classification = -(mixed_y * F.log_softmax(model.classifier(mixed_f).float(), 1)).sum(1).mean()
     contrast = focal_supervised_contrastive(head(mixed_f.float()), mixed_y)
     return classification + contrast_weight * contrast, {"classification": classification.detach(),

@@ -181,6 +181,53 @@ def test_feature_mixup_builds_hard_pairs_with_matching_labels():
         assert support <= expect and len(support) >= 1
 
 
+
+def test_core_tuning_trains_the_encoder_through_the_mixes_only_as_the_official_code():
+    """The official feature_mixup starts the batch with features.clone().detach(): the clean rows reach
+    the classifier and the projection head but carry no gradient back to the encoder, in either term."""
+    from adaptation.core_tuning import ProjectionHead, core_tuning_loss, feature_mixup, focal_supervised_contrastive
+
+    torch.manual_seed(0)
+    f = torch.randn(8, 12, requires_grad=True)
+    y = F.one_hot(torch.tensor([0, 0, 1, 1, 2, 2, 0, 1]), 3).float()
+    head, classifier = ProjectionHead(12, 16), torch.nn.Linear(12, 3)
+    for options, reaches in (({}, False), ({"detach_clean": False}, True)):  # the default, then the option
+        mixed_f, mixed_y = feature_mixup(f, y, **options)
+        clean, mixes = mixed_f[:8], mixed_f[8:]
+        for term in (focal_supervised_contrastive(head(clean), mixed_y[:8]), classifier(clean).logsumexp(1).sum()):
+            (grad,) = torch.autograd.grad(term, f, allow_unused=True, retain_graph=True)
+            assert (grad is not None and grad.abs().sum() > 0) == reaches
+        (grad,) = torch.autograd.grad(focal_supervised_contrastive(head(mixes), mixed_y[8:]), f)
+        assert grad.abs().sum() > 0  # the mixes do reach the encoder
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.classifier = torch.nn.Linear(20, 12), torch.nn.Linear(12, 3)
+
+        def embed(self, x):
+            return self.encoder(x)
+
+    torch.manual_seed(0)
+    model, head = Tiny(), ProjectionHead(12, 16)
+    images, labels = torch.randn(8, 20), torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+
+    def encoder_grad(loss):
+        return torch.autograd.grad(loss, model.encoder.weight)[0]
+
+    torch.manual_seed(2)
+    got = encoder_grad(core_tuning_loss(model, head, images, labels, 3)[0])
+    # reference: the official batch, [detached clean rows; mixes of the undetached features]
+    torch.manual_seed(2)
+    mixed_f, mixed_y = feature_mixup(model.embed(images), F.one_hot(labels, 3).float(), detach_clean=False)
+    official = torch.cat([mixed_f[:8].detach(), mixed_f[8:]])
+    reference = -(mixed_y * F.log_softmax(model.classifier(official), 1)).sum(1).mean() + 0.1 * (
+        focal_supervised_contrastive(head(official), mixed_y))
+    torch.testing.assert_close(got, encoder_grad(reference))
+    torch.manual_seed(2)
+    attached = encoder_grad(core_tuning_loss(model, head, images, labels, 3, detach_clean=False)[0])
+    assert (attached - got).abs().max() > 1e-4
+
 def tiny_digit_model(backbone="dtn", **kwargs):
     from adaptation.model import ShotModel
 
