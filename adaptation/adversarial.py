@@ -3,10 +3,15 @@
     x_0     = x + U(-eps, eps)                                      (random start)
     x_{t+1} = Proj_{B_inf(x, eps) ∩ [0, 1]} ( x_t + a * sign(grad_x CE(f(x_t), y)) )
 
-The budget is in pixel units ([0, 1] images: eps 8/255, step a = 2/255, 10 steps for training,
-20 for evaluation, CIFS's published setting). The models here take normalised images
-(x - mean) / std, so the attack works on the normalised tensor with the budget, the step and the
-[0, 1] box divided by each channel's std.
+The budget is in pixel units ([0, 1] images). Training: eps 8/255, step a = 2/255, 10 steps, from
+a random start (CIFS's published setting; the command line has no option for the training attack's
+steps, and code that builds a PGD(...) sets its step with them). Evaluation (evaluation_attack): from
+the clean image, PGD-20 with a = eps/10 as the CIFS code (CIFAR10_Res18_CIFS_test.py: nb_iter 20, 30
+or 100, eps_iter 0.1 * eps). With fewer than 20 steps a = max(eps/10, 2.5 eps/steps), Madry et al.'s
+rule, so that the steps travel 2.5 eps and can reach the ball's edge (eps/10 could not with fewer
+than 10 steps; before issue 34 the step was eps/10 whatever the steps). The models here take
+normalised images (x - mean) / std, so the attack works on the normalised tensor with the budget,
+the step and the [0, 1] box divided by each channel's std.
 """
 
 from __future__ import annotations
@@ -70,11 +75,21 @@ def pgd_attack(logits_of: Callable[[torch.Tensor], torch.Tensor] | None, images:
 
 
 EVAL_STEP_FRACTION = 0.1   # evaluation step = eps / 10, from the clean image (the CIFS code's PGD-20)
+MADRY_STEP_FACTOR = 2.5    # fewer steps: a = 2.5 eps / steps (Madry et al. 2018)
+
+
+def evaluation_step(eps: float, steps: int) -> float:
+    """The evaluation attack's step: eps/10 at EVAL_STEPS or more (the CIFS code's PGD-20/-30/-100),
+    max(eps/10, 2.5 eps/steps) below (module docstring)."""
+    if eps <= 0:
+        return STEP_SIZE  # nothing can move; PGD wants a positive step
+    if steps >= EVAL_STEPS:
+        return EVAL_STEP_FRACTION * eps
+    return max(EVAL_STEP_FRACTION, MADRY_STEP_FACTOR / steps) * eps
 
 
 def evaluation_attack(eps: float = EPS, steps: int = EVAL_STEPS) -> PGD:
-    return PGD(eps=eps, step_size=EVAL_STEP_FRACTION * eps if eps > 0 else STEP_SIZE, steps=steps,
-               random_start=False)
+    return PGD(eps=eps, step_size=evaluation_step(eps, steps), steps=steps, random_start=False)
 
 
 def robust_accuracy(model: torch.nn.Module, loader, attack: PGD, style: str, device: torch.device,

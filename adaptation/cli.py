@@ -558,7 +558,8 @@ def evaluate_main(argv=None) -> int:
                    "write the predicted keypoints as a COCO result JSON file PATH")
     p.add_argument("--no-flip-test", action="store_true", help="pose: score without flip testing")
     p.add_argument("--attack", default=None, choices=("pgd",), help="classification: also report accuracy under "
-                   "an L-inf PGD attack (from the clean image, step eps/10; CIFS models through their joint loss)")
+                   "an L-inf PGD attack (from the clean image; step eps/10 at 20 steps or more as the CIFS code, "
+                   "max(eps/10, 2.5 eps/steps) below; CIFS models through their joint loss)")
     p.add_argument("--eps", type=unit_interval, default=8 / 255, help="attack budget in [0, 1] pixel units (default 8/255)")
     p.add_argument("--steps", type=positive_int, default=20, help="attack steps (default 20: PGD-20)")
     p.add_argument("--attack-loss", default="model", choices=ATTACK_LOSSES, help="what PGD ascends: the "

@@ -119,6 +119,30 @@ def test_pgd_stays_in_the_eps_ball_and_pixel_range_and_raises_the_loss():
     assert ((adv * std + mean) - pixels).abs().max() <= 8 / 255 + 1e-5
 
 
+
+def test_evaluation_attack_with_few_steps_reaches_the_edge_of_the_ball():
+    """Madry's 2.5 eps / steps below 20 steps (eps/10 could not leave a 2-step attack more than 0.2 eps
+    from the clean image); the CIFS code's eps/10 at PGD-20 and beyond."""
+    from adaptation.adversarial import PGD, evaluation_attack, pgd_attack
+
+    eps = 8 / 255
+    assert evaluation_attack(eps, steps=2).step_size == pytest.approx(1.25 * eps)
+    assert evaluation_attack(eps, steps=10).step_size == pytest.approx(0.25 * eps)
+    assert evaluation_attack(eps, steps=20).step_size == pytest.approx(eps / 10)
+    assert evaluation_attack(eps, steps=100).step_size == pytest.approx(eps / 10)
+    assert evaluation_attack(eps).steps == 20 and not evaluation_attack(eps).random_start
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))  # linear: a fixed gradient sign
+    pixels = torch.rand(16, 3, 8, 8) * 0.6 + 0.2  # away from the [0, 1] box
+    images = (pixels - 0.5) / 0.5
+    labels = model(images).argmax(1)
+    moved = (pgd_attack(model, images, labels, evaluation_attack(eps, steps=2)) * 0.5 + 0.5 - pixels).abs()
+    assert moved.max().item() == pytest.approx(eps, abs=1e-6)
+    assert (moved > eps - 1e-6).float().mean() > 0.99  # every pixel the gradient moves ends on the edge
+    old = PGD(eps=eps, step_size=eps / 10, steps=2, random_start=False)  # the rule before issue 34
+    moved = (pgd_attack(model, images, labels, old) * 0.5 + 0.5 - pixels).abs()
+    assert moved.max().item() == pytest.approx(0.2 * eps, abs=1e-6)
+
 def brute_force_focal_supcon(z, labels, tau):
     """The focal supervised contrastive loss pair by pair, with python loops."""
     n = len(z)
