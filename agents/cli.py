@@ -13,15 +13,17 @@ from workbench.arguments import (ArgumentParser, discount, non_negative_float, n
 from workbench.backbones import list_backbones
 from workbench.runtime import DEVICE_CHOICES, PRECISION_CHOICES
 
-from .train import ALGORITHMS, REGULARIZERS, Trainer, TrainConfig, apply_regularizer
+from .train import ALGORITHMS, LEARNING_CURVE, REGULARIZERS, Trainer, TrainConfig, apply_regularizer
 
 TRAIN_HELP = """Train an agent on a Procgen game and evaluate it on unseen levels.
 
-With no flags: a small PPO+mixreg run on starpilot (easy, 200 training levels)
-that finishes in a few minutes on 2 CPU cores. The paper-scale recipe:
+With no flags: the quick main job, PPO+mixreg on starpilot (easy, 200 training levels) with a
+half-width IMPALA CNN, 16 envs x 128 steps, 102,400 steps: about 10 minutes on 2 CPU cores without
+AVX-512, and it ends with the test return beside the uniform random policy's on the same episodes.
+The paper-scale recipe (its network and rollout length):
 
-    python scripts/train_procgen.py --env starpilot --protocol easy-200 --num-envs 64 --total-steps protocol
-    python scripts/train_procgen.py --env climber --protocol hard-500 --num-envs 64 --total-steps protocol --no-mixreg
+    python scripts/train_procgen.py --env starpilot --protocol easy-200 --num-envs 64 --backbone impala_1x --num-steps 256 --total-steps protocol
+    python scripts/train_procgen.py --env climber --protocol hard-500 --num-envs 64 --backbone impala_1x --num-steps 256 --total-steps protocol --no-mixreg
 """
 
 
@@ -50,12 +52,15 @@ def parse_train_args(argv=None) -> argparse.Namespace:
                    help="level split and distribution mode (easy-200: easy, levels [0,200); hard-500: hard, 500)")
     p.add_argument("--total-steps", type=total_steps_arg, default=None,
                    help="env steps to train for; 'protocol' uses the protocol's budget (25M / 200M); "
-                        "default 40960 (a few minutes on a CPU)")
+                        f"default {TrainConfig.total_steps} (the quick main job: about 10 minutes on 2 CPU cores)")
     p.add_argument("--num-envs", type=positive_int, default=16, help="parallel training envs (the recipe uses 64)")
-    p.add_argument("--num-steps", type=positive_int, default=256, help="PPO: rollout length per env")
+    p.add_argument("--num-steps", type=positive_int, default=128,
+                   help="PPO: rollout length per env (default 128, the quick main job's; the paper's is 256)")
     p.add_argument("--reward-norm-gamma", type=discount, default=0.99,
                    help="PPO: discount of the reward scaler's running return (VecNormalize's 0.99; GAE uses 0.999)")
-    p.add_argument("--backbone", default="impala_1x", help=f"registered backbone: {', '.join(list_backbones())}")
+    p.add_argument("--backbone", default="impala_half",
+                   help="registered backbone (default impala_half, the quick main job's; the paper's is impala_1x): "
+                        f"{', '.join(list_backbones())}")
     p.add_argument("--lr", type=positive_float, default=None, help="default: 5e-4 (PPO), 2.5e-4 (Rainbow)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
@@ -65,7 +70,7 @@ def parse_train_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--visual", nargs="*", default=[], choices=sorted(VISUAL_OPTIONS),
                    help="visual-domain variants (dynamics unchanged)")
-    p.add_argument("--eval-interval", type=positive_int, default=5, help="iterations between test evaluations")
+    p.add_argument("--eval-interval", type=positive_int, default=10, help="iterations between test evaluations")
     p.add_argument("--eval-episodes", type=positive_int, default=32)
     p.add_argument("--eval-clean-frames", action="store_true",
                    help="--regularizer random_conv: evaluate on clean frames instead of through random kernels "
@@ -162,15 +167,25 @@ def _announce(args: argparse.Namespace, trainer: Trainer) -> None:
           (f", resuming at step {trainer.agent.env_steps}" if args.resume else ""))
 
 
+def _mean_se(result: dict) -> str:
+    se = result.get("stderr_return")
+    return f"{result['mean_return']:.2f}" + (f" ± {se:.2f}" if se is not None else "")
+
+
 def _report(args: argparse.Namespace, trainer: Trainer, metrics: dict) -> int:
     cfg, main = trainer.cfg, trainer.dist.is_main
     if not main:
         return 128 + (metrics["stop_signal"] or signal.SIGTERM) if metrics["interrupted"] else 0
     print(json.dumps({k: metrics[k] for k in ("env_steps", "steps_per_second", "train_mean_return_last100")}))
-    if metrics["test"]:
-        print(f"test on unseen levels: mean return {metrics['test']['mean_return']:.2f}, "
-              f"normalised score {metrics['test']['normalized_score']:.3f}")
+    test, floor = metrics["test"], metrics.get("test_random_policy")
+    if test:
+        print(f"test on unseen levels: mean return {_mean_se(test)} over {test['episodes']} episodes, "
+              f"normalised score {test['normalized_score']:.3f}")
+    if floor:
+        print(f"uniform random policy on the same episodes (the floor): mean return {_mean_se(floor)}")
     print(f"TensorBoard logs: {trainer.run_dir}  ->  tensorboard --logdir {trainer.run_dir.parent}")
+    if (trainer.run_dir / LEARNING_CURVE).exists():
+        print(f"learning curve: {trainer.run_dir / LEARNING_CURVE}")
     # Interrupted runs exit as a signal-killed process would (130 for SIGINT, 143 for SIGTERM).
     return 128 + (metrics["stop_signal"] or signal.SIGTERM) if metrics["interrupted"] else 0
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EVALUATION_SEED = 12345   # the levels every final evaluation plays (evaluate_procgen's default)
+# The network, rollout length and evaluation interval the drivers' runs were measured with (the paper's), given
+# before the driver's own flags (which override them): train_procgen.py's defaults are the quick main job's.
+PAPER_RECIPE = ["--backbone", "impala_1x", "--num-steps", "256", "--eval-interval", "5"]
 
 
 def run_finished(run: Path, total_steps: int) -> bool:
@@ -53,7 +56,7 @@ def train_to(run: Path, total_steps: int, train_args: list[str], threads: int | 
     if (run / "checkpoint.pt").exists():
         cmd = script + ["--resume", str(run), "--total-steps", str(total_steps)]
     else:
-        cmd = script + [*train_args, "--total-steps", str(total_steps), "--runs-root", str(run.parent),
+        cmd = script + [*PAPER_RECIPE, *train_args, "--total-steps", str(total_steps), "--runs-root", str(run.parent),
                         "--run-name", run.name]
     print(" ".join(cmd), flush=True)
     run_logged(cmd, threads, log)

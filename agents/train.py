@@ -17,6 +17,11 @@ own part (RANK_LOCAL_STATE and RNG states), so `--resume` puts each rank back wh
 RANK_SHARD_STATE (Rainbow's replay with --save-replay) goes to ranks/rank-<r>.step-<steps>.pt, written
 by that rank, instead of travelling to rank 0 (N replays in one process's memory).
 
+Beside its TensorBoard events a run leaves its configuration (TEXT tab `config`, and the HPARAMS tab), the
+uniform random policy's return on the final evaluation's episodes (`test/random_policy_return`, metrics.json's
+`test_random_policy`: the floor the test return is read against) and learning_curve.png (train and test return
+against env steps, with the floor), drawn from the event files so that a resumed run's curve is whole.
+
 Checkpoints are written at the end of every `checkpoint_interval` iterations, at the end of the run and
 when a stop is requested (Ctrl-C, SIGTERM). A run that fails (an error on any rank) writes nothing more:
 the last checkpoint stays as it was, and under torchrun the failed rank leaves at once instead of
@@ -36,16 +41,17 @@ import numpy as np
 from envs.procgen import PROTOCOLS, ProcgenVecEnv, check_game, visual_options
 from workbench.checkpoint import LATEST, CheckpointError, load_checkpoint, save_checkpoint
 from workbench.distributed import init_distributed
-from workbench.logging import RunLogger, default_run_name, run_logger, write_json
+from workbench.logging import RunLogger, default_run_name, plot_learning_curve, read_scalars, run_logger, write_json
 from workbench.runtime import Runtime, rng_state, seed_everything, set_rng_state
 
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_random_policy
 from .ppo import PPO, PPOConfig
 from .rainbow import Rainbow, RainbowConfig
 
 ALGORITHMS = {"ppo": (PPO, PPOConfig), "rainbow": (Rainbow, RainbowConfig)}
 SHARD_DIR, SHARD_KIND = "ranks", "procgen-agent-shard"  # the torchrun workers' own large state
 REGULARIZERS = ("none", "cutout_color", "random_crop", "random_conv", "l2", "batchnorm")
+LEARNING_CURVE = "learning_curve.png"  # beside the TensorBoard events: train and test return against env steps
 
 
 @dataclass
@@ -53,14 +59,14 @@ class TrainConfig:
     env: str = "starpilot"
     algo: str = "ppo"
     protocol: str = "easy-200"
-    total_steps: int = 40_960
+    total_steps: int = 102_400      # the quick main job's budget (the CLI's defaults: impala_half, 16 x 128)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
     visual: list = field(default_factory=list)
     num_test_envs: int = 32
-    eval_interval: int = 5          # iterations between evaluations on unseen levels
+    eval_interval: int = 10         # iterations between evaluations on unseen levels
     eval_episodes: int = 32
     eval_clean_frames: bool = False  # network randomisation: test on clean frames, not through random kernels
     video: bool = True
@@ -242,6 +248,27 @@ class Trainer:
         result.pop("video", None)
         return result
 
+    def random_floor(self) -> dict:
+        """The uniform random policy on the very episodes `evaluate` plays (the same envs, levels and env seed;
+        each env's first episode): the floor the test return is read against. Cheap: no network."""
+        return evaluate_random_policy(self.cfg.env, self.cfg.eval_episodes,
+                                      num_envs=min(self.cfg.num_test_envs, self.cfg.eval_episodes),
+                                      distribution_mode=self.protocol.distribution_mode, visual=self.cfg.visual,
+                                      seed=self.cfg.seed + 12345)
+
+    def write_learning_curve(self, floor: dict | None = None) -> Path:
+        """learning_curve.png in the run directory, from its TensorBoard events (a resumed run's whole curve)."""
+        points = read_scalars(self.run_dir, ("train/episode_return", "test/episode_return"))
+        cfg = self.cfg
+        return plot_learning_curve(
+            self.run_dir / LEARNING_CURVE,
+            {"train return (training levels)": points["train/episode_return"],
+             f"test return ({cfg.eval_episodes} episodes, unseen levels)": points["test/episode_return"]},
+            {f"uniform random policy, same test episodes ({floor['mean_return']:.2f})": floor["mean_return"]}
+            if floor else None,
+            title=f"{cfg.algo}{' + mixreg' if getattr(self.agent_cfg, 'mixreg', False) else ''} on {cfg.env} "
+                  f"({cfg.protocol}), seed {cfg.seed}")
+
     def _log_iteration(self, logger: RunLogger, metrics: dict, steps_before: int, seconds: float,
                        recent_returns: list[float]) -> list[float]:
         """TensorBoard scalars of one iteration; returns the last 100 training-episode returns."""
@@ -271,8 +298,13 @@ class Trainer:
                 "runtime": {"device": str(self.runtime.device), "precision": self.runtime.precision_name},
                 "distributed": {"world_size": dist.world_size,
                                 "effective_batch": effective_batch(self.agent_cfg, dist.world_size)}})
+        # A resumed run drops the events logged after its checkpoint (TensorBoard purges steps >= purge_step);
+        # those of the checkpoint's own step were logged before it was written, and stay.
         logger = run_logger(dist.is_main, self.run_dir, total=cfg.total_steps, initial=agent.env_steps,
-                            progress=cfg.progress, desc=f"{cfg.algo} {cfg.env}", purge_step=agent.env_steps or None)
+                            progress=cfg.progress, desc=f"{cfg.algo} {cfg.env}",
+                            purge_step=agent.env_steps + 1 if agent.env_steps else None)
+        logger.config({**dataclasses.asdict(cfg), "agent": dataclasses.asdict(self.agent_cfg)},
+                      metrics=("test/episode_return", "train/episode_return"), step=agent.env_steps)
         recent_returns: list[float] = []
         last_test = None
         interrupted, stop_signal = False, None
@@ -301,8 +333,13 @@ class Trainer:
                 interrupted, stop_signal = dist.any(stop()), stop.signum
             if self.saved_at != agent.env_steps:  # not already saved by the last iteration (a replay can be GiBs)
                 self.save()
+            floor = self.random_floor() if last_test is not None and dist.is_main else None
+            if floor is not None:
+                logger.scalars("test", {"random_policy_return": floor["mean_return"]}, agent.env_steps)
         finally:
             logger.close()
+        if dist.is_main:
+            self.write_learning_curve(floor)
         elapsed = time.time() - start_time
         metrics = {"env": cfg.env, "algo": cfg.algo, "mixreg": bool(getattr(self.agent_cfg, "mixreg", False)),
                    "seed": cfg.seed, "env_steps": agent.env_steps, "iterations": agent.iterations,
@@ -310,7 +347,7 @@ class Trainer:
                    "steps_per_second": (agent.env_steps - start_steps) / max(elapsed, 1e-9),
                    "precision": self.runtime.precision_name, "device": str(self.runtime.device),
                    "train_mean_return_last100": float(np.mean(recent_returns)) if recent_returns else None,
-                   "test": last_test, "world_size": dist.world_size}
+                   "test": last_test, "test_random_policy": floor, "world_size": dist.world_size}
         if dist.is_main:
             write_json(self.run_dir / "metrics.json", metrics)
         return metrics

@@ -18,4 +18,7 @@ def test_main_job_with_no_flags(tmp_path):
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and "TensorBoard logs" in out.stdout
     metrics = json.loads((runs[0] / "metrics.json").read_text())
-    assert metrics["env_steps"] == 40_960 and metrics["mixreg"] is True and metrics["test"]["episodes"] == 32
+    assert metrics["env_steps"] == 102_400 and metrics["mixreg"] is True and metrics["test"]["episodes"] == 32
+    floor = metrics["test_random_policy"]
+    assert floor["episodes"] == 32 and "uniform random policy on the same episodes" in out.stdout
+    assert (runs[0] / "learning_curve.png").stat().st_size > 10_000

@@ -3,8 +3,9 @@
 Every long job writes into one run directory:
 
     runs/<run-name>/
-        config.json      the resolved configuration
+        config.json      the resolved configuration (also in TensorBoard: TEXT tab and HPARAMS tab)
         events.out.*     TensorBoard events
+        learning_curve.png  training and test return against env steps (Procgen runs)
         checkpoint.pt    the latest checkpoint (atomic)
         metrics.json     final metrics
 """
@@ -66,7 +67,7 @@ RUN_OUTPUTS = ("metrics.json", "checkpoint.pt", "adapted.pt", "source.pt", "trai
 # What --overwrite clears before a new run writes there, so that nothing of the earlier run mixes with it
 # (TensorBoard curves, stale snapshots, a metrics.json that a failed new run would leave looking finished).
 EARLIER_RUN_FILES = (*RUN_OUTPUTS, "config.json", "predictions.csv", "keypoints.json", "evaluation.json",
-                     "events.out.tfevents.*")
+                     "events.out.tfevents.*", "learning_curve.png")
 EARLIER_RUN_FOLDERS = ("snapshots", "ranks", "predictions")
 
 
@@ -159,6 +160,20 @@ class RunLogger:
                 continue
             self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
 
+    def config(self, config: Mapping[str, Any], metrics: tuple[str, ...] = (), step: int = 0) -> None:
+        """The run's configuration in TensorBoard, as SB3 and CleanRL users find it: the whole of it as JSON
+        in the TEXT tab (tag `config`), and its flat values as hyperparameters of this run in the HPARAMS tab,
+        read against the scalar tags in `metrics`. Written into this run's own event file (SummaryWriter's
+        add_hparams would start a separate run in a subfolder)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        text = json.dumps(config, indent=2, sort_keys=True, default=_json_default)
+        self.writer.add_text("config", "```\n" + text + "\n```", step)  # a code block keeps the layout
+        flat = {k: (v if isinstance(v, (bool, int, float, str)) else json.dumps(v, default=_json_default))
+                for k, v in _flatten(json.loads(text)).items()}
+        for summary in hparams(flat, dict.fromkeys(metrics)):
+            self.writer._get_file_writer().add_summary(summary, step)
+
     def video(self, tag: str, frames: np.ndarray, step: int, fps: int = 15) -> None:
         """frames: (T, H, W, 3) uint8."""
         from PIL import Image
@@ -202,6 +217,58 @@ class RunLogger:
         self.writer.close()
 
 
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict:
+    """{"agent": {"lr": 1}} -> {"agent.lr": 1}; lists and None stay values."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = "None" if value is None else value
+    return flat
+
+
+def read_scalars(run_dir: str | os.PathLike, tags) -> dict[str, list[tuple[int, float]]]:
+    """The (step, value) points of each tag in `tags` from a run directory's TensorBoard events (every
+    event file in it, so a resumed run's curve is whole); a tag never written gets []."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 1, "tensors": 1})
+    events.Reload()
+    written = set(events.Tags().get("scalars", []))
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] if tag in written else [] for tag in tags}
+
+
+def plot_learning_curve(path: str | os.PathLike, curves: Mapping[str, list[tuple[int, float]]],
+                        levels: Mapping[str, float] | None = None, title: str = "",
+                        xlabel: str = "env steps", ylabel: str = "episode return") -> Path:
+    """A PNG of `curves` ({label: [(step, value), ...]}) against steps, with `levels` ({label: value}) as
+    dashed horizontal lines (a baseline such as the random policy's return). Matplotlib's object API and
+    the Agg canvas: no pyplot state, no display needed. Written atomically; WriteError on failure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, points in curves.items():
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+    for label, value in (levels or {}).items():
+        ax.axhline(value, linestyle="--", color="grey", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
 class NullLogger:
     """RunLogger's interface doing nothing: what the non-zero ranks of a torchrun job log with, so
     that only rank 0 writes TensorBoard events and prints progress."""
@@ -210,6 +277,9 @@ class NullLogger:
         self.count = kwargs.get("initial", 0)
 
     def scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
+        pass
+
+    def config(self, config: Mapping[str, Any], metrics: tuple[str, ...] = (), step: int = 0) -> None:
         pass
 
     def video(self, tag: str, frames: np.ndarray, step: int, fps: int = 15) -> None:

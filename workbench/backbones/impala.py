@@ -2,7 +2,7 @@
 
 Per stage: conv3x3 -> maxpool 3x3/2 -> two residual blocks
 (relu, conv3x3, relu, conv3x3, + skip). After the stages: relu, flatten,
-linear to 256 (`fc`), relu. Widths: 1x [16,32,32], 2x [32,64,64], 4x [64,128,128].
+linear to 256 (`fc`), relu. Widths: half [8,16,16], 1x [16,32,32], 2x [32,64,64], 4x [64,128,128].
 `batch_norm=True` puts BatchNorm after every convolution (the mixreg paper's
 batch-norm baseline); `coord_attention=True` (the `impala_*_ca` variants) applies coordinate
 attention to each residual branch before the skip addition. Inputs are float images in [0, 1].
@@ -85,7 +85,9 @@ class ImpalaCNN(nn.Module):
         return F.relu(self.fc(self.flat_features(x)))
 
 
-WIDTHS = {"1x": (16, 32, 32), "2x": (32, 64, 64), "4x": (64, 128, 128)}
+# "half" ((8, 16, 16), not in the papers) is the quick main job's network: its update costs about a third
+# of 1x's on a CPU (docs/RESULTS.md, "The main job").
+WIDTHS = {"half": (8, 16, 16), "1x": (16, 32, 32), "2x": (32, 64, 64), "4x": (64, 128, 128)}
 
 
 def _register(scale: str) -> None:
