@@ -58,8 +58,9 @@ def parse_train_args(argv=None) -> argparse.Namespace:
                    help="PPO: rollout length per env (default 128, the quick main job's; the paper's is 256)")
     p.add_argument("--reward-norm-gamma", type=discount, default=0.99,
                    help="PPO: discount of the reward scaler's running return (VecNormalize's 0.99; GAE uses 0.999)")
-    p.add_argument("--backbone", default="impala_half",
-                   help="registered backbone (default impala_half, the quick main job's; the paper's is impala_1x): "
+    p.add_argument("--backbone", default=None,
+                   help="registered backbone (default: impala_half for PPO, the quick main job's; impala_1x, the "
+                        "papers', for Rainbow): "
                         f"{', '.join(list_backbones())}")
     p.add_argument("--lr", type=positive_float, default=None, help="default: 5e-4 (PPO), 2.5e-4 (Rainbow)")
     p.add_argument("--seed", type=seed, default=0)
@@ -88,11 +89,16 @@ def parse_train_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+PAPER_BACKBONE = "impala_1x"
+QUICK_BACKBONE = {"ppo": "impala_half"}  # the main job's network; Rainbow keeps the papers' (its figures used it)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     total = args.total_steps
     if total == "protocol":
         total = PROTOCOLS[args.protocol].total_steps
-    agent = {"num_envs": args.num_envs, "backbone": args.backbone, "mixreg": args.mixreg, "mix_alpha": args.mix_alpha}
+    backbone = args.backbone or QUICK_BACKBONE.get(args.algo, PAPER_BACKBONE)
+    agent = {"num_envs": args.num_envs, "backbone": backbone, "mixreg": args.mixreg, "mix_alpha": args.mix_alpha}
     if args.lr is not None:
         agent["learning_rate"] = args.lr
     if args.algo == "ppo":

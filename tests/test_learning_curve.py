@@ -91,6 +91,12 @@ def test_the_main_job_defaults_are_what_the_readme_says():
     assert "starpilot" in first and "102,400 steps" in first and "impala_half" in first and "random" in first
 
 
+def test_rainbow_keeps_the_papers_network_by_default():
+    assert config_from_args(parse_train_args(["--algo", "rainbow"])).agent["backbone"] == "impala_1x"
+    assert config_from_args(parse_train_args(["--algo", "rainbow", "--backbone", "impala_half"])
+                            ).agent["backbone"] == "impala_half"
+
+
 def test_the_benchmark_drivers_keep_the_papers_network_and_rollout():
     """Drivers that train through agents.resumable give the paper's recipe before their own flags."""
     cfg = config_from_args(parse_train_args(PAPER_RECIPE + ["--env", "coinrun"]))
