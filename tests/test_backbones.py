@@ -13,8 +13,8 @@ def impala_param_count(widths, in_ch=3, image=64, out_dim=256):
     return total + cin * size * size * out_dim + out_dim
 
 
-@pytest.mark.parametrize("name,widths", [("impala_half", (8, 16, 16)), ("impala_1x", (16, 32, 32)), ("impala_2x", (32, 64, 64)),
-                                         ("impala_4x", (64, 128, 128))])
+@pytest.mark.parametrize("name,widths", [("impala_half", (8, 16, 16)), ("impala_1x", (16, 32, 32)),
+                                         ("impala_2x", (32, 64, 64)), ("impala_4x", (64, 128, 128))])
 def test_impala_shapes_and_parameter_counts(name, widths):
     net = create_backbone(name)
     assert sum(p.numel() for p in net.parameters()) == impala_param_count(widths)
