@@ -232,13 +232,18 @@ class Trainer:
         return {"algo": self.cfg.algo, "config": dataclasses.asdict(self.cfg), "agent_state": agent_state,
                 "rng": rng_state(), "world_size": self.dist.world_size}
 
+    @property
+    def test_episodes(self) -> dict:
+        """Where every test evaluation plays (the agent's and the random floor's): envs and env seed."""
+        return {"num_envs": min(self.cfg.num_test_envs, self.cfg.eval_episodes), "seed": self.cfg.seed + 12345}
+
     def evaluate(self, logger: RunLogger | None = None, record_video: bool = False) -> dict:
-        test_env = ProcgenVecEnv(self.cfg.env, min(self.cfg.num_test_envs, self.cfg.eval_episodes),
-                                 self.protocol.distribution_mode, num_levels=0, start_level=0,
-                                 device=self.runtime.device, seed=self.cfg.seed + 12345,
+        where = self.test_episodes
+        test_env = ProcgenVecEnv(self.cfg.env, where["num_envs"], self.protocol.distribution_mode, num_levels=0,
+                                 start_level=0, device=self.runtime.device, seed=where["seed"],
                                  **visual_options(self.cfg.visual))
         result = evaluate(self.agent, test_env, self.cfg.eval_episodes, record_video=record_video,
-                          clean_frames=self.cfg.eval_clean_frames, seed=self.cfg.seed + 12345)
+                          clean_frames=self.cfg.eval_clean_frames, seed=where["seed"])
         step = self.agent.env_steps
         if logger is not None:
             logger.scalars("test", {"episode_return": result["mean_return"],
@@ -251,10 +256,8 @@ class Trainer:
     def random_floor(self) -> dict:
         """The uniform random policy on the very episodes `evaluate` plays (the same envs, levels and env seed;
         each env's first episode): the floor the test return is read against. Cheap: no network."""
-        return evaluate_random_policy(self.cfg.env, self.cfg.eval_episodes,
-                                      num_envs=min(self.cfg.num_test_envs, self.cfg.eval_episodes),
-                                      distribution_mode=self.protocol.distribution_mode, visual=self.cfg.visual,
-                                      seed=self.cfg.seed + 12345)
+        return evaluate_random_policy(self.cfg.env, self.cfg.eval_episodes, **self.test_episodes,
+                                      distribution_mode=self.protocol.distribution_mode, visual=self.cfg.visual)
 
     def write_learning_curve(self, floor: dict | None = None) -> Path:
         """learning_curve.png in the run directory, from its TensorBoard events (a resumed run's whole curve)."""
