@@ -72,7 +72,9 @@ def parse_train_args(argv=None) -> argparse.Namespace:
     p.add_argument("--visual", nargs="*", default=[], choices=sorted(VISUAL_OPTIONS),
                    help="visual-domain variants (dynamics unchanged)")
     p.add_argument("--eval-interval", type=positive_int, default=10, help="iterations between test evaluations")
-    p.add_argument("--eval-episodes", type=positive_int, default=32)
+    p.add_argument("--eval-episodes", type=positive_int, default=TrainConfig.eval_episodes,
+                   help=f"test episodes per evaluation, on up to 64 envs (default {TrainConfig.eval_episodes}); "
+                        "the random floor plays the final evaluation's episodes")
     p.add_argument("--eval-clean-frames", action="store_true",
                    help="--regularizer random_conv: evaluate on clean frames instead of through random kernels "
                         "(the paper's test worker plays through them)")

@@ -85,10 +85,12 @@ def test_the_main_job_defaults_are_what_the_readme_says():
     cfg = config_from_args(parse_train_args([]))
     assert (cfg.env, cfg.protocol, cfg.total_steps, cfg.eval_interval) == ("starpilot", "easy-200", 102_400, 10)
     assert cfg.agent["backbone"] == "impala_half" and cfg.agent["num_steps"] == 128 and cfg.agent["num_envs"] == 16
-    assert TrainConfig.total_steps == cfg.total_steps
+    assert (cfg.eval_episodes, cfg.num_test_envs) == (100, 64)
+    assert TrainConfig.total_steps == cfg.total_steps and TrainConfig.eval_episodes == cfg.eval_episodes
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     first = readme.split("```", 2)[2].split("\n\n")[1]  # the paragraph right under the two top commands
     assert "starpilot" in first and "102,400 steps" in first and "impala_half" in first and "random" in first
+    assert "100 episodes" in first
 
 
 def test_rainbow_keeps_the_papers_network_by_default():
@@ -101,4 +103,5 @@ def test_the_benchmark_drivers_keep_the_papers_network_and_rollout():
     """Drivers that train through agents.resumable give the paper's recipe before their own flags."""
     cfg = config_from_args(parse_train_args(PAPER_RECIPE + ["--env", "coinrun"]))
     assert cfg.agent["backbone"] == "impala_1x" and cfg.agent["num_steps"] == 256 and cfg.eval_interval == 5
+    assert (cfg.eval_episodes, cfg.num_test_envs) == (32, 32)
     assert config_from_args(parse_train_args(PAPER_RECIPE + ["--num-steps", "64"])).agent["num_steps"] == 64
