@@ -18,8 +18,9 @@ from .train import ALGORITHMS, LEARNING_CURVE, REGULARIZERS, Trainer, TrainConfi
 TRAIN_HELP = """Train an agent on a Procgen game and evaluate it on unseen levels.
 
 With no flags: the quick main job, PPO+mixreg on starpilot (easy, 200 training levels) with a
-half-width IMPALA CNN, 16 envs x 128 steps, 102,400 steps: about 10 minutes on 2 CPU cores without
-AVX-512, and it ends with the test return beside the uniform random policy's on the same episodes.
+half-width IMPALA CNN, 16 envs x 128 steps, 102,400 steps: about 11 minutes on 2 CPU cores without
+AVX-512 (timed with 32 test episodes; 100 are the default now), and it ends with the test return over
+100 episodes beside the uniform random policy's on the same episodes.
 The paper-scale recipe (its network and rollout length):
 
     python scripts/train_procgen.py --env starpilot --protocol easy-200 --num-envs 64 --backbone impala_1x --num-steps 256 --total-steps protocol
