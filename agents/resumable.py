@@ -12,8 +12,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EVALUATION_SEED = 12345   # the levels every final evaluation plays (evaluate_procgen's default)
-# The network, rollout length, evaluation interval and test episodes the drivers' runs were measured with (the paper's), given
-# before the driver's own flags (which override them): train_procgen.py's defaults are the quick main job's.
+# The paper's network and rollout length, and the evaluation interval and test episodes the drivers' runs were
+# measured with, given before the driver's own flags (which override them): train_procgen.py's defaults are the
+# quick main job's.
 PAPER_RECIPE = ["--backbone", "impala_1x", "--num-steps", "256", "--eval-interval", "5", "--eval-episodes", "32"]
 
 
