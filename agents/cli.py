@@ -74,8 +74,8 @@ def parse_train_args(argv=None) -> argparse.Namespace:
                    help="visual-domain variants (dynamics unchanged)")
     p.add_argument("--eval-interval", type=positive_int, default=10, help="iterations between test evaluations")
     p.add_argument("--eval-episodes", type=positive_int, default=TrainConfig.eval_episodes,
-                   help=f"test episodes per evaluation, on up to 64 envs (default {TrainConfig.eval_episodes}); "
-                        "the random floor plays the final evaluation's episodes")
+                   help=f"test episodes per evaluation, on up to {TrainConfig.num_test_envs} envs (default "
+                        f"{TrainConfig.eval_episodes}); the random floor plays the final evaluation's episodes")
     p.add_argument("--eval-clean-frames", action="store_true",
                    help="--regularizer random_conv: evaluate on clean frames instead of through random kernels "
                         "(the paper's test worker plays through them)")
@@ -114,7 +114,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        total_steps=total if total is not None else TrainConfig.total_steps,
                        seed=args.seed, device=args.device, precision="bf16" if args.amp else args.precision,
                        compile=args.compile, visual=list(args.visual), eval_interval=args.eval_interval,
-                       eval_episodes=args.eval_episodes, num_test_envs=min(args.eval_episodes, 64),
+                       eval_episodes=args.eval_episodes,
+                       num_test_envs=min(args.eval_episodes, TrainConfig.num_test_envs),
                        eval_clean_frames=args.eval_clean_frames,
                        video=not args.no_video, snapshot_interval=args.snapshot_every, run_dir=run_dir,
                        progress=not args.no_progress,
