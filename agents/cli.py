@@ -86,7 +86,7 @@ def parse_train_args(argv=None) -> argparse.Namespace:
                    "refused unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --run-name (its checkpoints, "
                    "metrics and TensorBoard events are removed first)")
-    p.add_argument("--runs-root", default="runs")
+    p.add_argument("--runs-root", default="runs", help="folder that holds the run directories (default: runs)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -118,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        num_test_envs=min(args.eval_episodes, TrainConfig.num_test_envs),
                        eval_clean_frames=args.eval_clean_frames,
                        video=not args.no_video, snapshot_interval=args.snapshot_every, run_dir=run_dir,
+                       runs_root=args.runs_root,
                        progress=not args.no_progress,
                        agent=apply_regularizer(agent, args.regularizer, args.l2_coef, args.algo))
 

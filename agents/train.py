@@ -73,7 +73,8 @@ class TrainConfig:
     video: bool = True
     checkpoint_interval: int = 1    # iterations between checkpoints
     snapshot_interval: int = 0      # env steps between kept snapshots (snapshots/checkpoint-<steps>.pt); 0 = none
-    run_dir: str = ""
+    run_dir: str = ""               # empty: a new, time-stamped directory under runs_root
+    runs_root: str = "runs"
     progress: bool = True
     agent: dict = field(default_factory=dict)  # the algorithm's own config (e.g. PPOConfig fields)
 
@@ -150,7 +151,7 @@ class Trainer:
         self.cfg = cfg
         self.protocol = PROTOCOLS[cfg.protocol]
         self.dist = init_distributed(cfg.device)
-        run_dir = cfg.run_dir or str(Path("runs") / default_run_name(
+        run_dir = cfg.run_dir or str(Path(cfg.runs_root) / default_run_name(
             cfg.env, cfg.algo + ("-mixreg" if cfg.agent.get("mixreg") else ""), f"s{cfg.seed}"))
         self.run_dir = Path(self.dist.gather_objects(run_dir)[0])  # rank 0's name (time stamps may differ)
         self.runtime = Runtime.create(cfg.device, cfg.precision, cfg.compile, distributed=self.dist)

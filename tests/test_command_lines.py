@@ -142,6 +142,16 @@ def test_train_procgen_into_a_taken_run_name_is_refused_unless_overwrite(tmp_pat
     assert load_checkpoint(run / "checkpoint.pt", kind="procgen-agent")["agent_state"]["env_steps"] == 32
 
 
+def test_train_procgen_without_a_run_name_writes_its_run_under_runs_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a run that ignored --runs-root would land in ./runs
+    root = tmp_path / "elsewhere"
+    assert train_main([*PROCGEN, "--total-steps", "32", "--runs-root", str(root)]) == 0
+    runs = list(root.iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("bigfish-ppo-s0-"), runs
+    assert load_checkpoint(runs[0] / "checkpoint.pt", kind="procgen-agent")["agent_state"]["env_steps"] == 32
+    assert not (tmp_path / "runs").exists()
+
+
 # ------------------------------------------------------------------ a write that fails
 def test_a_checkpoint_write_that_fails_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
