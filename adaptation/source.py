@@ -77,7 +77,7 @@ class SourceConfig:
     weight_decay: float = 1e-3
     label_smoothing: float = 0.1
     holdout: float = 0.1                   # fraction held out for selection when there is no `select_on`
-    select_on: str | None = None           # selection data; default: the test split of built-in digits
+    select_on: str | None = None           # selection data; default: the val split of built-in domains
     selection_checks: int = 10             # how many times over the run the selection accuracy is checked
     keep: str = "best"                     # best: the best check (official protocol); last: the final model
     pretrained: str | None = None          # torchvision weights file for a ResNet backbone

@@ -17,7 +17,7 @@ from .train import ALGORITHMS, LEARNING_CURVE, REGULARIZERS, Trainer, TrainConfi
 
 TRAIN_HELP = """Train an agent on a Procgen game and evaluate it on unseen levels.
 
-With no flags: the quick main job, PPO+mixreg on starpilot (easy, 200 training levels) with a
+With no flags: the quick Procgen job, PPO+mixreg on starpilot (easy, 200 training levels) with a
 half-width IMPALA CNN, 16 envs x 128 steps, 102,400 steps: about 11 minutes on 2 CPU cores without
 AVX-512 (timed with 32 test episodes; 100 are the default now), and it ends with the test return over
 100 episodes beside the uniform random policy's on the same episodes.
@@ -53,14 +53,14 @@ def parse_train_args(argv=None) -> argparse.Namespace:
                    help="level split and distribution mode (easy-200: easy, levels [0,200); hard-500: hard, 500)")
     p.add_argument("--total-steps", type=total_steps_arg, default=None,
                    help="env steps to train for; 'protocol' uses the protocol's budget (25M / 200M); "
-                        f"default {TrainConfig.total_steps} (the quick main job: about 10 minutes on 2 CPU cores)")
+                        f"default {TrainConfig.total_steps} (the quick Procgen job: about 10 minutes on 2 CPU cores)")
     p.add_argument("--num-envs", type=positive_int, default=16, help="parallel training envs (the recipe uses 64)")
     p.add_argument("--num-steps", type=positive_int, default=128,
-                   help="PPO: rollout length per env (default 128, the quick main job's; the paper's is 256)")
+                   help="PPO: rollout length per env (default 128, the quick Procgen job's; the paper's is 256)")
     p.add_argument("--reward-norm-gamma", type=discount, default=0.99,
                    help="PPO: discount of the reward scaler's running return (VecNormalize's 0.99; GAE uses 0.999)")
     p.add_argument("--backbone", default=None,
-                   help="registered backbone (default: impala_half for PPO, the quick main job's; impala_1x, the "
+                   help="registered backbone (default: impala_half for PPO, the quick Procgen job's; impala_1x, the "
                         "papers', for Rainbow): "
                         f"{', '.join(list_backbones())}")
     p.add_argument("--lr", type=positive_float, default=None, help="default: 5e-4 (PPO), 2.5e-4 (Rainbow)")
@@ -93,7 +93,7 @@ def parse_train_args(argv=None) -> argparse.Namespace:
 
 
 PAPER_BACKBONE = "impala_1x"
-QUICK_BACKBONE = {"ppo": "impala_half"}  # the main job's network; Rainbow keeps the papers' (its figures used it)
+QUICK_BACKBONE = {"ppo": "impala_half"}  # the quick Procgen job's network; Rainbow keeps the papers' (its figures used it)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

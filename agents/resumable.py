@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EVALUATION_SEED = 12345   # the levels every final evaluation plays (evaluate_procgen's default)
 # The paper's network and rollout length, and the evaluation interval and test episodes the drivers' runs were
 # measured with, given before the driver's own flags (which override them): train_procgen.py's defaults are the
-# quick main job's.
+# quick Procgen job's.
 PAPER_RECIPE = ["--backbone", "impala_1x", "--num-steps", "256", "--eval-interval", "5", "--eval-episodes", "32"]
 
 

@@ -59,7 +59,7 @@ class TrainConfig:
     env: str = "starpilot"
     algo: str = "ppo"
     protocol: str = "easy-200"
-    total_steps: int = 102_400      # the quick main job's budget (the CLI's defaults: impala_half, 16 x 128)
+    total_steps: int = 102_400      # the quick Procgen job's budget (the CLI's defaults: impala_half, 16 x 128)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -68,7 +68,7 @@ class TrainConfig:
     num_test_envs: int = 64
     eval_interval: int = 10         # iterations between evaluations on unseen levels
     eval_episodes: int = 100        # per evaluation: 32 leave a standard error near 0.5 on starpilot, as large
-                                    # as the main job's margin over random play
+                                    # as the quick Procgen job's margin over random play
     eval_clean_frames: bool = False  # network randomisation: test on clean frames, not through random kernels
     video: bool = True
     checkpoint_interval: int = 1    # iterations between checkpoints

@@ -81,14 +81,16 @@ def test_overwrite_removes_the_earlier_curve(tmp_path):
 
 
 def test_the_main_job_defaults_are_what_the_readme_says():
-    """The no-flag run is the quick main job; the README's paragraph under the first command describes it."""
+    """The no-flag run is the Procgen half's quick job; the README's paragraph on it (right under the
+    quickstart's) describes it."""
     cfg = config_from_args(parse_train_args([]))
     assert (cfg.env, cfg.protocol, cfg.total_steps, cfg.eval_interval) == ("starpilot", "easy-200", 102_400, 10)
     assert cfg.agent["backbone"] == "impala_half" and cfg.agent["num_steps"] == 128 and cfg.agent["num_envs"] == 16
     assert (cfg.eval_episodes, cfg.num_test_envs) == (100, 64)
     assert TrainConfig.total_steps == cfg.total_steps and TrainConfig.eval_episodes == cfg.eval_episodes
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    first = readme.split("```", 2)[2].split("\n\n")[1]  # the paragraph right under the two top commands
+    first = readme.split("```", 2)[2].split("\n\n")[2]  # the second paragraph under the two top commands
+    assert first.startswith("The Procgen half's quick job is `python scripts/train_procgen.py`")
     assert "starpilot" in first and "102,400 steps" in first and "impala_half" in first and "random" in first
     assert "100 episodes" in first
 

@@ -1,5 +1,6 @@
 """The `workbench` command: one entry point whose subcommands dispatch into the families.
 
+    workbench quickstart
     workbench train-procgen --env starpilot --mixreg
     workbench evaluate-procgen runs/<run-name> --episodes 100
     workbench train-source --data builtin:digits/uci --backbone dtn
@@ -17,6 +18,8 @@ import sys
 
 # name -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS = {
+    "quickstart": ("adaptation.quickstart", "quickstart_main",
+                   "train a digits source and adapt it with SHOT: the adaptation half end to end in minutes"),
     "train-procgen": ("agents.cli", "train_main", "train a PPO or Rainbow agent (optionally with mixreg) on Procgen"),
     "evaluate-procgen": ("agents.cli", "evaluate_main", "evaluate a Procgen checkpoint on unseen levels"),
     "datasets": ("adaptation.cli", "datasets_main", "list or build the built-in digits domains"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import os
 import shutil
@@ -255,8 +256,8 @@ def plot_learning_curve(path: str | os.PathLike, curves: Mapping[str, list[tuple
         if points:
             steps, values = zip(*points)
             ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
-    for label, value in (levels or {}).items():
-        ax.axhline(value, linestyle="--", color="grey", label=label)
+    for (label, value), style in zip((levels or {}).items(), itertools.cycle(("--", ":", "-."))):
+        ax.axhline(value, linestyle=style, color="grey", label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

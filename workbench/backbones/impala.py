@@ -85,7 +85,7 @@ class ImpalaCNN(nn.Module):
         return F.relu(self.fc(self.flat_features(x)))
 
 
-# "half" ((8, 16, 16), not in the papers) is the quick main job's network: its update costs about a third
+# "half" ((8, 16, 16), not in the papers) is the quick Procgen job's network: its update costs about a third
 # of 1x's on a CPU (docs/RESULTS.md, "The main job").
 WIDTHS = {"half": (8, 16, 16), "1x": (16, 32, 32), "2x": (32, 64, 64), "4x": (64, 128, 128)}
 
