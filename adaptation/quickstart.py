@@ -5,8 +5,8 @@
 
 1. Train a source model on the labelled source domain (`train-source`; the checkpoint is selected on the
    source's val split, so the target's labels are never looked at).
-2. Adapt it to the target's unlabelled train split (`adapt`), scoring the source model and the adapted
-   model on the target's held-out test split.
+2. Adapt it to the target's unlabelled images (its trainval split: train + val) with `adapt`, scoring the
+   source model and the adapted model on the target's held-out test split.
 3. Print both beside chance level and write `adaptation_curve.png` (target accuracy per adaptation epoch)
    next to the two runs' TensorBoard logs.
 
@@ -85,11 +85,11 @@ def adapt(a, source: Path, run: Path) -> dict:
 
 
 def write_curve(out: Path, adapted_run: Path, metrics: dict, method: str, source: str) -> Path:
-    """Accuracy on the target's adapted (train) split per epoch, with the source model's and chance as lines."""
+    """Accuracy on the adapted target images (trainval) per epoch, with the source model's and chance as lines."""
     points = read_scalars(adapted_run, ("target/accuracy",))["target/accuracy"]
     chance = 100.0 / digits.NUM_CLASSES
     return plot_learning_curve(
-        out / CURVE, {f"{method}: accuracy on the unlabelled target (train split)": points},
+        out / CURVE, {f"{method}: accuracy on the unlabelled target images (trainval)": points},
         {f"source model on the same images ({metrics['source_only_accuracy']:.1f}%)": metrics["source_only_accuracy"],
          f"chance ({chance:.0f}%)": chance},
         title=f"{method}: source model from {source}, adapted to {metrics['target']}", xlabel="adaptation epoch (-1: before)",
