@@ -114,7 +114,7 @@ class ProcgenAdaptConfig:
 
 def load_source_agent(path, game: str, runtime: Runtime):
     """(PPO agent that acts with the source weights, the checkpoint) for adapting to `game`."""
-    from agents.train import ALGORITHMS
+    from agents.algorithms import ALGORITHMS
 
     ckpt_path = resolve_checkpoint_path(path)
     state = load_checkpoint(ckpt_path, kind="procgen-agent")

@@ -13,7 +13,8 @@ from workbench.arguments import (ArgumentParser, discount, non_negative_float, n
 from workbench.backbones import list_backbones
 from workbench.runtime import DEVICE_CHOICES, PRECISION_CHOICES
 
-from .train import ALGORITHMS, LEARNING_CURVE, REGULARIZERS, Trainer, TrainConfig, apply_regularizer
+from .algorithms import ALGORITHMS
+from .train import LEARNING_CURVE, REGULARIZERS, Trainer, TrainConfig, apply_regularizer
 
 TRAIN_HELP = """Train an agent on a Procgen game and evaluate it on unseen levels.
 

@@ -13,6 +13,7 @@ from envs.procgen import PROTOCOLS, ProcgenVecEnv, visual_options
 from workbench.checkpoint import load_checkpoint, resolve_checkpoint_path
 from workbench.runtime import Runtime
 
+from .algorithms import ALGORITHMS
 from .regularizers import running_stats_frozen
 
 
@@ -105,8 +106,6 @@ def evaluate_checkpoint(path, episodes: int = 100, num_envs: int = 64, num_level
                         seed: int = 12345, device: str = "auto", clean_frames: bool = False) -> tuple[dict, Path]:
     """Load a training checkpoint and evaluate it; returns (result, default JSON path beside the checkpoint).
     `clean_frames`: a network-randomisation agent plays clean frames instead of random kernels (evaluate)."""
-    from .train import ALGORITHMS  # the registry of agents lives with the training driver
-
     ckpt_path = resolve_checkpoint_path(path)
     state = load_checkpoint(ckpt_path, kind="procgen-agent")
     config = state["config"]

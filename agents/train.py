@@ -44,11 +44,8 @@ from workbench.distributed import init_distributed
 from workbench.logging import RunLogger, default_run_name, plot_learning_curve, read_scalars, run_logger, write_json
 from workbench.runtime import Runtime, rng_state, seed_everything, set_rng_state
 
+from .algorithms import ALGORITHMS
 from .evaluate import evaluate, evaluate_random_policy
-from .ppo import PPO, PPOConfig
-from .rainbow import Rainbow, RainbowConfig
-
-ALGORITHMS = {"ppo": (PPO, PPOConfig), "rainbow": (Rainbow, RainbowConfig)}
 SHARD_DIR, SHARD_KIND = "ranks", "procgen-agent-shard"  # the torchrun workers' own large state
 REGULARIZERS = ("none", "cutout_color", "random_crop", "random_conv", "l2", "batchnorm")
 LEARNING_CURVE = "learning_curve.png"  # beside the TensorBoard events: train and test return against env steps
