@@ -159,8 +159,8 @@ def _train_source(argv) -> int:
 
     from .dense.pose_source import PoseSourceConfig
     from .dense.source import DenseSourceConfig
-    from .label_noise import NOISE_TYPES
-    from .objectives import OBJECTIVES
+    from .robust.label_noise import NOISE_TYPES
+    from .robust.objectives import OBJECTIVES
     from .source import KEEP_CHOICES, SourceConfig
 
     d, ds, ps = SourceConfig(), DenseSourceConfig(), PoseSourceConfig()

@@ -13,7 +13,7 @@ times over the run (every tenth of the iterations) and the last of the best chec
   image protocol), or any data passed as `select_on` (refused where it overlaps the training data).
 
 The objective is SHOT's cross-entropy by default; `objective` picks a robust one instead
-(adaptation.objectives: self-adaptive training, Core-tuning, PGD adversarial training, CIFS with
+(adaptation.robust.objectives: self-adaptive training, Core-tuning, PGD adversarial training, CIFS with
 AT), and `label_noise` corrupts the training labels reproducibly (adaptation.label_noise; the clean
 labels stay for reporting; selection data is never corrupted). The backbone starts from torchvision
 weights (`pretrained`, ResNets) or from the backbone of any source or adapted checkpoint of the same
@@ -49,10 +49,10 @@ from workbench.runtime import Runtime, rng_state, seed_everything, set_rng_state
 
 from . import digits
 from .data import INPUT_ERRORS, default_style, image_transform, load_dataset, parse_builtin
-from .adversarial import EVAL_STEPS, evaluation_attack, robust_accuracy
-from .label_noise import NOISE_TYPES, corrupt_labels
+from .robust.adversarial import EVAL_STEPS, evaluation_attack, robust_accuracy
+from .robust.label_noise import NOISE_TYPES, corrupt_labels
 from .model import ShotModel, model_config
-from .objectives import OBJECTIVES, build_objective, cifs_joint_loss
+from .robust.objectives import OBJECTIVES, build_objective, cifs_joint_loss
 from .training import (accuracy, average_batch_norm_statistics, forever, make_loader, predict,
                        set_shot_lr, shot_optimizer, synchronise_batch_norm, take_step)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from adaptation.sat import SelfAdaptiveTargets
+from adaptation.robust.sat import SelfAdaptiveTargets
 from workbench.distributed import SINGLE, init_distributed, spawn_local
 
 # ------------------------------------------------------------------ the loss on gathered batches

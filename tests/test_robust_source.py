@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaptation.label_noise import corrupt_labels
-from adaptation.sat import SelfAdaptiveTargets, start_epoch_for
+from adaptation.robust.label_noise import corrupt_labels
+from adaptation.robust.sat import SelfAdaptiveTargets, start_epoch_for
 
 
 @pytest.mark.parametrize("noise_type", ["symmetric", "pairflip"])
@@ -94,7 +94,7 @@ def test_sat_state_round_trip_and_shape_check():
 
 
 def test_pgd_stays_in_the_eps_ball_and_pixel_range_and_raises_the_loss():
-    from adaptation.adversarial import PGD, pgd_attack
+    from adaptation.robust.adversarial import PGD, pgd_attack
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16), torch.nn.ReLU(),
@@ -123,7 +123,7 @@ def test_pgd_stays_in_the_eps_ball_and_pixel_range_and_raises_the_loss():
 def test_evaluation_attack_with_few_steps_reaches_the_edge_of_the_ball():
     """Madry's 2.5 eps / steps below 20 steps (eps/10 could not leave a 2-step attack more than 0.2 eps
     from the clean image); the CIFS code's eps/10 at PGD-20 and beyond."""
-    from adaptation.adversarial import PGD, evaluation_attack, pgd_attack
+    from adaptation.robust.adversarial import PGD, evaluation_attack, pgd_attack
 
     eps = 8 / 255
     assert evaluation_attack(eps, steps=2).step_size == pytest.approx(1.25 * eps)
@@ -161,7 +161,7 @@ def brute_force_focal_supcon(z, labels, tau):
 
 
 def test_focal_supervised_contrastive_against_brute_force():
-    from adaptation.core_tuning import focal_supervised_contrastive
+    from adaptation.robust.core_tuning import focal_supervised_contrastive
 
     torch.manual_seed(0)
     z = F.normalize(torch.randn(9, 5), dim=1)
@@ -175,7 +175,7 @@ def test_focal_supervised_contrastive_against_brute_force():
 
 
 def test_feature_mixup_builds_hard_pairs_with_matching_labels():
-    from adaptation.core_tuning import HARD_NEGATIVE_MIN_WEIGHT, feature_mixup
+    from adaptation.robust.core_tuning import HARD_NEGATIVE_MIN_WEIGHT, feature_mixup
 
     torch.manual_seed(0)
     f = torch.randn(8, 12)  # more dimensions than samples: a mix's coefficients are recoverable
@@ -209,7 +209,7 @@ def test_feature_mixup_builds_hard_pairs_with_matching_labels():
 def test_core_tuning_trains_the_encoder_through_the_mixes_only_as_the_official_code():
     """The official feature_mixup starts the batch with features.clone().detach(): the clean rows reach
     the classifier and the projection head but carry no gradient back to the encoder, in either term."""
-    from adaptation.core_tuning import ProjectionHead, core_tuning_loss, feature_mixup, focal_supervised_contrastive
+    from adaptation.robust.core_tuning import ProjectionHead, core_tuning_loss, feature_mixup, focal_supervised_contrastive
 
     torch.manual_seed(0)
     f = torch.randn(8, 12, requires_grad=True)
@@ -261,7 +261,7 @@ def tiny_digit_model(backbone="dtn", **kwargs):
 
 @pytest.mark.parametrize("name", ["ce", "sat", "core-tuning", "at"])
 def test_every_objective_gives_a_finite_loss_that_trains_the_model(name):
-    from adaptation.objectives import build_objective
+    from adaptation.robust.objectives import build_objective
 
     model = tiny_digit_model()
     labels = torch.arange(8) % 10
@@ -278,7 +278,7 @@ def test_every_objective_gives_a_finite_loss_that_trains_the_model(name):
 
 
 def test_adversarial_training_trains_on_harder_examples_than_the_clean_ones():
-    from adaptation.objectives import build_objective
+    from adaptation.robust.objectives import build_objective
 
     model = tiny_digit_model()
     objective = build_objective("at", model, style="digits", num_classes=10)
@@ -291,8 +291,8 @@ def test_adversarial_training_trains_on_harder_examples_than_the_clean_ones():
 
 
 def test_cifs_at_joint_loss_and_robust_accuracy_report():
-    from adaptation.adversarial import evaluation_attack, robust_accuracy
-    from adaptation.objectives import CIFS_PROBE_WEIGHT, build_objective, cifs_joint_loss
+    from adaptation.robust.adversarial import evaluation_attack, robust_accuracy
+    from adaptation.robust.objectives import CIFS_PROBE_WEIGHT, build_objective, cifs_joint_loss
 
     model = tiny_digit_model("resnet18", cifs_classes=10)
     objective = build_objective("cifs-at", model, style="digits", num_classes=10)
@@ -414,7 +414,7 @@ def test_robust_source_models_are_ordinary_source_checkpoints(tmp_path):
 
 
 def test_attack_loss_picks_what_pgd_ascends(tmp_path, monkeypatch):
-    import adaptation.adversarial as adversarial
+    import adaptation.robust.adversarial as adversarial
     from adaptation.evaluate import evaluate_robustness
     from adaptation.model import build_model, model_config
     from workbench.checkpoint import save_checkpoint

@@ -17,7 +17,7 @@ softmax by 2; the next commit (bb5ff7d) went back to the plain softmax, kept `* 
 line and logged both runs (experiments/PAT_Res18_cifar10_CIFS: best PGD-20 51.58%,
 PAT_Res18_cifar10_CIFS_softmax2: 51.60%), so x2 was an experiment variant, not the released model.
 The probe's logits are returned too: CIFS trains each probe with its own cross-entropy beside the
-network's (adversarially, with PGD, in the paper; adaptation.adversarial).
+network's (adversarially, with PGD, in the paper; adaptation.robust.adversarial).
 
 The official ResNet-18 puts one CIFS after each of the two blocks of its last stage, the first with
 a non-linear probe (pool, Linear(C, 128), Softplus(beta 5), Linear(128, K)), the second linear.

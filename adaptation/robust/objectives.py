@@ -1,9 +1,9 @@
 """Source-training objectives: what `train-source --objective` minimises on each batch.
 
     ce           cross-entropy with label smoothing 0.1 (SHOT's source recipe; the default)
-    sat          self-adaptive training (adaptation.sat), for noisy labels
+    sat          self-adaptive training (adaptation.robust.sat), for noisy labels
     core-tuning  soft cross-entropy on mixed embeddings + eta * focal supervised contrastive
-                 (adaptation.core_tuning), for fine-tuning a pretrained encoder
+                 (adaptation.robust.core_tuning), for fine-tuning a pretrained encoder
     at           PGD adversarial training (Madry et al.): cross-entropy on PGD examples
     cifs-at      AT of a ResNet with CIFS after its last-stage blocks, on the joint loss of
                  the network and its probes:  3/(beta + 1) * (CE(C) + beta/P sum_p CE(probe_p)),
