@@ -51,7 +51,8 @@ OVERWRITE_HELP = "replace the run in --out (its checkpoints, metrics and TensorB
 
 
 def datasets_main(argv=None) -> int:
-    from .dense import figures, scenes
+    from .pose import figures
+    from .segmentation import scenes
 
     def builtin_domain(name: str) -> tuple[str, str]:
         """`uci`, `digits/uci`, `builtin:scenes/printed` ... -> (family, domain)."""
@@ -122,7 +123,7 @@ def _model_task(path) -> str | None:
     """The task a model checkpoint names (None when it cannot be read: the pipeline then reports why)."""
     from workbench.checkpoint import load_checkpoint
 
-    from .dense.evaluate import MODEL_KINDS, checkpoint_task
+    from .dense.model import MODEL_KINDS, checkpoint_task
 
     try:
         return checkpoint_task(load_checkpoint(path, kind=MODEL_KINDS))
@@ -157,8 +158,8 @@ def train_source_main(argv=None) -> int:
 def _train_source(argv) -> int:
     from workbench.distributed import init_distributed
 
-    from .dense.pose_source import PoseSourceConfig
-    from .dense.source import DenseSourceConfig
+    from .pose.source import PoseSourceConfig
+    from .segmentation.source import DenseSourceConfig
     from .robust.label_noise import NOISE_TYPES
     from .robust.objectives import OBJECTIVES
     from .source import KEEP_CHOICES, SourceConfig
@@ -268,7 +269,7 @@ def _train_source(argv) -> int:
 
 
 def _train_dense_source(a, ds) -> int:
-    from .dense.source import DenseSourceConfig, train_dense_source
+    from .segmentation.source import DenseSourceConfig, train_dense_source
 
     try:
         metrics = train_dense_source(DenseSourceConfig(
@@ -293,7 +294,7 @@ def _train_dense_source(a, ds) -> int:
 
 
 def _train_pose_source(a, ps) -> int:
-    from .dense.pose_source import PoseSourceConfig, train_pose_source
+    from .pose.source import PoseSourceConfig, train_pose_source
 
     try:
         metrics = train_pose_source(PoseSourceConfig(
@@ -323,10 +324,10 @@ def adapt_config(argv=None):
 
 
 def parse_adapt_args(argv=None) -> argparse.Namespace:
-    from .dense.mean_teacher import METHODS as POSE_METHODS
-    from .dense.mean_teacher import PoseAdaptConfig
-    from .dense.shot import DIVERSITY_PRIORS, PSEUDO_LABELS, DenseAdaptConfig
-    from .dense.shot import METHODS as DENSE_METHODS
+    from .pose.mean_teacher import METHODS as POSE_METHODS
+    from .pose.mean_teacher import PoseAdaptConfig
+    from .segmentation.shot import DIVERSITY_PRIORS, PSEUDO_LABELS, DenseAdaptConfig
+    from .segmentation.shot import METHODS as DENSE_METHODS
     from .rotation import KEEP_CHOICES
     from .procgen_adapt import ProcgenAdaptConfig
     from .shot import BENCHMARKS, METHODS, AdaptConfig
@@ -411,8 +412,8 @@ def parse_adapt_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_adapt_args(a: argparse.Namespace):
-    from .dense.mean_teacher import PoseAdaptConfig
-    from .dense.shot import DenseAdaptConfig
+    from .pose.mean_teacher import PoseAdaptConfig
+    from .segmentation.shot import DenseAdaptConfig
     from .procgen_adapt import ProcgenAdaptConfig
     from .shot import AdaptConfig
 
@@ -466,8 +467,8 @@ def adapt_main(argv=None) -> int:
 def _adapt(argv) -> int:
     from workbench.distributed import init_distributed
 
-    from .dense.mean_teacher import PoseAdaptConfig, PoseMeanTeacher
-    from .dense.shot import DenseAdaptConfig, DenseShotAdapter
+    from .pose.mean_teacher import PoseAdaptConfig, PoseMeanTeacher
+    from .segmentation.shot import DenseAdaptConfig, DenseShotAdapter
     from .procgen_adapt import ProcgenAdaptConfig
     from .shot import ShotAdapter
 
@@ -573,12 +574,12 @@ def evaluate_main(argv=None) -> int:
         if a.attack and task != "classification":
             raise ValueError("--attack evaluates classifiers only")
         if task == "pose":
-            from .dense.pose_evaluate import evaluate_pose_model
+            from .pose.evaluate import evaluate_pose_model
 
             result = evaluate_pose_model(a.model, a.data, device=a.device, flip_test=not a.no_flip_test,
                                          results_json=a.save_predictions)
         elif task == "segmentation":
-            from .dense.evaluate import evaluate_dense_model
+            from .segmentation.evaluate import evaluate_dense_model
 
             result = evaluate_dense_model(a.model, a.data, device=a.device, save_predictions=a.save_predictions)
         else:

@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adaptation.dense.mean_teacher import PoseAdaptConfig, PoseMeanTeacher  # noqa: E402
-from adaptation.dense.pose_source import PoseSourceConfig, train_pose_source  # noqa: E402
+from adaptation.pose.mean_teacher import PoseAdaptConfig, PoseMeanTeacher  # noqa: E402
+from adaptation.pose.source import PoseSourceConfig, train_pose_source  # noqa: E402
 from workbench.logging import finished_or_trained, mean_sd  # noqa: E402
 
 SOURCE, TARGET = "builtin:figures/flat", "builtin:figures/textured"

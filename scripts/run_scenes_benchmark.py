@@ -9,7 +9,7 @@ only; val-table.md (val-results.jsonl) holds the same runs scored on the val spl
 the sources' selection, textured:val for the adapted models), the table to choose settings such as
 the diversity prior on. It is not a result.
 
-Columns are named by what runs (adaptation.dense.shot.method_name), not by the --methods selector:
+Columns are named by what runs (adaptation.segmentation.shot.method_name), not by the --methods selector:
 with the default source prior (`--diversity-priors initial`) `shot-im` runs "im (source prior)" and
 `shot` runs "im (source prior) + centroid labels"; only `--diversity-priors uniform` gives SHOT-IM
 ("shot-im") and SHOT ("shot"). `--pseudo-labels centroid balanced` adds a column with URMA's
@@ -50,9 +50,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaptation.dense.heads import list_heads  # noqa: E402
-from adaptation.dense.shot import (DIVERSITY_PRIORS, METHODS, PSEUDO_LABELS, DenseAdaptConfig,  # noqa: E402
+from adaptation.segmentation.shot import (DIVERSITY_PRIORS, METHODS, PSEUDO_LABELS, DenseAdaptConfig,  # noqa: E402
                                    DenseShotAdapter, method_name)
-from adaptation.dense.source import DenseSourceConfig, train_dense_source  # noqa: E402
+from adaptation.segmentation.source import DenseSourceConfig, train_dense_source  # noqa: E402
 from workbench.logging import finished_or_trained, seed_table  # noqa: E402
 
 SOURCE, TARGET = "builtin:scenes/printed", "builtin:scenes/textured"
@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     p.add_argument("--diversity-priors", nargs="+", default=[DenseAdaptConfig.diversity_prior],
                    choices=DIVERSITY_PRIORS, help="IM diversity prior(s), each a column per method: initial (the "
                    "default: the source model's mean pixel prediction on the target, 'im (source prior)') or uniform "
-                   "(SHOT-IM's and SHOT's); see adaptation/dense/shot.py")
+                   "(SHOT-IM's and SHOT's); see adaptation/segmentation/shot.py")
     p.add_argument("--pseudo-labels", nargs="+", default=[DenseAdaptConfig.pseudo_labels], choices=PSEUDO_LABELS,
                    help="SHOT pseudo-label rule(s), each a column: centroid (SHOT's, the default) or balanced "
                    "(URMA's class-balanced confident predictions)")

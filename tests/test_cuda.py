@@ -657,8 +657,9 @@ def tiny_dense_data(tmp_path, monkeypatch):
 
 def test_segmentation_source_and_pixel_shot_on_the_device(tiny_dense_data, tmp_path):
     from adaptation.cli import adapt_main, train_source_main
-    from adaptation.dense.data import load_segmentation
-    from adaptation.dense.evaluate import evaluate_dense_model, load_dense_model
+    from adaptation.segmentation.data import load_segmentation
+    from adaptation.segmentation.evaluate import evaluate_dense_model
+    from adaptation.dense.model import load_dense_model
     from workbench.checkpoint import load_checkpoint
     from workbench.runtime import Runtime
 
@@ -697,7 +698,7 @@ def test_segmentation_source_and_pixel_shot_on_the_device(tiny_dense_data, tmp_p
 
 def test_pose_source_and_mean_teacher_on_the_device(tiny_dense_data, tmp_path):
     from adaptation.cli import adapt_main, train_source_main
-    from adaptation.dense.pose_evaluate import evaluate_pose_model
+    from adaptation.pose.evaluate import evaluate_pose_model
     from workbench.checkpoint import load_checkpoint
 
     src, run = tmp_path / "src", tmp_path / "mt"

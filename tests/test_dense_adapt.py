@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from adaptation.cluster import faiss_available, shot_centroids
-from adaptation.dense.shot import (IGNORE_INDEX, balanced_fraction, balanced_labels, class_thresholds, label_pixels,
+from adaptation.segmentation.shot import (IGNORE_INDEX, balanced_fraction, balanced_labels, class_thresholds, label_pixels,
                                    pixel_information_maximization, pseudo_label_loss, sample_pixels, upsample_labels)
 
 TINY = "24,8"   # scenes per split for the fast command-line tests
@@ -189,7 +189,7 @@ def test_source_outputs(tiny_source):
     assert {"miou", "per_class_iou", "pixel_accuracy", "selection_data"} <= set(metrics)
     # the checkpoint is chosen on the val split; the test split is only scored, once, at the end
     assert metrics["selection_data"] == "builtin:scenes/printed:val" and len(metrics["per_class_iou"]) == 11
-    from adaptation.dense.evaluate import evaluate_dense_model
+    from adaptation.segmentation.evaluate import evaluate_dense_model
 
     assert metrics["test"]["data"] == "builtin:scenes/printed:test"
     assert metrics["test"]["miou"] == pytest.approx(evaluate_dense_model(tiny_source / "source.pt",
@@ -203,7 +203,7 @@ def test_source_outputs(tiny_source):
 
 def test_adapt_reads_task_from_checkpoint_freezes_classifier_and_writes_outputs(tiny_source, tmp_path):
     from adaptation.cli import adapt_config, adapt_main
-    from adaptation.dense.shot import DenseAdaptConfig
+    from adaptation.segmentation.shot import DenseAdaptConfig
     from workbench.checkpoint import load_checkpoint
 
     argv = ["--source", str(tiny_source), "--target", "builtin:scenes/textured", "--epochs", "1", "--batch-size", "8",
@@ -260,7 +260,7 @@ def test_initial_prior_is_the_source_models_mean_pixel_prediction(tiny_source, t
     """The prior of diversity_prior="initial" (the default) is the mean softmax of the unadapted model over
     every pixel of every target image (brute force here); the options reach the adapter from the command line."""
     from adaptation.cli import adapt_config
-    from adaptation.dense.shot import DenseShotAdapter
+    from adaptation.segmentation.shot import DenseShotAdapter
 
     cfg = adapt_config(["--source", str(tiny_source), "--target", "builtin:scenes/textured", "--diversity-prior",
                         "uniform", "--diversity-weight", "0.5", "--device", "cpu", "--out", str(tmp_path)])
@@ -277,7 +277,7 @@ def test_initial_prior_is_the_source_models_mean_pixel_prediction(tiny_source, t
 def test_method_names_say_what_runs():
     """SHOT-IM and SHOT only with SHOT's uniform diversity prior (and, for SHOT, its centroid labels); IM with the
     source model's prior is named as such, whatever --method selected it."""
-    from adaptation.dense.shot import DenseAdaptConfig, config_method_name, method_name
+    from adaptation.segmentation.shot import DenseAdaptConfig, config_method_name, method_name
 
     assert method_name("shot-im", "uniform", "centroid") == "shot-im"
     assert method_name("shot", "uniform", "centroid") == "shot"
@@ -307,7 +307,7 @@ def test_balanced_pseudo_labels_are_the_models_confident_predictions(tiny_source
     and the labels are mostly the model's own argmax: a pixel's label is argmax_k p_k / t_k with a ratio of at
     least 1, which favours a less probable class only where that class's threshold is lower."""
     from adaptation.cli import adapt_config
-    from adaptation.dense.shot import DenseShotAdapter
+    from adaptation.segmentation.shot import DenseShotAdapter
 
     cfg = adapt_config(["--source", str(tiny_source), "--target", "builtin:scenes/textured", "--pseudo-labels",
                         "balanced", "--device", "cpu", "--out", str(tmp_path)])
@@ -414,7 +414,7 @@ def test_precision_reaches_segmentation_training_and_adaptation(tiny_scenes, tmp
     metrics = json.loads((tmp_path / "ad" / "metrics.json").read_text())
     assert metrics["config"]["precision"] == precision and 0 <= metrics["test_miou"] <= 100
     # reported scores are fp32 whatever the training precision: `evaluate` reproduces them exactly
-    from adaptation.dense.evaluate import evaluate_dense_model
+    from adaptation.segmentation.evaluate import evaluate_dense_model
 
     assert evaluate_dense_model(tmp_path / "ad", "builtin:scenes/textured:test", device="cpu")["miou"] == \
         pytest.approx(metrics["test_miou"], abs=1e-9)
@@ -452,7 +452,7 @@ def test_scenes_benchmark_reports_what_the_runs_score_and_resumes(tiny_scenes, t
     """The table's figures are the checkpoints' own scores on the test splits, the sources selected on printed:val,
     the columns named by what runs; the val table holds the same runs on the val splits (for choosing settings);
     a second call reuses the finished runs instead of training again."""
-    from adaptation.dense.evaluate import evaluate_dense_model
+    from adaptation.segmentation.evaluate import evaluate_dense_model
 
     bench = load_script("run_scenes_benchmark")
     argv = ["--seeds", "0", "--heads", "fcn", "--methods", "shot-im", "shot", "--head-channels", "8",

@@ -7,10 +7,10 @@ from PIL import Image
 
 from adaptation.cli import datasets_main
 from adaptation.data import IMAGENET_MEAN, IMAGENET_STD
-from adaptation.dense import scenes
-from adaptation.dense.data import (IGNORE_INDEX, DataError, builtin_scenes_test_split, builtin_scenes_val_split,
+from adaptation.segmentation import scenes
+from adaptation.segmentation.data import (IGNORE_INDEX, DataError, builtin_scenes_test_split, builtin_scenes_val_split,
                                    load_segmentation, parse_builtin_scenes)
-from adaptation.dense.metrics import ConfusionAccumulator, colorize, confusion_matrix, segmentation_scores
+from adaptation.segmentation.metrics import ConfusionAccumulator, colorize, confusion_matrix, segmentation_scores
 
 
 @pytest.fixture(autouse=True)

@@ -283,7 +283,7 @@ def test_fcn_checkpoint_with_the_old_one_conv_head_is_a_one_line_error(tmp_path,
     """Checkpoints written before issue 34 hold head.conv.* (one conv-BN-ReLU, then the classifier): loading
     them into today's fcn is a one-line error naming the cause, from the library and from the command."""
     from adaptation.cli import evaluate_main
-    from adaptation.dense.evaluate import load_dense_model
+    from adaptation.dense.model import load_dense_model
     from workbench.checkpoint import CheckpointError, save_checkpoint
     from workbench.runtime import Runtime
 

@@ -14,7 +14,7 @@ from PIL import Image
 from adaptation.data import DataError
 from adaptation.dense.heads import list_heads
 from adaptation.dense.model import PoseModel, dense_backbones
-from adaptation.dense.pose_data import KeypointDataset, flip_permutation
+from adaptation.pose.data import KeypointDataset, flip_permutation
 
 TINY = "12,6"   # figures per split for the command-line tests
 
@@ -88,7 +88,7 @@ def test_a_mirrored_view_has_its_targets_under_its_mirrored_pixels(tmp_path):
     """The crop is mirrored in input pixels (x_in -> 47 - x_in at width 48) and the targets are input joints
     divided by the stride 4 (HRNet's rule), computed here by hand: x_in = (x - 35) * 48 / 37.5 + 24, so the
     mirrored joint sits at (47 - x_in) / 4 in the 12-wide heatmap, not at 11 - x_in / 4 (0.75 px further)."""
-    from adaptation.dense.keypoints import affine_matrix, gaussian_heatmaps
+    from adaptation.pose.keypoints import affine_matrix, gaussian_heatmaps
 
     data = KeypointDataset(str(write_coco(tmp_path, [PERSON])), train=False, input_size=(48, 64),
                            flip_pairs=[(1, 2)])
@@ -129,8 +129,8 @@ def test_bad_pose_data_gives_a_one_line_error(tmp_path, case, message):
 
 # ------------------------------------------------------------------ mean teacher pieces
 def test_pseudo_heatmaps_follow_the_teacher_joint_into_the_strong_view():
-    from adaptation.dense.keypoints import gaussian_heatmaps
-    from adaptation.dense.mean_teacher import pseudo_heatmaps
+    from adaptation.pose.keypoints import gaussian_heatmaps
+    from adaptation.pose.mean_teacher import pseudo_heatmaps
 
     size, sigma = (12, 16), 1.0
     weak = np.array([[0.5, 0.0, 1.0], [0.0, 0.5, 2.0]])            # image -> weak heatmap
@@ -148,7 +148,7 @@ def test_pseudo_heatmaps_follow_the_teacher_joint_into_the_strong_view():
 
 
 def test_confident_mask_keeps_joints_above_the_batch_median():
-    from adaptation.dense.mean_teacher import confident_mask
+    from adaptation.pose.mean_teacher import confident_mask
 
     maxvals = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.3, 0.2]])
     assert confident_mask(maxvals, 0.5).tolist() == [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]]   # median 0.4
@@ -156,7 +156,7 @@ def test_confident_mask_keeps_joints_above_the_batch_median():
 
 def test_ema_update_by_hand_and_frozen_parameters_and_buffers_untouched():
     """UniFrame / SFDAHPE's OldWeightEMA: parameters only; the teacher's batch-norm statistics are its own."""
-    from adaptation.dense.mean_teacher import ema_update
+    from adaptation.pose.mean_teacher import ema_update
 
     teacher, student = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)), \
         torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
@@ -171,7 +171,7 @@ def test_ema_update_by_hand_and_frozen_parameters_and_buffers_untouched():
 
 
 def test_the_teacher_normalises_with_batch_statistics_and_keeps_dropout_off():
-    from adaptation.dense.mean_teacher import batch_statistics
+    from adaptation.pose.mean_teacher import batch_statistics
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Dropout2d(0.5)).eval()
     x = torch.randn(6, 3, 5, 5) * 3 + 2
@@ -261,8 +261,8 @@ def test_datasets_list_and_build_include_the_figures(tiny_figures, capsys):
 
 
 def test_warp_puts_an_image_pixel_where_the_affine_sends_it():
-    from adaptation.dense.keypoints import affine_matrix, transform_points
-    from adaptation.dense.pose_data import warp
+    from adaptation.pose.keypoints import affine_matrix, transform_points
+    from adaptation.pose.data import warp
 
     image = torch.zeros(3, 60, 80)
     image[:, 22, 31] = 1.0                                   # (x, y) = (31, 22)
@@ -277,7 +277,7 @@ def test_warp_puts_an_image_pixel_where_the_affine_sends_it():
 def test_predicting_the_targets_scores_full_pck_and_ap(tmp_path):
     """A 'model' that outputs each person's own target heatmaps: decoding and the inverse crop affine
     must bring every labelled joint back to within a pixel, so PCK is 100 and AP 100."""
-    from adaptation.dense.pose_evaluate import pose_scores, predict_joints
+    from adaptation.pose.evaluate import pose_scores, predict_joints
     from workbench.runtime import Runtime
 
     persons = [PERSON, [[30.0, 20.0, 2], [28.0, 40.0, 2], [41.0, 38.0, 2]]]
@@ -325,7 +325,7 @@ def test_bf16_reaches_pose_training_and_the_mean_teacher(tiny_figures, tmp_path,
     metrics = json.loads((tmp_path / "mt" / "metrics.json").read_text())
     assert metrics["config"]["precision"] == "bf16" and not math.isnan(metrics["test_pck@0.1"])
     # the teacher forwards in bf16 while adapting, but reported scores are fp32 (what `evaluate` gives)
-    from adaptation.dense.pose_evaluate import evaluate_pose_model
+    from adaptation.pose.evaluate import evaluate_pose_model
 
     assert evaluate_pose_model(tmp_path / "mt", "builtin:figures/textured:test", device="cpu")["pck@0.1"] == \
         pytest.approx(metrics["test_pck@0.1"], abs=1e-9)

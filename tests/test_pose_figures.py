@@ -1,11 +1,11 @@
-"""The built-in keypoint benchmark (adaptation.dense.figures): cache, COCO annotations, visibility, domains."""
+"""The built-in keypoint benchmark (adaptation.pose.figures): cache, COCO annotations, visibility, domains."""
 
 import json
 import numpy as np
 import pytest
 from PIL import Image
 
-from adaptation.dense import figures as F
+from adaptation.pose import figures as F
 
 SMALL = {"n_train": 6, "n_test": 3}   # val: as many as test
 

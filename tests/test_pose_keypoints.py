@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaptation.dense.keypoints import (affine_matrix, box_to_center_scale, coco_results, decode_heatmaps,
+from adaptation.pose.keypoints import (affine_matrix, box_to_center_scale, coco_results, decode_heatmaps,
                                         flip_heatmaps_back, flip_keypoints, flip_shift, gaussian_heatmaps,
                                         heatmap_sigma, oks,
                                         oks_ap, pck, transform_points)

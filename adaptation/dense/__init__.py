@@ -1,9 +1,6 @@
-"""The dense-prediction family: segmentation (and later keypoint) heads on the shared backbones, their
-data, metrics, source training and source-free adaptation.
+"""What segmentation and pose share: dense heads on the shared backbones and the models built from them.
 
-    heads.py    head registry (fcn, issa, ordnet, hrnet, ocr): feature part + frozen 1x1 classifier
-    model.py    SegmentationModel = registry backbone + registry head, logits at input resolution
-    data.py     image + label-map data (folders, list files), joint transforms
-    scenes.py   the built-in `builtin:scenes/<domain>` benchmark
-    metrics.py  confusion matrix, IoU, mIoU, pixel accuracy
+    heads.py    head registry (fcn, issa, ordnet, hrnet, ocr; deconv, heatmap): feature part + classifier
+    model.py    SegmentationModel and PoseModel = registry backbone + registry head; loading a dense
+                checkpoint of either task (load_dense_model)
 """

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from workbench.backbones import create_backbone, list_backbones
+from workbench.checkpoint import CheckpointError, load_checkpoint
 
 from .heads import DenseHead, create_head, list_heads, resize
 
@@ -132,3 +133,42 @@ def build_dense_model(config: dict) -> DenseModel:
     backbone_kwargs = {k: v for k, v in (config.get("backbone_kwargs") or {}).items() if k != "pretrained"}
     return MODELS[config.get("task", "segmentation")](config["backbone"], config["head"], config["num_classes"],
                                                       backbone_kwargs, config.get("head_kwargs") or {})
+
+
+MODEL_KINDS = ("source-model", "adapted-model")
+
+
+def checkpoint_task(state: dict) -> str:
+    """The task a model checkpoint names; checkpoints written before tasks existed are classification."""
+    return state.get("task", "classification")
+
+
+def load_dense_model(path, runtime, task: str = "segmentation"):
+    """(model in eval mode, checkpoint dict) of a dense checkpoint of `task` (segmentation or pose); any
+    other task is a clear error."""
+    state = load_checkpoint(path, kind=MODEL_KINDS, map_location=runtime.device)
+    stored = checkpoint_task(state)
+    if stored != task:
+        raise CheckpointError(f"{path} holds a {stored} model, not a {task} model: pass a checkpoint from "
+                              f"`train-source --task {task}` or use --task {stored}")
+    model = runtime.prepare_module(build_dense_model(state["model_config"]))
+    check_dense_state(path, state, model)
+    model.load_state_dict(state["model"])
+    return model.eval(), state
+
+
+def check_dense_state(path, state: dict, model) -> None:
+    """A one-line CheckpointError when the stored weights do not fit the model their config builds
+    today: the one-conv fcn head of before issue 34 (keys head.conv.*), or any other change of layers."""
+    stored, expected = set(state["model"]), set(model.state_dict())
+    if stored == expected:
+        return
+    if state["model_config"].get("head") == "fcn" and any(k.startswith("head.conv.") for k in stored):
+        raise CheckpointError(f"{path} holds an fcn model with the old one-conv head (head.conv.*); the fcn head is "
+                              f"now mmsegmentation's (num_convs=2 3x3 convs + input concat), so retrain the "
+                              f"source model with this version")
+    missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+    raise CheckpointError(f"{path} does not fit the {state['model_config'].get('head')} model its config builds "
+                          f"today: {len(missing)} missing state entries ({', '.join(missing[:3])}"
+                          f"{', ...' if len(missing) > 3 else ''}), {len(unexpected)} unexpected "
+                          f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}); retrain it")

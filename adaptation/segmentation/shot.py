@@ -77,7 +77,8 @@ from ..cluster import assign_to_centroids, shot_centroids
 from ..losses import DIVERSITY_PRIORS, information_maximization
 from ..training import add_terms, make_loader, set_group_lr, set_shot_lr, shot_optimizer, take_step
 from .data import builtin_scenes_test_split, builtin_scenes_val_split
-from .evaluate import TASK, eval_batch_size, eval_loader, load_dense_model, load_dense_target, public_scores, segmentation_pass
+from .evaluate import TASK, eval_batch_size, eval_loader, load_dense_target, public_scores, segmentation_pass
+from ..dense.model import load_dense_model
 from .metrics import IGNORE_INDEX, ConfusionAccumulator, colorize
 from .source import poly_lr, segmentation_optimizer
 

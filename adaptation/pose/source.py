@@ -6,7 +6,7 @@ The recipe of HRFormer's COCO pose configs (REFERENCE 8.2), with epochs scaled t
                                                                        unlabelled joint)
     AdamW, lr 5e-4, weight decay 0.01, lr x0.1 at 170/210 and 200/210 of the run
 
-with HRNet's scale / rotation / flip augmentation (adaptation.dense.pose_data). The model is
+with HRNet's scale / rotation / flip augmentation (adaptation.pose.data). The model is
 selected as the segmentation and classification sources are: AP on the selection set is checked
 `selection_checks` times and the last of the best checks is kept (`>=`). The selection set is the
 val split for the built-in figures, otherwise a held-out 10% of the persons, or any `select_on`. The
@@ -33,9 +33,9 @@ from workbench.runtime import Runtime, seed_everything
 
 from ..source import cycle, split_holdout
 from ..training import lr_param_groups, make_loader, set_group_lr
-from .model import PoseModel, dense_model_config
-from .pose_data import KeypointDataset, builtin_figures_test_split, builtin_figures_val_split
-from .pose_evaluate import TASK, pose_scores, predict_joints, public_pose_scores
+from ..dense.model import PoseModel, dense_model_config
+from .data import KeypointDataset, builtin_figures_test_split, builtin_figures_val_split
+from .evaluate import TASK, pose_scores, predict_joints, public_pose_scores
 
 SOURCE_KIND = "source-model"
 CHECKPOINT = "source.pt"
@@ -155,7 +155,7 @@ def train_pose_source(cfg: PoseSourceConfig) -> dict:
     metrics = {"task": TASK, "source_data": cfg.data, "backbone": cfg.backbone, "head": cfg.head,
                "num_joints": num_joints, "joint_names": list(base.joint_names), **best,
                "wall_seconds": time.time() - start, "checkpoint": str(run_dir / CHECKPOINT)}
-    from .pose_evaluate import evaluate_pose_model
+    from .evaluate import evaluate_pose_model
 
     for key, data in (("test", cfg.test_on), ("target", cfg.eval_target)):
         if data:

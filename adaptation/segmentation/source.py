@@ -11,7 +11,7 @@ model at all-background for the first thousand iterations (DTN, ResNet-18; CPU r
 iterations, docs/RESULTS.md), so `optimizer="adam"` (lr0 2e-3, no weight decay, same poly decay)
 is offered for from-scratch training and is what scripts/run_scenes_benchmark.py uses.
 
-with the joint random scale (0.5-2.0) / crop / flip of adaptation.dense.data. As the classification
+with the joint random scale (0.5-2.0) / crop / flip of adaptation.segmentation.data. As the classification
 source (adaptation.source), the model is selected on held-out data: mIoU on the selection set is
 checked `selection_checks` times over the run and the last of the best checks is kept (`>=`). The
 selection set is the val split for built-in scenes (training on the train split), otherwise a
@@ -44,7 +44,7 @@ from ..training import lr_param_groups, make_loader, set_group_lr
 from .data import (IGNORE_INDEX, builtin_scenes_test_split, builtin_scenes_val_split, load_segmentation,
                    parse_builtin_scenes)
 from .evaluate import TASK, eval_loader, public_scores, segmentation_pass
-from .model import SegmentationModel, dense_model_config
+from ..dense.model import SegmentationModel, dense_model_config
 
 SOURCE_KIND = "source-model"
 CHECKPOINT = "source.pt"

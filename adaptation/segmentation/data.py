@@ -1,7 +1,7 @@
 """Image + label-map data for segmentation, and the joint transforms that keep the two aligned.
 
 A segmentation data argument is one of
-    builtin:scenes/<domain>[:train|val|test|all]   the built-in digit scenes (adaptation.dense.scenes):
+    builtin:scenes/<domain>[:train|val|test|all]   the built-in digit scenes (adaptation.segmentation.scenes):
                                                 train by default; val chooses checkpoints and settings,
                                                 test is what is reported
     path/to/root/                               root/images/<name>.<ext> with root/masks/<name>.png

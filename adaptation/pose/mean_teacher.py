@@ -39,11 +39,11 @@ from workbench.checkpoint import save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import Runtime, seed_everything
 
-from .evaluate import load_dense_model
 from .keypoints import decode_heatmaps, gaussian_heatmaps, transform_points
-from .pose_data import KeypointDataset, builtin_figures_test_split
-from .pose_evaluate import TASK, load_pose_data, pose_scores, predict_joints, public_pose_scores, skeleton_panel
-from .pose_source import joints_mse
+from ..dense.model import load_dense_model
+from .data import KeypointDataset, builtin_figures_test_split
+from .evaluate import TASK, load_pose_data, pose_scores, predict_joints, public_pose_scores, skeleton_panel
+from .source import joints_mse
 
 METHODS = ("mean-teacher",)
 DEFAULT_METHOD = "mean-teacher"

@@ -3,7 +3,7 @@
     result = evaluate_dense_model("runs/src/source.pt", "builtin:scenes/textured:test",
                                   save_predictions="runs/src/predictions")
 
-Scores follow adaptation.dense.metrics: one confusion matrix over the whole set (ignore 255 dropped),
+Scores follow adaptation.segmentation.metrics: one confusion matrix over the whole set (ignore 255 dropped),
 mIoU over the classes present in truth or prediction. Predictions are argmax of the logits at input
 resolution (no flip or multi-scale testing). `save_predictions` writes one palette PNG per image,
 <dir>/<name>.png, whose pixel values are the predicted classes (colorize's palette).
@@ -16,53 +16,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from workbench.checkpoint import CheckpointError, load_checkpoint
 from workbench.runtime import Runtime
 
 from .data import SegmentationDataset, load_segmentation
-from .heads import resize
+from ..dense.heads import resize
 from .metrics import ConfusionAccumulator, colorize
-from .model import build_dense_model
+from ..dense.model import load_dense_model
 
-MODEL_KINDS = ("source-model", "adapted-model")
 TASK = "segmentation"
 EVAL_BATCH = 16
-
-
-def checkpoint_task(state: dict) -> str:
-    """The task a model checkpoint names; checkpoints written before tasks existed are classification."""
-    return state.get("task", "classification")
-
-
-def load_dense_model(path, runtime, task: str = TASK):
-    """(model in eval mode, checkpoint dict) of a dense checkpoint of `task` (segmentation or pose); any
-    other task is a clear error."""
-    state = load_checkpoint(path, kind=MODEL_KINDS, map_location=runtime.device)
-    stored = checkpoint_task(state)
-    if stored != task:
-        raise CheckpointError(f"{path} holds a {stored} model, not a {task} model: pass a checkpoint from "
-                              f"`train-source --task {task}` or use --task {stored}")
-    model = runtime.prepare_module(build_dense_model(state["model_config"]))
-    check_dense_state(path, state, model)
-    model.load_state_dict(state["model"])
-    return model.eval(), state
-
-
-def check_dense_state(path, state: dict, model) -> None:
-    """A one-line CheckpointError when the stored weights do not fit the model their config builds
-    today: the one-conv fcn head of before issue 34 (keys head.conv.*), or any other change of layers."""
-    stored, expected = set(state["model"]), set(model.state_dict())
-    if stored == expected:
-        return
-    if state["model_config"].get("head") == "fcn" and any(k.startswith("head.conv.") for k in stored):
-        raise CheckpointError(f"{path} holds an fcn model with the old one-conv head (head.conv.*); the fcn head is "
-                              f"now mmsegmentation's (num_convs=2 3x3 convs + input concat), so retrain the "
-                              f"source model with this version")
-    missing, unexpected = sorted(expected - stored), sorted(stored - expected)
-    raise CheckpointError(f"{path} does not fit the {state['model_config'].get('head')} model its config builds "
-                          f"today: {len(missing)} missing state entries ({', '.join(missing[:3])}"
-                          f"{', ...' if len(missing) > 3 else ''}), {len(unexpected)} unexpected "
-                          f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}); retrain it")
 
 
 def load_dense_target(spec: str, model_config: dict) -> SegmentationDataset:

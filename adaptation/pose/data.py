@@ -1,7 +1,7 @@
 """Top-down keypoint data: COCO keypoint JSON -> one person crop per annotation, with heatmap targets.
 
 A pose data argument is one of
-    builtin:figures/<domain>[:train|val|test] the built-in articulated figures (adaptation.dense.figures)
+    builtin:figures/<domain>[:train|val|test] the built-in articulated figures (adaptation.pose.figures)
     path/to/annotations.json                  COCO keypoint JSON; `file_name`s resolve against the
                                               JSON's folder, else its `images/` sub-folder
     path/to/folder/                           a folder holding annotations.json (as above)

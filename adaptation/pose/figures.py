@@ -50,7 +50,7 @@ taken as built; a folder written before val existed gets its val split added on 
 test untouched), never served without it. Smaller sets (for tests) come from `build_domain(...,
 n_train=, n_test=, n_val=)` or WORKBENCH_FIGURES_N="<train>,<test>[,<val>]" (val defaults to the test
 count). `builtin:figures/<domain>[:train|val|test]` names a domain wherever pose data is accepted
-(`adaptation.dense.pose_data`).
+(`adaptation.pose.data`).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from .. import digits
-from .scenes import PHOTOS, TEXTURES
+from ..segmentation.scenes import PHOTOS, TEXTURES
 
 DOMAINS = ("flat", "textured")
 SPLITS = ("train", "val", "test")

@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader
 from workbench.runtime import Runtime
 
 from . import figures
-from .evaluate import load_dense_model
 from .keypoints import (COCO_SIGMAS, coco_results, decode_heatmaps, flip_heatmaps_back, flip_shift, oks_ap, pck,
                         transform_points)
-from .pose_data import KeypointDataset
+from ..dense.model import load_dense_model
+from .data import KeypointDataset
 
 TASK = "pose"
 EVAL_BATCH = 64
