@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from workbench.adapt.training import accuracy, make_loader, per_class_accuracy, predict
 from workbench.checkpoint import load_checkpoint
 from workbench.runtime import Runtime
 
 from .data import image_transform, load_dataset, parse_builtin
 from .model import build_model
-from .training import accuracy, make_loader, per_class_accuracy, predict
 
 MODEL_KINDS = ("source-model", "adapted-model")
 

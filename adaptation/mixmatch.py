@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from workbench.adapt.information import entropy
+from workbench.adapt.training import forever, make_loader, set_shot_lr, shot_optimizer, take_step
 from workbench.mixing import sample_beta
 
-from .losses import entropy
 from .model import Classifier
-from .training import forever, make_loader, set_shot_lr, shot_optimizer, take_step
 
 CHECKS = 10  # target accuracy is measured every tenth of the stage (and at its end)
 

@@ -8,8 +8,8 @@ policy), without rewards; then, for `epochs` passes over them,
 
     L = IM(pi(phi(s))) + beta * CE(pi(phi(s)), y_hat)        (beta = 0: SHOT-IM)
 
-with IM and the cosine k-means pseudo-labels over actions exactly as for images (adaptation.losses,
-adaptation.cluster). Only phi is trained: the policy head is frozen, and the value head is left
+with IM and the cosine k-means pseudo-labels over actions exactly as for images (workbench.adapt.information,
+workbench.adapt.cluster). Only phi is trained: the policy head is frozen, and the value head is left
 as it was (its input, phi's features, moves with the adaptation; the value head is used only for
 further PPO training, not for acting). With `recollect`, the frames are collected again with the
 adapted policy before every epoch (adapting during play). `diversity_prior="initial"` pulls the
@@ -44,13 +44,12 @@ import torch
 import torch.nn.functional as F
 
 from envs.procgen import GAMES, PROTOCOLS, ProcgenVecEnv, visual_options
+from workbench.adapt.cluster import shot_pseudo_labels
+from workbench.adapt.information import DIVERSITY_PRIORS, information_maximization
+from workbench.adapt.training import add_terms, set_shot_lr, shot_optimizer, take_step
 from workbench.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_path, save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import Runtime, seed_everything
-
-from .cluster import shot_pseudo_labels
-from .losses import DIVERSITY_PRIORS, information_maximization
-from .training import add_terms, set_shot_lr, shot_optimizer, take_step
 
 METHODS = ("shot-im", "shot")
 COLLECT_POLICIES = ("source", "random")

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import rotate_batch
-from .training import set_epoch, set_shot_lr, shot_optimizer, take_step
+from workbench.adapt.information import rotate_batch
+from workbench.adapt.training import set_epoch, set_shot_lr, shot_optimizer, take_step
 
 ROTATIONS = 4
 CHECKS = 10  # rotation accuracy is measured every 1/CHECKS of pre-training (and at its end)

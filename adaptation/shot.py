@@ -7,7 +7,7 @@ unlabelled target data with
     IM = mean_i H(p_i) - H(mean_i p_i)
 
 where y_hat are cosine k-means pseudo-labels recomputed at the start of every epoch
-(adaptation.cluster). SHOT++ adds rotation self-supervision to the same loop (a linear head
+(workbench.adapt.cluster). SHOT++ adds rotation self-supervision to the same loop (a linear head
 on [B(F(x)); B(F(rot x))], first fitted with F and B frozen, then weighted into L;
 adaptation.rotation), and a final labeling-transfer stage trained with MixMatch
 (adaptation.mixmatch).
@@ -15,7 +15,7 @@ adaptation.rotation), and a final labeling-transfer stage trained with MixMatch
 Hyperparameters default to the official code's values for the chosen benchmark (BENCHMARK_DEFAULTS).
 
 Under torchrun (`ShotAdapter(cfg, dist)`), every rank adapts the same model on its share of the target:
-gradients are averaged and batch norm synchronised (adaptation.training), each evaluation gathers the
+gradients are averaged and batch norm synchronised (workbench.adapt.training), each evaluation gathers the
 whole target's features and softmax on every rank, so the pseudo-labels (and the SHOT++ split) are the
 ones one process would compute for that model, and rank 0 alone writes the run directory. Each rank
 batches `batch_size` samples: one step sees batch_size * world_size, recorded as the effective batch.
@@ -33,19 +33,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from workbench.adapt.cluster import shot_pseudo_labels
+from workbench.adapt.information import information_maximization
+from workbench.adapt.training import (accuracy, add_terms, average_batch_norm_statistics, confusion_matrix,
+                       make_loader, per_class_accuracy, predict, set_epoch, set_shot_lr, shot_optimizer,
+                       synchronise_batch_norm, take_step)
 from workbench.checkpoint import save_checkpoint
 from workbench.distributed import SINGLE, Distributed
 from workbench.logging import RunLogger, default_run_name, run_logger, write_json
 from workbench.runtime import Runtime, seed_everything
 
-from .cluster import shot_pseudo_labels
 from .data import INPUT_ERRORS
 from .evaluate import builtin_test_split, load_model, load_target
-from .losses import information_maximization
 from .rotation import KEEP_CHOICES, RotationHead, pretrain_rotation_head, rotation_loss
-from .training import (accuracy, add_terms, average_batch_norm_statistics, confusion_matrix,
-                       make_loader, per_class_accuracy, predict, set_epoch, set_shot_lr, shot_optimizer,
-                       synchronise_batch_norm, take_step)
 
 METHODS = ("shot-im", "shot", "shot++")
 ADAPTED_KIND = "adapted-model"

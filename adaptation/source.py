@@ -32,16 +32,17 @@ alone writes the run directory.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import copy
-
 import torch
 from torch.utils.data import Subset
 
+from workbench.adapt.training import (accuracy, average_batch_norm_statistics, forever, make_loader, predict,
+                       set_shot_lr, shot_optimizer, synchronise_batch_norm, take_step)
 from workbench.checkpoint import load_checkpoint, save_checkpoint
 from workbench.distributed import SINGLE, Distributed
 from workbench.logging import default_run_name, run_logger, write_json
@@ -49,12 +50,10 @@ from workbench.runtime import Runtime, rng_state, seed_everything, set_rng_state
 
 from . import digits
 from .data import INPUT_ERRORS, default_style, image_transform, load_dataset, parse_builtin
+from .model import ShotModel, model_config
 from .robust.adversarial import EVAL_STEPS, evaluation_attack, robust_accuracy
 from .robust.label_noise import NOISE_TYPES, corrupt_labels
-from .model import ShotModel, model_config
 from .robust.objectives import OBJECTIVES, build_objective, cifs_joint_loss
-from .training import (accuracy, average_batch_norm_statistics, forever, make_loader, predict,
-                       set_shot_lr, shot_optimizer, synchronise_batch_norm, take_step)
 
 SOURCE_KIND = "source-model"
 CHECKPOINT = "source.pt"

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from adaptation.cluster import faiss_available, shot_pseudo_labels  # noqa: E402
+from workbench.adapt.cluster import faiss_available, shot_pseudo_labels  # noqa: E402
 
 
 def time_pseudo_labels(backend: str, features: torch.Tensor, probs: torch.Tensor, repeats: int) -> float:

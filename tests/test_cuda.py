@@ -493,7 +493,7 @@ def source_run(domains, tmp_path_factory):
 
 def test_source_training_on_the_device_predicts_as_on_the_cpu(source_run, domains):
     from adaptation.evaluate import load_model, load_target
-    from adaptation.training import accuracy, make_loader, predict
+    from workbench.adapt.training import accuracy, make_loader, predict
     from workbench.checkpoint import load_checkpoint
     from workbench.runtime import Runtime
 
@@ -614,7 +614,7 @@ def clustered_features(n=600, k=6, d=24, seed=0):
 
 
 def test_pseudo_labels_on_device_features_equal_the_cpu_labels():
-    from adaptation.cluster import faiss_available, shot_pseudo_labels
+    from workbench.adapt.cluster import faiss_available, shot_pseudo_labels
 
     features, probs, y = clustered_features()
     on_cpu = shot_pseudo_labels(features, probs, backend="torch")
@@ -629,7 +629,7 @@ def test_pseudo_labels_on_device_features_equal_the_cpu_labels():
 
 @gpu_only
 def test_faiss_gpu_index_gives_the_torch_and_cpu_faiss_labels():
-    import adaptation.cluster as cluster
+    import workbench.adapt.cluster as cluster
 
     if not cluster.faiss_gpu_available():
         pytest.skip("faiss has no GPU index here (or sees no GPU): install the GPU build: pip install -e '.[gpu]' "

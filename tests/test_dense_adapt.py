@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from adaptation.cluster import faiss_available, shot_centroids
 from adaptation.segmentation.shot import (IGNORE_INDEX, balanced_fraction, balanced_labels, class_thresholds, label_pixels,
                                    pixel_information_maximization, pseudo_label_loss, sample_pixels, upsample_labels)
+from workbench.adapt.cluster import faiss_available, shot_centroids
 
 TINY = "24,8"   # scenes per split for the fast command-line tests
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from adaptation.cluster import shot_pseudo_labels
-from adaptation.training import gather_in_dataset_order, make_loader, predict, set_epoch
+from workbench.adapt.cluster import shot_pseudo_labels
+from workbench.adapt.training import gather_in_dataset_order, make_loader, predict, set_epoch
 from workbench.distributed import Distributed, init_distributed, spawn_local
 from workbench.runtime import Runtime
 

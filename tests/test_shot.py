@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from adaptation.cluster import faiss_available, shot_pseudo_labels
-from adaptation.losses import information_maximization
 from adaptation.mixmatch import sharpen, split_by_entropy
+from workbench.adapt.cluster import faiss_available, shot_pseudo_labels
+from workbench.adapt.information import information_maximization
 
 
 @pytest.fixture(autouse=True)
@@ -240,7 +240,7 @@ class _TinyModel(torch.nn.Module):
 
 
 def test_rotation_loss_detaches_the_unrotated_features():
-    from adaptation.losses import rotate_batch
+    from workbench.adapt.information import rotate_batch
     from adaptation.rotation import RotationHead, rotation_loss
 
     torch.manual_seed(0)
@@ -268,7 +268,7 @@ def test_rotation_loss_detaches_the_unrotated_features():
 def test_rotation_pretraining_schedule_checks_and_kept_head(monkeypatch, keep):
     import adaptation.rotation as rotation
     from adaptation.model import ShotModel
-    from adaptation.training import set_shot_lr
+    from workbench.adapt.training import set_shot_lr
     from workbench.runtime import Runtime
 
     torch.manual_seed(0)
@@ -301,7 +301,7 @@ def test_labeling_transfer_stage_settings(monkeypatch):
     import adaptation.mixmatch as mixmatch
     from adaptation.model import ShotModel
     from adaptation.shot import AdaptConfig
-    from adaptation.training import make_loader, predict
+    from workbench.adapt.training import make_loader, predict
     from workbench.runtime import Runtime
 
     torch.manual_seed(0)
@@ -407,7 +407,7 @@ def test_class_count_mismatch_is_a_clear_error(source_run, tmp_path, capsys):
 def test_shot_im_and_shotpp_run(source_run, tmp_path, monkeypatch):
     import adaptation.shot as shot
     from adaptation.shot import AdaptConfig, ShotAdapter
-    from adaptation.training import set_shot_lr
+    from workbench.adapt.training import set_shot_lr
 
     src_dir, _ = source_run
     im = ShotAdapter(AdaptConfig(source=str(src_dir), target="builtin:digits/photo", method="shot-im", epochs=1,
@@ -463,7 +463,7 @@ def test_train_source_with_pretrained_resnet_on_a_class_folder(tmp_path):
 
 def test_auto_cluster_backend_keeps_gpu_features_on_the_gpu(monkeypatch):
     """auto: faiss's CPU index for CPU features; on a GPU, faiss only with its GPU build, else torch there."""
-    import adaptation.cluster as cluster
+    import workbench.adapt.cluster as cluster
 
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(cluster, "faiss_available", lambda: True)

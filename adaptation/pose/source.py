@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
+from workbench.adapt.training import lr_param_groups, make_loader, set_group_lr
 from workbench.checkpoint import save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import Runtime, seed_everything
 
-from ..source import cycle, split_holdout
-from ..training import lr_param_groups, make_loader, set_group_lr
 from ..dense.model import PoseModel, dense_model_config
+from ..source import cycle, split_holdout
 from .data import KeypointDataset, builtin_figures_test_split, builtin_figures_val_split
 from .evaluate import TASK, pose_scores, predict_joints, public_pose_scores
 

@@ -32,7 +32,7 @@ epoch with the model in eval mode, from pixel features:
 
   1. a random sample of at most `pixels_per_image` (default 128) feature pixels per target image
      with their softmax (at feature resolution) fits the centroids, c_k = sum_i w_ik f_i / sum_i w_ik
-     on [f, 1] / ||[f, 1]||, soft weights then one hard round (adaptation.cluster.shot_centroids):
+     on [f, 1] / ||[f, 1]||, soft weights then one hard round (workbench.adapt.cluster.shot_centroids):
      memory is O(images x pixels_per_image), not O(pixels);
   2. EVERY feature pixel is then labelled by its most cosine-similar centroid (assign_to_centroids;
      faiss when importable), at feature resolution, and the label map is upsampled with nearest
@@ -69,16 +69,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from workbench.adapt.cluster import assign_to_centroids, shot_centroids
+from workbench.adapt.information import DIVERSITY_PRIORS, information_maximization
+from workbench.adapt.training import add_terms, make_loader, set_group_lr, set_shot_lr, shot_optimizer, take_step
 from workbench.checkpoint import save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import Runtime, seed_everything
 
-from ..cluster import assign_to_centroids, shot_centroids
-from ..losses import DIVERSITY_PRIORS, information_maximization
-from ..training import add_terms, make_loader, set_group_lr, set_shot_lr, shot_optimizer, take_step
+from ..dense.model import load_dense_model
 from .data import builtin_scenes_test_split, builtin_scenes_val_split
 from .evaluate import TASK, eval_batch_size, eval_loader, load_dense_target, public_scores, segmentation_pass
-from ..dense.model import load_dense_model
 from .metrics import IGNORE_INDEX, ConfusionAccumulator, colorize
 from .source import poly_lr, segmentation_optimizer
 

@@ -35,16 +35,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
+from workbench.adapt.training import lr_param_groups, make_loader, set_group_lr
 from workbench.checkpoint import save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import Runtime, seed_everything
 
+from ..dense.model import SegmentationModel, dense_model_config
 from ..source import cycle, split_holdout
-from ..training import lr_param_groups, make_loader, set_group_lr
 from .data import (IGNORE_INDEX, builtin_scenes_test_split, builtin_scenes_val_split, load_segmentation,
                    parse_builtin_scenes)
 from .evaluate import TASK, eval_loader, public_scores, segmentation_pass
-from ..dense.model import SegmentationModel, dense_model_config
 
 SOURCE_KIND = "source-model"
 CHECKPOINT = "source.pt"
