@@ -329,7 +329,7 @@ def parse_adapt_args(argv=None) -> argparse.Namespace:
     from .segmentation.shot import DIVERSITY_PRIORS, PSEUDO_LABELS, DenseAdaptConfig
     from .segmentation.shot import METHODS as DENSE_METHODS
     from .rotation import KEEP_CHOICES
-    from .procgen_adapt import ProcgenAdaptConfig
+    from agents.adapt import ProcgenAdaptConfig
     from .shot import BENCHMARKS, METHODS, AdaptConfig
 
     d, dd, pd, rd = AdaptConfig(), DenseAdaptConfig(), PoseAdaptConfig(), ProcgenAdaptConfig()
@@ -414,7 +414,7 @@ def parse_adapt_args(argv=None) -> argparse.Namespace:
 def config_from_adapt_args(a: argparse.Namespace):
     from .pose.mean_teacher import PoseAdaptConfig
     from .segmentation.shot import DenseAdaptConfig
-    from .procgen_adapt import ProcgenAdaptConfig
+    from agents.adapt import ProcgenAdaptConfig
     from .shot import AdaptConfig
 
     d, dd, pd, rd = AdaptConfig(), DenseAdaptConfig(), PoseAdaptConfig(), ProcgenAdaptConfig()
@@ -469,7 +469,7 @@ def _adapt(argv) -> int:
 
     from .pose.mean_teacher import PoseAdaptConfig, PoseMeanTeacher
     from .segmentation.shot import DenseAdaptConfig, DenseShotAdapter
-    from .procgen_adapt import ProcgenAdaptConfig
+    from agents.adapt import ProcgenAdaptConfig
     from .shot import ShotAdapter
 
     a = parse_adapt_args(argv)
@@ -505,7 +505,7 @@ def _adapt(argv) -> int:
 
 
 def _adapt_procgen(cfg) -> int:
-    from .procgen_adapt import ProcgenAdapter
+    from agents.adapt import ProcgenAdapter
 
     adapter = ProcgenAdapter(cfg)
     m = adapter.run()

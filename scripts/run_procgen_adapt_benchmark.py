@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adaptation.procgen_adapt import METHODS, ProcgenAdaptConfig  # noqa: E402
+from agents.adapt import METHODS, ProcgenAdaptConfig  # noqa: E402
 from agents.evaluate import evaluate_random_policy  # noqa: E402
 from agents.resumable import final_evaluation, run_finished, run_logged, train_to  # noqa: E402
 from envs.procgen import GAMES, PROTOCOLS, visual_options  # noqa: E402

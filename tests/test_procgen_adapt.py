@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adaptation.cli import adapt_main
-from adaptation.procgen_adapt import (ProcgenAdaptConfig, ProcgenAdapter, paired_frames, parse_procgen_target,
+from agents.adapt import (ProcgenAdaptConfig, ProcgenAdapter, paired_frames, parse_procgen_target,
                                       policy_divergence)
 from agents.cli import evaluate_main
 from agents.evaluate import UniformRandomPolicy, evaluate_random_policy

@@ -113,7 +113,7 @@ class ProcgenAdaptConfig:
 
 def load_source_agent(path, game: str, runtime: Runtime):
     """(PPO agent that acts with the source weights, the checkpoint) for adapting to `game`."""
-    from agents.algorithms import ALGORITHMS
+    from .algorithms import ALGORITHMS
 
     ckpt_path = resolve_checkpoint_path(path)
     state = load_checkpoint(ckpt_path, kind="procgen-agent")
@@ -278,7 +278,7 @@ class ProcgenAdapter:
         return payload
 
     def evaluate_both_domains(self, checkpoint: Path, label: str) -> dict:
-        from agents.evaluate import evaluate_checkpoint
+        from .evaluate import evaluate_checkpoint
 
         out = {}
         source_options = list(self.source_state["config"].get("visual", []))
