@@ -24,7 +24,7 @@ from workbench.files import WriteError
 from workbench.runtime import DEVICE_CHOICES, PRECISION_CHOICES
 
 from . import digits
-from .data import INPUT_ERRORS
+from .common import INPUT_ERRORS
 
 
 def _fail(exc: Exception) -> int:

@@ -21,23 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from workbench.checkpoint import CheckpointError
-
 from . import digits
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-DIGITS_MEAN, DIGITS_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-
-
-class DataError(ValueError):
-    """A problem with user-supplied data (missing image, bad label, empty list ...)."""
-
-
-# Problems with what a user passed (data, checkpoints, settings): one line each, and under torchrun found before
-# training starts and raised on every rank alike (Distributed.main_first).
-INPUT_ERRORS = (ValueError, CheckpointError, FileNotFoundError)
-
+from .common import DIGITS_MEAN, DIGITS_STD, IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError
 
 @dataclass
 class Sample:

@@ -29,7 +29,7 @@ from workbench.logging import default_run_name, plot_learning_curve, read_scalar
 from workbench.runtime import DEVICE_CHOICES
 
 from . import digits
-from .data import INPUT_ERRORS
+from .common import INPUT_ERRORS
 
 SOURCE_DOMAIN, TARGET_DOMAIN = "fonts", "uci"
 QUICKSTART_METHODS = ("shot-im", "shot", "shot++")

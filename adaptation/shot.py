@@ -43,7 +43,7 @@ from workbench.distributed import SINGLE, Distributed
 from workbench.logging import RunLogger, default_run_name, run_logger, write_json
 from workbench.runtime import Runtime, seed_everything
 
-from .data import INPUT_ERRORS
+from .common import INPUT_ERRORS
 from .evaluate import builtin_test_split, load_model, load_target
 from .rotation import KEEP_CHOICES, RotationHead, pretrain_rotation_head, rotation_loss
 

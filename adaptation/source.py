@@ -49,7 +49,8 @@ from workbench.logging import default_run_name, run_logger, write_json
 from workbench.runtime import Runtime, rng_state, seed_everything, set_rng_state
 
 from . import digits
-from .data import INPUT_ERRORS, default_style, image_transform, load_dataset, parse_builtin
+from .common import INPUT_ERRORS, split_holdout
+from .data import default_style, image_transform, load_dataset, parse_builtin
 from .model import ShotModel, model_config
 from .robust.adversarial import EVAL_STEPS, evaluation_attack, robust_accuracy
 from .robust.label_noise import NOISE_TYPES, corrupt_labels
@@ -121,12 +122,6 @@ def with_noisy_labels(dataset, rate: float, noise_type: str, seed: int):
     return Subset(noisy, dataset.indices) if isinstance(dataset, Subset) else noisy
 
 
-def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_hold = max(1, int(round(n * fraction)))
-    return sorted(order[n_hold:]), sorted(order[:n_hold])
-
-
 def default_selection(data: str) -> tuple[str, str] | None:
     """(data to fit, data to select on) for a built-in digits domain named without a split or as train or
     trainval: fit on its train split, select on its val split. None for any other data."""
@@ -168,9 +163,6 @@ def selection_sets(cfg: SourceConfig, style: str):
         return train_set, selection, select_on
     fit_idx, hold_idx = split_holdout(len(train_set), cfg.holdout, cfg.seed)
     return Subset(train_set, fit_idx), Subset(eval_set, hold_idx), f"{cfg.holdout:.0%} of {cfg.data}"
-
-
-cycle = forever  # batches forever, in a new order at every pass (the official loop counts iterations, not epochs)
 
 
 def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:

@@ -3,7 +3,8 @@ import pytest
 from PIL import Image
 
 from adaptation import digits
-from adaptation.data import DataError, image_transform, load_dataset, read_list_file, scan_class_folders
+from adaptation.common import DataError
+from adaptation.data import image_transform, load_dataset, read_list_file, scan_class_folders
 from workbench.backbones import create_backbone
 
 
@@ -52,7 +53,8 @@ def test_val_is_a_stratified_tenth_of_trainval_disjoint_from_train_and_test():
 
 
 def test_a_split_less_builtin_spec_is_trainval_and_a_bad_split_is_one_line():
-    from adaptation.data import DataError, parse_builtin
+    from adaptation.common import DataError
+    from adaptation.data import parse_builtin
 
     assert parse_builtin("builtin:digits/uci") == ("uci", "trainval")
     assert parse_builtin("builtin:digits/photo:val") == ("photo", "val")

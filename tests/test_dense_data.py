@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from adaptation.cli import datasets_main
-from adaptation.data import IMAGENET_MEAN, IMAGENET_STD
+from adaptation.common import IMAGENET_MEAN, IMAGENET_STD
 from adaptation.segmentation import scenes
 from adaptation.segmentation.data import (IGNORE_INDEX, DataError, builtin_scenes_test_split, builtin_scenes_val_split,
                                    load_segmentation, parse_builtin_scenes)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adaptation.data import DataError
+from adaptation.common import DataError
 from adaptation.dense.heads import list_heads
 from adaptation.dense.model import PoseModel, dense_backbones
 from adaptation.pose.data import KeypointDataset, flip_permutation

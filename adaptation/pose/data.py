@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from ..data import IMAGENET_MEAN, IMAGENET_STD, DataError
+from ..common import IMAGENET_MEAN, IMAGENET_STD, DataError
 from . import figures
 from .keypoints import affine_matrix, box_to_center_scale, gaussian_heatmaps, heatmap_sigma, transform_points
 

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..data import DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD
+from ..common import DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD
 
 EPS = 8 / 255
 STEP_SIZE = 2 / 255

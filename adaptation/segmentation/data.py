@@ -38,7 +38,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from ..data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError
+from ..common import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError
 from . import scenes
 
 __all__ = ["IGNORE_INDEX", "DataError", "SegmentationDataset", "load_segmentation", "builtin_scenes_test_split",

@@ -35,13 +35,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from workbench.adapt.training import lr_param_groups, make_loader, set_group_lr
+from workbench.adapt.training import forever, lr_param_groups, make_loader, set_group_lr
 from workbench.checkpoint import save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import Runtime, seed_everything
 
+from ..common import split_holdout
 from ..dense.model import SegmentationModel, dense_model_config
-from ..source import cycle, split_holdout
 from .data import (IGNORE_INDEX, builtin_scenes_test_split, builtin_scenes_val_split, load_segmentation,
                    parse_builtin_scenes)
 from .evaluate import TASK, eval_loader, public_scores, segmentation_pass
@@ -164,7 +164,7 @@ def train_dense_source(cfg: DenseSourceConfig) -> dict:
     check_every = max(1, total_iters // max(1, cfg.selection_checks))
     logger = RunLogger(run_dir, total=total_iters, desc=f"source {cfg.backbone}+{cfg.head}", progress=cfg.progress)
     best = {"miou": -1.0, "selection_data": selection_name, "iteration": -1}
-    batches, start = cycle(loader), time.time()
+    batches, start = forever(loader), time.time()  # the official loop counts iterations, not epochs
     try:
         model.train()
         for step in range(1, total_iters + 1):
