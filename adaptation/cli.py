@@ -19,7 +19,7 @@ import json
 from workbench.arguments import (ArgumentParser, at_least, fraction, non_negative_float, non_negative_int,
                                  positive_float, positive_int, report_error, seed, unit_interval)
 from workbench.backbones import list_backbones
-from workbench.distributed import SINGLE, Distributed
+from workbench.distributed import SINGLE, Distributed, single_process_only
 from workbench.files import WriteError
 from workbench.runtime import DEVICE_CHOICES, PRECISION_CHOICES
 
@@ -140,14 +140,6 @@ def _resolve_task(flag: str | None, path) -> str:
     return flag or stored or "classification"
 
 
-def single_process_only(what: str) -> None:
-    """A clear error for the pipelines that do not run under torchrun (yet)."""
-    from workbench.distributed import launched_distributed
-
-    if launched_distributed():
-        raise ValueError(f"{what} does not run distributed yet: run it with one process (without torchrun)")
-
-
 def train_source_main(argv=None) -> int:
     """Train a source model; under torchrun every worker runs this and rank 0 writes and reports."""
     from workbench.distributed import worker_main
@@ -162,7 +154,7 @@ def _train_source(argv) -> int:
     from .segmentation.source import DenseSourceConfig
     from .robust.label_noise import NOISE_TYPES
     from .robust.objectives import OBJECTIVES
-    from .source import KEEP_CHOICES, SourceConfig
+    from .classification.source import KEEP_CHOICES, SourceConfig
 
     d, ds, ps = SourceConfig(), DenseSourceConfig(), PoseSourceConfig()
     p = ArgumentParser(prog="workbench train-source",
@@ -241,7 +233,7 @@ def _train_source(argv) -> int:
         return _train_dense_source(a, ds)
     if a.task == "pose":
         return _train_pose_source(a, ps)
-    from .source import train_source
+    from .classification.source import train_source
 
     try:
         dist = init_distributed(a.device)
@@ -328,9 +320,9 @@ def parse_adapt_args(argv=None) -> argparse.Namespace:
     from .pose.mean_teacher import PoseAdaptConfig
     from .segmentation.shot import DIVERSITY_PRIORS, PSEUDO_LABELS, DenseAdaptConfig
     from .segmentation.shot import METHODS as DENSE_METHODS
-    from .rotation import KEEP_CHOICES
+    from .classification.rotation import KEEP_CHOICES
     from agents.adapt import ProcgenAdaptConfig
-    from .shot import BENCHMARKS, METHODS, AdaptConfig
+    from .classification.shot import BENCHMARKS, METHODS, AdaptConfig
 
     d, dd, pd, rd = AdaptConfig(), DenseAdaptConfig(), PoseAdaptConfig(), ProcgenAdaptConfig()
     p = ArgumentParser(prog="workbench adapt", description="Source-free adaptation of a source model.")
@@ -415,7 +407,7 @@ def config_from_adapt_args(a: argparse.Namespace):
     from .pose.mean_teacher import PoseAdaptConfig
     from .segmentation.shot import DenseAdaptConfig
     from agents.adapt import ProcgenAdaptConfig
-    from .shot import AdaptConfig
+    from .classification.shot import AdaptConfig
 
     d, dd, pd, rd = AdaptConfig(), DenseAdaptConfig(), PoseAdaptConfig(), ProcgenAdaptConfig()
     if a.target.startswith("procgen:"):  # a Procgen agent adapted to a visual domain over its actions
@@ -470,7 +462,7 @@ def _adapt(argv) -> int:
     from .pose.mean_teacher import PoseAdaptConfig, PoseMeanTeacher
     from .segmentation.shot import DenseAdaptConfig, DenseShotAdapter
     from agents.adapt import ProcgenAdaptConfig
-    from .shot import ShotAdapter
+    from .classification.shot import ShotAdapter
 
     a = parse_adapt_args(argv)
     try:
@@ -547,7 +539,7 @@ def _adapt_pose(cfg, adapter_cls) -> int:
 
 
 def evaluate_main(argv=None) -> int:
-    from .evaluate import ATTACK_LOSSES, evaluate_model
+    from .classification.evaluate import ATTACK_LOSSES, evaluate_model
 
     p = ArgumentParser(prog="workbench evaluate", description="Accuracy (classification), mIoU "
                        "(segmentation) or PCK and OKS AP (pose) of a source or adapted model.")
@@ -587,7 +579,7 @@ def evaluate_main(argv=None) -> int:
                 raise ValueError("--save-predictions writes label maps of segmentation models only")
             result = evaluate_model(a.model, a.data, device=a.device)
             if a.attack:
-                from .evaluate import evaluate_robustness
+                from .classification.evaluate import evaluate_robustness
 
                 result["robustness"] = evaluate_robustness(a.model, a.data, eps=a.eps, steps=a.steps,
                                                            device=a.device, attack_loss=a.attack_loss)

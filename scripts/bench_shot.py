@@ -32,8 +32,8 @@ def time_pseudo_labels(backend: str, features: torch.Tensor, probs: torch.Tensor
 
 
 def time_adaptation_epoch(source_domain: str, target_domain: str, backbone: str) -> tuple[float, float]:
-    from adaptation.shot import AdaptConfig, ShotAdapter
-    from adaptation.source import SourceConfig, train_source
+    from adaptation.classification.shot import AdaptConfig, ShotAdapter
+    from adaptation.classification.source import SourceConfig, train_source
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaptation.digits import DOMAINS  # noqa: E402
-from adaptation.evaluate import evaluate_model  # noqa: E402
-from adaptation.shot import METHODS, AdaptConfig, ShotAdapter  # noqa: E402
-from adaptation.source import SourceConfig, train_source  # noqa: E402
+from adaptation.classification.evaluate import evaluate_model  # noqa: E402
+from adaptation.classification.shot import METHODS, AdaptConfig, ShotAdapter  # noqa: E402
+from adaptation.classification.source import SourceConfig, train_source  # noqa: E402
 from workbench.logging import mean_sd  # noqa: E402
 
 SHOT_DIGITS_SELECTION = "builtin:digits/{}:test"  # the official digits protocol selects the source on test

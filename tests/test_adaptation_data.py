@@ -3,8 +3,8 @@ import pytest
 from PIL import Image
 
 from adaptation import digits
+from adaptation.classification.data import image_transform, load_dataset, read_list_file, scan_class_folders
 from adaptation.common import DataError
-from adaptation.data import image_transform, load_dataset, read_list_file, scan_class_folders
 from workbench.backbones import create_backbone
 
 
@@ -54,7 +54,7 @@ def test_val_is_a_stratified_tenth_of_trainval_disjoint_from_train_and_test():
 
 def test_a_split_less_builtin_spec_is_trainval_and_a_bad_split_is_one_line():
     from adaptation.common import DataError
-    from adaptation.data import parse_builtin
+    from adaptation.classification.data import parse_builtin
 
     assert parse_builtin("builtin:digits/uci") == ("uci", "trainval")
     assert parse_builtin("builtin:digits/photo:val") == ("photo", "val")
@@ -63,7 +63,7 @@ def test_a_split_less_builtin_spec_is_trainval_and_a_bad_split_is_one_line():
 
 
 def test_a_digits_source_fits_train_and_selects_on_val_unless_told(tmp_path):
-    from adaptation.source import SourceConfig, selection_sets
+    from adaptation.classification.source import SourceConfig, selection_sets
 
     fit, selection, name = selection_sets(SourceConfig(data="builtin:digits/uci"), "digits")
     assert name == "builtin:digits/uci:val"

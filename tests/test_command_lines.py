@@ -110,7 +110,7 @@ def test_train_source_into_a_finished_run_is_refused_unless_overwrite(tmp_path, 
 
 
 def test_adapt_into_a_finished_run_is_refused_unless_overwrite(tmp_path, domains, capsys):
-    from adaptation.source import SourceConfig, train_source
+    from adaptation.classification.source import SourceConfig, train_source
 
     source, run = tmp_path / "src", tmp_path / "adapted"
     train_source(SourceConfig(data=str(domains[0]), backbone="lenet", epochs=1, batch_size=8, transform="digits",

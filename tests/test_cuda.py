@@ -483,7 +483,7 @@ def domains(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def source_run(domains, tmp_path_factory):
-    from adaptation.source import SourceConfig, train_source
+    from adaptation.classification.source import SourceConfig, train_source
 
     out = tmp_path_factory.mktemp("source") / "run"
     metrics = train_source(SourceConfig(data=str(domains[0]), backbone="lenet", epochs=2, batch_size=8,
@@ -492,7 +492,7 @@ def source_run(domains, tmp_path_factory):
 
 
 def test_source_training_on_the_device_predicts_as_on_the_cpu(source_run, domains):
-    from adaptation.evaluate import load_model, load_target
+    from adaptation.classification.evaluate import load_model, load_target
     from workbench.adapt.training import accuracy, make_loader, predict
     from workbench.checkpoint import load_checkpoint
     from workbench.runtime import Runtime
@@ -523,7 +523,7 @@ def test_source_training_on_the_device_predicts_as_on_the_cpu(source_run, domain
 @pytest.mark.parametrize("method", ["shot", "shot++"])
 def test_shot_adaptation_on_the_device(source_run, domains, tmp_path, method):
     from adaptation.cli import adapt_main
-    from adaptation.evaluate import evaluate_model
+    from adaptation.classification.evaluate import evaluate_model
     from workbench.checkpoint import load_checkpoint
 
     src, _ = source_run
@@ -557,9 +557,9 @@ def test_shot_adaptation_on_the_device(source_run, domains, tmp_path, method):
 
 
 def test_shot_clusters_the_features_on_the_device(source_run, domains, tmp_path, monkeypatch):
-    """adaptation/shot.py passes its features to shot_pseudo_labels on the runtime device (faiss's GPU index
+    """adaptation/classification/shot.py passes its features to shot_pseudo_labels on the runtime device (faiss's GPU index
     or torch there), and uses the labels there."""
-    import adaptation.shot as shot
+    import adaptation.classification.shot as shot
     from adaptation.cli import adapt_main
 
     seen = []
@@ -579,7 +579,7 @@ def test_shot_clusters_the_features_on_the_device(source_run, domains, tmp_path,
 
 @pytest.mark.parametrize("objective", ["sat", "at", "core-tuning"])
 def test_robust_source_objectives_on_the_device(source_run, domains, tmp_path, objective):
-    from adaptation.source import SourceConfig, train_source
+    from adaptation.classification.source import SourceConfig, train_source
     from workbench.checkpoint import load_checkpoint
 
     extra = {"init_from": str(source_run[0])} if objective == "core-tuning" else {}

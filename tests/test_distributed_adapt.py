@@ -146,7 +146,7 @@ def write_domain(root: Path, inverted: bool) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory):
-    from adaptation.source import SourceConfig, train_source
+    from adaptation.classification.source import SourceConfig, train_source
 
     root = tmp_path_factory.mktemp("domains")
     source, target = write_domain(root / "source", False), write_domain(root / "target", True)
@@ -191,7 +191,7 @@ def recorded_writes(under: Path, into: list):
 
 
 def _adapt_worker(rank, argv, watched, out_dir):
-    import adaptation.shot as shot
+    import adaptation.classification.shot as shot
     from adaptation.cli import adapt_main
 
     checksums, writes = [], []
@@ -235,7 +235,7 @@ def test_two_rank_adaptation_writes_from_rank_0_only(tiny_source, tmp_path, meth
 
 
 def _source_worker(rank, argv, out_dir):
-    import adaptation.source as source
+    import adaptation.classification.source as source
     from adaptation.cli import train_source_main
 
     checks = []

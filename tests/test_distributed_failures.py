@@ -129,7 +129,7 @@ def test_source_training_with_a_failing_worker_ends_and_keeps_its_training_state
     result, _ = torchrun(tmp_path, "adaptation.cli:train_source_main",
                          ["--data", str(source), "--backbone", "lenet", "--epochs", "3", "--batch-size", "8",
                           "--transform", "digits", "--device", "cpu", "--out", "src", "--no-progress"],
-                         fail_at="adaptation.source:take_step", fail_after=5)
+                         fail_at="adaptation.classification.source:take_step", fail_after=5)
     assert_failed_cleanly(result)
     state = load_checkpoint(tmp_path / "src" / "train-state.pt", kind="source-training")
     assert state["step"] == 4
@@ -139,7 +139,7 @@ def test_source_training_with_a_failing_worker_ends_and_keeps_its_training_state
 
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory, class_folders):
-    from adaptation.source import SourceConfig, train_source
+    from adaptation.classification.source import SourceConfig, train_source
 
     out = tmp_path_factory.mktemp("source") / "run"
     train_source(SourceConfig(data=str(class_folders[0]), backbone="lenet", epochs=2, batch_size=8,
@@ -151,7 +151,7 @@ def test_adaptation_with_a_failing_worker_ends_and_writes_no_partial_result(tmp_
     result, _ = torchrun(tmp_path, "adaptation.cli:adapt_main",
                          ["--method", "shot", "--source", str(source_run), "--target", str(class_folders[1]),
                           "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--out", "adapt", "--no-progress"],
-                         fail_at="adaptation.shot:take_step", fail_after=3)
+                         fail_at="adaptation.classification.shot:take_step", fail_after=3)
     assert_failed_cleanly(result)
     assert not (tmp_path / "adapt" / "adapted.pt").exists() and not (tmp_path / "adapt" / "metrics.json").exists()
 

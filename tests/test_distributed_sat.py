@@ -86,7 +86,7 @@ def write_class_folders(root: Path, classes: int = 3, per_class: int = 14) -> Pa
 
 
 def _sat_source_worker(rank, argv, out_dir):
-    import adaptation.source as source
+    import adaptation.classification.source as source
     from adaptation.cli import train_source_main
 
     built = []

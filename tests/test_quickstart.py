@@ -11,8 +11,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from adaptation.evaluate import evaluate_model
-from adaptation.quickstart import CURVE, SUMMARY, quickstart_main
+from adaptation.classification.evaluate import evaluate_model
+from adaptation.classification.quickstart import CURVE, SUMMARY, quickstart_main
 from workbench.cli import main as workbench_main
 from workbench.logging import read_scalars
 

@@ -253,7 +253,7 @@ def test_core_tuning_trains_the_encoder_through_the_mixes_only_as_the_official_c
     assert (attached - got).abs().max() > 1e-4
 
 def tiny_digit_model(backbone="dtn", **kwargs):
-    from adaptation.model import ShotModel
+    from adaptation.classification.model import ShotModel
 
     torch.manual_seed(0)
     return ShotModel(backbone, 10, backbone_kwargs=kwargs)
@@ -321,7 +321,7 @@ def _data_cache(tmp_path_factory, monkeypatch):
 
 
 def lenet_source(run_dir, **overrides):
-    from adaptation.source import SourceConfig, train_source
+    from adaptation.classification.source import SourceConfig, train_source
 
     cfg = dict(data="builtin:digits/uci", backbone="lenet", epochs=1, selection_checks=2, run_dir=str(run_dir),
                progress=False, device="cpu")
@@ -355,7 +355,7 @@ def test_noisy_labels_stay_out_of_selection_and_are_reported(tmp_path):
 
 
 def test_keep_last_saves_the_final_model_not_the_best_check(tmp_path):
-    from adaptation.source import keeps
+    from adaptation.classification.source import keeps
     from workbench.checkpoint import load_checkpoint
 
     best = {"selection_accuracy": 90.0}
@@ -378,8 +378,8 @@ def test_keep_refuses_an_unknown_choice(tmp_path):
 
 def test_robust_source_models_are_ordinary_source_checkpoints(tmp_path):
     from adaptation.cli import evaluate_main
-    from adaptation.model import build_model, model_config
-    from adaptation.shot import AdaptConfig, ShotAdapter
+    from adaptation.classification.model import build_model, model_config
+    from adaptation.classification.shot import AdaptConfig, ShotAdapter
     from workbench.checkpoint import load_checkpoint, save_checkpoint
 
     lenet_source(tmp_path / "core", objective="core-tuning")
@@ -415,8 +415,8 @@ def test_robust_source_models_are_ordinary_source_checkpoints(tmp_path):
 
 def test_attack_loss_picks_what_pgd_ascends(tmp_path, monkeypatch):
     import adaptation.robust.adversarial as adversarial
-    from adaptation.evaluate import evaluate_robustness
-    from adaptation.model import build_model, model_config
+    from adaptation.classification.evaluate import evaluate_robustness
+    from adaptation.classification.model import build_model, model_config
     from workbench.checkpoint import save_checkpoint
 
     config = model_config("resnet18", 10, backbone_kwargs={"cifs_classes": 10}, transform="digits")
@@ -445,7 +445,7 @@ def test_sat_beats_plain_training_at_40_percent_label_noise(tmp_path):
 
 def test_source_training_trains_the_network_its_checkpoint_describes(tmp_path, monkeypatch):
     """The digit bottleneck drops out half its units in source training too, as the official digit network."""
-    import adaptation.source as source
+    import adaptation.classification.source as source
 
     seen = []
     real = source.build_objective
@@ -465,8 +465,8 @@ def test_source_training_is_the_official_digit_recipe_step_for_step(tmp_path, mo
     group per tensor, lr = 0.01 (1 + 10 t/T)^-0.75 with t counted from 1, weight decay 1e-3, Nesterov
     momentum 0.9, the label-smoothed CE of `CrossEntropyLabelSmooth` written out, every layer's dropout
     (the same masks: the RNG state of each of our forwards is replayed). The final models must agree."""
-    import adaptation.source as source
-    from adaptation.model import ShotModel
+    import adaptation.classification.source as source
+    from adaptation.classification.model import ShotModel
     from workbench.checkpoint import load_checkpoint
 
     seen = {"steps": []}
@@ -517,8 +517,8 @@ def test_source_training_is_the_official_digit_recipe_step_for_step(tmp_path, mo
 
 
 def test_init_from_starts_the_backbone_from_a_trained_checkpoint(tmp_path):
-    from adaptation.model import ShotModel
-    from adaptation.source import load_backbone_from
+    from adaptation.classification.model import ShotModel
+    from adaptation.classification.source import load_backbone_from
     from workbench.checkpoint import load_checkpoint
 
     lenet_source(tmp_path / "pre")

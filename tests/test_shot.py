@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaptation.mixmatch import sharpen, split_by_entropy
+from adaptation.classification.mixmatch import sharpen, split_by_entropy
 from workbench.adapt.cluster import faiss_available, shot_pseudo_labels
 from workbench.adapt.information import information_maximization
 
@@ -117,7 +117,7 @@ def test_shotpp_split_rule():
 
 
 def test_digit_bottleneck_drops_out_after_batch_norm_and_image_bottleneck_does_not():
-    from adaptation.model import build_model, model_config
+    from adaptation.classification.model import build_model, model_config
 
     digits = build_model(model_config("dtn", 10, transform="digits"))
     assert isinstance(digits.bottleneck.dropout, torch.nn.Dropout) and digits.bottleneck.dropout.p == 0.5
@@ -133,7 +133,7 @@ def test_digit_bottleneck_drops_out_after_batch_norm_and_image_bottleneck_does_n
 def test_classifier_starts_from_the_default_linear_init_as_the_official_code_does():
     """The official code's Xavier call on a weight-normed layer is undone by the next forward, so each class
     prototype keeps PyTorch's default init: uniform(+-1/sqrt(256)), squared row norm 256 * (1/256) / 3 = 1/3."""
-    from adaptation.model import Classifier
+    from adaptation.classification.model import Classifier
 
     torch.manual_seed(0)
     rows = torch.stack([Classifier(256, 10).fc.weight.detach().norm(dim=1) for _ in range(20)])
@@ -190,7 +190,7 @@ def test_shotpp_settings_per_benchmark_are_the_official_ones(name):
 
 
 def test_benchmark_defaults_by_data_style_and_method():
-    from adaptation.shot import AdaptConfig
+    from adaptation.classification.shot import AdaptConfig
 
     # without --benchmark: digits data -> digits, image data -> office-home (the official scripts' default --dset)
     assert AdaptConfig(method="shot++").resolved("digits", "lenet").benchmark == "digits"
@@ -241,7 +241,7 @@ class _TinyModel(torch.nn.Module):
 
 def test_rotation_loss_detaches_the_unrotated_features():
     from workbench.adapt.information import rotate_batch
-    from adaptation.rotation import RotationHead, rotation_loss
+    from adaptation.classification.rotation import RotationHead, rotation_loss
 
     torch.manual_seed(0)
     model, head = _TinyModel(), RotationHead(3)
@@ -266,8 +266,8 @@ def test_rotation_loss_detaches_the_unrotated_features():
 
 @pytest.mark.parametrize("keep", ["best", "last"])
 def test_rotation_pretraining_schedule_checks_and_kept_head(monkeypatch, keep):
-    import adaptation.rotation as rotation
-    from adaptation.model import ShotModel
+    import adaptation.classification.rotation as rotation
+    from adaptation.classification.model import ShotModel
     from workbench.adapt.training import set_shot_lr
     from workbench.runtime import Runtime
 
@@ -298,9 +298,9 @@ def test_labeling_transfer_stage_settings(monkeypatch):
     B and a newly initialised C at 1x."""
     import types
 
-    import adaptation.mixmatch as mixmatch
-    from adaptation.model import ShotModel
-    from adaptation.shot import AdaptConfig
+    import adaptation.classification.mixmatch as mixmatch
+    from adaptation.classification.model import ShotModel
+    from adaptation.classification.shot import AdaptConfig
     from workbench.adapt.training import make_loader, predict
     from workbench.runtime import Runtime
 
@@ -344,7 +344,7 @@ def test_labeling_transfer_stage_settings(monkeypatch):
 
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory):
-    from adaptation.source import SourceConfig, train_source
+    from adaptation.classification.source import SourceConfig, train_source
 
     import os
     os.environ["WORKBENCH_DATA"] = str(tmp_path_factory.getbasetemp() / "wbdata")
@@ -405,8 +405,8 @@ def test_class_count_mismatch_is_a_clear_error(source_run, tmp_path, capsys):
 
 
 def test_shot_im_and_shotpp_run(source_run, tmp_path, monkeypatch):
-    import adaptation.shot as shot
-    from adaptation.shot import AdaptConfig, ShotAdapter
+    import adaptation.classification.shot as shot
+    from adaptation.classification.shot import AdaptConfig, ShotAdapter
     from workbench.adapt.training import set_shot_lr
 
     src_dir, _ = source_run

@@ -18,7 +18,7 @@ import sys
 
 # name -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS = {
-    "quickstart": ("adaptation.quickstart", "quickstart_main",
+    "quickstart": ("adaptation.classification.quickstart", "quickstart_main",
                    "train a digits source and adapt it with SHOT: the adaptation half end to end in minutes"),
     "train-procgen": ("agents.cli", "train_main", "train a PPO or Rainbow agent (optionally with mixreg) on Procgen"),
     "evaluate-procgen": ("agents.cli", "evaluate_main", "evaluate a Procgen checkpoint on unseen levels"),

@@ -217,6 +217,12 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
 
 
+def single_process_only(what: str) -> None:
+    """A clear error for the pipelines that do not run under torchrun (yet)."""
+    if launched_distributed():
+        raise ValueError(f"{what} does not run distributed yet: run it with one process (without torchrun)")
+
+
 # Backends of the process group: CPU tensors (object collectives, counters, gathered returns) always go
 # through gloo; on GPUs, GPU tensors (gradients, features) through NCCL.
 CPU_BACKEND = "gloo"

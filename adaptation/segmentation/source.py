@@ -12,7 +12,7 @@ iterations, docs/RESULTS.md), so `optimizer="adam"` (lr0 2e-3, no weight decay, 
 is offered for from-scratch training and is what scripts/run_scenes_benchmark.py uses.
 
 with the joint random scale (0.5-2.0) / crop / flip of adaptation.segmentation.data. As the classification
-source (adaptation.source), the model is selected on held-out data: mIoU on the selection set is
+source (adaptation.classification.source), the model is selected on held-out data: mIoU on the selection set is
 checked `selection_checks` times over the run and the last of the best checks is kept (`>=`). The
 selection set is the val split for built-in scenes (training on the train split), otherwise a
 held-out 10% of the data (training on the other 90%), or any data passed as `select_on`. The test

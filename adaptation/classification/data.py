@@ -21,8 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from . import digits
-from .common import DIGITS_MEAN, DIGITS_STD, IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError
+from .. import digits
+from ..common import DIGITS_MEAN, DIGITS_STD, IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError
 
 @dataclass
 class Sample:

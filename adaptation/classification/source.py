@@ -48,13 +48,13 @@ from workbench.distributed import SINGLE, Distributed
 from workbench.logging import default_run_name, run_logger, write_json
 from workbench.runtime import Runtime, rng_state, seed_everything, set_rng_state
 
-from . import digits
-from .common import INPUT_ERRORS, split_holdout
+from .. import digits
+from ..common import INPUT_ERRORS, split_holdout
+from ..robust.adversarial import EVAL_STEPS, evaluation_attack, robust_accuracy
+from ..robust.label_noise import NOISE_TYPES, corrupt_labels
+from ..robust.objectives import OBJECTIVES, build_objective, cifs_joint_loss
 from .data import default_style, image_transform, load_dataset, parse_builtin
 from .model import ShotModel, model_config
-from .robust.adversarial import EVAL_STEPS, evaluation_attack, robust_accuracy
-from .robust.label_noise import NOISE_TYPES, corrupt_labels
-from .robust.objectives import OBJECTIVES, build_objective, cifs_joint_loss
 
 SOURCE_KIND = "source-model"
 CHECKPOINT = "source.pt"

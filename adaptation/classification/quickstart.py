@@ -28,8 +28,8 @@ from workbench.files import WriteError
 from workbench.logging import default_run_name, plot_learning_curve, read_scalars, write_json
 from workbench.runtime import DEVICE_CHOICES
 
-from . import digits
-from .common import INPUT_ERRORS
+from .. import digits
+from ..common import INPUT_ERRORS
 
 SOURCE_DOMAIN, TARGET_DOMAIN = "fonts", "uci"
 QUICKSTART_METHODS = ("shot-im", "shot", "shot++")
@@ -138,8 +138,7 @@ def report(s: dict) -> None:
 
 def quickstart_main(argv=None) -> int:
     from workbench.arguments import report_error
-
-    from .cli import single_process_only
+    from workbench.distributed import single_process_only
 
     a = parse_args(argv)
     try:

@@ -57,8 +57,8 @@ def evaluate_robustness(path, data: str, eps: float, steps: int, device: str = "
     through the cross-entropy of its output alone (a check that the probes do not mask the gradient)."""
     if attack_loss not in ATTACK_LOSSES:
         raise ValueError(f"unknown attack loss {attack_loss!r}: choose model or logits")
-    from .robust.adversarial import evaluation_attack, robust_accuracy
-    from .robust.objectives import cifs_joint_loss
+    from ..robust.adversarial import evaluation_attack, robust_accuracy
+    from ..robust.objectives import cifs_joint_loss
 
     rt = Runtime.create(device, "fp32")
     model, state = load_model(path, rt)

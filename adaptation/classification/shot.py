@@ -9,8 +9,8 @@ unlabelled target data with
 where y_hat are cosine k-means pseudo-labels recomputed at the start of every epoch
 (workbench.adapt.cluster). SHOT++ adds rotation self-supervision to the same loop (a linear head
 on [B(F(x)); B(F(rot x))], first fitted with F and B frozen, then weighted into L;
-adaptation.rotation), and a final labeling-transfer stage trained with MixMatch
-(adaptation.mixmatch).
+adaptation.classification.rotation), and a final labeling-transfer stage trained with MixMatch
+(adaptation.classification.mixmatch).
 
 Hyperparameters default to the official code's values for the chosen benchmark (BENCHMARK_DEFAULTS).
 
@@ -43,7 +43,7 @@ from workbench.distributed import SINGLE, Distributed
 from workbench.logging import RunLogger, default_run_name, run_logger, write_json
 from workbench.runtime import Runtime, seed_everything
 
-from .common import INPUT_ERRORS
+from ..common import INPUT_ERRORS
 from .evaluate import builtin_test_split, load_model, load_target
 from .rotation import KEEP_CHOICES, RotationHead, pretrain_rotation_head, rotation_loss
 
@@ -101,7 +101,7 @@ class AdaptConfig:
     # "last": what the official code ends with (its `best_netR = netR.state_dict()` is a live reference that
     # is never copied, so it follows the weights to the end); "best": the head with the best rotation accuracy
     rotation_keep: str = "last"
-    # SHOT++ labeling transfer (MixMatch, adaptation.mixmatch)
+    # SHOT++ labeling transfer (MixMatch, adaptation.classification.mixmatch)
     transfer_epochs: int | None = None
     transfer_batch_size: int | None = None
     transfer_backbone_lr_mult: float = 0.1   # every benchmark (image_mixmatch.py, digit_mixmatch.py: args.lr * 0.1)
