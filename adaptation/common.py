@@ -1,9 +1,16 @@
-"""What every adaptation task shares: image constants, the error a user's input raises, and the held-out
-split that selects a source model where no selection data is given."""
+"""What every adaptation task shares: image constants, the error a user's input raises, the held-out
+split that selects a source model where no selection data is given, and the plumbing of the built-in
+domains (their cache folder, the check of a domain name, scikit-image's photos, luma)."""
 
 from __future__ import annotations
 
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
 import torch
+from PIL import Image
 
 from workbench.checkpoint import CheckpointError
 
@@ -19,6 +26,45 @@ class DataError(ValueError):
 # Problems with what a user passed (data, checkpoints, settings): one line each, and under torchrun found before
 # training starts and raised on every rank alike (Distributed.main_first).
 INPUT_ERRORS = (ValueError, CheckpointError, FileNotFoundError)
+
+
+# scikit-image's bundled photos and grey textures (tinted with a random colour): the backgrounds of the
+# textured scenes and figures
+BACKGROUND_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+                     "hubble_deep_field.jpg", "ihc.png", "retina.jpg", "color.png")
+BACKGROUND_TEXTURES = ("brick.png", "grass.png", "gravel.png")
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 weights of R, G, B
+
+
+def luma(rgb) -> float:
+    return float(np.asarray(rgb, np.float64) @ LUMA)
+
+
+def data_root() -> Path:
+    """Where every built-in benchmark is cached: $WORKBENCH_DATA, default ~/.cache/workbench."""
+    return Path(os.environ.get("WORKBENCH_DATA", Path.home() / ".cache" / "workbench"))
+
+
+def cache_dir(family: str) -> Path:
+    """The cache folder of one family of built-in domains (digits, scenes, figures)."""
+    return data_root() / family
+
+
+def check_domain(domain: str, domains: tuple[str, ...], family: str) -> str:
+    """`domain` if it is one of the family's built-in domains, else a one-line error listing them."""
+    if domain not in domains:
+        raise ValueError(f"unknown built-in {family} domain {domain!r}: choose one of {', '.join(domains)} "
+                         f"(e.g. builtin:{family}/{domains[0]})")
+    return domain
+
+
+@functools.lru_cache(maxsize=None)
+def skimage_images(names: tuple[str, ...], mode: str) -> tuple[Image.Image, ...]:
+    """scikit-image's bundled images `names`, converted to PIL `mode` (loaded once per process)."""
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    return tuple(Image.open(folder / name).convert(mode) for name in names)
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

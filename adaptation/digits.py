@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import common
+
 DOMAINS = ("uci", "fonts", "photo")
 NUM_CLASSES = 10
 SIZE = 32
@@ -39,11 +41,6 @@ GLYPH_HEIGHT = (0.8, 0.98)      # fraction of the frame height the ink spans (ho
 GLYPH_MAX_WIDTH = 0.8           # wide faces are squeezed to this fraction of the frame width
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
           "hubble_deep_field.jpg", "ihc.png", "retina.jpg")
-
-
-def data_root() -> Path:
-    """Where every built-in benchmark is cached: $WORKBENCH_DATA, default ~/.cache/workbench."""
-    return Path(os.environ.get("WORKBENCH_DATA", Path.home() / ".cache" / "workbench"))
 
 
 def split_counts(variable: str, defaults: tuple[int, int], n_train: int | None, n_test: int | None,
@@ -64,14 +61,11 @@ def split_counts(variable: str, defaults: tuple[int, int], n_train: int | None, 
 
 
 def cache_dir() -> Path:
-    return data_root() / "digits"
+    return common.cache_dir("digits")
 
 
 def check_domain(domain: str) -> str:
-    if domain not in DOMAINS:
-        raise ValueError(f"unknown built-in digits domain {domain!r}: choose one of {', '.join(DOMAINS)} "
-                         f"(e.g. builtin:digits/uci)")
-    return domain
+    return common.check_domain(domain, DOMAINS, "digits")
 
 
 # ------------------------------------------------------------------ domains

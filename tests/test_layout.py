@@ -74,3 +74,13 @@ def test_the_core_and_the_environments_never_import_a_family():
     wrong = [f"{m} imports {d}" for m, deps in import_graph().items() for d in deps
              if d.split(".")[0] in below.get(m.split(".")[0], set())]
     assert not wrong, wrong
+
+
+def test_the_dense_tasks_import_no_other_task():
+    """Segmentation and pose share adaptation.dense (heads, models) and adaptation.common (data plumbing), and
+    nothing of each other, of classification or of the command line."""
+    tasks = ("adaptation.classification", "adaptation.segmentation", "adaptation.pose", "adaptation.cli")
+    wrong = [f"{m} imports {d}" for m, deps in import_graph().items() for d in deps
+             if m.startswith(("adaptation.segmentation", "adaptation.pose"))
+             and any(d.startswith(t) for t in tasks if not m.startswith(t))]
+    assert not wrong, wrong

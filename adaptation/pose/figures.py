@@ -56,7 +56,6 @@ count). `builtin:figures/<domain>[:train|val|test]` names a domain wherever pose
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -65,8 +64,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .. import digits
-from ..segmentation.scenes import PHOTOS, TEXTURES
+from .. import common
 
 DOMAINS = ("flat", "textured")
 SPLITS = ("train", "val", "test")
@@ -114,18 +112,14 @@ VISIBLE_WEIGHT = 0.5              # the joint's own strokes' share of its pixel 
 MIN_LUMA_CONTRAST = 60.0
 PARTS = ("torso", "head", "left_arm", "right_arm", "left_leg", "right_leg")
 SINGLE_COLOUR = 0.3               # probability that a figure has one colour (or fill) for all parts
-LUMA = np.array([0.299, 0.587, 0.114])
 
 
 def cache_dir() -> Path:
-    return digits.data_root() / "figures"
+    return common.cache_dir("figures")
 
 
 def check_domain(domain: str) -> str:
-    if domain not in DOMAINS:
-        raise ValueError(f"unknown built-in figures domain {domain!r}: choose one of {', '.join(DOMAINS)} "
-                         f"(e.g. builtin:figures/flat)")
-    return domain
+    return common.check_domain(domain, DOMAINS, "figures")
 
 
 def check_split(split: str) -> str:
@@ -410,15 +404,11 @@ def composite(image: np.ndarray, layers: list[Layer], fills: list[dict]) -> np.n
 
 
 # ------------------------------------------------------------------ appearances
-def _luma(rgb) -> float:
-    return float(np.asarray(rgb, np.float64) @ LUMA)
-
-
 def contrasting_colour(rng: np.random.Generator, against: float) -> np.ndarray:
     """A random colour whose luma differs from `against` by more than MIN_LUMA_CONTRAST (either side)."""
     for _ in range(50):
         colour = rng.uniform(0, 256, 3)
-        if abs(_luma(colour) - against) > MIN_LUMA_CONTRAST:
+        if abs(common.luma(colour) - against) > MIN_LUMA_CONTRAST:
             return colour
     return np.full(3, 0.0 if against > 127 else 255.0)
 
@@ -445,20 +435,15 @@ def _union_window(windows) -> tuple[slice, slice]:
 def paint_flat(rng: np.random.Generator, figures: list[Figure], layers: list[Layer]) -> np.ndarray:
     """Flat part colours on one plain background colour, all contrasting with it."""
     background = rng.integers(0, 256, 3).astype(np.float64)
-    fills = [_part_fills(rng, lambda window: np.round(contrasting_colour(rng, _luma(background))), layers, index)
+    fills = [_part_fills(rng, lambda window: np.round(contrasting_colour(rng, common.luma(background))), layers, index)
              for index in range(len(figures))]
     image = np.broadcast_to(background, (IMAGE_SIZE, IMAGE_SIZE, 3)).copy()
     return np.round(np.clip(composite(image, layers, fills), 0, 255)).astype(np.uint8)
 
 
-@functools.lru_cache(maxsize=None)
 def _backgrounds() -> tuple[tuple[Image.Image, ...], tuple[Image.Image, ...]]:
-    import skimage
-
-    folder = Path(skimage.__file__).parent / "data"
-    photos = tuple(Image.open(folder / n).convert("RGB") for n in PHOTOS)
-    textures = tuple(Image.open(folder / n).convert("L") for n in TEXTURES)
-    return photos, textures
+    return (common.skimage_images(common.BACKGROUND_PHOTOS, "RGB"),
+            common.skimage_images(common.BACKGROUND_TEXTURES, "L"))
 
 
 def _crop(rng: np.random.Generator, source: Image.Image, sides: tuple[int, int],
@@ -525,7 +510,7 @@ def _distractors(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
             heading += rng.uniform(-np.pi / 2, np.pi / 2)
         segments = [(a, b, _window(np.stack([a, b]), radius)) for a, b in zip(points, points[1:])]
         segments = [(a, b, window) for a, b, window in segments if window is not None]
-        colour = contrasting_colour(rng, _luma(image.mean((0, 1))))
+        colour = contrasting_colour(rng, common.luma(image.mean((0, 1))))
         if not segments or rng.random() < 0.5:
             fill = colour
         else:
@@ -546,7 +531,7 @@ def paint_textured(rng: np.random.Generator, figures: list[Figure], layers: list
     fills = []
     for index in range(len(figures)):
         window = _union_window(layer.window for layer in layers if layer.figure == index)
-        under = _luma(image[window].reshape(-1, 3).mean(0))
+        under = common.luma(image[window].reshape(-1, 3).mean(0))
         fills.append(_part_fills(rng, lambda where: textured_fill(rng, contrasting_colour(rng, under), where),
                                  layers, index))
     image = np.round(np.clip(composite(image, layers, fills), 0, 255)).astype(np.uint8)

@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from .. import digits
+from .. import common, digits
 
 DOMAINS = ("printed", "textured")
 NUM_CLASSES = 11
@@ -83,20 +83,14 @@ RENDER_SIZE = 96                 # points: glyphs are drawn large, then area-ave
 SEEDS = {"printed": 21, "textured": 22}
 SPLIT_STREAM = {"train": 0, "test": 1, "val": 2}   # val added after train / test: they kept their streams
 SPLITS = ("train", "val", "test")
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-          "hubble_deep_field.jpg", "ihc.png", "retina.jpg", "color.png")
-TEXTURES = ("brick.png", "grass.png", "gravel.png")  # grey; tinted with a random colour
 
 
 def cache_dir() -> Path:
-    return digits.data_root() / "scenes"
+    return common.cache_dir("scenes")
 
 
 def check_domain(domain: str) -> str:
-    if domain not in DOMAINS:
-        raise ValueError(f"unknown built-in scenes domain {domain!r}: choose one of {', '.join(DOMAINS)} "
-                         f"(e.g. builtin:scenes/printed)")
-    return domain
+    return common.check_domain(domain, DOMAINS, "scenes")
 
 
 # ------------------------------------------------------------------ digit shapes (shared by the domains)
@@ -206,10 +200,6 @@ def _paint(image: np.ndarray, placed, colours) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ appearances
-def _luma(rgb) -> float:
-    return float(np.asarray(rgb, np.float64) @ np.array([0.299, 0.587, 0.114]))
-
-
 def paint_printed(rng: np.random.Generator, placed) -> np.ndarray:
     """One ink colour on one plain paper colour per scene, either polarity: two random colours whose
     lumas differ by more than 80 (as the built-in `fonts` digits draw them). Nothing else in the scene."""
@@ -224,12 +214,9 @@ def paint_printed(rng: np.random.Generator, placed) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def _backgrounds() -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-    import skimage
-
-    folder = Path(skimage.__file__).parent / "data"
-    photos = tuple(np.asarray(Image.open(folder / n).convert("RGB")) for n in PHOTOS)
-    textures = tuple(np.asarray(Image.open(folder / n).convert("L")) for n in TEXTURES)
-    return photos, textures
+    """The photos and grey textures as arrays (the scenes crop them with numpy)."""
+    return (tuple(map(np.asarray, common.skimage_images(common.BACKGROUND_PHOTOS, "RGB"))),
+            tuple(map(np.asarray, common.skimage_images(common.BACKGROUND_TEXTURES, "L"))))
 
 
 def _textured_background(rng: np.random.Generator) -> np.ndarray:
@@ -272,10 +259,10 @@ def _clutter(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
 def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
     """A random colour whose luma differs by more than 70 from the mean colour under the digit:
     lighter or darker, whichever the draw gives (both polarities occur)."""
-    target = _luma(under.reshape(-1, 3).mean(0))
+    target = common.luma(under.reshape(-1, 3).mean(0))
     for _ in range(30):
         colour = rng.uniform(0, 256, 3)
-        if abs(_luma(colour) - target) > 70:
+        if abs(common.luma(colour) - target) > 70:
             return colour
     return np.full(3, 0.0 if target > 127 else 255.0)
 
