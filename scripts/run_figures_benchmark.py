@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaptation.pose.mean_teacher import PoseAdaptConfig, PoseMeanTeacher  # noqa: E402
 from adaptation.pose.source import PoseSourceConfig, train_pose_source  # noqa: E402
-from workbench.logging import finished_or_trained, mean_sd  # noqa: E402
+from workbench.logging import finished_or_trained, seed_table  # noqa: E402
 
 SOURCE, TARGET = "builtin:figures/flat", "builtin:figures/textured"
 SELECT_ON, IN_DOMAIN_TEST, TARGET_TEST = f"{SOURCE}:val", f"{SOURCE}:test", f"{TARGET}:test"
@@ -56,14 +56,9 @@ def adapted(out: Path, seed: int, args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for metric in METRICS:
-        cells = []
-        for column in COLUMNS:
-            values = [r[metric] for r in rows if r["column"] == column]
-            cells.append(mean_sd(values, count=True) if values else "—")
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """Metrics as lines, the three columns as cells: mean ± sd over the seeds run."""
+    cells = [{"metric": metric, "column": r["column"], "value": r[metric]} for r in rows for metric in METRICS]
+    return seed_table(cells, "metric", COLUMNS, "value", order=METRICS)
 
 
 def main(argv=None) -> None:

@@ -168,6 +168,9 @@ def test_seed_table_cells_are_mean_sd_over_the_rows_of_each_cell():
     assert lines[0] == "| head | a | b |" and lines[1] == "|---|---|---|"
     # sample sd of 10 and 14 is 2.83; one value has no sd; an empty cell is a dash
     assert lines[2] == "| fcn | 12.0 ± 2.8 (n=2) | 3.0 (n=1) |" and lines[3] == "| issa | — | 5.2 (n=1) |"
+    # a given order of the lines (metrics in their reading order, not sorted); names never run are left out
+    ordered = seed_table(rows, "head", ("a", "b"), "miou", order=("issa", "ocr", "fcn")).splitlines()
+    assert ordered[2:] == [lines[3], lines[2]]
 
 
 def test_finished_run_compares_what_the_run_computes_and_ignores_where_it_ran(tmp_path):

@@ -44,11 +44,12 @@ def mean_sd(values, digits: int = 1, count: bool = False) -> str:
     return text + (f" (n={len(values)})" if count else "")
 
 
-def seed_table(rows: list[dict], row_key: str, columns, value_key: str, digits: int = 1) -> str:
-    """A markdown table of `mean_sd` over seeds: a line per distinct row[row_key] (sorted), a cell per
-    entry of `columns` (matched against row["column"]), "—" where nothing was run."""
+def seed_table(rows: list[dict], row_key: str, columns, value_key: str, digits: int = 1, order=None) -> str:
+    """A markdown table of `mean_sd` over seeds: a line per distinct row[row_key] (in `order`, default
+    sorted), a cell per entry of `columns` (matched against row["column"]), "—" where nothing was run."""
     lines = [f"| {row_key} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name in sorted({r[row_key] for r in rows}):
+    names = {r[row_key] for r in rows}
+    for name in [n for n in order if n in names] if order is not None else sorted(names):
         cells = []
         for column in columns:
             values = [r[value_key] for r in rows if (r[row_key], r["column"]) == (name, column)]
