@@ -492,7 +492,8 @@ def source_run(domains, tmp_path_factory):
 
 
 def test_source_training_on_the_device_predicts_as_on_the_cpu(source_run, domains):
-    from adaptation.classification.evaluate import load_model, load_target
+    from adaptation.classification.data import load_target
+    from adaptation.classification.model import load_model
     from workbench.adapt.training import accuracy, make_loader, predict
     from workbench.checkpoint import load_checkpoint
     from workbench.runtime import Runtime

@@ -211,3 +211,17 @@ def load_dataset(spec: str, transform: Callable, num_classes: int | None = None,
 def default_style(spec: str) -> str:
     return "digits" if spec.startswith("builtin:digits") else "imagenet"
 
+
+def builtin_test_split(spec: str) -> str | None:
+    """`builtin:digits/<d>[:train|:trainval]` -> `builtin:digits/<d>:test` (adaptation runs on the unlabelled
+    training data and reports the test split); None for any other data."""
+    if not spec.startswith("builtin:"):
+        return None
+    domain, split = parse_builtin(spec)
+    return f"builtin:digits/{domain}:test" if split in ("train", "trainval") else None
+
+
+def load_target(spec: str, model_config: dict, train: bool = False):
+    """A data set transformed as the model expects; its class count must match the model's."""
+    return load_dataset(spec, image_transform(model_config["transform"], train, model_config.get("image_size")),
+                        num_classes=model_config["num_classes"])  # a label out of range names its line

@@ -3,35 +3,10 @@
 from __future__ import annotations
 
 from workbench.adapt.training import accuracy, make_loader, per_class_accuracy, predict
-from workbench.checkpoint import load_checkpoint
 from workbench.runtime import Runtime
 
-from .data import image_transform, load_dataset, parse_builtin
-from .model import build_model
-
-MODEL_KINDS = ("source-model", "adapted-model")
-
-
-def load_model(path, runtime):
-    state = load_checkpoint(path, kind=MODEL_KINDS, map_location=runtime.device)
-    model = runtime.prepare_module(build_model(state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model.eval(), state
-
-
-def builtin_test_split(spec: str) -> str | None:
-    """`builtin:digits/<d>[:train|:trainval]` -> `builtin:digits/<d>:test` (adaptation runs on the unlabelled
-    training data and reports the test split); None for any other data."""
-    if not spec.startswith("builtin:"):
-        return None
-    domain, split = parse_builtin(spec)
-    return f"builtin:digits/{domain}:test" if split in ("train", "trainval") else None
-
-
-def load_target(spec: str, model_config: dict, train: bool = False):
-    """A data set transformed as the model expects; its class count must match the model's."""
-    return load_dataset(spec, image_transform(model_config["transform"], train, model_config.get("image_size")),
-                        num_classes=model_config["num_classes"])  # a label out of range names its line
+from .data import load_target
+from .model import load_model
 
 
 def evaluate_model(path, data: str, device: str = "auto", batch_size: int = 256) -> dict:

@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from workbench.backbones import create_backbone
+from workbench.checkpoint import load_checkpoint
 
 BOTTLENECK_DIM = 256
 # The official digit network drops half the bottleneck units after its batch norm; the image one has no dropout.
@@ -83,3 +84,14 @@ def build_model(config: dict) -> ShotModel:
     # checkpoints written before the dropout was recorded had none
     return ShotModel(config["backbone"], config["num_classes"], config["bottleneck_dim"], kwargs,
                      config.get("bottleneck_dropout", 0.0))
+
+
+MODEL_KINDS = ("source-model", "adapted-model")
+
+
+def load_model(path, runtime):
+    """(model in eval mode, checkpoint dict) of a classification source or adapted checkpoint."""
+    state = load_checkpoint(path, kind=MODEL_KINDS, map_location=runtime.device)
+    model = runtime.prepare_module(build_model(state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model.eval(), state

@@ -44,7 +44,8 @@ from workbench.logging import RunLogger, default_run_name, run_logger, write_jso
 from workbench.runtime import Runtime, seed_everything
 
 from ..common import INPUT_ERRORS
-from .evaluate import builtin_test_split, load_model, load_target
+from .data import builtin_test_split, load_target
+from .model import load_model
 from .rotation import KEEP_CHOICES, RotationHead, pretrain_rotation_head, rotation_loss
 
 METHODS = ("shot-im", "shot", "shot++")

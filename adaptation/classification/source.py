@@ -276,7 +276,7 @@ def keeps(keep: str, checked: dict, best: dict, final: bool) -> bool:
 def load_backbone_from(model: ShotModel, path, backbone: str) -> None:
     """Start `model`'s backbone from the backbone of a source or adapted checkpoint (a pretrained encoder for
     any registry backbone); the bottleneck and classifier start fresh, as on top of torchvision weights."""
-    from .evaluate import MODEL_KINDS
+    from .model import MODEL_KINDS
 
     state = load_checkpoint(path, kind=MODEL_KINDS, map_location="cpu")
     trained = state["model_config"]
