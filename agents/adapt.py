@@ -49,7 +49,7 @@ from workbench.adapt.information import DIVERSITY_PRIORS, information_maximizati
 from workbench.adapt.training import add_terms, set_shot_lr, shot_optimizer, take_step
 from workbench.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_path, save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
-from workbench.runtime import Runtime, seed_everything
+from workbench.runtime import RunSettings, Runtime, seed_everything
 
 METHODS = ("shot-im", "shot")
 COLLECT_POLICIES = ("source", "random")
@@ -72,7 +72,7 @@ def parse_procgen_target(spec: str) -> tuple[str, list[str]]:
 
 
 @dataclass
-class ProcgenAdaptConfig:
+class ProcgenAdaptConfig(RunSettings):
     source: str = ""                      # a Procgen run directory (or its checkpoint.pt)
     target: str = ""                      # procgen:<game>[:<visual options>]
     method: str = "shot"
@@ -91,10 +91,6 @@ class ProcgenAdaptConfig:
     eval_episodes: int = 100              # per domain, before and after; 0 skips the evaluation
     paired_steps: int = 64                # x 32 envs: states seen in both visuals to compare policies; 0 skips
     cluster_backend: str = "auto"
-    seed: int = 0
-    device: str = "auto"
-    run_dir: str = ""
-    progress: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -59,6 +59,18 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if cpu_supports_bf16() else None
 
 
+@dataclass(kw_only=True)
+class RunSettings:
+    """Where and how a run runs, shared by every run config (source training, each adapter): its seed, the
+    device, data-loading processes, its directory (empty: a new time-stamped one) and the progress bar.
+    Keyword-only, so that a config's own fields keep their order."""
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    run_dir: str = ""
+    progress: bool = True
+
+
 @dataclass
 class Runtime:
     """How a job runs: device, autocast dtype, memory format, compilation, and its place among the

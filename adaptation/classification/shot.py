@@ -41,7 +41,7 @@ from workbench.adapt.training import (accuracy, add_terms, average_batch_norm_st
 from workbench.checkpoint import save_checkpoint
 from workbench.distributed import SINGLE, Distributed
 from workbench.logging import RunLogger, default_run_name, run_logger, write_json
-from workbench.runtime import Runtime, seed_everything
+from workbench.runtime import RunSettings, Runtime, seed_everything
 
 from ..common import INPUT_ERRORS
 from .data import builtin_test_split, load_target
@@ -83,7 +83,7 @@ TRANSFER_BATCH_SIZE_BY_BACKBONE = {"resnet101": 24}
 
 
 @dataclass
-class AdaptConfig:
+class AdaptConfig(RunSettings):
     """None means: the official value for the benchmark (BENCHMARK_DEFAULTS), filled in by `resolved`."""
     source: str = ""
     target: str = ""
@@ -114,11 +114,6 @@ class AdaptConfig:
     unlabelled_weight: float = 100.0         # --lambda_u, ramped up linearly over the whole stage
     cluster_backend: str = "auto"
     test_on: str | None = None       # held-out target data scored before and after; default: built-in test split
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    run_dir: str = ""
-    progress: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -46,7 +46,7 @@ from workbench.adapt.training import (accuracy, average_batch_norm_statistics, f
 from workbench.checkpoint import load_checkpoint, save_checkpoint
 from workbench.distributed import SINGLE, Distributed
 from workbench.logging import default_run_name, run_logger, write_json
-from workbench.runtime import Runtime, rng_state, seed_everything, set_rng_state
+from workbench.runtime import RunSettings, Runtime, rng_state, seed_everything, set_rng_state
 
 from .. import digits
 from ..common import INPUT_ERRORS, split_holdout
@@ -67,7 +67,7 @@ KEEP_CHOICES = ("best", "last")
 
 
 @dataclass
-class SourceConfig:
+class SourceConfig(RunSettings):
     data: str = "builtin:digits/fonts"
     backbone: str = "dtn"
     num_classes: int | None = None
@@ -89,11 +89,6 @@ class SourceConfig:
     label_noise: float = 0.0               # fraction of training labels corrupted (exactly), for experiments
     noise_type: str = "symmetric"          # symmetric | pairflip
     resume: bool = False                   # continue from run_dir/train-state.pt
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    run_dir: str = ""
-    progress: bool = True
 
 
 def check_source_config(cfg: SourceConfig) -> None:

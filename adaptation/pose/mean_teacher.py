@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from workbench.checkpoint import save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
-from workbench.runtime import Runtime, seed_everything
+from workbench.runtime import RunSettings, Runtime, seed_everything
 
 from .keypoints import decode_heatmaps, gaussian_heatmaps, transform_points
 from ..dense.model import load_dense_model
@@ -55,7 +55,7 @@ PANEL_PERSONS = 6
 
 
 @dataclass
-class PoseAdaptConfig:
+class PoseAdaptConfig(RunSettings):
     source: str = ""
     target: str = ""
     method: str = DEFAULT_METHOD
@@ -68,11 +68,6 @@ class PoseAdaptConfig:
     flip_test: bool = True
     test_on: str | None = None              # default: the built-in figures' test split
     precision: str = "fp32"                # fp32 | bf16 | auto (bf16 autocast where the hardware computes it)
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    run_dir: str = ""
-    progress: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:

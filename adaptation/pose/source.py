@@ -30,7 +30,7 @@ from torch.utils.data import Subset
 from workbench.adapt.training import forever, lr_param_groups, make_loader, set_group_lr
 from workbench.checkpoint import save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
-from workbench.runtime import Runtime, seed_everything
+from workbench.runtime import RunSettings, Runtime, seed_everything
 
 from ..common import split_holdout
 from ..dense.model import PoseModel, dense_model_config
@@ -54,7 +54,7 @@ def step_lr(lr0: float, progress: float) -> float:
 
 
 @dataclass
-class PoseSourceConfig:
+class PoseSourceConfig(RunSettings):
     data: str = "builtin:figures/flat"
     backbone: str = "resnet18"
     head: str = "deconv"
@@ -72,11 +72,6 @@ class PoseSourceConfig:
     pretrained: str | None = None
     eval_target: str | None = None         # report PCK / AP on this data at the end
     precision: str = "fp32"                # fp32 | bf16 | auto (bf16 autocast where the hardware computes it)
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    run_dir: str = ""
-    progress: bool = True
 
 
 def pose_selection_sets(cfg: PoseSourceConfig):

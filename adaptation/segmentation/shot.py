@@ -74,7 +74,7 @@ from workbench.adapt.information import DIVERSITY_PRIORS, information_maximizati
 from workbench.adapt.training import add_terms, make_loader, set_group_lr, set_shot_lr, shot_optimizer, take_step
 from workbench.checkpoint import save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
-from workbench.runtime import Runtime, seed_everything
+from workbench.runtime import RunSettings, Runtime, seed_everything
 
 from ..dense.model import load_dense_model
 from .data import builtin_scenes_test_split, builtin_scenes_val_split
@@ -95,7 +95,7 @@ BALANCED_FRACTION, BALANCED_STEP, BALANCED_MAX_FRACTION = 0.2, 0.05, 0.5
 
 
 @dataclass
-class DenseAdaptConfig:
+class DenseAdaptConfig(RunSettings):
     source: str = ""
     target: str = ""
     method: str = DEFAULT_METHOD
@@ -117,11 +117,6 @@ class DenseAdaptConfig:
     val_on: str | None = None         # held-out target data settings are chosen on; default: the scenes' val split
     save_predictions: bool = True
     precision: str = "fp32"                # fp32 | bf16 | auto (bf16 autocast where the hardware computes it)
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    run_dir: str = ""
-    progress: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:

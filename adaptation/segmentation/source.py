@@ -38,7 +38,7 @@ from torch.utils.data import Subset
 from workbench.adapt.training import forever, lr_param_groups, make_loader, set_group_lr
 from workbench.checkpoint import save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
-from workbench.runtime import Runtime, seed_everything
+from workbench.runtime import RunSettings, Runtime, seed_everything
 
 from ..common import split_holdout
 from ..dense.model import SegmentationModel, dense_model_config
@@ -76,7 +76,7 @@ def segmentation_loss(logits: torch.Tensor, aux: torch.Tensor | None, masks: tor
 
 
 @dataclass
-class DenseSourceConfig:
+class DenseSourceConfig(RunSettings):
     data: str = "builtin:scenes/printed"
     backbone: str = "resnet18"
     head: str = "fcn"
@@ -100,11 +100,6 @@ class DenseSourceConfig:
     pretrained: str | None = None
     eval_target: str | None = None         # report mIoU on this data at the end
     precision: str = "fp32"                # fp32 | bf16 | auto (bf16 autocast where the hardware computes it)
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    run_dir: str = ""
-    progress: bool = True
 
 
 def check_disjoint(data: str, select_on: str) -> None:
