@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from adaptation.dense.heads import create_head, list_heads  # noqa: E402
+from workbench.heads import create_head, list_heads  # noqa: E402
 from adaptation.dense.model import PoseModel, backbone_kwargs_for  # noqa: E402
 from workbench.backbones import create_backbone  # noqa: E402
 

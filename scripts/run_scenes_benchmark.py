@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adaptation.dense.heads import list_heads  # noqa: E402
+from workbench.heads import list_heads  # noqa: E402
 from adaptation.segmentation.shot import (DIVERSITY_PRIORS, METHODS, PSEUDO_LABELS, DenseAdaptConfig,  # noqa: E402
                                    DenseShotAdapter, method_name)
 from adaptation.segmentation.source import DenseSourceConfig, train_dense_source  # noqa: E402

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaptation.dense.heads import FeatureInput, create_head, list_heads
 from adaptation.dense.model import SegmentationModel, build_dense_model, dense_model_config
 from workbench.backbones import create_backbone
+from workbench.heads import FeatureInput, create_head, list_heads
 from workbench.layers import InterlacedSparseAttention, ObjectContextAttention, gather_object_regions
 
 BACKBONES = ["resnet18", "hrformer_t", "mobilenetv2_ca"]   # resnet18 at output stride 8 (the model's default)
@@ -269,7 +269,7 @@ def test_fcn_head_parameter_count_is_mmsegs(cin, mid, k, num_convs, concat):
 
 def test_fcn_head_defaults_are_the_fcn_r50_d8_config_and_bad_options_are_one_line_errors():
     import inspect
-    from adaptation.dense.heads import FCNHead
+    from workbench.heads.fcn import FCNHead
     defaults = {n: p.default for n, p in inspect.signature(FCNHead).parameters.items()}
     assert {k: defaults[k] for k in ("channels", "num_convs", "concat_input", "dropout", "kernel_size")} == \
         {"channels": 512, "num_convs": 2, "concat_input": True, "dropout": 0.1, "kernel_size": 3}
@@ -326,3 +326,14 @@ def test_fcn_split_adapts_both_convs_and_conv_cat_under_the_frozen_1x1_classifie
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert {"head.convs.0.0.weight", "head.convs.1.0.weight", "head.conv_cat.0.weight"} <= changed
     assert not any(n.startswith("head.classifier.") for n in changed)
+
+
+def test_workbench_heads_lists_every_registered_head_with_its_task(capsys):
+    from workbench.cli import main as workbench_main
+
+    assert workbench_main(["heads"]) == 0
+    rows = [line.split(None, 2) for line in capsys.readouterr().out.splitlines()]
+    assert [name for name, _, _ in rows] == list_heads()
+    for task in ("segmentation", "pose"):
+        assert [name for name, t, _ in rows if t == task] == list_heads(task)
+    assert all(len(summary) > 20 for _, _, summary in rows)  # every head says what it is

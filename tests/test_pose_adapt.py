@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from adaptation.common import DataError
-from adaptation.dense.heads import list_heads
 from adaptation.dense.model import PoseModel, dense_backbones
 from adaptation.pose.data import KeypointDataset, flip_permutation
+from workbench.heads import list_heads
 
 TINY = "12,6"   # figures per split for the command-line tests
 

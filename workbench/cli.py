@@ -6,6 +6,7 @@
     workbench train-source --data builtin:digits/uci --backbone dtn
     workbench adapt --method shot --source runs/<source-run> --target builtin:digits/photo
     workbench backbones
+    workbench heads
 
 Each family module is imported only when its subcommand runs, so that
 `workbench --help` stays fast.
@@ -27,6 +28,7 @@ COMMANDS = {
     "adapt": ("adaptation.cli", "adapt_main", "adapt a source model to unlabelled target data (SHOT-IM/SHOT/SHOT++)"),
     "evaluate": ("adaptation.cli", "evaluate_main", "accuracy of a source or adapted model on a data set"),
     "backbones": ("workbench.cli", "backbones_main", "list the registered backbones"),
+    "heads": ("workbench.cli", "heads_main", "list the registered dense heads (segmentation and pose)"),
 }
 
 
@@ -37,6 +39,15 @@ def backbones_main(argv=None) -> int:
         model = create_backbone(name)
         params = sum(p.numel() for p in model.parameters())
         print(f"{name:20s} {params / 1e6:8.3f}M parameters  out_dim={getattr(model, 'out_dim', '-')}")
+    return 0
+
+
+def heads_main(argv=None) -> int:
+    """One line per registered dense head: its name, its task and what it is."""
+    from workbench.heads import describe_heads
+
+    for name, task, summary in describe_heads():
+        print(f"{name:10s} {task:13s} {summary}")
     return 0
 
 

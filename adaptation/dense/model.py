@@ -23,8 +23,7 @@ import torch.nn as nn
 
 from workbench.backbones import create_backbone, list_backbones
 from workbench.checkpoint import CheckpointError, load_checkpoint
-
-from .heads import DenseHead, create_head, list_heads, resize
+from workbench.heads import DenseHead, create_head, list_heads, resize
 
 # backbones built at another output stride than their classification default for segmentation
 # (the DTN at 4: its stride-8 map is 8 x 8 on a 64 x 64 scene, too coarse for digit strokes)

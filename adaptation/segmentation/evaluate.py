@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from workbench.heads import resize
 from workbench.runtime import Runtime
 
-from .data import SegmentationDataset, load_segmentation
-from ..dense.heads import resize
-from .metrics import ConfusionAccumulator, colorize
 from ..dense.model import load_dense_model
+from .data import SegmentationDataset, load_segmentation
+from .metrics import ConfusionAccumulator, colorize
 
 TASK = "segmentation"
 EVAL_BATCH = 16
