@@ -22,6 +22,7 @@ from workbench.backbones import list_backbones
 from workbench.distributed import SINGLE, Distributed, single_process_only
 from workbench.files import WriteError
 from workbench.runtime import DEVICE_CHOICES, PRECISION_CHOICES
+from workbench.tasks import check_method, load_task, tasks_with
 
 from . import digits
 from .common import INPUT_ERRORS
@@ -112,7 +113,9 @@ def datasets_main(argv=None) -> int:
     return 0
 
 
-TASKS = ("classification", "segmentation", "pose")
+def model_tasks() -> list[str]:
+    """The tasks whose models `train-source`, `adapt --task` and `evaluate` handle (workbench.tasks)."""
+    return tasks_with("evaluate")
 
 
 def _pick(value, default):
@@ -160,7 +163,7 @@ def _train_source(argv) -> int:
     p = ArgumentParser(prog="workbench train-source",
                        description="Train the source model (classification: label smoothing; segmentation: "
                                    "CE with ignore 255, SGD poly; the best check on a selection set is kept).")
-    p.add_argument("--task", default="classification", choices=TASKS)
+    p.add_argument("--task", default="classification", choices=tasks_with("train_source"))
     p.add_argument("--data", default=None, help=f"builtin:digits/<domain>, a list file or a class-folder root "
                    f"(default {d.data}); segmentation: builtin:scenes/<domain>, an images/+masks/ folder or a "
                    f"'<image> <mask>' list (default {ds.data}); pose: builtin:figures/<domain>, a COCO keypoint "
@@ -223,88 +226,22 @@ def _train_source(argv) -> int:
                                 "classification source training"))
     if a.resume and a.overwrite:
         return _fail(ValueError("--resume continues the run in --out and --overwrite replaces it: pass one"))
-    if a.task != "classification":
-        try:
+    task = load_task(a.task)
+    try:
+        if not task.DISTRIBUTED:
             single_process_only(f"{a.task} source training")
-            _claim_out(a.out, a.overwrite)
-        except ValueError as exc:
-            return _fail(exc)
-    if a.task == "segmentation":
-        return _train_dense_source(a, ds)
-    if a.task == "pose":
-        return _train_pose_source(a, ps)
-    from .classification.source import train_source
-
-    try:
-        dist = init_distributed(a.device)
+        cfg = task.source_config(a)
+        dist = init_distributed(a.device) if task.DISTRIBUTED else SINGLE
         if not a.resume:
-            _claim_out(a.out, a.overwrite, dist, resume_hint="continue it with --resume")
-        metrics = train_source(SourceConfig(
-            data=a.data or d.data, backbone=a.backbone or d.backbone, num_classes=a.num_classes,
-            epochs=_pick(a.epochs, d.epochs), batch_size=_pick(a.batch_size, d.batch_size),
-            lr=_pick(a.lr, d.lr), pretrained=a.pretrained, init_from=a.init_from, transform=a.transform,
-            select_on=a.select_on, eval_target=a.eval_target, objective=a.objective, label_noise=a.label_noise,
-            noise_type=a.noise_type, keep=a.keep, resume=a.resume, seed=a.seed,
-            device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress), dist)
+            _claim_out(a.out, a.overwrite, dist,
+                       resume_hint="continue it with --resume" if getattr(task, "RESUMABLE", False) else "")
+        metrics = task.train_source(cfg, dist)
     except INPUT_ERRORS as exc:
         return _fail(exc)
     except WriteError as exc:
         return _write_failed(exc)
-    if not dist.is_main:
-        return 0
-    print(f"selected model: {metrics['selection_accuracy']:.2f}% on {metrics['selection_data']} "
-          f"(iteration {metrics['iteration']}, epoch {metrics['epoch']:.1f}); "
-          f"checkpoint {metrics['checkpoint']}")
-    if "target" in metrics:
-        print(f"accuracy on {metrics['target']['data']}: {metrics['target']['accuracy']:.2f}%")
-    return 0
-
-
-def _train_dense_source(a, ds) -> int:
-    from .segmentation.source import DenseSourceConfig, train_dense_source
-
-    try:
-        metrics = train_dense_source(DenseSourceConfig(
-            data=a.data or ds.data, backbone=a.backbone or ds.backbone, head=a.head or ds.head,
-            head_channels=a.head_channels,
-            output_stride=a.output_stride, num_classes=a.num_classes, crop_size=a.crop_size,
-            epochs=_pick(a.epochs, ds.epochs), batch_size=_pick(a.batch_size, ds.batch_size),
-            optimizer=a.optimizer or ds.optimizer, lr=a.lr, pretrained=a.pretrained, select_on=a.select_on,
-            eval_target=a.eval_target, precision=a.precision or ds.precision, seed=a.seed, device=a.device,
-            workers=a.workers, run_dir=a.out, progress=not a.no_progress))
-    except INPUT_ERRORS as exc:
-        return _fail(exc)
-    except WriteError as exc:
-        return _write_failed(exc)
-    print(f"selected model: mIoU {metrics['miou']:.2f} on {metrics['selection_data']} "
-          f"(iteration {metrics['iteration']}, epoch {metrics['epoch']:.1f}); checkpoint {metrics['checkpoint']}")
-    if "test" in metrics:
-        print(f"mIoU on {metrics['test']['data']} (in-domain test): {metrics['test']['miou']:.2f}")
-    if "target" in metrics:
-        print(f"mIoU on {metrics['target']['data']}: {metrics['target']['miou']:.2f}")
-    return 0
-
-
-def _train_pose_source(a, ps) -> int:
-    from .pose.source import PoseSourceConfig, train_pose_source
-
-    try:
-        metrics = train_pose_source(PoseSourceConfig(
-            data=a.data or ps.data, backbone=a.backbone or ps.backbone, head=a.head or ps.head,
-            head_channels=a.head_channels, epochs=_pick(a.epochs, ps.epochs),
-            batch_size=_pick(a.batch_size, ps.batch_size), lr=_pick(a.lr, ps.lr), pretrained=a.pretrained,
-            select_on=a.select_on, eval_target=a.eval_target, precision=a.precision or ps.precision, seed=a.seed,
-            device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress))
-    except INPUT_ERRORS as exc:
-        return _fail(exc)
-    except WriteError as exc:
-        return _write_failed(exc)
-    print(f"selected model: AP {metrics['ap']:.2f}, PCK@0.1 {metrics['pck@0.1']:.2f} on {metrics['selection_data']} "
-          f"(iteration {metrics['iteration']}, epoch {metrics['epoch']:.1f}); checkpoint {metrics['checkpoint']}")
-    for key, what in (("test", " (in-domain test)"), ("target", "")):
-        if key in metrics:
-            t = metrics[key]
-            print(f"on {t['data']}{what}: AP {t['ap']:.2f}, PCK@0.05 {t['pck@0.05']:.2f}, PCK@0.1 {t['pck@0.1']:.2f}")
+    if dist.is_main:
+        task.report_source(metrics)
     return 0
 
 
@@ -321,12 +258,13 @@ def parse_adapt_args(argv=None) -> argparse.Namespace:
     from .segmentation.shot import DIVERSITY_PRIORS, PSEUDO_LABELS, DenseAdaptConfig
     from .segmentation.shot import METHODS as DENSE_METHODS
     from .classification.rotation import KEEP_CHOICES
-    from agents.adapt import ProcgenAdaptConfig
     from .classification.shot import BENCHMARKS, METHODS, AdaptConfig
 
-    d, dd, pd, rd = AdaptConfig(), DenseAdaptConfig(), PoseAdaptConfig(), ProcgenAdaptConfig()
+    d, dd, pd = AdaptConfig(), DenseAdaptConfig(), PoseAdaptConfig()
+    rd = load_task("procgen").adapt_defaults()
     p = ArgumentParser(prog="workbench adapt", description="Source-free adaptation of a source model.")
-    p.add_argument("--task", default=None, choices=TASKS, help="default: the task the --source checkpoint names")
+    p.add_argument("--task", default=None, choices=model_tasks(), help="default: the task the --source checkpoint "
+                   "names")
     p.add_argument("--method", default=None, choices=sorted(set(METHODS) | set(DENSE_METHODS) | set(POSE_METHODS)),
                    help=f"default {d.method}; segmentation offers {', '.join(DENSE_METHODS)} (default {dd.method}); "
                    f"pose offers {', '.join(POSE_METHODS)} (default {pd.method})")
@@ -403,50 +341,15 @@ def parse_adapt_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def config_from_adapt_args(a: argparse.Namespace):
-    from .pose.mean_teacher import PoseAdaptConfig
-    from .segmentation.shot import DenseAdaptConfig
-    from agents.adapt import ProcgenAdaptConfig
-    from .classification.shot import AdaptConfig
+def adapt_task(a: argparse.Namespace) -> str:
+    """The task an adapt command line runs: procgen for a `procgen:` target, else --task or the checkpoint's."""
+    return "procgen" if a.target.startswith("procgen:") else _resolve_task(a.task, a.source)
 
-    d, dd, pd, rd = AdaptConfig(), DenseAdaptConfig(), PoseAdaptConfig(), ProcgenAdaptConfig()
-    if a.target.startswith("procgen:"):  # a Procgen agent adapted to a visual domain over its actions
-        if a.precision not in (None, "fp32"):
-            raise ValueError("--precision applies to segmentation and pose adaptation; Procgen agents adapt in fp32")
-        return ProcgenAdaptConfig(
-            source=a.source, target=a.target, method=a.method or rd.method, frames=a.frames,
-            collect_policy=a.collect_policy, frames_file=a.frames_file, recollect=a.recollect,
-            epochs=_pick(a.epochs, rd.epochs), batch_size=_pick(a.batch_size, rd.batch_size), lr=_pick(a.lr, rd.lr),
-            beta=_pick(a.beta, rd.beta), diversity_prior=a.diversity_prior or rd.diversity_prior,
-            eval_episodes=a.eval_episodes, paired_steps=a.paired_steps, cluster_backend=a.cluster_backend,
-            seed=a.seed, device=a.device, run_dir=a.out, progress=not a.no_progress)
-    task = _resolve_task(a.task, a.source)
-    if task == "classification" and a.precision not in (None, "fp32"):
-        raise ValueError("--precision applies to segmentation and pose adaptation; classification runs in fp32")
-    if task == "pose":
-        return PoseAdaptConfig(
-            source=a.source, target=a.target, method=a.method or pd.method, epochs=_pick(a.epochs, pd.epochs),
-            batch_size=_pick(a.batch_size, pd.batch_size), lr=_pick(a.lr, pd.lr), ema_alpha=a.ema_alpha,
-            mask_ratio=a.mask_ratio, flip_test=not a.no_flip_test, test_on=a.test_on,
-            precision=a.precision or pd.precision, seed=a.seed,
-            device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress)
-    if task == "segmentation":
-        return DenseAdaptConfig(
-            source=a.source, target=a.target, method=a.method or dd.method, epochs=_pick(a.epochs, dd.epochs),
-            batch_size=_pick(a.batch_size, dd.batch_size), lr=_pick(a.lr, dd.lr), schedule=a.schedule,
-            beta=_pick(a.beta, dd.beta), pixels_per_image=a.pixels_per_image, cluster_backend=a.cluster_backend,
-            diversity_prior=a.diversity_prior or dd.diversity_prior, diversity_weight=a.diversity_weight,
-            pseudo_labels=a.pseudo_labels,
-            test_on=a.test_on, save_predictions=not a.no_save_predictions, precision=a.precision or dd.precision,
-            seed=a.seed, device=a.device,
-            workers=a.workers, run_dir=a.out, progress=not a.no_progress)
-    return AdaptConfig(
-        source=a.source, target=a.target, method=a.method or d.method, benchmark=a.benchmark, epochs=a.epochs,
-        beta=a.beta, batch_size=_pick(a.batch_size, d.batch_size), lr=a.lr, rotation_weight=a.rotation_weight,
-        rotation_epochs=a.rotation_epochs, rotation_keep=a.rotation_keep, transfer_epochs=a.transfer_epochs,
-        transfer_batch_size=a.transfer_batch_size, transfer_classifier=a.transfer_classifier,
-        mix_alpha=a.mix_alpha, cluster_backend=a.cluster_backend, test_on=a.test_on, seed=a.seed, device=a.device,
-        workers=a.workers, run_dir=a.out, progress=not a.no_progress)
+
+def config_from_adapt_args(a: argparse.Namespace):
+    task = adapt_task(a)
+    check_method(task, a.method)
+    return load_task(task).adapt_config(a)
 
 
 def adapt_main(argv=None) -> int:
@@ -459,93 +362,34 @@ def adapt_main(argv=None) -> int:
 def _adapt(argv) -> int:
     from workbench.distributed import init_distributed
 
-    from .pose.mean_teacher import PoseAdaptConfig, PoseMeanTeacher
-    from .segmentation.shot import DenseAdaptConfig, DenseShotAdapter
-    from agents.adapt import ProcgenAdaptConfig
-    from .classification.shot import ShotAdapter
-
     a = parse_adapt_args(argv)
     try:
-        cfg = config_from_adapt_args(a)
-        single = {ProcgenAdaptConfig: ("Procgen agent adaptation", _adapt_procgen),
-                  DenseAdaptConfig: ("segmentation adaptation", lambda c: _adapt_dense(c, DenseShotAdapter)),
-                  PoseAdaptConfig: ("pose adaptation", lambda c: _adapt_pose(c, PoseMeanTeacher))}
-        if type(cfg) in single:
-            what, adapt = single[type(cfg)]
-            single_process_only(what)
-            _claim_out(cfg.run_dir, a.overwrite)
-            return adapt(cfg)
-        dist = init_distributed(cfg.device)
+        name = adapt_task(a)
+        task = load_task(name)
+        check_method(name, a.method)
+        cfg = task.adapt_config(a)
+        if not task.DISTRIBUTED:
+            single_process_only("Procgen agent adaptation" if name == "procgen" else f"{name} adaptation")
+        dist = init_distributed(cfg.device) if task.DISTRIBUTED else SINGLE
         _claim_out(cfg.run_dir, a.overwrite, dist)
-        adapter = ShotAdapter(cfg, dist)
-        metrics = adapter.run()
+        metrics = task.run_adapt(cfg, dist)
     except INPUT_ERRORS as exc:
         return _fail(exc)
     except WriteError as exc:
         return _write_failed(exc)
-    if not dist.is_main:
-        return 0
-    if metrics["accuracy"] is not None:
-        print(f"{cfg.method}: target accuracy {metrics['source_only_accuracy']:.2f}% (source model) -> "
-              f"{metrics['accuracy']:.2f}%")
-    if metrics["test_accuracy"] is not None:
-        print(f"{cfg.method}: held-out {metrics['test_data']} {metrics['source_only_test_accuracy']:.2f}% -> "
-              f"{metrics['test_accuracy']:.2f}%")
-    print(f"adapted model, predictions.csv and metrics.json in {adapter.run_dir}; "
-          f"tensorboard --logdir {adapter.run_dir}")
-    return 0
-
-
-def _adapt_procgen(cfg) -> int:
-    from agents.adapt import ProcgenAdapter
-
-    adapter = ProcgenAdapter(cfg)
-    m = adapter.run()
-    for who in ("source_agent", "adapted_agent"):
-        if who in m:
-            print(f"{who.replace('_', ' ')}: target domain return {m[who]['target']['mean_return']:.2f}, source "
-                  f"domain {m[who]['source']['mean_return']:.2f}")
-    print(f"adapted agent {m['checkpoint']} (a Procgen checkpoint: scripts/evaluate_procgen.py {adapter.run_dir}); "
-          f"tensorboard --logdir {adapter.run_dir}")
-    return 0
-
-
-def _adapt_dense(cfg, adapter_cls) -> int:
-    adapter = adapter_cls(cfg)
-    metrics = adapter.run()
-    name = metrics.get("method_name", cfg.method)   # what ran: e.g. "im (source prior)" for --method shot-im
-    print(f"{name} (segmentation): target mIoU {metrics['source_only_miou']:.2f} (source model) -> "
-          f"{metrics['miou']:.2f}")
-    if metrics.get("val_miou") is not None:
-        print(f"{name} (segmentation): held-out {metrics['val_data']} (for choosing settings) mIoU "
-              f"{metrics['source_only_val_miou']:.2f} -> {metrics['val_miou']:.2f}")
-    if metrics.get("test_miou") is not None:
-        print(f"{name} (segmentation): held-out {metrics['test_data']} mIoU "
-              f"{metrics['source_only_test_miou']:.2f} -> {metrics['test_miou']:.2f}")
-    print(f"adapted model, predictions/ and metrics.json in {adapter.run_dir}; tensorboard --logdir {adapter.run_dir}")
-    return 0
-
-
-def _adapt_pose(cfg, adapter_cls) -> int:
-    adapter = adapter_cls(cfg)
-    m = adapter.run()
-    print(f"{cfg.method} (pose): target AP {m['source_only_ap']:.2f} -> {m['ap']:.2f}, PCK@0.1 "
-          f"{m['source_only_pck@0.1']:.2f} -> {m['pck@0.1']:.2f}")
-    if m.get("test_ap") is not None:
-        print(f"{cfg.method} (pose): held-out {m['test_data']} AP {m['source_only_test_ap']:.2f} -> {m['test_ap']:.2f}, "
-              f"PCK@0.1 {m['source_only_test_pck@0.1']:.2f} -> {m['test_pck@0.1']:.2f}")
-    print(f"adapted model, keypoints.json and metrics.json in {adapter.run_dir}; tensorboard --logdir {adapter.run_dir}")
+    if dist.is_main:
+        task.report_adapt(cfg, metrics)
     return 0
 
 
 def evaluate_main(argv=None) -> int:
-    from .classification.evaluate import ATTACK_LOSSES, evaluate_model
+    from .classification.evaluate import ATTACK_LOSSES
 
     p = ArgumentParser(prog="workbench evaluate", description="Accuracy (classification), mIoU "
                        "(segmentation) or PCK and OKS AP (pose) of a source or adapted model.")
     p.add_argument("--model", required=True, help="a source or adapted checkpoint (or its run directory)")
     p.add_argument("--data", required=True)
-    p.add_argument("--task", default=None, choices=TASKS, help="default: the task the checkpoint names")
+    p.add_argument("--task", default=None, choices=model_tasks(), help="default: the task the checkpoint names")
     p.add_argument("--save-predictions", default=None, metavar="PATH",
                    help="segmentation: write one palette PNG label map per image into the folder PATH; pose: "
                    "write the predicted keypoints as a COCO result JSON file PATH")
@@ -565,24 +409,7 @@ def evaluate_main(argv=None) -> int:
         task = _resolve_task(a.task, a.model)
         if a.attack and task != "classification":
             raise ValueError("--attack evaluates classifiers only")
-        if task == "pose":
-            from .pose.evaluate import evaluate_pose_model
-
-            result = evaluate_pose_model(a.model, a.data, device=a.device, flip_test=not a.no_flip_test,
-                                         results_json=a.save_predictions)
-        elif task == "segmentation":
-            from .segmentation.evaluate import evaluate_dense_model
-
-            result = evaluate_dense_model(a.model, a.data, device=a.device, save_predictions=a.save_predictions)
-        else:
-            if a.save_predictions:
-                raise ValueError("--save-predictions writes label maps of segmentation models only")
-            result = evaluate_model(a.model, a.data, device=a.device)
-            if a.attack:
-                from .classification.evaluate import evaluate_robustness
-
-                result["robustness"] = evaluate_robustness(a.model, a.data, eps=a.eps, steps=a.steps,
-                                                           device=a.device, attack_loss=a.attack_loss)
+        result = load_task(task).evaluate(a)
         if a.out:
             from workbench.logging import write_json
 

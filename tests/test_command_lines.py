@@ -212,3 +212,22 @@ def test_training_whose_checkpoint_cannot_be_written_stops_with_one_line_and_kee
     assert (run / "checkpoint.pt").read_bytes() == saved
     assert load_checkpoint(run / "checkpoint.pt", kind="procgen-agent")["agent_state"]["env_steps"] == 32
     assert not list(run.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------ the task registry
+def test_every_method_says_which_tasks_it_supports():
+    from workbench.tasks import TASKS, method_tasks, tasks_with
+
+    methods = method_tasks()
+    assert methods["mean-teacher"] == ["pose"] and methods["shot++"] == ["classification"]
+    assert methods["shot"] == ["classification", "segmentation", "procgen"]
+    assert tasks_with("train_source") == ["classification", "segmentation", "pose"]  # agents train elsewhere
+    assert list(TASKS) == ["classification", "segmentation", "pose", "procgen"]
+
+
+def test_a_method_the_task_lacks_is_one_line_naming_where_it_runs(capsys):
+    # a procgen target picks the task without reading the source, so the method check comes first
+    assert adapt_main(["--source", "nowhere", "--target", "procgen:bigfish", "--method", "mean-teacher"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --method mean-teacher does not run on procgen (mean-teacher runs on pose): choose one "
+                   "of shot-im, shot"]

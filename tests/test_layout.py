@@ -84,3 +84,12 @@ def test_the_dense_tasks_import_no_other_task():
              if m.startswith(("adaptation.segmentation", "adaptation.pose"))
              and any(d.startswith(t) for t in tasks if not m.startswith(t))]
     assert not wrong, wrong
+
+
+def test_the_two_families_never_import_each_other():
+    """Agents and adaptation meet in the core only: `workbench adapt --target procgen:...` reaches the agents'
+    adapter through the task registry (workbench.tasks), which names modules instead of importing them."""
+    other = {"agents": "adaptation", "adaptation": "agents"}
+    wrong = [f"{m} imports {d}" for m, deps in import_graph().items() for d in deps
+             if d.split(".")[0] == other.get(m.split(".")[0])]
+    assert not wrong, wrong

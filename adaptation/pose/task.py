@@ -1,0 +1,74 @@
+"""Pose as a task of the `workbench` commands (workbench.tasks): train-source, adapt (the mean teacher) and
+evaluate (PCK and OKS AP); one process."""
+
+from __future__ import annotations
+
+from .mean_teacher import METHODS  # noqa: F401  (the registry reads it)
+
+DISTRIBUTED = False
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def source_config(a):
+    from .source import PoseSourceConfig
+
+    ps = PoseSourceConfig()
+    return PoseSourceConfig(
+        data=a.data or ps.data, backbone=a.backbone or ps.backbone, head=a.head or ps.head,
+        head_channels=a.head_channels, epochs=_pick(a.epochs, ps.epochs),
+        batch_size=_pick(a.batch_size, ps.batch_size), lr=_pick(a.lr, ps.lr), pretrained=a.pretrained,
+        select_on=a.select_on, eval_target=a.eval_target, precision=a.precision or ps.precision, seed=a.seed,
+        device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress)
+
+
+def train_source(cfg, dist) -> dict:
+    from .source import train_pose_source
+
+    return train_pose_source(cfg)
+
+
+def report_source(metrics: dict) -> None:
+    print(f"selected model: AP {metrics['ap']:.2f}, PCK@0.1 {metrics['pck@0.1']:.2f} on {metrics['selection_data']} "
+          f"(iteration {metrics['iteration']}, epoch {metrics['epoch']:.1f}); checkpoint {metrics['checkpoint']}")
+    for key, what in (("test", " (in-domain test)"), ("target", "")):
+        if key in metrics:
+            t = metrics[key]
+            print(f"on {t['data']}{what}: AP {t['ap']:.2f}, PCK@0.05 {t['pck@0.05']:.2f}, PCK@0.1 {t['pck@0.1']:.2f}")
+
+
+def adapt_config(a):
+    from .mean_teacher import PoseAdaptConfig
+
+    pd = PoseAdaptConfig()
+    return PoseAdaptConfig(
+        source=a.source, target=a.target, method=a.method or pd.method, epochs=_pick(a.epochs, pd.epochs),
+        batch_size=_pick(a.batch_size, pd.batch_size), lr=_pick(a.lr, pd.lr), ema_alpha=a.ema_alpha,
+        mask_ratio=a.mask_ratio, flip_test=not a.no_flip_test, test_on=a.test_on,
+        precision=a.precision or pd.precision, seed=a.seed,
+        device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress)
+
+
+def run_adapt(cfg, dist) -> dict:
+    from .mean_teacher import PoseMeanTeacher
+
+    adapter = PoseMeanTeacher(cfg)
+    return {**adapter.run(), "run_dir": str(adapter.run_dir)}
+
+
+def report_adapt(cfg, m: dict) -> None:
+    print(f"{cfg.method} (pose): target AP {m['source_only_ap']:.2f} -> {m['ap']:.2f}, PCK@0.1 "
+          f"{m['source_only_pck@0.1']:.2f} -> {m['pck@0.1']:.2f}")
+    if m.get("test_ap") is not None:
+        print(f"{cfg.method} (pose): held-out {m['test_data']} AP {m['source_only_test_ap']:.2f} -> {m['test_ap']:.2f}, "
+              f"PCK@0.1 {m['source_only_test_pck@0.1']:.2f} -> {m['test_pck@0.1']:.2f}")
+    print(f"adapted model, keypoints.json and metrics.json in {m['run_dir']}; tensorboard --logdir {m['run_dir']}")
+
+
+def evaluate(a) -> dict:
+    from .evaluate import evaluate_pose_model
+
+    return evaluate_pose_model(a.model, a.data, device=a.device, flip_test=not a.no_flip_test,
+                               results_json=a.save_predictions)

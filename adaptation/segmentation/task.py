@@ -1,0 +1,83 @@
+"""Segmentation as a task of the `workbench` commands (workbench.tasks): train-source, adapt (pixel SHOT-IM
+and SHOT) and evaluate (mIoU); one process."""
+
+from __future__ import annotations
+
+from .shot import METHODS  # noqa: F401  (the registry reads it)
+
+DISTRIBUTED = False
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def source_config(a):
+    from .source import DenseSourceConfig
+
+    ds = DenseSourceConfig()
+    return DenseSourceConfig(
+        data=a.data or ds.data, backbone=a.backbone or ds.backbone, head=a.head or ds.head,
+        head_channels=a.head_channels,
+        output_stride=a.output_stride, num_classes=a.num_classes, crop_size=a.crop_size,
+        epochs=_pick(a.epochs, ds.epochs), batch_size=_pick(a.batch_size, ds.batch_size),
+        optimizer=a.optimizer or ds.optimizer, lr=a.lr, pretrained=a.pretrained, select_on=a.select_on,
+        eval_target=a.eval_target, precision=a.precision or ds.precision, seed=a.seed, device=a.device,
+        workers=a.workers, run_dir=a.out, progress=not a.no_progress)
+
+
+def train_source(cfg, dist) -> dict:
+    from .source import train_dense_source
+
+    return train_dense_source(cfg)
+
+
+def report_source(metrics: dict) -> None:
+    print(f"selected model: mIoU {metrics['miou']:.2f} on {metrics['selection_data']} "
+          f"(iteration {metrics['iteration']}, epoch {metrics['epoch']:.1f}); checkpoint {metrics['checkpoint']}")
+    if "test" in metrics:
+        print(f"mIoU on {metrics['test']['data']} (in-domain test): {metrics['test']['miou']:.2f}")
+    if "target" in metrics:
+        print(f"mIoU on {metrics['target']['data']}: {metrics['target']['miou']:.2f}")
+
+
+def adapt_config(a):
+    from .shot import DenseAdaptConfig
+
+    dd = DenseAdaptConfig()
+    return DenseAdaptConfig(
+        source=a.source, target=a.target, method=a.method or dd.method, epochs=_pick(a.epochs, dd.epochs),
+        batch_size=_pick(a.batch_size, dd.batch_size), lr=_pick(a.lr, dd.lr), schedule=a.schedule,
+        beta=_pick(a.beta, dd.beta), pixels_per_image=a.pixels_per_image, cluster_backend=a.cluster_backend,
+        diversity_prior=a.diversity_prior or dd.diversity_prior, diversity_weight=a.diversity_weight,
+        pseudo_labels=a.pseudo_labels,
+        test_on=a.test_on, save_predictions=not a.no_save_predictions, precision=a.precision or dd.precision,
+        seed=a.seed, device=a.device,
+        workers=a.workers, run_dir=a.out, progress=not a.no_progress)
+
+
+def run_adapt(cfg, dist) -> dict:
+    from .shot import DenseShotAdapter
+
+    adapter = DenseShotAdapter(cfg)
+    return {**adapter.run(), "run_dir": str(adapter.run_dir)}
+
+
+def report_adapt(cfg, metrics: dict) -> None:
+    name = metrics.get("method_name", cfg.method)   # what ran: e.g. "im (source prior)" for --method shot-im
+    print(f"{name} (segmentation): target mIoU {metrics['source_only_miou']:.2f} (source model) -> "
+          f"{metrics['miou']:.2f}")
+    if metrics.get("val_miou") is not None:
+        print(f"{name} (segmentation): held-out {metrics['val_data']} (for choosing settings) mIoU "
+              f"{metrics['source_only_val_miou']:.2f} -> {metrics['val_miou']:.2f}")
+    if metrics.get("test_miou") is not None:
+        print(f"{name} (segmentation): held-out {metrics['test_data']} mIoU "
+              f"{metrics['source_only_test_miou']:.2f} -> {metrics['test_miou']:.2f}")
+    print(f"adapted model, predictions/ and metrics.json in {metrics['run_dir']}; "
+          f"tensorboard --logdir {metrics['run_dir']}")
+
+
+def evaluate(a) -> dict:
+    from .evaluate import evaluate_dense_model
+
+    return evaluate_dense_model(a.model, a.data, device=a.device, save_predictions=a.save_predictions)
