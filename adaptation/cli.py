@@ -24,7 +24,6 @@ from workbench.files import WriteError
 from workbench.runtime import DEVICE_CHOICES, PRECISION_CHOICES
 from workbench.tasks import check_method, load_task, tasks_with
 
-from . import digits
 from .common import INPUT_ERRORS
 
 
@@ -52,16 +51,14 @@ OVERWRITE_HELP = "replace the run in --out (its checkpoints, metrics and TensorB
 
 
 def datasets_main(argv=None) -> int:
-    from .pose import figures
-    from .segmentation import scenes
+    builtin = {task.BUILTIN: task for task in map(load_task, tasks_with("build_builtin"))}  # family -> task
 
     def builtin_domain(name: str) -> tuple[str, str]:
         """`uci`, `digits/uci`, `builtin:scenes/printed` ... -> (family, domain)."""
-        families = {"digits": digits.DOMAINS, "scenes": scenes.DOMAINS, "figures": figures.DOMAINS}
         family, _, domain = name.removeprefix("builtin:").rpartition("/")
-        matches = [f for f, domains in families.items() if domain in domains and family in ("", f)]
+        matches = [f for f, task in builtin.items() if domain in task.builtin_domains() and family in ("", f)]
         if not matches:
-            known = ", ".join(f"{f}/{d}" for f, domains in families.items() for d in domains)
+            known = ", ".join(f"{f}/{d}" for f, task in builtin.items() for d in task.builtin_domains())
             raise ValueError(f"unknown built-in domain {name!r}: choose from {known}")
         return matches[0], domain
 
@@ -77,37 +74,14 @@ def datasets_main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         if args.action == "list":
-            for domain in digits.DOMAINS:
-                path = digits.cache_path(domain)
-                print(f"builtin:digits/{domain:8s} {'built' if path.exists() else 'not built'}  {path}")
-            for domain in scenes.DOMAINS:
-                path = scenes.cache_path(domain)
-                print(f"builtin:scenes/{domain:8s} {'built' if path.exists() else 'not built'}  {path}")
-            for domain in figures.DOMAINS:
-                path = figures.domain_dir(domain)
-                print(f"builtin:figures/{domain:8s} {'built' if path.exists() else 'not built'}  {path}")
+            for family, task in builtin.items():
+                for domain in task.builtin_domains():
+                    path = task.builtin_path(domain)
+                    print(f"builtin:{family}/{domain:8s} {'built' if path.exists() else 'not built'}  {path}")
             return 0
-        names = args.domains or ([f"digits/{d}" for d in digits.DOMAINS] + [f"scenes/{d}" for d in scenes.DOMAINS]
-                                 + [f"figures/{d}" for d in figures.DOMAINS])
+        names = args.domains or [f"{f}/{d}" for f, task in builtin.items() for d in task.builtin_domains()]
         for family, domain in [builtin_domain(name) for name in names]:
-            if family == "digits":
-                path = digits.build_domain(domain, force=args.force)
-                n = {s: len(digits.load_domain(domain, s)[1]) for s in ("train", "val", "test")}
-                print(f"builtin:digits/{domain}: {n['train']} train / {n['val']} val / {n['test']} test images "
-                      f"(trainval, the default: train + val) -> {path}")
-            elif family == "figures":
-                path = figures.build_domain(domain, force=args.force)
-                counts = [len(json.loads(figures.annotation_file(domain, split).read_text())["images"])
-                          for split in ("train", "val", "test")]
-                print(f"builtin:figures/{domain}: {counts[0]} train / {counts[1]} val / {counts[2]} test "
-                      f"{figures.IMAGE_SIZE}x"
-                      f"{figures.IMAGE_SIZE} images, {len(figures.JOINTS)} joints (COCO keypoint JSON) -> {path}")
-            else:
-                path = scenes.build_domain(domain, force=args.force)
-                arrays = scenes.load_domain(domain)
-                print(f"builtin:scenes/{domain}: {len(arrays['x_train'])} train / {len(arrays['x_val'])} val / "
-                      f"{len(arrays['x_test'])} test "
-                      f"{scenes.SIZE}x{scenes.SIZE} scenes, {scenes.NUM_CLASSES} classes -> {path}")
+            print(builtin[family].build_builtin(domain, force=args.force))
     except INPUT_ERRORS as exc:
         return _fail(exc)
     return 0

@@ -216,12 +216,13 @@ def test_training_whose_checkpoint_cannot_be_written_stops_with_one_line_and_kee
 
 # ------------------------------------------------------------------ the task registry
 def test_every_method_says_which_tasks_it_supports():
-    from workbench.tasks import TASKS, method_tasks, tasks_with
+    from workbench.tasks import TASKS, load_task, method_tasks, tasks_with
 
     methods = method_tasks()
     assert methods["mean-teacher"] == ["pose"] and methods["shot++"] == ["classification"]
     assert methods["shot"] == ["classification", "segmentation", "procgen"]
     assert tasks_with("train_source") == ["classification", "segmentation", "pose"]  # agents train elsewhere
+    assert [load_task(t).BUILTIN for t in tasks_with("build_builtin")] == ["digits", "scenes", "figures"]
     assert list(TASKS) == ["classification", "segmentation", "pose", "procgen"]
 
 

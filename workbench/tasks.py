@@ -1,4 +1,4 @@
-"""The registry of tasks that `workbench train-source`, `adapt` and `evaluate` dispatch through.
+"""The registry of tasks that `workbench train-source`, `adapt`, `evaluate` and `datasets` dispatch through.
 
 A task is a module that turns parsed command-line options into its own run config and runs it:
 
@@ -8,6 +8,8 @@ A task is a module that turns parsed command-line options into its own run confi
     train_source(cfg, dist) -> metrics;  report_source(metrics)
     adapt_config(args)    -> cfg    run_adapt(cfg, dist) -> metrics;  report_adapt(cfg, metrics)
     evaluate(args)        -> dict   (tasks whose models `workbench evaluate` scores)
+    BUILTIN, builtin_domains(), builtin_path(domain), build_builtin(domain, force) -> report line
+                                    (tasks with built-in domains, builtin:<BUILTIN>/<domain>)
 
 Modules are named, not imported, here, so the core depends on no family and `workbench --help` stays
 fast; a new task is its module and one line below.

@@ -9,6 +9,31 @@ DISTRIBUTED = True
 RESUMABLE = True  # train-source --resume continues a stopped source run
 
 
+BUILTIN = "digits"  # its built-in domains: builtin:digits/<domain> (`workbench datasets`)
+
+
+def builtin_domains() -> tuple[str, ...]:
+    from .. import digits
+
+    return digits.DOMAINS
+
+
+def builtin_path(domain: str):
+    from .. import digits
+
+    return digits.cache_path(domain)
+
+
+def build_builtin(domain: str, force: bool = False) -> str:
+    """Build (or find cached) one built-in domain; the line that reports it."""
+    from .. import digits
+
+    path = digits.build_domain(domain, force=force)
+    n = {s: len(digits.load_domain(domain, s)[1]) for s in ("train", "val", "test")}
+    return (f"builtin:digits/{domain}: {n['train']} train / {n['val']} val / {n['test']} test images "
+            f"(trainval, the default: train + val) -> {path}")
+
+
 def _pick(value, default):
     return default if value is None else value
 

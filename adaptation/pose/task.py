@@ -8,6 +8,35 @@ from .mean_teacher import METHODS  # noqa: F401  (the registry reads it)
 DISTRIBUTED = False
 
 
+BUILTIN = "figures"  # its built-in domains: builtin:figures/<domain> (`workbench datasets`)
+
+
+def builtin_domains() -> tuple[str, ...]:
+    from . import figures
+
+    return figures.DOMAINS
+
+
+def builtin_path(domain: str):
+    from . import figures
+
+    return figures.domain_dir(domain)
+
+
+def build_builtin(domain: str, force: bool = False) -> str:
+    """Build (or find cached) one built-in domain; the line that reports it."""
+    import json
+
+    from . import figures
+
+    path = figures.build_domain(domain, force=force)
+    counts = [len(json.loads(figures.annotation_file(domain, split).read_text())["images"])
+              for split in ("train", "val", "test")]
+    return (f"builtin:figures/{domain}: {counts[0]} train / {counts[1]} val / {counts[2]} test "
+            f"{figures.IMAGE_SIZE}x{figures.IMAGE_SIZE} images, {len(figures.JOINTS)} joints (COCO keypoint JSON) "
+            f"-> {path}")
+
+
 def _pick(value, default):
     return default if value is None else value
 

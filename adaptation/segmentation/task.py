@@ -8,6 +8,31 @@ from .shot import METHODS  # noqa: F401  (the registry reads it)
 DISTRIBUTED = False
 
 
+BUILTIN = "scenes"  # its built-in domains: builtin:scenes/<domain> (`workbench datasets`)
+
+
+def builtin_domains() -> tuple[str, ...]:
+    from . import scenes
+
+    return scenes.DOMAINS
+
+
+def builtin_path(domain: str):
+    from . import scenes
+
+    return scenes.cache_path(domain)
+
+
+def build_builtin(domain: str, force: bool = False) -> str:
+    """Build (or find cached) one built-in domain; the line that reports it."""
+    from . import scenes
+
+    path = scenes.build_domain(domain, force=force)
+    arrays = scenes.load_domain(domain)
+    return (f"builtin:scenes/{domain}: {len(arrays['x_train'])} train / {len(arrays['x_val'])} val / "
+            f"{len(arrays['x_test'])} test {scenes.SIZE}x{scenes.SIZE} scenes, {scenes.NUM_CLASSES} classes -> {path}")
+
+
 def _pick(value, default):
     return default if value is None else value
 
