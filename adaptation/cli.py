@@ -92,10 +92,6 @@ def model_tasks() -> list[str]:
     return tasks_with("evaluate")
 
 
-def _pick(value, default):
-    return default if value is None else value
-
-
 def _model_task(path) -> str | None:
     """The task a model checkpoint names (None when it cannot be read: the pipeline then reports why)."""
     from workbench.checkpoint import load_checkpoint

@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
+from workbench.arguments import given_or
+
 from .adapt import METHODS  # noqa: F401  (the registry reads it)
 
 DISTRIBUTED = False
-
-
-def _pick(value, default):
-    return default if value is None else value
 
 
 def adapt_defaults():
@@ -28,8 +26,8 @@ def adapt_config(a):
     return ProcgenAdaptConfig(
         source=a.source, target=a.target, method=a.method or rd.method, frames=a.frames,
         collect_policy=a.collect_policy, frames_file=a.frames_file, recollect=a.recollect,
-        epochs=_pick(a.epochs, rd.epochs), batch_size=_pick(a.batch_size, rd.batch_size), lr=_pick(a.lr, rd.lr),
-        beta=_pick(a.beta, rd.beta), diversity_prior=a.diversity_prior or rd.diversity_prior,
+        epochs=given_or(a.epochs, rd.epochs), batch_size=given_or(a.batch_size, rd.batch_size), lr=given_or(a.lr, rd.lr),
+        beta=given_or(a.beta, rd.beta), diversity_prior=a.diversity_prior or rd.diversity_prior,
         eval_episodes=a.eval_episodes, paired_steps=a.paired_steps, cluster_backend=a.cluster_backend,
         seed=a.seed, device=a.device, run_dir=a.out, progress=not a.no_progress)
 

@@ -20,6 +20,12 @@ import sys
 from .distributed import launched_distributed, speaks
 
 
+def given_or(value, default):
+    """An option's value, or `default` where it was not given (None): for options whose default depends on
+    the task or the data, so the parser leaves them None."""
+    return default if value is None else value
+
+
 def report_error(message: str, every_rank: bool = False) -> None:
     """One line on stderr, `error: <message>`, from the process that speaks for this machine; an error of
     this worker's own (`every_rank`: a write that failed here) from any worker, naming it."""

@@ -3,6 +3,8 @@ SHOT, SHOT++; under torchrun too) and evaluate (accuracy, and accuracy under PGD
 
 from __future__ import annotations
 
+from workbench.arguments import given_or
+
 from .shot import METHODS  # noqa: F401  (the registry reads it)
 
 DISTRIBUTED = True
@@ -34,10 +36,6 @@ def build_builtin(domain: str, force: bool = False) -> str:
             f"(trainval, the default: train + val) -> {path}")
 
 
-def _pick(value, default):
-    return default if value is None else value
-
-
 def source_config(a):
     from .source import SourceConfig
 
@@ -46,8 +44,8 @@ def source_config(a):
         raise ValueError("--precision applies to segmentation and pose training; classification runs in fp32")
     return SourceConfig(
         data=a.data or d.data, backbone=a.backbone or d.backbone, num_classes=a.num_classes,
-        epochs=_pick(a.epochs, d.epochs), batch_size=_pick(a.batch_size, d.batch_size),
-        lr=_pick(a.lr, d.lr), pretrained=a.pretrained, init_from=a.init_from, transform=a.transform,
+        epochs=given_or(a.epochs, d.epochs), batch_size=given_or(a.batch_size, d.batch_size),
+        lr=given_or(a.lr, d.lr), pretrained=a.pretrained, init_from=a.init_from, transform=a.transform,
         select_on=a.select_on, eval_target=a.eval_target, objective=a.objective, label_noise=a.label_noise,
         noise_type=a.noise_type, keep=a.keep, resume=a.resume, seed=a.seed,
         device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress)
@@ -76,7 +74,7 @@ def adapt_config(a):
         raise ValueError("--precision applies to segmentation and pose adaptation; classification runs in fp32")
     return AdaptConfig(
         source=a.source, target=a.target, method=a.method or d.method, benchmark=a.benchmark, epochs=a.epochs,
-        beta=a.beta, batch_size=_pick(a.batch_size, d.batch_size), lr=a.lr, rotation_weight=a.rotation_weight,
+        beta=a.beta, batch_size=given_or(a.batch_size, d.batch_size), lr=a.lr, rotation_weight=a.rotation_weight,
         rotation_epochs=a.rotation_epochs, rotation_keep=a.rotation_keep, transfer_epochs=a.transfer_epochs,
         transfer_batch_size=a.transfer_batch_size, transfer_classifier=a.transfer_classifier,
         mix_alpha=a.mix_alpha, cluster_backend=a.cluster_backend, test_on=a.test_on, seed=a.seed, device=a.device,

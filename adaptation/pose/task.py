@@ -3,6 +3,8 @@ evaluate (PCK and OKS AP); one process."""
 
 from __future__ import annotations
 
+from workbench.arguments import given_or
+
 from .mean_teacher import METHODS  # noqa: F401  (the registry reads it)
 
 DISTRIBUTED = False
@@ -37,18 +39,14 @@ def build_builtin(domain: str, force: bool = False) -> str:
             f"-> {path}")
 
 
-def _pick(value, default):
-    return default if value is None else value
-
-
 def source_config(a):
     from .source import PoseSourceConfig
 
     ps = PoseSourceConfig()
     return PoseSourceConfig(
         data=a.data or ps.data, backbone=a.backbone or ps.backbone, head=a.head or ps.head,
-        head_channels=a.head_channels, epochs=_pick(a.epochs, ps.epochs),
-        batch_size=_pick(a.batch_size, ps.batch_size), lr=_pick(a.lr, ps.lr), pretrained=a.pretrained,
+        head_channels=a.head_channels, epochs=given_or(a.epochs, ps.epochs),
+        batch_size=given_or(a.batch_size, ps.batch_size), lr=given_or(a.lr, ps.lr), pretrained=a.pretrained,
         select_on=a.select_on, eval_target=a.eval_target, precision=a.precision or ps.precision, seed=a.seed,
         device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress)
 
@@ -73,8 +71,8 @@ def adapt_config(a):
 
     pd = PoseAdaptConfig()
     return PoseAdaptConfig(
-        source=a.source, target=a.target, method=a.method or pd.method, epochs=_pick(a.epochs, pd.epochs),
-        batch_size=_pick(a.batch_size, pd.batch_size), lr=_pick(a.lr, pd.lr), ema_alpha=a.ema_alpha,
+        source=a.source, target=a.target, method=a.method or pd.method, epochs=given_or(a.epochs, pd.epochs),
+        batch_size=given_or(a.batch_size, pd.batch_size), lr=given_or(a.lr, pd.lr), ema_alpha=a.ema_alpha,
         mask_ratio=a.mask_ratio, flip_test=not a.no_flip_test, test_on=a.test_on,
         precision=a.precision or pd.precision, seed=a.seed,
         device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress)

@@ -3,6 +3,8 @@ and SHOT) and evaluate (mIoU); one process."""
 
 from __future__ import annotations
 
+from workbench.arguments import given_or
+
 from .shot import METHODS  # noqa: F401  (the registry reads it)
 
 DISTRIBUTED = False
@@ -33,10 +35,6 @@ def build_builtin(domain: str, force: bool = False) -> str:
             f"{len(arrays['x_test'])} test {scenes.SIZE}x{scenes.SIZE} scenes, {scenes.NUM_CLASSES} classes -> {path}")
 
 
-def _pick(value, default):
-    return default if value is None else value
-
-
 def source_config(a):
     from .source import DenseSourceConfig
 
@@ -45,7 +43,7 @@ def source_config(a):
         data=a.data or ds.data, backbone=a.backbone or ds.backbone, head=a.head or ds.head,
         head_channels=a.head_channels,
         output_stride=a.output_stride, num_classes=a.num_classes, crop_size=a.crop_size,
-        epochs=_pick(a.epochs, ds.epochs), batch_size=_pick(a.batch_size, ds.batch_size),
+        epochs=given_or(a.epochs, ds.epochs), batch_size=given_or(a.batch_size, ds.batch_size),
         optimizer=a.optimizer or ds.optimizer, lr=a.lr, pretrained=a.pretrained, select_on=a.select_on,
         eval_target=a.eval_target, precision=a.precision or ds.precision, seed=a.seed, device=a.device,
         workers=a.workers, run_dir=a.out, progress=not a.no_progress)
@@ -71,9 +69,9 @@ def adapt_config(a):
 
     dd = DenseAdaptConfig()
     return DenseAdaptConfig(
-        source=a.source, target=a.target, method=a.method or dd.method, epochs=_pick(a.epochs, dd.epochs),
-        batch_size=_pick(a.batch_size, dd.batch_size), lr=_pick(a.lr, dd.lr), schedule=a.schedule,
-        beta=_pick(a.beta, dd.beta), pixels_per_image=a.pixels_per_image, cluster_backend=a.cluster_backend,
+        source=a.source, target=a.target, method=a.method or dd.method, epochs=given_or(a.epochs, dd.epochs),
+        batch_size=given_or(a.batch_size, dd.batch_size), lr=given_or(a.lr, dd.lr), schedule=a.schedule,
+        beta=given_or(a.beta, dd.beta), pixels_per_image=a.pixels_per_image, cluster_backend=a.cluster_backend,
         diversity_prior=a.diversity_prior or dd.diversity_prior, diversity_weight=a.diversity_weight,
         pseudo_labels=a.pseudo_labels,
         test_on=a.test_on, save_predictions=not a.no_save_predictions, precision=a.precision or dd.precision,
