@@ -123,11 +123,11 @@ def train_source_main(argv=None) -> int:
 def _train_source(argv) -> int:
     from workbench.distributed import init_distributed
 
+    from .classification.source import KEEP_CHOICES, SourceConfig
     from .pose.source import PoseSourceConfig
-    from .segmentation.source import DenseSourceConfig
     from .robust.label_noise import NOISE_TYPES
     from .robust.objectives import OBJECTIVES
-    from .classification.source import KEEP_CHOICES, SourceConfig
+    from .segmentation.source import DenseSourceConfig
 
     d, ds, ps = SourceConfig(), DenseSourceConfig(), PoseSourceConfig()
     p = ArgumentParser(prog="workbench train-source",
@@ -223,12 +223,12 @@ def adapt_config(argv=None):
 
 
 def parse_adapt_args(argv=None) -> argparse.Namespace:
+    from .classification.rotation import KEEP_CHOICES
+    from .classification.shot import BENCHMARKS, METHODS, AdaptConfig
     from .pose.mean_teacher import METHODS as POSE_METHODS
     from .pose.mean_teacher import PoseAdaptConfig
     from .segmentation.shot import DIVERSITY_PRIORS, PSEUDO_LABELS, DenseAdaptConfig
     from .segmentation.shot import METHODS as DENSE_METHODS
-    from .classification.rotation import KEEP_CHOICES
-    from .classification.shot import BENCHMARKS, METHODS, AdaptConfig
 
     d, dd, pd = AdaptConfig(), DenseAdaptConfig(), PoseAdaptConfig()
     rd = load_task("procgen").adapt_defaults()
