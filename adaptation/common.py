@@ -67,6 +67,37 @@ def skimage_images(names: tuple[str, ...], mode: str) -> tuple[Image.Image, ...]
     return tuple(Image.open(folder / name).convert(mode) for name in names)
 
 
+def split_counts(variable: str, defaults: tuple[int, int], what: str, n_train: int | None = None,
+                 n_test: int | None = None, n_val: int | None = None) -> tuple[int, int, int]:
+    """(train, val, test) sizes of a generated benchmark: the arguments, else $variable="<train>,<test>[,<val>]",
+    else `defaults` (train, test); val defaults to the test count. `what` names the items in errors."""
+    train, test = defaults
+    val = None
+    override = os.environ.get(variable, "").strip()
+    if override:
+        try:
+            values = [int(v) for v in override.split(",")]
+            if len(values) not in (2, 3):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{variable}={override!r}: expected '<train>,<test>[,<val>]' {what} counts, "
+                             f"e.g. 200,50 or 200,50,50") from None
+        train, test, val = values[0], values[1], values[2] if len(values) == 3 else None
+    train = n_train if n_train is not None else train
+    test = n_test if n_test is not None else test
+    val = n_val if n_val is not None else (val if val is not None else test)
+    if min(train, val, test) < 1:
+        raise ValueError(f"{what} counts must be positive, got {train} train / {val} val / {test} test")
+    return train, val, test
+
+
+def counts_suffix(counts: tuple[int, int, int], defaults: tuple[int, int]) -> str:
+    """The cache name's mark of non-default (train, val, test) sizes: "" for the defaults, "-n<train>-<test>",
+    then "-val<val>" where val differs from test."""
+    train, val, test = counts
+    return ("" if (train, test) == defaults else f"-n{train}-{test}") + (f"-val{val}" if val != test else "")
+
+
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(indices to fit on, indices held out): a seeded `fraction` of range(n) held out, both sorted."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()

@@ -43,23 +43,6 @@ PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycl
           "hubble_deep_field.jpg", "ihc.png", "retina.jpg")
 
 
-def split_counts(variable: str, defaults: tuple[int, int], n_train: int | None, n_test: int | None,
-                 what: str) -> tuple[int, int]:
-    """(train, test) sizes of a generated benchmark: the arguments, else $variable="<train>,<test>", else
-    `defaults`; `what` names the items in errors ("scene", "figure image")."""
-    train, test = defaults
-    override = os.environ.get(variable, "").strip()
-    if override:
-        try:
-            train, test = (int(v) for v in override.split(","))
-        except ValueError:
-            raise ValueError(f"{variable}={override!r}: expected '<train>,<test>' {what} counts, e.g. 200,50") from None
-    train, test = n_train if n_train is not None else train, n_test if n_test is not None else test
-    if train < 1 or test < 1:
-        raise ValueError(f"{what} counts must be positive, got {train} train / {test} test")
-    return train, test
-
-
 def cache_dir() -> Path:
     return common.cache_dir("digits")
 

@@ -301,30 +301,11 @@ def scene_counts(n_train: int | None = None, n_test: int | None = None,
                  n_val: int | None = None) -> tuple[int, int, int]:
     """(train, val, test) set sizes: arguments, else WORKBENCH_SCENES_N="<train>,<test>[,<val>]", else
     3000 / 500 / 500; val defaults to the test count."""
-    train, test, val = TRAIN_SCENES, TEST_SCENES, None
-    override = os.environ.get(COUNTS_VARIABLE, "").strip()
-    if override:
-        try:
-            values = [int(v) for v in override.split(",")]
-            if len(values) not in (2, 3):
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"{COUNTS_VARIABLE}={override!r}: expected '<train>,<test>[,<val>]' scene counts, "
-                             f"e.g. 200,50 or 200,50,50") from None
-        train, test, val = values[0], values[1], values[2] if len(values) == 3 else None
-    train = n_train if n_train is not None else train
-    test = n_test if n_test is not None else test
-    val = n_val if n_val is not None else (val if val is not None else test)
-    if min(train, val, test) < 1:
-        raise ValueError(f"scene counts must be positive, got {train} train / {val} val / {test} test")
-    return train, val, test
+    return common.split_counts(COUNTS_VARIABLE, (TRAIN_SCENES, TEST_SCENES), "scene", n_train, n_test, n_val)
 
 
 def cache_path(domain: str, n_train: int | None = None, n_test: int | None = None, n_val: int | None = None) -> Path:
-    train, val, test = scene_counts(n_train, n_test, n_val)
-    suffix = "" if (train, test) == (TRAIN_SCENES, TEST_SCENES) else f"-n{train}-{test}"
-    if val != test:
-        suffix += f"-val{val}"
+    suffix = common.counts_suffix(scene_counts(n_train, n_test, n_val), (TRAIN_SCENES, TEST_SCENES))
     return cache_dir() / f"{check_domain(domain)}-v{VERSION}{suffix}.npz"
 
 
