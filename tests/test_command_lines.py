@@ -232,3 +232,25 @@ def test_a_method_the_task_lacks_is_one_line_naming_where_it_runs(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --method mean-teacher does not run on procgen (mean-teacher runs on pose): choose one "
                    "of shot-im, shot"]
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path, monkeypatch, capsys):
+    """`workbench datasets list | head -1`: the reader goes away; the command exits 0 without a traceback."""
+    from workbench.cli import main as workbench_main
+
+    sink = open(tmp_path / "sink", "w")
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return sink.fileno()
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert workbench_main(["heads"]) == 0
+    sink.close()
+    assert capsys.readouterr().err == ""

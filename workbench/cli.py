@@ -15,6 +15,7 @@ Each family module is imported only when its subcommand runs, so that
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module, function taking argv and returning an exit code, one-line help)
@@ -68,7 +69,11 @@ def main(argv=None) -> int:
         print(f"workbench: unknown command {command!r}: choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module, function, _ = COMMANDS[command]
-    return getattr(importlib.import_module(module), function)(rest) or 0
+    try:
+        return getattr(importlib.import_module(module), function)(rest) or 0
+    except BrokenPipeError:  # output piped into a reader that stopped early (`workbench datasets list | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 if __name__ == "__main__":
