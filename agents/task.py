@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from workbench.arguments import given_or
+from workbench.arguments import given_or, non_negative_float, non_negative_int, positive_int
 
 from .adapt import METHODS  # noqa: F401  (the registry reads it)
 
@@ -17,12 +17,38 @@ def adapt_defaults():
     return ProcgenAdaptConfig()
 
 
+def add_adapt_options(options) -> None:
+    """`workbench adapt --target procgen:...` options (workbench.arguments.TaskOptions)."""
+    from workbench.adapt.cluster import CLUSTER_BACKENDS
+
+    from .adapt import DIVERSITY_PRIORS
+
+    rd = adapt_defaults()
+    options.add_argument("--frames", type=positive_int, default=rd.frames, help=f"frames collected in the target "
+                         f"domain (default {rd.frames})")
+    options.add_argument("--collect-policy", default=rd.collect_policy, choices=("source", "random"),
+                         help="who acts while frames are collected (the frozen source policy, or random)")
+    options.add_argument("--frames-file", default=None, help="adapt on saved frames (a frames.npz written by an "
+                         "earlier run) instead of collecting, to repeat an experiment")
+    options.add_argument("--recollect", action="store_true", help="collect again with the adapted policy before "
+                         "every epoch (adapting during play)")
+    options.add_argument("--paired-steps", type=non_negative_int, default=rd.paired_steps, help="steps of 32 envs "
+                         "whose states are rendered in both visuals, to measure how far the adapted policy is from "
+                         "the source policy on the same states (0 skips)")
+    options.add_argument("--eval-episodes", type=non_negative_int, default=rd.eval_episodes, help="test episodes "
+                         "per domain for the source and the adapted agent (0 skips)")
+    options.add_argument("--beta", type=non_negative_float, default=None, help=f"pseudo-label weight (default "
+                         f"{rd.beta})")
+    options.add_argument("--diversity-prior", default=None, choices=DIVERSITY_PRIORS, help=f"IM diversity towards "
+                         f"uniform action proportions ({rd.diversity_prior}, SHOT's and the default) or the source "
+                         f"policy's initial mean action distribution on the target (initial)")
+    options.add_argument("--cluster-backend", default="auto", choices=CLUSTER_BACKENDS, help="SHOT's clustering")
+
+
 def adapt_config(a):
+    rd = adapt_defaults()
     from .adapt import ProcgenAdaptConfig
 
-    rd = ProcgenAdaptConfig()
-    if a.precision not in (None, "fp32"):
-        raise ValueError("--precision applies to segmentation and pose adaptation; Procgen agents adapt in fp32")
     return ProcgenAdaptConfig(
         source=a.source, target=a.target, method=a.method or rd.method, frames=a.frames,
         collect_policy=a.collect_policy, frames_file=a.frames_file, recollect=a.recollect,

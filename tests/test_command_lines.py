@@ -234,6 +234,69 @@ def test_a_method_the_task_lacks_is_one_line_naming_where_it_runs(capsys):
                    "of shot-im, shot"]
 
 
+@pytest.mark.parametrize("main, argv, line", [
+    (adapt_main, ["--source", "nowhere", "--target", "procgen:bigfish", "--ema-alpha", "0.9"],
+     "--ema-alpha applies to pose adapt, not procgen: drop it"),
+    (adapt_main, ["--source", "nowhere", "--target", "procgen:bigfish", "--precision", "bf16"],
+     "--precision applies to segmentation and pose adapt, not procgen: drop it"),
+    (adapt_main, ["--source", "nowhere", "--target", "procgen:bigfish", "--test-on", "x"],
+     "--test-on applies to classification, segmentation and pose adapt, not procgen: drop it"),
+    (adapt_main, ["--task", "pose", "--source", "nowhere", "--target", "t", "--frames", "64"],
+     "--frames applies to procgen adapt, not pose: drop it"),
+    (train_source_main, ["--task", "pose", "--objective", "at"],
+     "--objective applies to classification train-source, not pose: drop it"),
+    (train_source_main, ["--task", "pose", "--num-classes", "3"],
+     "--num-classes applies to classification and segmentation train-source, not pose: drop it"),
+    (evaluate_main, ["--task", "segmentation", "--model", "m", "--data", "d", "--attack", "pgd"],
+     "--attack applies to classification evaluate, not segmentation: drop it"),
+])
+def test_an_option_of_another_task_is_one_line_not_ignored(main, argv, line, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {line}"]
+
+
+def test_a_new_task_brings_its_own_options_without_editing_the_command_line(monkeypatch, tmp_path, capsys):
+    """A task module with `add_adapt_options` adds its group to `workbench adapt` through the registry; an
+    option it shares with another task is one option whose help names both; its options are refused
+    elsewhere."""
+    import types
+
+    from adaptation.cli import _adapt_parser
+    from workbench import tasks
+
+    toy = types.ModuleType("toy_task")
+    toy.METHODS, toy.DISTRIBUTED = ("tent",), False
+    toy.adapt_defaults = lambda: types.SimpleNamespace(method="tent")
+
+    def add_adapt_options(options):
+        options.add_argument("--toy-steps", type=int, default=3, help="steps per toy batch")
+        options.add_argument("--test-on", default=None, help="toy held-out data")
+
+    toy.add_adapt_options, toy.adapt_config = add_adapt_options, lambda a: a
+    monkeypatch.setitem(tasks.TASKS, "toy", "toy_task")
+    monkeypatch.setitem(sys.modules, "toy_task", toy)
+    parser, options = _adapt_parser()
+    help_text = " ".join(parser.format_help().split())
+    assert "toy options: --toy-steps TOY_STEPS toy: steps per toy batch" in help_text
+    assert "toy: toy held-out data" in help_text and "classification: held-out target data" in help_text
+    args = parser.parse_args(["--source", "s", "--target", "t", "--toy-steps", "5", "--test-on", "x"])
+    options.check(args, "toy")
+    with pytest.raises(ValueError, match="--toy-steps applies to toy adapt, not classification"):
+        options.check(args, "classification")
+
+
+def test_an_option_two_tasks_declare_with_different_defaults_is_refused():
+    from workbench.arguments import ArgumentParser, TaskOptions
+
+    options = TaskOptions(ArgumentParser(prog="x"), "x")
+    options.for_task("a").add_argument("--steps", type=int, default=3, help="a's")
+    with pytest.raises(ValueError, match="--steps: b gives default 4, a 3; one option has one default"):
+        options.for_task("b").add_argument("--steps", type=int, default=4, help="b's")
+    options.parser.add_argument("--seed", default=0)
+    with pytest.raises(ValueError, match="--seed is a common option of x; b must not add it"):
+        options.for_task("b").add_argument("--seed", default=0, help="b's")
+
+
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path, monkeypatch, capsys):
     """`workbench datasets list | head -1`: the reader goes away; the command exits 0 without a traceback."""
     from workbench.cli import main as workbench_main

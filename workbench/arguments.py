@@ -83,3 +83,66 @@ seed = _checked(int, "a seed in [0, 2**32)", lambda v: 0 <= v < 2**32)
 def at_least(minimum: int):
     """An integer >= minimum (e.g. a class count of at least 2)."""
     return _checked(int, f"an integer >= {minimum}", lambda v: v >= minimum)
+
+
+def joined(names) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    names = list(names)
+    return " and ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+class TaskOptions:
+    """The options only some tasks take, on one command's parser (`workbench adapt`, `train-source`,
+    `evaluate`): each task module adds its own, in a help group named after it, through `for_task`.
+
+    An option two tasks take is declared by both with the same default and stays one option; its help joins
+    theirs ("segmentation: ...; pose: ...", or "segmentation and pose: ..." where they say the same). After
+    parsing, `check(args, task)` refuses, in one line, an option given that the chosen task does not take,
+    rather than ignoring it:
+
+        error: --ema-alpha applies to pose adapt, not classification: drop it
+    """
+
+    def __init__(self, parser: argparse.ArgumentParser, command: str):
+        self.parser, self.command = parser, command
+        self.helps: dict[str, dict[str, list[str]]] = {}   # dest -> {help text: the tasks that take it so}
+        self.actions: dict[str, argparse.Action] = {}
+
+    def for_task(self, task: str) -> "_TaskGroup":
+        return _TaskGroup(self, task, self.parser.add_argument_group(f"{task} options"))
+
+    def owners(self, dest: str) -> list[str]:
+        return [task for tasks in self.helps[dest].values() for task in tasks]
+
+    def check(self, args: argparse.Namespace, task: str) -> None:
+        for dest, action in self.actions.items():
+            owners = self.owners(dest)
+            if task not in owners and getattr(args, dest) != action.default:
+                raise ValueError(f"{action.option_strings[0]} applies to {joined(owners)} {self.command}, "
+                                 f"not {task}: drop it")
+
+    def _add(self, task: str, group, flags: tuple[str, ...], help: str, kwargs: dict) -> argparse.Action:  # noqa: A002
+        action = self.parser._option_string_actions.get(flags[0])
+        if action is None:
+            action = group.add_argument(*flags, **kwargs)
+            self.actions[action.dest], self.helps[action.dest] = action, {}
+        elif action.dest not in self.actions:
+            raise ValueError(f"{flags[0]} is a common option of {self.command}; {task} must not add it")
+        else:
+            default = kwargs.get("default", False if kwargs.get("action") == "store_true" else None)
+            if action.default != default:
+                raise ValueError(f"{flags[0]}: {task} gives default {default!r}, {joined(self.owners(action.dest))} "
+                                 f"{action.default!r}; one option has one default")
+        self.helps[action.dest].setdefault(help, []).append(task)
+        action.help = "; ".join(f"{joined(tasks)}: {text}" for text, tasks in self.helps[action.dest].items())
+        return action
+
+
+class _TaskGroup:
+    """One task's options: `add_argument` as argparse's (the help says what the option does for this task)."""
+
+    def __init__(self, options: TaskOptions, task: str, group):
+        self.options, self.task, self.group = options, task, group
+
+    def add_argument(self, *flags: str, help: str = "", **kwargs) -> argparse.Action:  # noqa: A002
+        return self.options._add(self.task, self.group, flags, help, kwargs)

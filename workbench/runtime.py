@@ -19,6 +19,7 @@ from .distributed import SINGLE, Distributed, device_for
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
+PRECISION_HELP = "fp32 (default) or bf16 autocast (auto: bf16 where the CPU or GPU computes it natively)"
 
 
 def select_device(name: str = "auto") -> torch.device:

@@ -4,10 +4,16 @@ A task is a module that turns parsed command-line options into its own run confi
 
     METHODS                         the adaptation methods it supports (`--method`)
     DISTRIBUTED                     True if its source training and adaptation run under torchrun
-    source_config(args)   -> cfg    (tasks with a source-training command)
+    source_defaults() -> cfg; add_source_options(options); source_config(args) -> cfg
+                                    (tasks with a source-training command)
     train_source(cfg, dist) -> metrics;  report_source(metrics)
-    adapt_config(args)    -> cfg    run_adapt(cfg, dist) -> metrics;  report_adapt(cfg, metrics)
-    evaluate(args)        -> dict   (tasks whose models `workbench evaluate` scores)
+    adapt_defaults() -> cfg; add_adapt_options(options); adapt_config(args) -> cfg
+    run_adapt(cfg, dist) -> metrics;  report_adapt(cfg, metrics)
+    add_evaluate_options(options); evaluate(args) -> dict   (tasks whose models `workbench evaluate` scores)
+
+The `add_*_options` functions add the options only that task takes (workbench.arguments.TaskOptions: an
+option several tasks take is declared by each, with one default); the commands hold the options every task
+takes, and refuse in one line an option given to a task that does not take it.
     BUILTIN, builtin_domains(), builtin_path(domain), build_builtin(domain, force) -> report line
                                     (tasks with built-in domains, builtin:<BUILTIN>/<domain>)
 

@@ -3,7 +3,8 @@ SHOT, SHOT++; under torchrun too) and evaluate (accuracy, and accuracy under PGD
 
 from __future__ import annotations
 
-from workbench.arguments import given_or
+from workbench.arguments import (at_least, fraction, given_or, non_negative_float, positive_float, positive_int,
+                                 unit_interval)
 
 from .shot import METHODS  # noqa: F401  (the registry reads it)
 
@@ -36,12 +37,44 @@ def build_builtin(domain: str, force: bool = False) -> str:
             f"(trainval, the default: train + val) -> {path}")
 
 
+def source_defaults():
+    from .source import SourceConfig
+
+    return SourceConfig()
+
+
+def add_source_options(options) -> None:
+    """`workbench train-source` options of classification alone (workbench.arguments.TaskOptions)."""
+    from ..robust.label_noise import NOISE_TYPES
+    from ..robust.objectives import OBJECTIVES
+    from .source import KEEP_CHOICES, SourceConfig
+
+    d = SourceConfig()
+    options.add_argument("--num-classes", type=at_least(2), default=None, help="default: from the data")
+    options.add_argument("--init-from", default=None, metavar="CHECKPOINT", help="start the backbone from this "
+                         "source or adapted checkpoint (or run directory) of the same backbone, e.g. as the "
+                         "pretrained encoder for --objective core-tuning")
+    options.add_argument("--transform", choices=("digits", "imagenet"), default=None, help="default: from the data")
+    options.add_argument("--keep", default=d.keep, choices=KEEP_CHOICES, help="the model to keep, the best "
+                         "selection check (default, the official protocol) or the last (noisy-label studies, where "
+                         "a clean selection set would be an oracle early stop)")
+    options.add_argument("--objective", default=d.objective, choices=OBJECTIVES,
+                         help="ce (SHOT's label-smoothed cross-entropy, the default), sat (self-adaptive training), "
+                         "core-tuning (contrastive fine-tuning of a --pretrained or --init-from encoder), at (PGD "
+                         "adversarial training), cifs-at (CIFS on a ResNet's last stage + AT)")
+    options.add_argument("--label-noise", type=fraction, default=0.0, metavar="RATE", help="corrupt exactly this "
+                         "fraction of the training labels (seeded by --seed), for experiments")
+    options.add_argument("--noise-type", default=d.noise_type, choices=NOISE_TYPES, help="symmetric (default): "
+                         "each corrupted label moves to another class, uniformly; pairflip: to the next class; "
+                         "uniform: re-drawn from all classes, the SAT code's corruption (about 9/10 of the rate end "
+                         "up wrong with 10 classes)")
+    options.add_argument("--resume", action="store_true", help="continue the run in --out from its train-state.pt")
+
+
 def source_config(a):
     from .source import SourceConfig
 
     d = SourceConfig()
-    if a.precision not in (None, "fp32"):
-        raise ValueError("--precision applies to segmentation and pose training; classification runs in fp32")
     return SourceConfig(
         data=a.data or d.data, backbone=a.backbone or d.backbone, num_classes=a.num_classes,
         epochs=given_or(a.epochs, d.epochs), batch_size=given_or(a.batch_size, d.batch_size),
@@ -65,13 +98,51 @@ def report_source(metrics: dict) -> None:
         print(f"accuracy on {metrics['target']['data']}: {metrics['target']['accuracy']:.2f}%")
 
 
-def adapt_config(a):
-    """An AdaptConfig; options left out take the benchmark's official value."""
+def adapt_defaults():
     from .shot import AdaptConfig
 
-    d = AdaptConfig()
-    if a.precision not in (None, "fp32"):
-        raise ValueError("--precision applies to segmentation and pose adaptation; classification runs in fp32")
+    return AdaptConfig()
+
+
+def add_adapt_options(options) -> None:
+    """`workbench adapt` options of classification alone (workbench.arguments.TaskOptions); left out, they
+    take the benchmark's official value."""
+    from workbench.adapt.cluster import CLUSTER_BACKENDS
+
+    from .rotation import KEEP_CHOICES
+    from .shot import BENCHMARKS
+
+    d = adapt_defaults()
+    options.add_argument("--benchmark", default=None, choices=BENCHMARKS, help="whose official settings to use "
+                         "(default: digits for digits data, office-home for images)")
+    options.add_argument("--beta", type=non_negative_float, default=None, help="pseudo-label weight (default 0.1 "
+                         "digits, 0.3 images)")
+    options.add_argument("--rotation-weight", type=non_negative_float, default=None, help="SHOT++ (default 0.2 "
+                         "digits, 0.6 images)")
+    options.add_argument("--rotation-epochs", type=positive_int, default=None, help="SHOT++ rotation-head "
+                         "pre-training (default: the adaptation epochs)")
+    options.add_argument("--rotation-keep", default=d.rotation_keep, choices=KEEP_CHOICES, help="SHOT++ rotation "
+                         "head to keep: the last (default, as the official code ends up with) or the one with the "
+                         "best rotation accuracy")
+    options.add_argument("--transfer-epochs", type=positive_int, default=None, help="SHOT++ labeling transfer "
+                         "(default: digits 30, office31 100, office-home 50, visda-c 10)")
+    options.add_argument("--transfer-batch-size", type=at_least(2), default=None, help="SHOT++ labeling transfer "
+                         "(default 36, 24 with resnet101); per process under torchrun")
+    options.add_argument("--transfer-classifier", default=d.transfer_classifier, choices=("fresh", "adapted"),
+                         help="classifier MixMatch starts from: a new one (the official code) or the adapted one")
+    options.add_argument("--mix-alpha", type=positive_float, default=None, help="MixMatch Beta(alpha, alpha) "
+                         "(default 0.1 digits, 0.75 images)")
+    options.add_argument("--cluster-backend", default="auto", choices=CLUSTER_BACKENDS, help="SHOT's clustering "
+                         "(auto: faiss where installed)")
+    options.add_argument("--test-on", default=None, help="held-out target data scored before and after adapting "
+                         "(default: the test split of built-in digits)")
+
+
+def adapt_config(a):
+    """An AdaptConfig; options left out take the benchmark's official value."""
+    d = adapt_defaults()
+    from .shot import AdaptConfig
+
     return AdaptConfig(
         source=a.source, target=a.target, method=a.method or d.method, benchmark=a.benchmark, epochs=a.epochs,
         beta=a.beta, batch_size=given_or(a.batch_size, d.batch_size), lr=a.lr, rotation_weight=a.rotation_weight,
@@ -99,11 +170,24 @@ def report_adapt(cfg, metrics: dict) -> None:
           f"tensorboard --logdir {metrics['run_dir']}")
 
 
+def add_evaluate_options(options) -> None:
+    """`workbench evaluate` options of classification alone: accuracy under attack."""
+    from .evaluate import ATTACK_LOSSES
+
+    options.add_argument("--attack", default=None, choices=("pgd",), help="also report accuracy under an L-inf PGD "
+                         "attack (from the clean image; step eps/10 at 20 steps or more as the CIFS code, "
+                         "max(eps/10, 2.5 eps/steps) below; CIFS models through their joint loss)")
+    options.add_argument("--eps", type=unit_interval, default=8 / 255, help="attack budget in [0, 1] pixel units "
+                         "(default 8/255)")
+    options.add_argument("--steps", type=positive_int, default=20, help="attack steps (default 20: PGD-20)")
+    options.add_argument("--attack-loss", default="model", choices=ATTACK_LOSSES, help="what PGD ascends: the "
+                         "model's training loss (default; CIFS: the joint loss with its probes, as the CIFS code) "
+                         "or the cross-entropy of the output logits alone")
+
+
 def evaluate(a) -> dict:
     from .evaluate import evaluate_model, evaluate_robustness
 
-    if a.save_predictions:
-        raise ValueError("--save-predictions writes the predictions of segmentation and pose models only")
     result = evaluate_model(a.model, a.data, device=a.device)
     if a.attack:
         result["robustness"] = evaluate_robustness(a.model, a.data, eps=a.eps, steps=a.steps, device=a.device,

@@ -3,7 +3,8 @@ evaluate (PCK and OKS AP); one process."""
 
 from __future__ import annotations
 
-from workbench.arguments import given_or
+from workbench.arguments import fraction, given_or, positive_int, unit_interval
+from workbench.runtime import PRECISION_CHOICES, PRECISION_HELP
 
 from .mean_teacher import METHODS  # noqa: F401  (the registry reads it)
 
@@ -39,6 +40,25 @@ def build_builtin(domain: str, force: bool = False) -> str:
             f"-> {path}")
 
 
+def source_defaults():
+    from .source import PoseSourceConfig
+
+    return PoseSourceConfig()
+
+
+def add_source_options(options) -> None:
+    """`workbench train-source` options of pose alone (workbench.arguments.TaskOptions)."""
+    from workbench.heads import list_heads
+
+    from .source import PoseSourceConfig
+
+    ps = PoseSourceConfig()
+    options.add_argument("--head", default=None, help=f"{', '.join(list_heads('pose'))} (default {ps.head})")
+    options.add_argument("--head-channels", type=positive_int, default=None, help="head width (default: the "
+                         "head's published 256 for deconv)")
+    options.add_argument("--precision", default=None, choices=PRECISION_CHOICES, help=PRECISION_HELP)
+
+
 def source_config(a):
     from .source import PoseSourceConfig
 
@@ -66,10 +86,28 @@ def report_source(metrics: dict) -> None:
             print(f"on {t['data']}{what}: AP {t['ap']:.2f}, PCK@0.05 {t['pck@0.05']:.2f}, PCK@0.1 {t['pck@0.1']:.2f}")
 
 
-def adapt_config(a):
+def adapt_defaults():
     from .mean_teacher import PoseAdaptConfig
 
-    pd = PoseAdaptConfig()
+    return PoseAdaptConfig()
+
+
+def add_adapt_options(options) -> None:
+    """`workbench adapt` options of pose alone (workbench.arguments.TaskOptions)."""
+    pd = adapt_defaults()
+    options.add_argument("--ema-alpha", type=unit_interval, default=pd.ema_alpha, help="the mean teacher's EMA decay")
+    options.add_argument("--mask-ratio", type=fraction, default=pd.mask_ratio, help="fraction of joints (lowest "
+                         "teacher maxima in the batch) left out of the consistency loss")
+    options.add_argument("--no-flip-test", action="store_true", help="score without flip testing")
+    options.add_argument("--test-on", default=None, help="held-out target data scored before and after "
+                         "adapting (default: the test split of built-in figures)")
+    options.add_argument("--precision", default=None, choices=PRECISION_CHOICES, help=PRECISION_HELP)
+
+
+def adapt_config(a):
+    pd = adapt_defaults()
+    from .mean_teacher import PoseAdaptConfig
+
     return PoseAdaptConfig(
         source=a.source, target=a.target, method=a.method or pd.method, epochs=given_or(a.epochs, pd.epochs),
         batch_size=given_or(a.batch_size, pd.batch_size), lr=given_or(a.lr, pd.lr), ema_alpha=a.ema_alpha,
@@ -92,6 +130,12 @@ def report_adapt(cfg, m: dict) -> None:
         print(f"{cfg.method} (pose): held-out {m['test_data']} AP {m['source_only_test_ap']:.2f} -> {m['test_ap']:.2f}, "
               f"PCK@0.1 {m['source_only_test_pck@0.1']:.2f} -> {m['test_pck@0.1']:.2f}")
     print(f"adapted model, keypoints.json and metrics.json in {m['run_dir']}; tensorboard --logdir {m['run_dir']}")
+
+
+def add_evaluate_options(options) -> None:
+    options.add_argument("--save-predictions", default=None, metavar="PATH", help="write the predicted keypoints "
+                         "as a COCO result JSON file PATH")
+    options.add_argument("--no-flip-test", action="store_true", help="score without flip testing")
 
 
 def evaluate(a) -> dict:

@@ -3,7 +3,8 @@ and SHOT) and evaluate (mIoU); one process."""
 
 from __future__ import annotations
 
-from workbench.arguments import given_or
+from workbench.arguments import at_least, given_or, non_negative_float, positive_int
+from workbench.runtime import PRECISION_CHOICES, PRECISION_HELP
 
 from .shot import METHODS  # noqa: F401  (the registry reads it)
 
@@ -35,6 +36,32 @@ def build_builtin(domain: str, force: bool = False) -> str:
             f"{len(arrays['x_test'])} test {scenes.SIZE}x{scenes.SIZE} scenes, {scenes.NUM_CLASSES} classes -> {path}")
 
 
+def source_defaults():
+    from .source import DenseSourceConfig
+
+    return DenseSourceConfig()
+
+
+def add_source_options(options) -> None:
+    """`workbench train-source` options of segmentation alone (workbench.arguments.TaskOptions)."""
+    from workbench.heads import list_heads
+
+    from .source import DenseSourceConfig
+
+    ds = DenseSourceConfig()
+    options.add_argument("--head", default=None, help=f"{', '.join(list_heads('segmentation'))} (default {ds.head})")
+    options.add_argument("--head-channels", type=positive_int, default=None, help="head width (default: the "
+                         "head's published 512)")
+    options.add_argument("--num-classes", type=at_least(2), default=None, help="default: from the data")
+    options.add_argument("--output-stride", type=positive_int, default=None, help="ResNet output stride "
+                         "(default 8)")
+    options.add_argument("--crop-size", type=positive_int, default=None, help="training crop (default: 64 for "
+                         "the scenes, 512 for user data)")
+    options.add_argument("--optimizer", default=None, choices=("sgd", "adam"), help="SGD (the papers', default; "
+                         "lr 0.01) or Adam (lr 2e-3, for from-scratch models)")
+    options.add_argument("--precision", default=None, choices=PRECISION_CHOICES, help=PRECISION_HELP)
+
+
 def source_config(a):
     from .source import DenseSourceConfig
 
@@ -64,10 +91,46 @@ def report_source(metrics: dict) -> None:
         print(f"mIoU on {metrics['target']['data']}: {metrics['target']['miou']:.2f}")
 
 
-def adapt_config(a):
+def adapt_defaults():
     from .shot import DenseAdaptConfig
 
-    dd = DenseAdaptConfig()
+    return DenseAdaptConfig()
+
+
+def add_adapt_options(options) -> None:
+    """`workbench adapt` options of segmentation alone (workbench.arguments.TaskOptions)."""
+    from workbench.adapt.cluster import CLUSTER_BACKENDS
+
+    from .shot import DIVERSITY_PRIORS, PSEUDO_LABELS
+
+    dd = adapt_defaults()
+    options.add_argument("--beta", type=non_negative_float, default=None, help=f"pseudo-label weight (default "
+                         f"{dd.beta})")
+    options.add_argument("--pixels-per-image", type=positive_int, default=dd.pixels_per_image,
+                         help="feature pixels per image sampled to fit the centroids")
+    options.add_argument("--schedule", default=dd.schedule, choices=("shot", "poly"),
+                         help="lr schedule: SHOT's (1+10p)^-0.75 or poly 0.9")
+    options.add_argument("--diversity-prior", default=None, choices=DIVERSITY_PRIORS, help=f"IM diversity towards "
+                         f"the source model's initial mean prediction on the target ({dd.diversity_prior}, the "
+                         f"default: background dominates pixels) or uniform class proportions (SHOT's); "
+                         f"only the uniform prior makes --method shot-im SHOT-IM (and shot SHOT), and runs name what "
+                         f"ran (metrics.json method_name, e.g. 'im (source prior)')")
+    options.add_argument("--diversity-weight", type=non_negative_float, default=dd.diversity_weight,
+                         help="IM diversity weight (SHOT 1; URMA 0, entropy alone)")
+    options.add_argument("--pseudo-labels", default=dd.pseudo_labels, choices=PSEUDO_LABELS, help="SHOT's nearest "
+                         "centroid (centroid, the default) or URMA's class-balanced confident predictions (balanced)")
+    options.add_argument("--cluster-backend", default="auto", choices=CLUSTER_BACKENDS, help="the centroids' "
+                         "nearest-neighbour search")
+    options.add_argument("--test-on", default=None, help="held-out target data scored before and after "
+                         "adapting (default: the test split of built-in scenes)")
+    options.add_argument("--no-save-predictions", action="store_true", help="skip the palette PNGs")
+    options.add_argument("--precision", default=None, choices=PRECISION_CHOICES, help=PRECISION_HELP)
+
+
+def adapt_config(a):
+    dd = adapt_defaults()
+    from .shot import DenseAdaptConfig
+
     return DenseAdaptConfig(
         source=a.source, target=a.target, method=a.method or dd.method, epochs=given_or(a.epochs, dd.epochs),
         batch_size=given_or(a.batch_size, dd.batch_size), lr=given_or(a.lr, dd.lr), schedule=a.schedule,
@@ -98,6 +161,11 @@ def report_adapt(cfg, metrics: dict) -> None:
               f"{metrics['source_only_test_miou']:.2f} -> {metrics['test_miou']:.2f}")
     print(f"adapted model, predictions/ and metrics.json in {metrics['run_dir']}; "
           f"tensorboard --logdir {metrics['run_dir']}")
+
+
+def add_evaluate_options(options) -> None:
+    options.add_argument("--save-predictions", default=None, metavar="PATH", help="write one palette PNG label "
+                         "map per image into the folder PATH")
 
 
 def evaluate(a) -> dict:

@@ -55,6 +55,9 @@ def _faiss_index(dim: int, device: torch.device):
     return index
 
 
+CLUSTER_BACKENDS = ("auto", "faiss", "torch")  # auto: faiss where installed (on the GPU: faiss-gpu)
+
+
 def _nearest_centroid(features: torch.Tensor, centroids: torch.Tensor, backend: str) -> torch.Tensor:
     """Index of the most cosine-similar centroid for every (already normalised) feature."""
     centroids = F.normalize(centroids, dim=1)
@@ -77,7 +80,7 @@ def _check_backend(backend: str, device: torch.device | None = None) -> str:
     if backend == "auto":
         on_gpu = device is not None and device.type == "cuda"
         backend = "faiss" if (faiss_gpu_available() if on_gpu else faiss_available()) else "torch"
-    if backend not in ("faiss", "torch"):
+    if backend not in CLUSTER_BACKENDS[1:]:
         raise ValueError(f"unknown clustering backend {backend!r}: use auto, faiss or torch")
     if backend == "faiss" and not faiss_available():
         raise ValueError("--cluster-backend faiss but faiss is not installed: pip install -e \".[cpu]\" (or "
