@@ -185,7 +185,7 @@ def _mean_se(result: dict) -> str:
 
 
 def _report(args: argparse.Namespace, trainer: Trainer, metrics: dict) -> int:
-    cfg, main = trainer.cfg, trainer.dist.is_main
+    main = trainer.dist.is_main
     if not main:
         return 128 + (metrics["stop_signal"] or signal.SIGTERM) if metrics["interrupted"] else 0
     print(json.dumps({k: metrics[k] for k in ("env_steps", "steps_per_second", "train_mean_return_last100")}))

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from agents.ppo import PPO, PPOConfig
+from agents.rainbow import RainbowConfig
 from agents.train import Trainer, TrainConfig
 from workbench.checkpoint import CheckpointError, load_checkpoint
 from workbench.distributed import init_distributed, spawn_local
@@ -183,9 +184,7 @@ def test_ppo_workers_log_the_losses_and_explained_variance_of_the_union(tmp_path
         assert ranks[0][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
 
 
-def rainbow_config(num_envs: int, update_every: int) -> "RainbowConfig":
-    from agents.rainbow import RainbowConfig
-
+def rainbow_config(num_envs: int, update_every: int) -> RainbowConfig:
     return RainbowConfig(num_envs=num_envs, buffer_size=1000, warmup_steps=32, batch_size=8,
                          update_every=update_every, steps_per_iteration=8, target_update=10_000)
 
