@@ -151,7 +151,7 @@ def test_adaptation_with_a_failing_worker_ends_and_writes_no_partial_result(tmp_
     result, _ = torchrun(tmp_path, "adaptation.cli:adapt_main",
                          ["--method", "shot", "--source", str(source_run), "--target", str(class_folders[1]),
                           "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--out", "adapt", "--no-progress"],
-                         fail_at="adaptation.classification.shot:take_step", fail_after=3)
+                         fail_at="workbench.adapt.loop:take_step", fail_after=3)
     assert_failed_cleanly(result)
     assert not (tmp_path / "adapt" / "adapted.pt").exists() and not (tmp_path / "adapt" / "metrics.json").exists()
 

@@ -405,7 +405,7 @@ def test_class_count_mismatch_is_a_clear_error(source_run, tmp_path, capsys):
 
 
 def test_shot_im_and_shotpp_run(source_run, tmp_path, monkeypatch):
-    import adaptation.classification.shot as shot
+    import workbench.adapt.loop as loop
     from adaptation.classification.shot import AdaptConfig, ShotAdapter
     from workbench.adapt.training import set_shot_lr
 
@@ -414,7 +414,7 @@ def test_shot_im_and_shotpp_run(source_run, tmp_path, monkeypatch):
                                  run_dir=str(tmp_path / "im"), progress=False))
     assert im.cfg.beta == 0.0 and im.rotation_head is None
     progress = []
-    monkeypatch.setattr(shot, "set_shot_lr", lambda opt, lr, p: progress.append(p) or set_shot_lr(opt, lr, p))
+    monkeypatch.setattr(loop, "set_shot_lr", lambda opt, lr, p: progress.append(p) or set_shot_lr(opt, lr, p))
     im.run()
     # the official loop counts the step before scheduling it: lr0 (1 + 10 p)^-0.75 at p = 1/T, ..., 1
     assert progress == pytest.approx([k / len(im.loader) for k in range(1, len(im.loader) + 1)])

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +34,12 @@ import torch.nn.functional as F
 
 from workbench.adapt.cluster import shot_pseudo_labels
 from workbench.adapt.information import information_maximization
-from workbench.adapt.training import (accuracy, add_terms, average_batch_norm_statistics, confusion_matrix,
-                       make_loader, per_class_accuracy, predict, set_epoch, set_shot_lr, shot_optimizer,
-                       synchronise_batch_norm, take_step)
+from workbench.adapt.loop import ShotLoop
+from workbench.adapt.training import (accuracy, average_batch_norm_statistics, confusion_matrix,
+                       make_loader, per_class_accuracy, predict, synchronise_batch_norm)
 from workbench.checkpoint import save_checkpoint
 from workbench.distributed import SINGLE, Distributed
-from workbench.logging import RunLogger, default_run_name, run_logger, write_json
+from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import RunSettings, Runtime, seed_everything
 
 from ..common import INPUT_ERRORS
@@ -141,7 +140,9 @@ class AdaptConfig(RunSettings):
         return dataclasses.replace(self, benchmark=benchmark, **values)
 
 
-class ShotAdapter:
+class ShotAdapter(ShotLoop):
+    """SHOT-IM, SHOT and SHOT++ on a classifier: SHOT's loop (workbench.adapt.loop) with the pieces above."""
+
     def __init__(self, cfg: AdaptConfig, dist: Distributed = SINGLE):
         seed_everything(dist.seed(cfg.seed))  # data order and dropout differ per rank; the model does not
         self.rt = Runtime.create(cfg.device, "fp32", distributed=dist)
@@ -214,7 +215,7 @@ class ShotAdapter:
         out = predict(self.model, self.test_loader, self.rt)
         return accuracy(out["probs"].argmax(1), out["labels"])
 
-    def _log_evaluation(self, logger: RunLogger, result: dict, epoch: int) -> None:
+    def log_evaluation(self, logger: RunLogger, result: dict, epoch: int) -> None:
         if not self.dist.is_main:  # the other ranks log nothing (their logger is a NullLogger)
             return
         spread = np.array(result["class_spread"], dtype=np.float64)
@@ -228,64 +229,92 @@ class ShotAdapter:
             logger.writer.add_image("target/confusion_matrix", confusion_image(result["confusion"]), epoch,
                                     dataformats="HWC")
 
-    # ------------------------------------------------------------ the shared loop
-    def adapt(self, logger: RunLogger, latest: dict) -> dict:
-        """The shared loop; `latest` is an evaluation of the current model (features and softmax
-        over the whole target), which seeds each epoch's pseudo-labels."""
+    def log_held_out(self, logger: RunLogger, before: float | None, after: float | None) -> None:
+        if after is not None:
+            logger.scalars("test", {"source_only_accuracy": before, "accuracy": after}, self.cfg.epochs)
+
+    # ------------------------------------------------------------ SHOT's loop (workbench.adapt.loop)
+    def new_history(self) -> dict:
+        return {"accuracy_per_epoch": []}
+
+    def record(self, history: dict, result: dict) -> None:
+        history["accuracy_per_epoch"].append(result.get("accuracy"))
+
+    def param_groups(self, logger: RunLogger, history: dict) -> list[tuple[torch.nn.Module, float]]:
+        """F and B train (C stays the source hypothesis); SHOT++ first fits its rotation head alone, with F and
+        B frozen, then trains it with them."""
         cfg, model = self.cfg, self.model
         groups = [(model.backbone, cfg.backbone_lr_mult), (model.bottleneck, 1.0)]
-        out = {}
-        if self.rotation_head is not None:  # SHOT++ step 1: the rotation head alone, F and B frozen
-            out["rotation_pretrain"] = pretrain_rotation_head(
+        if self.rotation_head is not None:
+            history["rotation_pretrain"] = pretrain_rotation_head(
                 model, self.rotation_head, self.loader, self.rt, cfg.rotation_epochs, cfg.lr, cfg.weight_decay,
                 logger, keep=cfg.rotation_keep)
             groups.append((self.rotation_head, 1.0))
-        optimizer = shot_optimizer(groups, cfg.lr, cfg.weight_decay)
-        total_iters, step = cfg.epochs * len(self.loader), 0
-        history = []
-        for epoch in range(cfg.epochs):
-            set_epoch(self.loader, epoch)
-            pseudo = None
-            if cfg.beta > 0:  # the model is unchanged since `latest` was evaluated (F, B frozen for rotation)
-                # clustered where the model runs: on a GPU, faiss's GPU index (or torch there)
-                pseudo = shot_pseudo_labels(latest["features"].to(self.rt.device), latest["probs"].to(self.rt.device),
-                                            backend=cfg.cluster_backend)
-                if self.labels_known:
-                    logger.scalars("pseudo_labels", {"accuracy": accuracy(pseudo.cpu(), torch.as_tensor(
-                        self.eval_set.labels))}, epoch)
-            model.train()
-            sums: dict[str, float] = {}
-            for images, _, idx in self.loader:
-                step += 1   # the official loops count the step before scheduling: p runs 1/T .. 1
-                set_shot_lr(optimizer, cfg.lr, step / total_iters)
-                images = self.rt.images(images)
-                logits = model(images)
-                im, cond_ent, marg_ent = information_maximization(logits)
-                terms = {"im": im.detach(), "conditional_entropy": cond_ent.detach(), "marginal_entropy": marg_ent.detach()}
-                loss = cfg.im_weight * im
-                if pseudo is not None:
-                    terms["pseudo_ce"] = F.cross_entropy(logits, pseudo[idx.to(self.rt.device)])
-                    loss = loss + cfg.beta * terms["pseudo_ce"]
-                if self.rotation_head is not None:
-                    terms["rotation"] = rotation_loss(model, self.rotation_head, images)
-                    loss = loss + cfg.rotation_weight * terms["rotation"]
-                take_step(optimizer, loss, self.dist)
-                add_terms(sums, terms)
-                logger.advance(1)
-            logger.scalars("loss", self._mean_over_ranks(sums, len(self.loader)), epoch)
-            latest = self.evaluate()
-            self._log_evaluation(logger, latest, epoch)
-            history.append(latest.get("accuracy"))
-        return {"accuracy_per_epoch": history, **out}
+        return groups
 
-    def _mean_over_ranks(self, sums: dict[str, float], batches: int) -> dict[str, float]:
-        """Per-batch means of summed loss terms, over the batches of every rank."""
-        if not self.dist.enabled:
-            return {k: v / batches for k, v in sums.items()}
-        totals = self.dist.sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=self.rt.device))
-        return {k: float(v) / (batches * self.dist.world_size) for k, v in zip(sums, totals)}
+    def epoch_labels(self, latest: dict, epoch: int, logger: RunLogger, history: dict) -> torch.Tensor | None:
+        """SHOT's centroid pseudo-labels of the whole target, clustered where the model runs (on a GPU, faiss's
+        GPU index or torch there); None for SHOT-IM. The model is unchanged since `latest` was evaluated (F and
+        B were frozen while the rotation head was fitted)."""
+        if self.cfg.beta <= 0:
+            return None
+        pseudo = shot_pseudo_labels(latest["features"].to(self.rt.device), latest["probs"].to(self.rt.device),
+                                    backend=self.cfg.cluster_backend)
+        if self.labels_known:
+            logger.scalars("pseudo_labels", {"accuracy": accuracy(pseudo.cpu(), torch.as_tensor(
+                self.eval_set.labels))}, epoch)
+        return pseudo
+
+    def batch_loss(self, batch, pseudo: torch.Tensor | None, prior=None) -> tuple[torch.Tensor, dict]:
+        """L = im_weight * IM + beta * CE(pseudo-labels) (+ rotation_weight * the rotation loss for SHOT++)."""
+        images, _, idx = batch
+        cfg, images = self.cfg, self.rt.images(images)
+        logits = self.model(images)
+        im, cond_ent, marg_ent = information_maximization(logits)
+        terms = {"im": im.detach(), "conditional_entropy": cond_ent.detach(), "marginal_entropy": marg_ent.detach()}
+        loss = cfg.im_weight * im
+        if pseudo is not None:
+            terms["pseudo_ce"] = F.cross_entropy(logits, pseudo[idx.to(self.rt.device)])
+            loss = loss + cfg.beta * terms["pseudo_ce"]
+        if self.rotation_head is not None:
+            terms["rotation"] = rotation_loss(self.model, self.rotation_head, images)
+            loss = loss + cfg.rotation_weight * terms["rotation"]
+        return loss, terms
+
+    def evaluate_initial(self) -> dict:
+        return self.evaluate()
+
+    def evaluate_epoch(self, epoch: int) -> dict:
+        return self.evaluate()
+
+    def evaluate_final(self) -> dict:
+        return self.evaluate()
+
+    def held_out_scores(self) -> float | None:
+        return self.test_accuracy()
+
+    def after_adapting(self, logger: RunLogger) -> dict:
+        if self.cfg.method != "shot++":
+            return {}
+        from .mixmatch import labeling_transfer
+
+        return {"transfer": labeling_transfer(self, logger)}
 
     # ------------------------------------------------------------ outputs
+    def description(self) -> str:
+        return self.cfg.method
+
+    def metrics(self, before: dict, after: dict, test_before: float | None, test_after: float | None,
+                history: dict, wall_seconds: float) -> dict:
+        cfg = self.cfg
+        return {"method": cfg.method, "source": str(cfg.source), "target": cfg.target, "seed": cfg.seed,
+                "samples": len(self.eval_set), "source_only_accuracy": before.get("accuracy"),
+                "accuracy": after.get("accuracy"), "test_data": self.test_on,
+                "source_only_test_accuracy": test_before, "test_accuracy": test_after,
+                "per_class_accuracy": after.get("per_class_accuracy"),
+                "class_spread": after["class_spread"], "wall_seconds": wall_seconds,
+                "config": self.run_config(), **history}
+
     def save(self, result: dict, metrics: dict) -> None:
         save_checkpoint(self.run_dir / CHECKPOINT, ADAPTED_KIND, {
             "model_config": self.source_state["model_config"], "model": self.model.state_dict(),
@@ -297,38 +326,6 @@ class ShotAdapter:
                                                result["confidence"].tolist()):
                 writer.writerow([path, int(label), pred, f"{conf:.4f}"])
         write_json(self.run_dir / "metrics.json", metrics)
-
-    def run(self) -> dict:
-        """Adapt, then write the run directory (rank 0); every rank returns the metrics."""
-        cfg, main = self.cfg, self.dist.is_main
-        if main:
-            write_json(self.run_dir / "config.json", self.run_config())
-        total = cfg.epochs * len(self.loader)
-        logger = run_logger(main, self.run_dir, total=total, desc=cfg.method, progress=cfg.progress)
-        start = time.time()
-        try:
-            before, test_before = self.evaluate(), self.test_accuracy()
-            self._log_evaluation(logger, before, -1)
-            history = self.adapt(logger, before)
-            if cfg.method == "shot++":
-                from .mixmatch import labeling_transfer
-
-                history["transfer"] = labeling_transfer(self, logger)
-            after, test_after = self.evaluate(), self.test_accuracy()
-            if test_after is not None:
-                logger.scalars("test", {"source_only_accuracy": test_before, "accuracy": test_after}, cfg.epochs)
-        finally:
-            logger.close()
-        metrics = {"method": cfg.method, "source": str(cfg.source), "target": cfg.target, "seed": cfg.seed,
-                   "samples": len(self.eval_set), "source_only_accuracy": before.get("accuracy"),
-                   "accuracy": after.get("accuracy"), "test_data": self.test_on,
-                   "source_only_test_accuracy": test_before, "test_accuracy": test_after,
-                   "per_class_accuracy": after.get("per_class_accuracy"),
-                   "class_spread": after["class_spread"], "wall_seconds": time.time() - start,
-                   "config": self.run_config(), **history}
-        if main:
-            self.save(after, metrics)
-        return metrics
 
 
 def confusion_image(matrix: np.ndarray, cell: int = 12) -> np.ndarray:

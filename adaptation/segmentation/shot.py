@@ -61,7 +61,6 @@ schedule (lr0 (1-p)^0.9, weight decay 5e-4) instead.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +70,8 @@ import torch.nn.functional as F
 
 from workbench.adapt.cluster import assign_to_centroids, shot_centroids
 from workbench.adapt.information import DIVERSITY_PRIORS, information_maximization
-from workbench.adapt.training import add_terms, make_loader, set_group_lr, set_shot_lr, shot_optimizer, take_step
+from workbench.adapt.loop import ShotLoop
+from workbench.adapt.training import make_loader, set_group_lr, set_shot_lr, shot_optimizer
 from workbench.checkpoint import save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import RunSettings, Runtime, seed_everything
@@ -231,7 +231,9 @@ def panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return np.concatenate([image, gutter, colour[0], gutter, colour[1]], axis=1)
 
 
-class DenseShotAdapter:
+class DenseShotAdapter(ShotLoop):
+    """Pixel SHOT-IM and SHOT on a segmentation model: SHOT's loop (workbench.adapt.loop) with the pieces below."""
+
     def __init__(self, cfg: DenseAdaptConfig):
         seed_everything(cfg.seed)
         self.cfg = cfg
@@ -334,7 +336,7 @@ class DenseShotAdapter:
         return self.test_scores(self.val_loader) if self.val_loader is not None else None
 
     # ------------------------------------------------------------ logging
-    def _log_evaluation(self, logger: RunLogger, result: dict, epoch: int) -> None:
+    def log_evaluation(self, logger: RunLogger, result: dict, epoch: int) -> None:
         logger.scalars("target", {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]}, epoch)
         if result["panels"]:
             rows = []
@@ -344,89 +346,103 @@ class DenseShotAdapter:
             grid = np.concatenate([np.concatenate([r, np.full((2, r.shape[1], 3), 255, np.uint8)]) for r in rows])
             logger.writer.add_image("target/input_truth_prediction", grid, epoch, dataformats="HWC")
 
-    # ------------------------------------------------------------ the loop
-    def adapt(self, logger: RunLogger, latest: dict) -> dict:
-        cfg, model = self.cfg, self.model
-        groups = [(model.backbone, cfg.backbone_lr_mult), (model.head, 1.0)]  # C inside the head is frozen
-        if cfg.schedule == "shot":
-            optimizer = shot_optimizer(groups, cfg.lr, cfg.weight_decay)
-        else:
-            optimizer = segmentation_optimizer(groups, cfg.lr, cfg.weight_decay)
-        total_iters, step = max(1, cfg.epochs * len(self.loader)), 0
-        history = {"miou_per_epoch": [], "pseudo_label_miou_per_epoch": []}
-        prior = latest["mean_prediction"].to(self.rt.device) if cfg.diversity_prior == "initial" else None
-        for epoch in range(cfg.epochs):
-            maps = None
-            if cfg.beta > 0:   # `latest` evaluated the current model and sampled its pixels
-                maps, pl_scores = self.pseudo_labels(latest["sample"], round_=epoch)
-                logger.scalars("pseudo_labels", {"miou": pl_scores["miou"], "coverage": pl_scores["coverage"],
-                                                 "pixel_accuracy": pl_scores["pixel_accuracy"]}, epoch)
-                history["pseudo_label_miou_per_epoch"].append(pl_scores["miou"])
-            model.train()
-            sums: dict[str, float] = {}
-            for images, _, idx in self.loader:
-                step += 1  # as SHOT: the step is counted before scheduling, p runs 1/T .. 1
-                if cfg.schedule == "shot":
-                    set_shot_lr(optimizer, cfg.lr, step / total_iters)
-                else:
-                    set_group_lr(optimizer, poly_lr(cfg.lr, (step - 1) / total_iters))
-                with self.rt.autocast():
-                    logits = model(self.rt.images(images)).float()
-                im, cond_ent, marg_ent = pixel_information_maximization(logits, prior, cfg.diversity_weight)
-                terms = {"im": im.detach(), "conditional_entropy": cond_ent.detach(),
-                         "marginal_entropy": marg_ent.detach()}
-                loss = cfg.im_weight * im
-                if maps is not None:
-                    target = torch.stack([maps[i] for i in idx.tolist()]).to(logits.device)
-                    terms["pseudo_ce"] = pseudo_label_loss(logits, upsample_labels(target, logits.shape[-2:]))
-                    loss = loss + cfg.beta * terms["pseudo_ce"]
-                terms["total"] = loss.detach()
-                take_step(optimizer, loss)
-                add_terms(sums, terms)
-                logger.advance(1)
-            logger.scalars("loss", {k: v / max(1, len(self.loader)) for k, v in sums.items()}, epoch)
-            latest = self.evaluate(sample=cfg.beta > 0, epoch=epoch + 1)
-            self._log_evaluation(logger, latest, epoch)
-            history["miou_per_epoch"].append(latest["miou"])
-        return history
+    def log_held_out(self, logger: RunLogger, before: tuple, after: tuple) -> None:
+        for split, (start, end) in (("test", (before[0], after[0])), ("val", (before[1], after[1]))):
+            if end is not None:
+                logger.scalars(split, {"source_only_miou": start["miou"], "miou": end["miou"]}, self.cfg.epochs)
 
-    def run(self) -> dict:
+    # ------------------------------------------------------------ SHOT's loop (workbench.adapt.loop)
+    def new_history(self) -> dict:
+        return {"miou_per_epoch": [], "pseudo_label_miou_per_epoch": []}
+
+    def record(self, history: dict, result: dict) -> None:
+        history["miou_per_epoch"].append(result["miou"])
+
+    def param_groups(self, logger: RunLogger, history: dict) -> list[tuple[torch.nn.Module, float]]:
+        return [(self.model.backbone, self.cfg.backbone_lr_mult), (self.model.head, 1.0)]  # C inside the head is frozen
+
+    def make_optimizer(self, groups) -> torch.optim.Optimizer:
+        if self.cfg.schedule == "shot":
+            return shot_optimizer(groups, self.cfg.lr, self.cfg.weight_decay)
+        return segmentation_optimizer(groups, self.cfg.lr, self.cfg.weight_decay)
+
+    def schedule(self, optimizer: torch.optim.Optimizer, step: int, total: int) -> None:
+        if self.cfg.schedule == "shot":
+            set_shot_lr(optimizer, self.cfg.lr, step / total)
+        else:
+            set_group_lr(optimizer, poly_lr(self.cfg.lr, (step - 1) / total))
+
+    def diversity_prior(self, latest: dict) -> torch.Tensor | None:
+        """The source model's mean pixel prediction on the target (`initial`), or None (uniform, SHOT's)."""
+        return latest["mean_prediction"].to(self.rt.device) if self.cfg.diversity_prior == "initial" else None
+
+    def epoch_labels(self, latest: dict, epoch: int, logger: RunLogger, history: dict) -> list | None:
+        """Per-image pixel pseudo-label maps fitted on `latest`'s pixel sample (None for IM alone)."""
+        if self.cfg.beta <= 0:
+            return None
+        maps, scores = self.pseudo_labels(latest["sample"], round_=epoch)
+        logger.scalars("pseudo_labels", {"miou": scores["miou"], "coverage": scores["coverage"],
+                                         "pixel_accuracy": scores["pixel_accuracy"]}, epoch)
+        history["pseudo_label_miou_per_epoch"].append(scores["miou"])
+        return maps
+
+    def batch_loss(self, batch, maps: list | None, prior: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """L = im_weight * IM(pixels; prior) + beta * CE(pseudo-label maps, upsampled to the logits)."""
         cfg = self.cfg
-        write_json(self.run_dir / "config.json", {"task": TASK, **dataclasses.asdict(cfg)})
-        name = config_method_name(cfg)
-        logger = RunLogger(self.run_dir, total=max(1, cfg.epochs * len(self.loader)), desc=f"{name} (seg)",
-                           progress=cfg.progress)
-        start = time.time()
-        try:
-            before, test_before = self.evaluate(sample=cfg.beta > 0, epoch=0), self.test_scores()
-            val_before = self.val_scores()
-            self._log_evaluation(logger, before, -1)
-            history = self.adapt(logger, before)
-            after = self.evaluate(save_dir=self.run_dir / "predictions" if cfg.save_predictions else None)
-            test_after, val_after = self.test_scores(), self.val_scores()
-            if test_after is not None:
-                logger.scalars("test", {"source_only_miou": test_before["miou"], "miou": test_after["miou"]},
-                               cfg.epochs)
-            if val_after is not None:
-                logger.scalars("val", {"source_only_miou": val_before["miou"], "miou": val_after["miou"]}, cfg.epochs)
-        finally:
-            logger.close()
-        metrics = {"task": TASK, "method": cfg.method, "method_name": name, "source": str(cfg.source),
-                   "target": cfg.target,
+        images, _, idx = batch
+        with self.rt.autocast():
+            logits = self.model(self.rt.images(images)).float()
+        im, cond_ent, marg_ent = pixel_information_maximization(logits, prior, cfg.diversity_weight)
+        terms = {"im": im.detach(), "conditional_entropy": cond_ent.detach(), "marginal_entropy": marg_ent.detach()}
+        loss = cfg.im_weight * im
+        if maps is not None:
+            target = torch.stack([maps[i] for i in idx.tolist()]).to(logits.device)
+            terms["pseudo_ce"] = pseudo_label_loss(logits, upsample_labels(target, logits.shape[-2:]))
+            loss = loss + cfg.beta * terms["pseudo_ce"]
+        terms["total"] = loss.detach()
+        return loss, terms
+
+    def evaluate_initial(self) -> dict:
+        return self.evaluate(sample=self.cfg.beta > 0, epoch=0)
+
+    def evaluate_epoch(self, epoch: int) -> dict:
+        return self.evaluate(sample=self.cfg.beta > 0, epoch=epoch + 1)
+
+    def evaluate_final(self) -> dict:
+        return self.evaluate(save_dir=self.run_dir / "predictions" if self.cfg.save_predictions else None)
+
+    def held_out_scores(self) -> tuple[dict | None, dict | None]:
+        """(test, val) scores; val is for choosing settings, test is what a table reports."""
+        return self.test_scores(), self.val_scores()
+
+    # ------------------------------------------------------------ outputs
+    def run_config(self) -> dict:
+        return {"task": TASK, **dataclasses.asdict(self.cfg)}
+
+    def description(self) -> str:
+        return f"{config_method_name(self.cfg)} (seg)"
+
+    def metrics(self, before: dict, after: dict, held_before: tuple, held_after: tuple, history: dict,
+                wall_seconds: float) -> dict:
+        cfg = self.cfg
+        metrics = {"task": TASK, "method": cfg.method, "method_name": config_method_name(cfg),
+                   "source": str(cfg.source), "target": cfg.target,
                    "seed": cfg.seed, "images": len(self.target), "class_names": list(self.target.class_names),
                    **public_scores(before, "source_only_"), **public_scores(after),
-                   "test_data": self.test_on, "val_data": self.val_on, "wall_seconds": time.time() - start,
+                   "test_data": self.test_on, "val_data": self.val_on, "wall_seconds": wall_seconds,
                    "config": dataclasses.asdict(cfg), **history}
-        if test_after is not None:
-            metrics.update(public_scores(test_before, "source_only_test_"))
-            metrics.update(public_scores(test_after, "test_"))
-        if val_after is not None:   # for choosing settings; the figures to report are test_*
-            metrics.update(public_scores(val_before, "source_only_val_"))
-            metrics.update(public_scores(val_after, "val_"))
+        for split, start, end in (("test", held_before[0], held_after[0]), ("val", held_before[1], held_after[1])):
+            if end is not None:   # val is for choosing settings; the figures to report are test_*
+                metrics.update(public_scores(start, f"source_only_{split}_"))
+                metrics.update(public_scores(end, f"{split}_"))
         if cfg.save_predictions:
             metrics["predictions"] = str(self.run_dir / "predictions")
+        return metrics
+
+    def save(self, result: dict, metrics: dict) -> None:
+        cfg = self.cfg
         save_checkpoint(self.run_dir / CHECKPOINT, ADAPTED_KIND, {
             "task": TASK, "model_config": self.source_state["model_config"], "model": self.model.state_dict(),
-            "method": cfg.method, "method_name": name, "source": str(cfg.source), "target": cfg.target})
+            "method": cfg.method, "method_name": metrics["method_name"], "source": str(cfg.source),
+            "target": cfg.target})
         write_json(self.run_dir / "metrics.json", metrics)
-        return metrics
