@@ -355,14 +355,17 @@ def test_noisy_labels_stay_out_of_selection_and_are_reported(tmp_path):
 
 
 def test_keep_last_saves_the_final_model_not_the_best_check(tmp_path):
-    from adaptation.classification.source import keeps
+    from workbench.adapt.selection import Selection
     from workbench.checkpoint import load_checkpoint
 
-    best = {"selection_accuracy": 90.0}
-    assert keeps("best", {"selection_accuracy": 90.0}, best, final=False)      # ties: the later model
-    assert not keeps("best", {"selection_accuracy": 80.0}, best, final=True)
-    assert keeps("last", {"selection_accuracy": 10.0}, best, final=True)
-    assert not keeps("last", {"selection_accuracy": 99.0}, best, final=False)
+    best = Selection(11, 5, "selection_accuracy", "d", steps_per_epoch=4)       # checks at 2, 4, ..., 10 and 11
+    assert [step for step in range(1, 12) if best.due(step)] == [2, 4, 6, 8, 10, 11]
+    assert best.keeps({"selection_accuracy": 90.0}, 2) and best.keeps({"selection_accuracy": 90.0}, 4)  # ties: later
+    assert not best.keeps({"selection_accuracy": 80.0}, 11)
+    assert best.best == {"selection_accuracy": 90.0, "selection_data": "d", "iteration": 4, "epoch": 1.0}
+    last = Selection(11, 5, "selection_accuracy", "d", steps_per_epoch=4, keep="last")
+    assert not last.keeps({"selection_accuracy": 99.0}, 10) and last.keeps({"selection_accuracy": 10.0}, 11)
+    assert last.best["iteration"] == 11
     metrics = lenet_source(tmp_path, label_noise=0.4, epochs=2, selection_checks=3, keep="last")
     saved = load_checkpoint(tmp_path / "source.pt", kind="source-model")
     last = load_checkpoint(tmp_path / "train-state.pt", kind="source-training")

@@ -43,6 +43,7 @@ from torch.utils.data import Subset
 
 from workbench.adapt.training import (accuracy, average_batch_norm_statistics, forever, make_loader, predict,
                        set_shot_lr, shot_optimizer, synchronise_batch_norm, take_step)
+from workbench.adapt.selection import KEEP_CHOICES, Selection
 from workbench.checkpoint import load_checkpoint, save_checkpoint
 from workbench.distributed import SINGLE, Distributed
 from workbench.logging import default_run_name, run_logger, write_json
@@ -61,9 +62,9 @@ CHECKPOINT = "source.pt"
 TRAIN_STATE, TRAIN_STATE_KIND = "train-state.pt", "source-training"
 ROBUST_SLICE = 512          # selection samples attacked at every check of the adversarial objectives
 ADVERSARIAL = ("at", "cifs-at")
-# which model the checkpoint keeps: the best selection check, or the final model (with noisy training labels a clean
-# selection set is an oracle early stop, which hides memorisation; SAT's published figures are last-epoch figures)
-KEEP_CHOICES = ("best", "last")
+# which model the checkpoint keeps (workbench.adapt.selection.KEEP_CHOICES): the best selection check, or the final
+# model (with noisy training labels a clean selection set is an oracle early stop, which hides memorisation; SAT's
+# published figures are last-epoch figures)
 
 
 @dataclass
@@ -199,15 +200,15 @@ def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:
     run_dir = Path(dist.gather_objects(run_dir)[0])  # rank 0's name (time stamps may differ)
     distributed = {"world_size": dist.world_size, "effective_batch_size": cfg.batch_size * dist.world_size}
     total_iters = cfg.epochs * len(loader)
-    check_every = max(1, total_iters // cfg.selection_checks)
-    best = {"selection_accuracy": -1.0, "selection_data": selection_name, "iteration": -1}
+    selection = Selection(total_iters, cfg.selection_checks, "selection_accuracy", selection_name, len(loader),
+                          cfg.keep)
     first_step = 1
     if cfg.resume:
         state = load_checkpoint(run_dir / TRAIN_STATE, kind=TRAIN_STATE_KIND, map_location=rt.device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         objective.load_state_dict(state["objective"])
-        best, first_step = state["best"], state["step"] + 1
+        selection.best, first_step = state["best"], state["step"] + 1
         set_rng_state(state["rng"][dist.rank] if dist.enabled else state["rng"][0])
     if dist.is_main:
         write_json(run_dir / "config.json", {**dataclasses.asdict(cfg), "distributed": distributed})
@@ -227,7 +228,7 @@ def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:
                 logger.scalars("source", {"loss": loss.item(), "lr": lr, **{k: float(v) for k, v in terms.items()}},
                                step)
             logger.advance(1)
-            if step % check_every == 0 or step == total_iters:
+            if selection.due(step):
                 average_batch_norm_statistics(model, dist)  # CPU ranks: one model to check and save
                 out = predict(model, selection_loader, rt)
                 checked = {"selection_accuracy": accuracy(out["probs"].argmax(1), out["labels"])}
@@ -238,16 +239,14 @@ def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:
                 if cfg.label_noise > 0:
                     checked["fits_noisy_labels"] = noisy_fit(model, train_set, rt)
                 logger.scalars("source", checked, step)
-                if keeps(cfg.keep, checked, best, final=step == total_iters):
-                    best = {**best, **checked, "iteration": step, "epoch": step / len(loader)}
-                    if dist.is_main:
-                        save_checkpoint(run_dir / CHECKPOINT, SOURCE_KIND, {
-                            "model_config": config, "model": model.state_dict(), "source_data": cfg.data,
-                            "objective": cfg.objective, "objective_state": objective.state_dict(), **best})
-                save_training_state(run_dir, model, optimizer, objective, step, best, dist)
+                if selection.keeps(checked, step) and dist.is_main:
+                    save_checkpoint(run_dir / CHECKPOINT, SOURCE_KIND, {
+                        "model_config": config, "model": model.state_dict(), "source_data": cfg.data,
+                        "objective": cfg.objective, "objective_state": objective.state_dict(), **selection.best})
+                save_training_state(run_dir, model, optimizer, objective, step, selection.best, dist)
     finally:
         logger.close()
-    metrics = {"source_data": cfg.data, "backbone": cfg.backbone, "num_classes": num_classes, **best,
+    metrics = {"source_data": cfg.data, "backbone": cfg.backbone, "num_classes": num_classes, **selection.best,
                "objective": cfg.objective, "label_noise": cfg.label_noise, "noise_type": cfg.noise_type,
                "wall_seconds": time.time() - start, "checkpoint": str(run_dir / CHECKPOINT),
                "distributed": distributed}
@@ -258,14 +257,6 @@ def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:
             metrics["target"] = evaluate_model(run_dir / CHECKPOINT, cfg.eval_target, device=cfg.device)
         write_json(run_dir / "metrics.json", metrics)
     return metrics
-
-
-def keeps(keep: str, checked: dict, best: dict, final: bool) -> bool:
-    """Whether this check's model replaces the kept one: the best so far (ties: the later model, as the official
-    code does) or, with keep='last', the final one."""
-    if keep == "last":
-        return final
-    return checked["selection_accuracy"] >= best["selection_accuracy"]
 
 
 def load_backbone_from(model: ShotModel, path, backbone: str) -> None:

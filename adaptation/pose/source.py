@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import Subset
 
 from workbench.adapt.training import forever, lr_param_groups, make_loader, set_group_lr
+from workbench.adapt.selection import Selection
 from workbench.checkpoint import save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import RunSettings, Runtime, seed_everything
@@ -118,9 +119,8 @@ def train_pose_source(cfg: PoseSourceConfig) -> dict:
                                                                   f"s{cfg.seed}"))
     write_json(run_dir / "config.json", {"task": TASK, **dataclasses.asdict(cfg)})
     total_iters = max(1, cfg.epochs * len(loader))
-    check_every = max(1, total_iters // max(1, cfg.selection_checks))
+    selection = Selection(total_iters, cfg.selection_checks, "ap", selection_name, len(loader))
     logger = RunLogger(run_dir, total=total_iters, desc=f"source {cfg.backbone}+{cfg.head}", progress=cfg.progress)
-    best = {"ap": -1.0, "selection_data": selection_name, "iteration": -1}
     batches, start = forever(loader), time.time()  # the official loop counts iterations, not epochs
     try:
         model.train()
@@ -136,19 +136,19 @@ def train_pose_source(cfg: PoseSourceConfig) -> dict:
             if step % 10 == 0 or step == total_iters:
                 logger.scalars("source", {"loss": loss.item(), "lr": lr}, step)
             logger.advance(1)
-            if step % check_every == 0 or step == total_iters:
+            if selection.due(step):
                 scores = pose_scores(predict_joints(model, selection_set, rt.scoring(), cfg.flip_test), selection_set)
                 logger.scalars("selection", {"ap": scores["ap"], "pck@0.05": scores["pck@0.05"],
                                              "pck@0.1": scores["pck@0.1"]}, step)
-                if scores["ap"] >= best["ap"]:  # ties go to the later model, as the other sources
-                    best = {**best, **public_pose_scores(scores), "iteration": step, "epoch": step / len(loader)}
+                if selection.keeps(public_pose_scores(scores), step):
                     save_checkpoint(run_dir / CHECKPOINT, SOURCE_KIND, {
                         "task": TASK, "model_config": config, "model": model.state_dict(), "source_data": cfg.data,
-                        "joint_names": list(base.joint_names), **{k: v for k, v in best.items() if k != "coco"}})
+                        "joint_names": list(base.joint_names),
+                        **{k: v for k, v in selection.best.items() if k != "coco"}})
     finally:
         logger.close()
     metrics = {"task": TASK, "source_data": cfg.data, "backbone": cfg.backbone, "head": cfg.head,
-               "num_joints": num_joints, "joint_names": list(base.joint_names), **best,
+               "num_joints": num_joints, "joint_names": list(base.joint_names), **selection.best,
                "wall_seconds": time.time() - start, "checkpoint": str(run_dir / CHECKPOINT)}
     from .evaluate import evaluate_pose_model
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from workbench.adapt.training import forever, lr_param_groups, make_loader, set_group_lr
+from workbench.adapt.selection import Selection
 from workbench.checkpoint import save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import RunSettings, Runtime, seed_everything
@@ -156,9 +157,8 @@ def train_dense_source(cfg: DenseSourceConfig) -> dict:
     run_dir = Path(cfg.run_dir or Path("runs") / default_run_name("source", cfg.backbone, cfg.head, f"s{cfg.seed}"))
     write_json(run_dir / "config.json", {"task": TASK, **dataclasses.asdict(cfg)})
     total_iters = max(1, cfg.epochs * len(loader))
-    check_every = max(1, total_iters // max(1, cfg.selection_checks))
+    selection = Selection(total_iters, cfg.selection_checks, "miou", selection_name, len(loader))
     logger = RunLogger(run_dir, total=total_iters, desc=f"source {cfg.backbone}+{cfg.head}", progress=cfg.progress)
-    best = {"miou": -1.0, "selection_data": selection_name, "iteration": -1}
     batches, start = forever(loader), time.time()  # the official loop counts iterations, not epochs
     try:
         model.train()
@@ -177,19 +177,18 @@ def train_dense_source(cfg: DenseSourceConfig) -> dict:
                     logger.scalars("source", {"loss": loss.item(), **{k: v.item() for k, v in terms.items()},
                                               "lr": lr}, step)
             logger.advance(1)
-            if step % check_every == 0 or step == total_iters:
+            if selection.due(step):
                 scores = segmentation_pass(model, selection_loader, rt.scoring(), num_classes)
                 logger.scalars("selection", {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"]},
                                step)
-                if scores["miou"] >= best["miou"]:  # ties go to the later model, as the classification source
-                    best = {**best, **public_scores(scores), "iteration": step, "epoch": step / len(loader)}
+                if selection.keeps(public_scores(scores), step):
                     save_checkpoint(run_dir / CHECKPOINT, SOURCE_KIND, {
                         "task": TASK, "model_config": config, "model": model.state_dict(), "source_data": cfg.data,
-                        "class_names": list(base.class_names), **best})
+                        "class_names": list(base.class_names), **selection.best})
     finally:
         logger.close()
     metrics = {"task": TASK, "source_data": cfg.data, "backbone": cfg.backbone, "head": cfg.head,
-               "num_classes": num_classes, "class_names": list(base.class_names), **best,
+               "num_classes": num_classes, "class_names": list(base.class_names), **selection.best,
                "wall_seconds": time.time() - start, "checkpoint": str(run_dir / CHECKPOINT)}
     from .evaluate import evaluate_dense_model
 
