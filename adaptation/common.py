@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from workbench.checkpoint import CheckpointError
 
@@ -21,6 +21,19 @@ DIGITS_MEAN, DIGITS_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 class DataError(ValueError):
     """A problem with user-supplied data (missing image, bad label, empty list ...)."""
+
+
+def read_image(path, origin, read=lambda img: img.convert("RGB"), what: str = "image"):
+    """`read(img)` of the image file at `path` (by default its RGB copy); a missing, unreadable or foreign file is
+    a DataError naming `origin` (the list, folder or annotation file that named it), the file and the fix."""
+    try:
+        with Image.open(path) as img:
+            return read(img)
+    except FileNotFoundError:
+        raise DataError(f"{origin}: {what} {path} does not exist: restore it or fix its path") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{origin}: {what} {path} is corrupt or not an image ({exc.__class__.__name__}): replace it "
+                        f"or remove it") from None
 
 
 # Problems with what a user passed (data, checkpoints, settings): one line each, and under torchrun found before

@@ -181,3 +181,19 @@ def test_resnet_pretrained_file_loads_and_mismatch_is_clear(tmp_path):
     assert net(torch.rand(1, 3, 64, 64)).shape == (1, 512)
     with pytest.raises(ValueError, match="do not match"):
         create_backbone("resnet50", pretrained=str(weights))
+
+
+def test_an_image_that_vanished_or_is_not_an_image_is_one_error_naming_the_list_and_the_fix(tmp_path):
+    """Every task reads images through adaptation.common.read_image: the same message for the same fault."""
+    from adaptation.classification.data import ImageFileDataset, Sample
+    from adaptation.common import DataError, read_image
+
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(DataError, match=r"^list.txt: image .*gone.png does not exist: restore it or fix its path$"):
+        read_image(tmp_path / "gone.png", "list.txt")
+    with pytest.raises(DataError, match=r"^list.txt: mask .*notes.png is corrupt or not an image "
+                                        r"\(UnidentifiedImageError\): replace it or remove it$"):
+        read_image(tmp_path / "notes.png", "list.txt", what="mask")
+    data = ImageFileDataset([Sample(str(tmp_path / "notes.png"), 0)], lambda image: image, "train.txt")
+    with pytest.raises(DataError, match=r"^train.txt: image .*notes.png is corrupt"):
+        data[0]

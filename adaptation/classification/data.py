@@ -17,12 +17,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from .. import digits
-from ..common import DIGITS_MEAN, DIGITS_STD, IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError
+from ..common import DIGITS_MEAN, DIGITS_STD, IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, read_image
 
 @dataclass
 class Sample:
@@ -107,15 +107,7 @@ class ImageFileDataset(Dataset):
         return len(self.samples)
 
     def load_image(self, index: int) -> Image.Image:
-        path = self.samples[index].path
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except FileNotFoundError:
-            raise DataError(f"image {path} from {self.source} disappeared: restore it or fix the list") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"image {path} from {self.source} is corrupt or not an image ({exc.__class__.__name__}):"
-                            f" replace it or remove its line") from None
+        return read_image(self.samples[index].path, self.source)
 
     def __getitem__(self, index: int):
         return self.transform(self.load_image(index)), int(self.labels[index]), index

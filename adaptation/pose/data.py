@@ -32,11 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from ..common import IMAGENET_MEAN, IMAGENET_STD, DataError
+from ..common import IMAGENET_MEAN, IMAGENET_STD, DataError, read_image
 from . import figures
 from .keypoints import affine_matrix, box_to_center_scale, gaussian_heatmaps, heatmap_sigma, transform_points
 
@@ -210,12 +209,8 @@ class KeypointDataset(Dataset):
     # -------------------------------------------------------------- crops
     def load_image(self, index: int) -> torch.Tensor:
         """(3, H, W) float in [0, 1]."""
-        path = self.records[index]["file"]
-        try:
-            with Image.open(path) as im:
-                array = np.asarray(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"cannot read image {path} ({exc}): replace the file") from None
+        array = read_image(self.records[index]["file"], self.source.annotations,
+                           lambda img: np.asarray(img.convert("RGB")))
         return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
 
     def input_matrix(self, index: int, scale: float = 1.0, rotation: float = 0.0, flip: bool = False) -> np.ndarray:

@@ -32,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from ..common import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError
+from ..common import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, read_image
 from . import scenes
 
 __all__ = ["IGNORE_INDEX", "DataError", "SegmentationDataset", "load_segmentation", "builtin_scenes_test_split",
@@ -134,30 +134,15 @@ def scan_pair_folder(root: Path) -> list[Pair]:
     return pairs
 
 
-def _open_image(path: str, origin: str) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"{origin}: image {path} does not exist: restore it or fix the path") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{origin}: image {path} is corrupt or not an image ({exc.__class__.__name__}): "
-                        f"replace it or remove it") from None
-
-
 def _open_mask(path: str, origin: str) -> np.ndarray:
     """A label map as uint8 (H, W); values above 255 are an error."""
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "P", "1", "I", "I;16", "I;16B", "I;16L"):
-                raise DataError(f"{origin}: mask {path} is a {img.mode} image: a label map is single-channel "
-                                f"('L' or palette 'P' PNG) with class indices as pixel values")
-            mask = np.asarray(img)
-    except FileNotFoundError:
-        raise DataError(f"{origin}: mask {path} does not exist: restore it or fix the path") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{origin}: mask {path} is corrupt or not an image ({exc.__class__.__name__}): "
-                        f"replace it") from None
+    def label_map(img: Image.Image) -> np.ndarray:
+        if img.mode not in ("L", "P", "1", "I", "I;16", "I;16B", "I;16L"):
+            raise DataError(f"{origin}: mask {path} is a {img.mode} image: a label map is single-channel "
+                            f"('L' or palette 'P' PNG) with class indices as pixel values")
+        return np.asarray(img)
+
+    mask = read_image(path, origin, label_map, what="mask")
     if mask.dtype != np.uint8:
         if mask.size and (mask.min() < 0 or mask.max() > 255):
             bad = int(mask.max() if mask.max() > 255 else mask.min())
@@ -169,14 +154,7 @@ def _open_mask(path: str, origin: str) -> np.ndarray:
 
 def _image_size(path: str, origin: str) -> tuple[int, int]:
     """(height, width) from the header, without decoding."""
-    try:
-        with Image.open(path) as img:
-            return img.height, img.width
-    except FileNotFoundError:
-        raise DataError(f"{origin}: image {path} does not exist: restore it or fix the path") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{origin}: image {path} is corrupt or not an image ({exc.__class__.__name__}): "
-                        f"replace it or remove it") from None
+    return read_image(path, origin, lambda img: (img.height, img.width))
 
 
 def _check_label_values(mask: np.ndarray, num_classes: int | None, where: str) -> int:
@@ -222,7 +200,7 @@ class SegmentationDataset(Dataset):
         if self.pairs is None:
             return Image.fromarray(self.images[index]), self.masks[index]
         pair = self.pairs[index]
-        image, mask = _open_image(pair.image, pair.origin), _open_mask(pair.mask, pair.origin)
+        image, mask = read_image(pair.image, pair.origin), _open_mask(pair.mask, pair.origin)
         if (image.height, image.width) != mask.shape:
             raise DataError(f"{pair.origin}: image {pair.image} is {image.width}x{image.height} but mask {pair.mask} "
                             f"is {mask.shape[1]}x{mask.shape[0]}: give them the same size")
