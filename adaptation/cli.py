@@ -226,7 +226,6 @@ def _adapt_parser() -> tuple[ArgumentParser, TaskOptions]:
                    f"VisDA-C 0.001; {_defaults('adapt', 'lr', ('segmentation', 'pose', 'procgen'))})")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-    p.add_argument("--workers", type=non_negative_int, default=0, help="data-loading processes")
     p.add_argument("--no-progress", action="store_true")
     return p, task_options(p, "adapt", "add_adapt_options")
 

@@ -241,6 +241,8 @@ def test_a_method_the_task_lacks_is_one_line_naming_where_it_runs(capsys):
      "--precision applies to segmentation and pose adapt, not procgen: drop it"),
     (adapt_main, ["--source", "nowhere", "--target", "procgen:bigfish", "--test-on", "x"],
      "--test-on applies to classification, segmentation and pose adapt, not procgen: drop it"),
+    (adapt_main, ["--source", "nowhere", "--target", "procgen:bigfish", "--workers", "2"],
+     "--workers applies to classification, segmentation and pose adapt, not procgen: drop it"),
     (adapt_main, ["--task", "pose", "--source", "nowhere", "--target", "t", "--frames", "64"],
      "--frames applies to procgen adapt, not pose: drop it"),
     (train_source_main, ["--task", "pose", "--objective", "at"],

@@ -20,6 +20,9 @@ import sys
 from .distributed import launched_distributed, speaks
 
 
+WORKERS_HELP = "data-loading processes (default 0: load in the main process)"
+
+
 def given_or(value, default):
     """An option's value, or `default` where it was not given (None): for options whose default depends on
     the task or the data, so the parser leaves them None."""

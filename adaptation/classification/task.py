@@ -3,7 +3,7 @@ SHOT, SHOT++; under torchrun too) and evaluate (accuracy, and accuracy under PGD
 
 from __future__ import annotations
 
-from workbench.arguments import (at_least, fraction, given_or, non_negative_float, positive_float, positive_int,
+from workbench.arguments import (WORKERS_HELP, non_negative_int, at_least, fraction, given_or, non_negative_float, positive_float, positive_int,
                                  unit_interval)
 
 from .shot import METHODS  # noqa: F401  (the registry reads it)
@@ -136,6 +136,7 @@ def add_adapt_options(options) -> None:
                          "(auto: faiss where installed)")
     options.add_argument("--test-on", default=None, help="held-out target data scored before and after adapting "
                          "(default: the test split of built-in digits)")
+    options.add_argument("--workers", type=non_negative_int, default=0, help=WORKERS_HELP)
 
 
 def adapt_config(a):

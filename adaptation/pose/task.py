@@ -3,7 +3,7 @@ evaluate (PCK and OKS AP); one process."""
 
 from __future__ import annotations
 
-from workbench.arguments import fraction, given_or, positive_int, unit_interval
+from workbench.arguments import WORKERS_HELP, non_negative_int, fraction, given_or, positive_int, unit_interval
 from workbench.runtime import PRECISION_CHOICES, PRECISION_HELP
 
 from .mean_teacher import METHODS  # noqa: F401  (the registry reads it)
@@ -102,6 +102,7 @@ def add_adapt_options(options) -> None:
     options.add_argument("--test-on", default=None, help="held-out target data scored before and after "
                          "adapting (default: the test split of built-in figures)")
     options.add_argument("--precision", default=None, choices=PRECISION_CHOICES, help=PRECISION_HELP)
+    options.add_argument("--workers", type=non_negative_int, default=0, help=WORKERS_HELP)
 
 
 def adapt_config(a):

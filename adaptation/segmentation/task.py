@@ -3,7 +3,7 @@ and SHOT) and evaluate (mIoU); one process."""
 
 from __future__ import annotations
 
-from workbench.arguments import at_least, given_or, non_negative_float, positive_int
+from workbench.arguments import WORKERS_HELP, non_negative_int, at_least, given_or, non_negative_float, positive_int
 from workbench.runtime import PRECISION_CHOICES, PRECISION_HELP
 
 from .shot import METHODS  # noqa: F401  (the registry reads it)
@@ -125,6 +125,7 @@ def add_adapt_options(options) -> None:
                          "adapting (default: the test split of built-in scenes)")
     options.add_argument("--no-save-predictions", action="store_true", help="skip the palette PNGs")
     options.add_argument("--precision", default=None, choices=PRECISION_CHOICES, help=PRECISION_HELP)
+    options.add_argument("--workers", type=non_negative_int, default=0, help=WORKERS_HELP)
 
 
 def adapt_config(a):
