@@ -19,8 +19,8 @@ only with SHOT's uniform prior and, for SHOT, its centroid pseudo-labels; "im (s
 How the default was chosen, honestly: on the built-in scenes (dtn + fcn source, the one-conv fcn head of
 before issue 34, 5 epochs of IM, one seed) the target mIoU went to 48.7 with the source prior, 35.1 with
 the uniform prior (`"uniform"`) and 26.7 with entropy alone (`diversity_weight=0`, URMA's setting),
-measured on `builtin:scenes/textured:test`, the split the scenes table reports (docs/RESULTS.md, ninth
-session of issue 11). Repeated on `builtin:scenes/textured:val` with the val-selected source and
+measured on `builtin:scenes/textured:test`, the split the scenes table reports (docs/RESULTS.md, "Pixel SHOT on
+scenes v3", 2026-12-02). Repeated on `builtin:scenes/textured:val` with the val-selected source and
 mmseg's FCNHead (seed 0, docs/RESULTS.md): 58.2 with the source prior, 36.7 with the uniform one (the
 source model: 50.1), so `initial` stays the default, now on val evidence. The adapter scores the target's val
 split (`val_on`) beside its test split (`test_on`) before and after adapting: settings are chosen on

@@ -86,7 +86,7 @@ class ImpalaCNN(nn.Module):
 
 
 # "half" ((8, 16, 16), not in the papers) is the quick Procgen job's network: its update costs about a third
-# of 1x's on a CPU (docs/RESULTS.md, "The main job").
+# of 1x's on a CPU (docs/RESULTS.md, "The quick Procgen job").
 WIDTHS = {"half": (8, 16, 16), "1x": (16, 32, 32), "2x": (32, 64, 64), "4x": (64, 128, 128)}
 
 
