@@ -637,7 +637,7 @@ def test_faiss_gpu_index_gives_the_torch_and_cpu_faiss_labels():
                     "(pip uninstall -y faiss-cpu first if faiss.get_num_gpus() prints 0)")
     features, probs, _ = clustered_features(n=2000, k=10, d=64, seed=1)
     gpu_features, gpu_probs = features.cuda(), probs.cuda()
-    assert cluster._check_backend("auto", gpu_features.device) == "faiss"
+    assert cluster.check_backend("auto", gpu_features.device) == "faiss"
     with_faiss_gpu = cluster.shot_pseudo_labels(gpu_features, gpu_probs, backend="faiss")
     assert cluster._GPU_RESOURCES, "the faiss index was not put on the GPU"
     assert with_faiss_gpu.is_cuda

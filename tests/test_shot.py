@@ -468,11 +468,11 @@ def test_auto_cluster_backend_keeps_gpu_features_on_the_gpu(monkeypatch):
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(cluster, "faiss_available", lambda: True)
     monkeypatch.setattr(cluster, "faiss_gpu_available", lambda: False)
-    assert cluster._check_backend("auto", gpu) == "torch"
-    assert cluster._check_backend("auto", torch.device("cpu")) == "faiss"
+    assert cluster.check_backend("auto", gpu) == "torch"
+    assert cluster.check_backend("auto", torch.device("cpu")) == "faiss"
     monkeypatch.setattr(cluster, "faiss_gpu_available", lambda: True)
-    assert cluster._check_backend("auto", gpu) == "faiss"
+    assert cluster.check_backend("auto", gpu) == "faiss"
     monkeypatch.setattr(cluster, "faiss_available", lambda: False)
-    assert cluster._check_backend("auto", torch.device("cpu")) == "torch"
+    assert cluster.check_backend("auto", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="unknown clustering backend"):
-        cluster._check_backend("gpu", gpu)
+        cluster.check_backend("gpu", gpu)

@@ -47,7 +47,8 @@ from .data import builtin_test_split, load_target
 from .model import load_model
 from .rotation import KEEP_CHOICES, RotationHead, pretrain_rotation_head, rotation_loss
 
-METHODS = ("shot-im", "shot", "shot++")
+METHODS = ("shot-im", "shot", "shot++", "nrc", "aad")
+NEIGHBOURHOOD_METHODS = ("nrc", "aad")   # adaptation.classification.neighbourhood
 ADAPTED_KIND = "adapted-model"
 CHECKPOINT = "adapted.pt"
 
@@ -111,8 +112,14 @@ class AdaptConfig(RunSettings):
     mix_alpha: float | None = None
     mix_temperature: float = 0.5             # --T
     unlabelled_weight: float = 100.0         # --lambda_u, ramped up linearly over the whole stage
-    cluster_backend: str = "auto"
+    cluster_backend: str = "auto"    # SHOT's clustering, and the neighbour search of NRC and AaD
     test_on: str | None = None       # held-out target data scored before and after; default: built-in test split
+    # NRC and AaD (adaptation.classification.nrc, .aad): their official values per benchmark when None
+    neighbours: int | None = None            # K
+    expanded_neighbours: int | None = None   # KK (NRC)
+    dispersion_weight: float | None = None   # alpha (AaD)
+    dispersion_decay: float | None = None    # beta (AaD): lambda = alpha (1 + 10 t/T)^-beta; 0 keeps it constant
+    constant_lr: bool | None = None          # the office scripts of NRC and AaD keep lr constant
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -137,7 +144,21 @@ class AdaptConfig(RunSettings):
         if self.method == "shot-im":
             values["beta"] = 0.0
         values["rotation_epochs"] = values["epochs"] if self.rotation_epochs is None else self.rotation_epochs
+        if self.method in NEIGHBOURHOOD_METHODS:
+            values.update(self._neighbourhood_settings(benchmark))
         return dataclasses.replace(self, benchmark=benchmark, **values)
+
+    def _neighbourhood_settings(self, benchmark: str) -> dict:
+        """NRC's or AaD's official values for the benchmark where not given; no pseudo-labels."""
+        from .aad import AAD_DEFAULTS
+        from .aad import BACKBONE_LR_MULT as AAD_MULT
+        from .nrc import BACKBONE_LR_MULT as NRC_MULT
+        from .nrc import NRC_DEFAULTS
+
+        table, mult = (NRC_DEFAULTS, NRC_MULT) if self.method == "nrc" else (AAD_DEFAULTS, AAD_MULT)
+        values = {**table[benchmark], "backbone_lr_mult": mult}
+        return {**{k: (v if getattr(self, k) is None else getattr(self, k)) for k, v in values.items()},
+                "beta": 0.0}
 
 
 class ShotAdapter(ShotLoop):

@@ -133,7 +133,16 @@ def add_adapt_options(options) -> None:
     options.add_argument("--mix-alpha", type=positive_float, default=None, help="MixMatch Beta(alpha, alpha) "
                          "(default 0.1 digits, 0.75 images)")
     options.add_argument("--cluster-backend", default="auto", choices=CLUSTER_BACKENDS, help="SHOT's clustering "
-                         "(auto: faiss where installed)")
+                         "and NRC's and AaD's neighbour search (auto: faiss where installed)")
+    options.add_argument("--neighbours", type=positive_int, default=None, help="NRC, AaD: K nearest neighbours "
+                         "in the feature bank (default: the official script's for the benchmark, e.g. 5 VisDA-C, 3 "
+                         "Office-Home)")
+    options.add_argument("--expanded-neighbours", type=positive_int, default=None, help="NRC: KK neighbours of "
+                         "each neighbour (the expanded neighbourhood; default 5 VisDA-C, 2 Office-Home)")
+    options.add_argument("--dispersion-weight", type=non_negative_float, default=None, help="AaD: alpha, the "
+                         "dispersion term's weight (default 1)")
+    options.add_argument("--dispersion-decay", type=non_negative_float, default=None, help="AaD: beta in "
+                         "alpha (1 + 10 t/T)^-beta (default 5 VisDA-C, 0: constant, Office-Home)")
     options.add_argument("--test-on", default=None, help="held-out target data scored before and after adapting "
                          "(default: the test split of built-in digits)")
     options.add_argument("--workers", type=non_negative_int, default=0, help=WORKERS_HELP)
@@ -149,14 +158,17 @@ def adapt_config(a):
         beta=a.beta, batch_size=given_or(a.batch_size, d.batch_size), lr=a.lr, rotation_weight=a.rotation_weight,
         rotation_epochs=a.rotation_epochs, rotation_keep=a.rotation_keep, transfer_epochs=a.transfer_epochs,
         transfer_batch_size=a.transfer_batch_size, transfer_classifier=a.transfer_classifier,
-        mix_alpha=a.mix_alpha, cluster_backend=a.cluster_backend, test_on=a.test_on, seed=a.seed, device=a.device,
+        mix_alpha=a.mix_alpha, cluster_backend=a.cluster_backend, test_on=a.test_on, neighbours=a.neighbours,
+        expanded_neighbours=a.expanded_neighbours, dispersion_weight=a.dispersion_weight,
+        dispersion_decay=a.dispersion_decay, seed=a.seed, device=a.device,
         workers=a.workers, run_dir=a.out, progress=not a.no_progress)
 
 
 def run_adapt(cfg, dist) -> dict:
-    from .shot import ShotAdapter
+    from .neighbourhood import NeighbourhoodAdapter
+    from .shot import NEIGHBOURHOOD_METHODS, ShotAdapter
 
-    adapter = ShotAdapter(cfg, dist)
+    adapter = (NeighbourhoodAdapter if cfg.method in NEIGHBOURHOOD_METHODS else ShotAdapter)(cfg, dist)
     return {**adapter.run(), "run_dir": str(adapter.run_dir)}
 
 

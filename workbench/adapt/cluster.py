@@ -75,7 +75,7 @@ def _augment(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(torch.cat([features, torch.ones_like(features[:, :1])], dim=1), dim=1)
 
 
-def _check_backend(backend: str, device: torch.device | None = None) -> str:
+def check_backend(backend: str, device: torch.device | None = None) -> str:
     """`auto`: faiss on the CPU when installed; on a GPU faiss only with its GPU build, else torch there."""
     if backend == "auto":
         on_gpu = device is not None and device.type == "cuda"
@@ -94,7 +94,7 @@ def shot_centroids(features: torch.Tensor, probs: torch.Tensor, rounds: int = RO
 
     Fitted on (N, d) features and (N, K) softmax outputs; `assign_to_centroids` then labels these or any
     other features (the dense adapter fits on a sample of pixels and labels every pixel)."""
-    backend = _check_backend(backend, features.device)
+    backend = check_backend(backend, features.device)
     features = _augment(features)
     num_classes = probs.shape[1]
     weights, labels = probs.float(), probs.argmax(1)
@@ -111,7 +111,7 @@ def shot_centroids(features: torch.Tensor, probs: torch.Tensor, rounds: int = RO
 def assign_to_centroids(features: torch.Tensor, centroids: torch.Tensor, classes: torch.Tensor,
                         backend: str = "auto") -> torch.Tensor:
     """The class of the most cosine-similar centroid for every row of (N, d) raw features."""
-    return classes[_nearest_centroid(_augment(features), centroids, _check_backend(backend, features.device))]
+    return classes[_nearest_centroid(_augment(features), centroids, check_backend(backend, features.device))]
 
 
 def shot_pseudo_labels(features: torch.Tensor, probs: torch.Tensor, rounds: int = ROUNDS,
