@@ -83,6 +83,20 @@ discount = _checked(float, "a discount in (0, 1)", lambda v: 0 < v < 1)
 seed = _checked(int, "a seed in [0, 2**32)", lambda v: 0 <= v < 2**32)
 
 
+def class_list(text: str) -> tuple[int, ...]:
+    """Class labels as `0,1,2` or ranges `0-4` (mixable: `0-2,7`), each once, at least one."""
+    labels: list[int] = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            labels += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be class labels such as 0,1,2 or 0-4, got {text!r}") from None
+    if not labels or len(set(labels)) != len(labels) or min(labels) < 0:
+        raise argparse.ArgumentTypeError(f"must name each class label (>= 0) once, got {text!r}")
+    return tuple(labels)
+
+
 def at_least(minimum: int):
     """An integer >= minimum (e.g. a class count of at least 2)."""
     return _checked(int, f"an integer >= {minimum}", lambda v: v >= minimum)

@@ -200,6 +200,25 @@ def load_dataset(spec: str, transform: Callable, num_classes: int | None = None,
     return dataset
 
 
+def class_subset(dataset, classes, unknown: bool = False, keep_classes=None):
+    """The samples of `dataset` whose label is one of `classes` (or of `keep_classes`, a subset of them),
+    relabelled by the label's position in `classes` (the model's output index); with `unknown`, every other
+    sample as well, labelled len(classes) (the open-set "unknown" class). Returns a data set of the same kind."""
+    index = {int(c): i for i, c in enumerate(classes)}
+    new_labels = np.array([index.get(int(label), len(classes)) for label in dataset.labels], np.int64)
+    wanted = set(int(c) for c in (classes if keep_classes is None else keep_classes))
+    keep = np.array([unknown or int(label) in wanted for label in dataset.labels], bool)
+    if not keep.any():
+        raise DataError(f"{dataset.source} holds no sample of classes {sorted(wanted)}: pass data with them")
+    if isinstance(dataset, ArrayImageDataset):
+        subset = ArrayImageDataset(dataset.images[keep], new_labels[keep], dataset.transform, dataset.source)
+    else:
+        subset = ImageFileDataset([Sample(s.path, int(label), s.line) for s, label, k in
+                                   zip(dataset.samples, new_labels, keep) if k], dataset.transform, dataset.source)
+    subset.num_classes = len(classes) + int(unknown)
+    return subset
+
+
 def default_style(spec: str) -> str:
     return "digits" if spec.startswith("builtin:digits") else "imagenet"
 
@@ -213,7 +232,26 @@ def builtin_test_split(spec: str) -> str | None:
     return f"builtin:digits/{domain}:test" if split in ("train", "trainval") else None
 
 
-def load_target(spec: str, model_config: dict, train: bool = False):
-    """A data set transformed as the model expects; its class count must match the model's."""
-    return load_dataset(spec, image_transform(model_config["transform"], train, model_config.get("image_size")),
-                        num_classes=model_config["num_classes"])  # a label out of range names its line
+def load_target(spec: str, model_config: dict, train: bool = False, setting: str = "closed",
+                target_classes=None):
+    """A data set transformed as the model expects. Closed set: its class count must match the model's.
+    Partial set: the samples of `target_classes` (label values, all among the model's classes), labelled by
+    the model's output index. Open set: every sample, the classes the model lacks labelled "unknown" (index =
+    the model's class count). The model's classes are the data labels its checkpoint names (`classes`, for
+    a source trained on some labels only), else 0..num_classes-1."""
+    transform = image_transform(model_config["transform"], train, model_config.get("image_size"))
+    if setting == "closed":
+        return load_dataset(spec, transform, num_classes=model_config["num_classes"])  # a bad label names its line
+    dataset = load_dataset(spec, transform)
+    classes = model_config.get("classes") or list(range(model_config["num_classes"]))
+    if setting == "partial":
+        missing = sorted(set(int(c) for c in target_classes) - set(classes))
+        if missing:
+            raise DataError(f"--target-classes {','.join(map(str, missing))}: not among the source model's classes "
+                            f"{','.join(map(str, classes))}: a partial-set target holds a subset of them")
+        return class_subset(dataset, classes, keep_classes=target_classes)
+    if set(int(c) for c in np.unique(dataset.labels)) <= set(classes):
+        raise DataError(f"{spec} holds no class outside the source model's classes {','.join(map(str, classes))}: "
+                        f"open-set adaptation needs a source trained on the known classes only "
+                        f"(train-source --classes), or a target with unknown classes")
+    return class_subset(dataset, classes, unknown=True)

@@ -42,9 +42,12 @@ from workbench.distributed import SINGLE, Distributed
 from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import RunSettings, Runtime, seed_everything
 
+from workbench.arguments import given_or
+
 from ..common import INPUT_ERRORS
 from .data import builtin_test_split, load_target
 from .model import load_model
+from .open_set import PARTIAL_CLASSES, PDA_MIN_COUNT, SETTINGS, open_set_scores, unknown_by_entropy
 from .rotation import KEEP_CHOICES, RotationHead, pretrain_rotation_head, rotation_loss
 
 METHODS = ("shot-im", "shot", "shot++", "nrc", "aad")
@@ -114,6 +117,11 @@ class AdaptConfig(RunSettings):
     unlabelled_weight: float = 100.0         # --lambda_u, ramped up linearly over the whole stage
     cluster_backend: str = "auto"    # SHOT's clustering, and the neighbour search of NRC and AaD
     test_on: str | None = None       # held-out target data scored before and after; default: built-in test split
+    # partial- and open-set adaptation (adaptation.classification.open_set)
+    setting: str = "closed"
+    target_classes: tuple[int, ...] | None = None   # partial: the target's classes (built-in digits: PARTIAL_CLASSES)
+    pseudo_label_min_count: int | None = None       # a class is a pseudo-label candidate above it (partial: 10)
+    diversity: bool | None = None                   # IM's diversity term (off for partial-set, as the official code)
     # NRC and AaD (adaptation.classification.nrc, .aad): their official values per benchmark when None
     neighbours: int | None = None            # K
     expanded_neighbours: int | None = None   # KK (NRC)
@@ -130,6 +138,17 @@ class AdaptConfig(RunSettings):
             raise ValueError(f"unknown rotation_keep {self.rotation_keep!r}: choose one of {', '.join(KEEP_CHOICES)}")
         if self.transfer_classifier not in ("fresh", "adapted"):
             raise ValueError(f"unknown transfer_classifier {self.transfer_classifier!r}: choose fresh or adapted")
+        if self.setting not in SETTINGS:
+            raise ValueError(f"unknown setting {self.setting!r}: choose one of {', '.join(SETTINGS)}")
+        if self.setting != "closed" and self.method not in ("shot-im", "shot"):
+            raise ValueError(f"--setting {self.setting} runs SHOT's rules (--method shot or shot-im), not {self.method}")
+        if self.target_classes is not None and self.setting != "partial":
+            raise ValueError("--target-classes names a partial-set target's classes: pass --setting partial")
+        if self.setting == "partial" and self.target_classes is None:
+            if not self.target.startswith("builtin:digits"):
+                raise ValueError("--setting partial needs --target-classes (the labels the target holds) for "
+                                 "data other than the built-in digits")
+            self.target_classes = PARTIAL_CLASSES
 
     def resolved(self, style: str, backbone: str = "") -> "AdaptConfig":
         """Fill unset hyperparameters with the official values for the benchmark (by default the one of
@@ -146,6 +165,9 @@ class AdaptConfig(RunSettings):
         values["rotation_epochs"] = values["epochs"] if self.rotation_epochs is None else self.rotation_epochs
         if self.method in NEIGHBOURHOOD_METHODS:
             values.update(self._neighbourhood_settings(benchmark))
+        values["pseudo_label_min_count"] = given_or(self.pseudo_label_min_count,
+                                                    PDA_MIN_COUNT if self.setting == "partial" else 0)
+        values["diversity"] = given_or(self.diversity, self.setting != "partial")
         return dataclasses.replace(self, benchmark=benchmark, **values)
 
     def _neighbourhood_settings(self, benchmark: str) -> dict:
@@ -165,6 +187,9 @@ class ShotAdapter(ShotLoop):
     """SHOT-IM, SHOT and SHOT++ on a classifier: SHOT's loop (workbench.adapt.loop) with the pieces above."""
 
     def __init__(self, cfg: AdaptConfig, dist: Distributed = SINGLE):
+        if cfg.setting == "open" and dist.enabled:
+            raise ValueError("--setting open runs in one process (a batch without known samples is skipped on "
+                             "one rank only): run it without torchrun")
         seed_everything(dist.seed(cfg.seed))  # data order and dropout differ per rank; the model does not
         self.rt = Runtime.create(cfg.device, "fp32", distributed=dist)
         self.dist = dist
@@ -199,11 +224,12 @@ class ShotAdapter(ShotLoop):
         """The source model, the target (for evaluation and for training) and the held-out test data."""
         model, source_state = load_model(cfg.source, self.rt)
         mcfg = source_state["model_config"]
-        eval_set = load_target(cfg.target, mcfg, train=False)
+        setting = {"setting": cfg.setting, "target_classes": cfg.target_classes}
+        eval_set = load_target(cfg.target, mcfg, train=False, **setting)
         # digits use the same (deterministic) transform for training: share the prepared data set
-        train_set = eval_set if mcfg["transform"] == "digits" else load_target(cfg.target, mcfg, train=True)
+        train_set = eval_set if mcfg["transform"] == "digits" else load_target(cfg.target, mcfg, train=True, **setting)
         test_on = cfg.test_on or builtin_test_split(cfg.target)
-        return model, source_state, eval_set, train_set, load_target(test_on, mcfg) if test_on else None
+        return model, source_state, eval_set, train_set, load_target(test_on, mcfg, **setting) if test_on else None
 
     def run_config(self) -> dict:
         """The resolved settings as config.json records them, with the number of processes and the batch one
@@ -223,18 +249,30 @@ class ShotAdapter(ShotLoop):
         result = {"pred": pred, "confidence": conf, "features": out["features"], "probs": out["probs"],
                   "class_spread": torch.bincount(pred, minlength=self.num_classes).tolist()}
         if self.labels_known:
-            result["accuracy"] = accuracy(pred, out["labels"])
-            result["per_class_accuracy"] = per_class_accuracy(pred, out["labels"], self.num_classes)
-            result["confusion"] = confusion_matrix(pred, out["labels"], self.num_classes)
+            result.update(self.scores(out["probs"], out["labels"]))
         return result
 
-    def test_accuracy(self) -> float | None:
-        """Accuracy on the held-out target split (None without one)."""
+    def scores(self, probs: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Accuracy of the argmax (closed and partial set), or the open-set scores with the high-entropy
+        cluster called unknown (accuracy: OS, the SHOT paper's ODA figure; open_set: OS*, OS, UNK, H-score)."""
+        pred, classes = probs.argmax(1), self.num_classes
+        if self.cfg.setting == "open":
+            pred = pred.masked_fill(unknown_by_entropy(probs).to(pred.device), classes)
+            classes += 1
+        result = {"accuracy": accuracy(pred, labels), "per_class_accuracy": per_class_accuracy(pred, labels, classes),
+                  "confusion": confusion_matrix(pred, labels, classes)}
+        if self.cfg.setting == "open":
+            result["open_set"] = open_set_scores(probs, labels, self.num_classes)
+            result["accuracy"] = result["open_set"]["os"]
+        return result
+
+    def test_scores(self) -> dict | None:
+        """Scores on the held-out target split (None without one): `accuracy`, and `open_set` in that setting."""
         if self.test_loader is None:
             return None
         average_batch_norm_statistics(self.model, self.dist)
         out = predict(self.model, self.test_loader, self.rt)
-        return accuracy(out["probs"].argmax(1), out["labels"])
+        return {k: v for k, v in self.scores(out["probs"], out["labels"]).items() if k in ("accuracy", "open_set")}
 
     def log_evaluation(self, logger: RunLogger, result: dict, epoch: int) -> None:
         if not self.dist.is_main:  # the other ranks log nothing (their logger is a NullLogger)
@@ -250,9 +288,10 @@ class ShotAdapter(ShotLoop):
             logger.writer.add_image("target/confusion_matrix", confusion_image(result["confusion"]), epoch,
                                     dataformats="HWC")
 
-    def log_held_out(self, logger: RunLogger, before: float | None, after: float | None) -> None:
+    def log_held_out(self, logger: RunLogger, before: dict | None, after: dict | None) -> None:
         if after is not None:
-            logger.scalars("test", {"source_only_accuracy": before, "accuracy": after}, self.cfg.epochs)
+            logger.scalars("test", {"source_only_accuracy": before["accuracy"], "accuracy": after["accuracy"]},
+                           self.cfg.epochs)
 
     # ------------------------------------------------------------ SHOT's loop (workbench.adapt.loop)
     def new_history(self) -> dict:
@@ -276,26 +315,47 @@ class ShotAdapter(ShotLoop):
     def epoch_labels(self, latest: dict, epoch: int, logger: RunLogger, history: dict) -> torch.Tensor | None:
         """SHOT's centroid pseudo-labels of the whole target, clustered where the model runs (on a GPU, faiss's
         GPU index or torch there); None for SHOT-IM. The model is unchanged since `latest` was evaluated (F and
-        B were frozen while the rotation head was fitted)."""
+        B were frozen while the rotation head was fitted). Open set: the high-entropy samples are labelled
+        unknown (index = the class count) and the centroids fitted on the others (adaptation.classification.
+        open_set)."""
         if self.cfg.beta <= 0:
             return None
-        pseudo = shot_pseudo_labels(latest["features"].to(self.rt.device), latest["probs"].to(self.rt.device),
-                                    backend=self.cfg.cluster_backend)
+        features, probs = latest["features"].to(self.rt.device), latest["probs"].to(self.rt.device)
+        known = torch.ones(len(probs), dtype=torch.bool, device=probs.device)
+        if self.cfg.setting == "open":
+            known = ~unknown_by_entropy(probs).to(probs.device)
+            logger.scalars("pseudo_labels", {"known_fraction": float(known.float().mean())}, epoch)
+        pseudo = torch.full((len(probs),), self.num_classes, dtype=torch.long, device=probs.device)
+        pseudo[known] = shot_pseudo_labels(features[known], probs[known], backend=self.cfg.cluster_backend,
+                                           min_count=self.cfg.pseudo_label_min_count)
         if self.labels_known:
             logger.scalars("pseudo_labels", {"accuracy": accuracy(pseudo.cpu(), torch.as_tensor(
                 self.eval_set.labels))}, epoch)
         return pseudo
 
-    def batch_loss(self, batch, pseudo: torch.Tensor | None, prior=None) -> tuple[torch.Tensor, dict]:
-        """L = im_weight * IM + beta * CE(pseudo-labels) (+ rotation_weight * the rotation loss for SHOT++)."""
+    def batch_loss(self, batch, pseudo: torch.Tensor | None, prior=None) -> tuple[torch.Tensor, dict] | None:
+        """L = im_weight * IM + beta * CE(pseudo-labels) (+ rotation_weight * the rotation loss for SHOT++). IM
+        is H(p_i) - H(p_bar), without -H(p_bar) for partial-set targets. Open set: CE and H(p_i) over the
+        samples pseudo-labelled known, H(p_bar) over the batch; a batch without known samples is skipped."""
         images, _, idx = batch
         cfg, images = self.cfg, self.rt.images(images)
         logits = self.model(images)
-        im, cond_ent, marg_ent = information_maximization(logits)
+        known = None
+        if pseudo is not None:
+            labels = pseudo[idx.to(self.rt.device)]
+            if cfg.setting == "open":
+                known = labels < self.num_classes
+                if not known.any():
+                    return None
+        _, cond_ent, marg_ent = information_maximization(logits if known is None else logits[known])
+        if known is not None:
+            marg_ent = information_maximization(logits)[2]
+        im = cond_ent - marg_ent if cfg.diversity else cond_ent
         terms = {"im": im.detach(), "conditional_entropy": cond_ent.detach(), "marginal_entropy": marg_ent.detach()}
         loss = cfg.im_weight * im
         if pseudo is not None:
-            terms["pseudo_ce"] = F.cross_entropy(logits, pseudo[idx.to(self.rt.device)])
+            ce_logits, ce_labels = (logits, labels) if known is None else (logits[known], labels[known])
+            terms["pseudo_ce"] = F.cross_entropy(ce_logits, ce_labels)
             loss = loss + cfg.beta * terms["pseudo_ce"]
         if self.rotation_head is not None:
             terms["rotation"] = rotation_loss(self.model, self.rotation_head, images)
@@ -311,8 +371,8 @@ class ShotAdapter(ShotLoop):
     def evaluate_final(self) -> dict:
         return self.evaluate()
 
-    def held_out_scores(self) -> float | None:
-        return self.test_accuracy()
+    def held_out_scores(self) -> dict | None:
+        return self.test_scores()
 
     def after_adapting(self, logger: RunLogger) -> dict:
         if self.cfg.method != "shot++":
@@ -325,16 +385,22 @@ class ShotAdapter(ShotLoop):
     def description(self) -> str:
         return self.cfg.method
 
-    def metrics(self, before: dict, after: dict, test_before: float | None, test_after: float | None,
+    def metrics(self, before: dict, after: dict, test_before: dict | None, test_after: dict | None,
                 history: dict, wall_seconds: float) -> dict:
         cfg = self.cfg
-        return {"method": cfg.method, "source": str(cfg.source), "target": cfg.target, "seed": cfg.seed,
-                "samples": len(self.eval_set), "source_only_accuracy": before.get("accuracy"),
-                "accuracy": after.get("accuracy"), "test_data": self.test_on,
-                "source_only_test_accuracy": test_before, "test_accuracy": test_after,
-                "per_class_accuracy": after.get("per_class_accuracy"),
-                "class_spread": after["class_spread"], "wall_seconds": wall_seconds,
-                "config": self.run_config(), **history}
+        metrics = {"method": cfg.method, "source": str(cfg.source), "target": cfg.target, "seed": cfg.seed,
+                   "samples": len(self.eval_set), "source_only_accuracy": before.get("accuracy"),
+                   "accuracy": after.get("accuracy"), "test_data": self.test_on,
+                   "source_only_test_accuracy": test_before and test_before["accuracy"],
+                   "test_accuracy": test_after and test_after["accuracy"],
+                   "per_class_accuracy": after.get("per_class_accuracy"),
+                   "class_spread": after["class_spread"], "wall_seconds": wall_seconds,
+                   "config": self.run_config(), **history}
+        if cfg.setting == "open":   # OS*, OS, UNK, H-score before and after, on the target and the test split
+            metrics["open_set"] = {"source_only": before.get("open_set"), "adapted": after.get("open_set"),
+                                   "source_only_test": test_before and test_before["open_set"],
+                                   "adapted_test": test_after and test_after["open_set"]}
+        return metrics
 
     def save(self, result: dict, metrics: dict) -> None:
         save_checkpoint(self.run_dir / CHECKPOINT, ADAPTED_KIND, {

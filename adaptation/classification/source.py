@@ -54,7 +54,7 @@ from ..common import INPUT_ERRORS, split_holdout
 from ..robust.adversarial import EVAL_STEPS, evaluation_attack, robust_accuracy
 from ..robust.label_noise import NOISE_TYPES, corrupt_labels
 from ..robust.objectives import OBJECTIVES, build_objective, cifs_joint_loss
-from .data import default_style, image_transform, load_dataset, parse_builtin
+from .data import class_subset, default_style, image_transform, load_dataset, parse_builtin
 from .model import ShotModel, model_config
 
 SOURCE_KIND = "source-model"
@@ -72,6 +72,7 @@ class SourceConfig(RunSettings):
     data: str = "builtin:digits/fonts"
     backbone: str = "dtn"
     num_classes: int | None = None
+    classes: tuple[int, ...] | None = None   # train on these labels of the data only (an open-set source's known classes)
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-2
@@ -99,6 +100,8 @@ def check_source_config(cfg: SourceConfig) -> None:
         raise ValueError(f"unknown noise type {cfg.noise_type!r}: choose one of {', '.join(NOISE_TYPES)}")
     if not 0.0 <= cfg.label_noise < 1.0:
         raise ValueError(f"--label-noise must be in [0, 1), got {cfg.label_noise}")
+    if cfg.classes is not None and len(set(cfg.classes)) < 2:
+        raise ValueError(f"--classes {cfg.classes}: a source model needs at least two classes")
     if cfg.pretrained and cfg.init_from:
         raise ValueError("--pretrained and --init-from both give the backbone's starting weights: pass one")
     if cfg.keep not in KEEP_CHOICES:
@@ -149,13 +152,16 @@ def selection_sets(cfg: SourceConfig, style: str):
     data, select_on = cfg.data, cfg.select_on
     if select_on is None and (builtin := default_selection(data)):
         data, select_on = builtin
-    eval_set = load_dataset(data, image_transform(style, train=False), cfg.num_classes)
+    def load(spec: str, train: bool, num_classes: int | None):
+        dataset = load_dataset(spec, image_transform(style, train=train), num_classes)
+        return class_subset(dataset, cfg.classes) if cfg.classes else dataset   # open-set sources: known classes
+
+    eval_set = load(data, False, cfg.num_classes)
     # digits use the same (deterministic) transform for training: share the prepared data set
-    train_set = eval_set if style == "digits" else load_dataset(data, image_transform(style, train=True),
-                                                                cfg.num_classes)
+    train_set = eval_set if style == "digits" else load(data, True, cfg.num_classes)
     if select_on:
         check_disjoint(data, select_on)
-        selection = load_dataset(select_on, image_transform(style, train=False), train_set.num_classes)
+        selection = load(select_on, False, None if cfg.classes else train_set.num_classes)
         return train_set, selection, select_on
     fit_idx, hold_idx = split_holdout(len(train_set), cfg.holdout, cfg.seed)
     return Subset(train_set, fit_idx), Subset(eval_set, hold_idx), f"{cfg.holdout:.0%} of {cfg.data}"
@@ -177,6 +183,7 @@ def train_source(cfg: SourceConfig, dist: Distributed = SINGLE) -> dict:
     if cfg.objective == "cifs-at":  # CIFS blocks after the last stage; adapters rebuild them from the config
         backbone_kwargs["cifs_classes"] = num_classes
     config = model_config(cfg.backbone, num_classes, backbone_kwargs=backbone_kwargs, transform=style)
+    config["classes"] = list(cfg.classes) if cfg.classes else None   # the data labels the outputs stand for
     # the network its config records (the digit bottleneck's dropout included), with the pretrained weights loaded
     model = rt.prepare_module(ShotModel(cfg.backbone, num_classes, backbone_kwargs=backbone_kwargs,
                                         bottleneck_dropout=config["bottleneck_dropout"]))

@@ -3,8 +3,8 @@ SHOT, SHOT++; under torchrun too) and evaluate (accuracy, and accuracy under PGD
 
 from __future__ import annotations
 
-from workbench.arguments import (WORKERS_HELP, non_negative_int, at_least, fraction, given_or, non_negative_float, positive_float, positive_int,
-                                 unit_interval)
+from workbench.arguments import (WORKERS_HELP, at_least, class_list, fraction, given_or, non_negative_float,
+                                 non_negative_int, positive_float, positive_int, unit_interval)
 
 from .shot import METHODS  # noqa: F401  (the registry reads it)
 
@@ -69,6 +69,9 @@ def add_source_options(options) -> None:
                          "uniform: re-drawn from all classes, the SAT code's corruption (about 9/10 of the rate end "
                          "up wrong with 10 classes)")
     options.add_argument("--resume", action="store_true", help="continue the run in --out from its train-state.pt")
+    options.add_argument("--classes", type=class_list, default=None, metavar="LABELS", help="train on the samples "
+                         "of these labels only, e.g. 0-4 (an open-set source's known classes; the checkpoint "
+                         "records them)")
 
 
 def source_config(a):
@@ -80,7 +83,7 @@ def source_config(a):
         epochs=given_or(a.epochs, d.epochs), batch_size=given_or(a.batch_size, d.batch_size),
         lr=given_or(a.lr, d.lr), pretrained=a.pretrained, init_from=a.init_from, transform=a.transform,
         select_on=a.select_on, eval_target=a.eval_target, objective=a.objective, label_noise=a.label_noise,
-        noise_type=a.noise_type, keep=a.keep, resume=a.resume, seed=a.seed,
+        noise_type=a.noise_type, keep=a.keep, resume=a.resume, classes=a.classes, seed=a.seed,
         device=a.device, workers=a.workers, run_dir=a.out, progress=not a.no_progress)
 
 
@@ -109,6 +112,7 @@ def add_adapt_options(options) -> None:
     take the benchmark's official value."""
     from workbench.adapt.cluster import CLUSTER_BACKENDS
 
+    from .open_set import SETTINGS
     from .rotation import KEEP_CHOICES
     from .shot import BENCHMARKS
 
@@ -134,6 +138,11 @@ def add_adapt_options(options) -> None:
                          "(default 0.1 digits, 0.75 images)")
     options.add_argument("--cluster-backend", default="auto", choices=CLUSTER_BACKENDS, help="SHOT's clustering "
                          "and NRC's and AaD's neighbour search (auto: faiss where installed)")
+    options.add_argument("--setting", default="closed", choices=SETTINGS, help="closed (the target holds the "
+                         "source's classes), partial (a subset: SHOT's PDA rule, scored over the target's classes) or "
+                         "open (classes the source lacks: SHOT's ODA rule, scored by OS*, OS, UNK and H-score)")
+    options.add_argument("--target-classes", type=class_list, default=None, metavar="LABELS", help="partial set: "
+                         "the target's classes, e.g. 0-4 (default for built-in digits: 0-4)")
     options.add_argument("--neighbours", type=positive_int, default=None, help="NRC, AaD: K nearest neighbours "
                          "in the feature bank (default: the official script's for the benchmark, e.g. 5 VisDA-C, 3 "
                          "Office-Home)")
@@ -160,7 +169,8 @@ def adapt_config(a):
         transfer_batch_size=a.transfer_batch_size, transfer_classifier=a.transfer_classifier,
         mix_alpha=a.mix_alpha, cluster_backend=a.cluster_backend, test_on=a.test_on, neighbours=a.neighbours,
         expanded_neighbours=a.expanded_neighbours, dispersion_weight=a.dispersion_weight,
-        dispersion_decay=a.dispersion_decay, seed=a.seed, device=a.device,
+        dispersion_decay=a.dispersion_decay, setting=a.setting, target_classes=a.target_classes, seed=a.seed,
+        device=a.device,
         workers=a.workers, run_dir=a.out, progress=not a.no_progress)
 
 

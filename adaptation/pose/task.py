@@ -3,7 +3,7 @@ evaluate (PCK and OKS AP); one process."""
 
 from __future__ import annotations
 
-from workbench.arguments import WORKERS_HELP, non_negative_int, fraction, given_or, positive_int, unit_interval
+from workbench.arguments import WORKERS_HELP, fraction, given_or, non_negative_int, positive_int, unit_interval
 from workbench.runtime import PRECISION_CHOICES, PRECISION_HELP
 
 from .mean_teacher import METHODS  # noqa: F401  (the registry reads it)

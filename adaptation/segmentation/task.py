@@ -3,7 +3,7 @@ and SHOT) and evaluate (mIoU); one process."""
 
 from __future__ import annotations
 
-from workbench.arguments import WORKERS_HELP, non_negative_int, at_least, given_or, non_negative_float, positive_int
+from workbench.arguments import WORKERS_HELP, at_least, given_or, non_negative_float, non_negative_int, positive_int
 from workbench.runtime import PRECISION_CHOICES, PRECISION_HELP
 
 from .shot import METHODS  # noqa: F401  (the registry reads it)

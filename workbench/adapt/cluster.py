@@ -89,18 +89,23 @@ def check_backend(backend: str, device: torch.device | None = None) -> str:
 
 
 def shot_centroids(features: torch.Tensor, probs: torch.Tensor, rounds: int = ROUNDS,
-                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                   backend: str = "auto", min_count: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The last round's centroids (in the augmented, normalised feature space) and the class of each.
 
     Fitted on (N, d) features and (N, K) softmax outputs; `assign_to_centroids` then labels these or any
-    other features (the dense adapter fits on a sample of pixels and labels every pixel)."""
+    other features (the dense adapter fits on a sample of pixels and labels every pixel). A class is a
+    candidate while more than `min_count` samples hold it (the official --threshold: 0, and 10 for
+    partial-set adaptation, where classes the target lacks must drop out)."""
     backend = check_backend(backend, features.device)
     features = _augment(features)
     num_classes = probs.shape[1]
     weights, labels = probs.float(), probs.argmax(1)
     for r in range(rounds):
         centroids = weights.T @ features / (weights.sum(0)[:, None] + 1e-8)
-        candidates = torch.bincount(labels, minlength=num_classes).nonzero().squeeze(1)
+        candidates = (torch.bincount(labels, minlength=num_classes) > min_count).nonzero().squeeze(1)
+        if not len(candidates):
+            raise ValueError(f"no class holds more than {min_count} of the {len(labels)} samples: lower the "
+                             f"pseudo-label threshold")
         if r == rounds - 1:
             return centroids[candidates], candidates
         labels = candidates[_nearest_centroid(features, centroids[candidates], backend)]
@@ -115,7 +120,7 @@ def assign_to_centroids(features: torch.Tensor, centroids: torch.Tensor, classes
 
 
 def shot_pseudo_labels(features: torch.Tensor, probs: torch.Tensor, rounds: int = ROUNDS,
-                       backend: str = "auto") -> torch.Tensor:
+                       backend: str = "auto", min_count: int = 0) -> torch.Tensor:
     """Pseudo-labels (N,) for bottleneck features (N, d) and softmax outputs (N, K)."""
-    centroids, classes = shot_centroids(features, probs, rounds, backend)
+    centroids, classes = shot_centroids(features, probs, rounds, backend, min_count)
     return assign_to_centroids(features, centroids, classes, backend)

@@ -39,7 +39,7 @@ class ShotLoop:
         new_history() -> dict                       the per-epoch lists `record` fills
         param_groups(logger, history) -> [(module, lr multiplier)]  what trains (may fit a head first: SHOT++)
         epoch_labels(latest, epoch, logger, history) -> labels | None
-        batch_loss(batch, labels, prior) -> (loss, {term: value})
+        batch_loss(batch, labels, prior) -> (loss, {term: value}), or None to skip the batch
         evaluate_initial() / evaluate_epoch(epoch) / evaluate_final() -> a target evaluation
         held_out_scores() -> scores of the held-out splits (None without them)
         log_evaluation(logger, evaluation, epoch);  log_held_out(logger, before, after)
@@ -86,7 +86,11 @@ class ShotLoop:
             for batch in self.loader:
                 step += 1   # the official loops count the step before scheduling: p runs 1/T .. 1
                 self.schedule(optimizer, step, total)
-                loss, terms = self.batch_loss(batch, labels, prior)
+                step_loss = self.batch_loss(batch, labels, prior)
+                if step_loss is None:   # nothing to learn from in this batch: counted, not stepped (as the official code)
+                    logger.advance(1)
+                    continue
+                loss, terms = step_loss
                 take_step(optimizer, loss, self.dist)
                 add_terms(sums, terms)
                 logger.advance(1)
