@@ -53,7 +53,7 @@ def test_nrc_loss_matches_the_papers_sums_computed_by_hand(backend):
     probs = logits.softmax(1)
     batch_features = torch.randn(3, 4, generator=torch.Generator().manual_seed(3))
     queries = bank.update(idx, batch_features, probs)
-    loss, terms = nrc_loss(probs, queries, idx, bank, neighbours=3, expanded_neighbours=2)
+    loss, terms = nrc_loss(probs, queries, idx, bank, neighbours=3, expanded_neighbours=2, reciprocal_weights=True)
 
     # by hand: neighbours by sorted cosine similarity over the updated bank, the row itself first and dropped
     f = F.normalize(features, dim=1).numpy().astype(np.float64)
@@ -83,16 +83,30 @@ def test_nrc_loss_matches_the_papers_sums_computed_by_hand(backend):
 
 def test_a_reciprocal_neighbour_weighs_its_count_and_others_a_tenth():
     """Four points on a line: 0 and 1 are each other's nearest; with K = KK = 1 the pair is reciprocal
-    (affinity 1), while 3's nearest (2) has 1 as its own nearest, so 3 gets the 0.1 affinity."""
+    (affinity 1), while 3's nearest (2) has 1 as its own nearest, so 3 gets the 0.1 affinity. Without the
+    paper's reciprocal weights (the official code's effective weights) both get 0.1."""
     angles = torch.tensor([0.0, 0.1, 0.5, 1.2])
     features = torch.stack([angles.cos(), angles.sin()], 1)
     scores = torch.eye(2)[[0, 0, 1, 1]].float()
     bank = MemoryBank(features, scores, backend="torch")
     probs = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
     idx = torch.tensor([0, 3])
-    _, terms = nrc_loss(probs, bank.features[idx], idx, bank, neighbours=1, expanded_neighbours=1)
+    _, terms = nrc_loss(probs, bank.features[idx], idx, bank, neighbours=1, expanded_neighbours=1,
+                        reciprocal_weights=True)
     # sample 0: neighbour 1 (reciprocal, affinity 1): -<p, s_1> = -0.5; sample 3: neighbour 2 (affinity 0.1): -0.05
     assert terms["neighbourhood"].item() == pytest.approx((-0.5 - 0.05) / 2)
+    _, terms = nrc_loss(probs, bank.features[idx], idx, bank, neighbours=1, expanded_neighbours=1)
+    assert terms["neighbourhood"].item() == pytest.approx((-0.05 - 0.05) / 2)
+
+
+def test_the_official_nrc_code_overwrites_its_reciprocal_weights():
+    """The official train_tar.py's own lines: filling the expanded view writes 0.1 over the reciprocal weights,
+    which is why nrc_loss's default weighs every neighbour by 0.1."""
+    match = torch.tensor([[2.0, 0.0, 1.0]])
+    weight = torch.where(match > 0.0, match, torch.ones_like(match).fill_(0.1))
+    weight_kk = weight.unsqueeze(-1).expand(-1, -1, 2)
+    weight_kk = weight_kk.fill_(0.1)
+    assert weight.tolist() == [[pytest.approx(0.1)] * 3]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -59,6 +59,7 @@ class NeighbourhoodAdapter(ShotAdapter):
         queries = self.bank.update(idx, features, probs)
         cfg = self.cfg
         if cfg.method == "nrc":
-            return nrc_loss(probs, queries, idx, self.bank, cfg.neighbours, cfg.expanded_neighbours)
+            return nrc_loss(probs, queries, idx, self.bank, cfg.neighbours, cfg.expanded_neighbours,
+                            reciprocal_weights=cfg.reciprocal_affinity)
         weight = dispersion_weight(self.step - 1, self.total_steps, cfg.dispersion_weight, cfg.dispersion_decay)
         return aad_loss(probs, queries, self.bank, cfg.neighbours, weight)

@@ -1,16 +1,24 @@
 """NRC (Yang, Wang, van de Weijer, Herranz, Jui; NeurIPS 2021, "Exploiting the Intrinsic Neighborhood Structure
 for Source-free Domain Adaptation"): each target prediction is pulled towards the stored predictions of its
-nearest neighbours in feature space, more strongly where the neighbourhood is reciprocal.
+nearest neighbours in feature space (in the paper more strongly where the neighbourhood is reciprocal; in its
+code, which made its figures, not: see below).
 
 For a sample i of the batch, with p_i its softmax and s_j the score bank (workbench.adapt.neighbours):
 
     N_K(i)       its K nearest neighbours in the feature bank (itself left out)
     E(i)         the expanded neighbourhood: the KK nearest neighbours of every j in N_K(i)
-    A_ij         affinity: for j in N_K(i), the number of times i is among j's KK nearest neighbours
-                 (reciprocal neighbours), or 0.1 where it is not; 0.1 for every member of E(i)
+    A_ij         affinity: 0.1 for every j in N_K(i) and every member of E(i), as the official code computes
+                 it; with `reciprocal_weights` (the paper's weighting), for j in N_K(i) the number of times i is among
+                 j's KK nearest neighbours (reciprocal neighbours), or 0.1 where it is not
 
     L = - mean_i sum_{j in N_K(i)} A_ij <p_i, s_j>  - mean_i sum_{m in E(i)} 0.1 <p_i, s_m>
         + sum_c pbar_c log(pbar_c + eps)                                  (pbar: the batch's mean p)
+
+Why the official code's affinity is 0.1 throughout: it computes the reciprocal weights, then builds the
+expanded neighbourhood's weights as `weight.unsqueeze(-1).expand(...)` and fills that with 0.1 in place;
+the expanded tensor is a view of `weight`, so the fill overwrites the reciprocal weights too (checked in
+PyTorch: `weight` reads 0.1 everywhere after the fill). Its published figures were made so, and this
+workbench's default follows the code (`reciprocal_weights=False`); `--reciprocal-affinity` gives the paper's.
 
 The official code writes the dot products as F.kl_div(p_i, s_j) on probabilities (not log-probabilities),
 which is s_j log s_j - <s_j, p_i>: the same gradient, with a constant added to the logged value; the
@@ -44,14 +52,17 @@ BACKBONE_LR_MULT = 0.1
 
 
 def nrc_loss(probs: torch.Tensor, queries: torch.Tensor, idx: torch.Tensor, bank: MemoryBank, neighbours: int,
-             expanded_neighbours: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """NRC's loss for a batch whose rows the bank already holds (`queries`: their normalised features)."""
+             expanded_neighbours: int, reciprocal_weights: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """NRC's loss for a batch whose rows the bank already holds (`queries`: their normalised features);
+    `reciprocal_weights` weighs reciprocal neighbours by their count (the paper), else every neighbour by 0.1 (the code)."""
     with torch.no_grad():
         near = bank.neighbours(queries, neighbours)                                       # (B, K)
         near_near = bank.neighbours(bank.features[near.flatten()], expanded_neighbours)   # (B*K, KK)
         near_near = near_near.view(len(idx), neighbours, expanded_neighbours)
-        reciprocal = (near_near == idx.to(near_near.device)[:, None, None]).sum(-1).float()   # (B, K)
-        affinity = torch.where(reciprocal > 0, reciprocal, torch.full_like(reciprocal, NON_RECIPROCAL_AFFINITY))
+        reciprocal = (near_near == idx.to(near_near.device)[:, None, None]).sum(-1).float()   # (B, K): i among j's KK
+        affinity = torch.full_like(reciprocal, NON_RECIPROCAL_AFFINITY)
+        if reciprocal_weights:
+            affinity = torch.where(reciprocal > 0, reciprocal, affinity)
         near_scores = bank.scores[near].to(probs.device)                                  # (B, K, C)
         expanded_scores = bank.scores[near_near.flatten(1)].to(probs.device)              # (B, K*KK, C)
     neighbourhood = -((probs[:, None, :] * near_scores).sum(-1) * affinity.to(probs.device)).sum(1).mean()

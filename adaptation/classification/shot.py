@@ -125,6 +125,7 @@ class AdaptConfig(RunSettings):
     # NRC and AaD (adaptation.classification.nrc, .aad): their official values per benchmark when None
     neighbours: int | None = None            # K
     expanded_neighbours: int | None = None   # KK (NRC)
+    reciprocal_affinity: bool = False        # NRC: the paper's reciprocal weights (the official code's are all 0.1)
     dispersion_weight: float | None = None   # alpha (AaD)
     dispersion_decay: float | None = None    # beta (AaD): lambda = alpha (1 + 10 t/T)^-beta; 0 keeps it constant
     constant_lr: bool | None = None          # the office scripts of NRC and AaD keep lr constant
