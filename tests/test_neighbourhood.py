@@ -69,8 +69,9 @@ def test_nrc_loss_matches_the_papers_sums_computed_by_hand(backend):
     for b, i in enumerate(idx.tolist()):
         for j in knn(i, 3):
             reciprocal = knn(j, 2).count(i)
-            neighbourhood -= (reciprocal if reciprocal else 0.1) * p[b] @ s[j]
-            expanded -= sum(0.1 * p[b] @ s[m] for m in knn(j, 2))
+            # the official F.kl_div on probabilities: sum_c s (log s - p) = <s, log s> - <p, s>
+            neighbourhood += (reciprocal if reciprocal else 0.1) * (s[j] @ np.log(s[j]) - p[b] @ s[j])
+            expanded += sum(0.1 * (s[m] @ np.log(s[m]) - p[b] @ s[m]) for m in knn(j, 2))
     mean = p.mean(0)
     diversity = float((mean * np.log(mean + 1e-5)).sum())
     assert terms["neighbourhood"].item() == pytest.approx(neighbourhood / 3, rel=1e-5)
