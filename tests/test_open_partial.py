@@ -144,3 +144,19 @@ def test_bad_settings_are_one_line(known_source, tmp_path, capsys, argv, line):
     assert adapt_main(["--source", str(known_source[0]), "--out", str(tmp_path / "x"), *argv]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {line}"]
     assert not (tmp_path / "x").exists()
+
+
+def test_open_set_shot_im_still_splits_off_the_unknown(known_source, tmp_path):
+    """As the official ODA code, which splits known from unknown whatever --cls_par: SHOT-IM's entropy terms
+    run on the known samples, with no cross-entropy."""
+    from adaptation.classification.shot import AdaptConfig, ShotAdapter
+    from workbench.logging import RunLogger
+
+    adapter = ShotAdapter(AdaptConfig(source=str(known_source[0]), target="builtin:digits/photo", setting="open",
+                                      method="shot-im", epochs=1, run_dir=str(tmp_path / "im"), progress=False))
+    logger = RunLogger(tmp_path / "im", progress=False)
+    labels = adapter.epoch_labels(adapter.evaluate_initial(), 0, logger, {})
+    logger.close()
+    assert labels is not None and (labels == 5).any() and (labels < 5).any()
+    _, terms = adapter.batch_loss(next(iter(adapter.loader)), labels)
+    assert "pseudo_ce" not in terms

@@ -319,7 +319,7 @@ class ShotAdapter(ShotLoop):
         B were frozen while the rotation head was fitted). Open set: the high-entropy samples are labelled
         unknown (index = the class count) and the centroids fitted on the others (adaptation.classification.
         open_set)."""
-        if self.cfg.beta <= 0:
+        if self.cfg.beta <= 0 and self.cfg.setting != "open":   # open-set SHOT-IM still splits off the unknown
             return None
         features, probs = latest["features"].to(self.rt.device), latest["probs"].to(self.rt.device)
         known = torch.ones(len(probs), dtype=torch.bool, device=probs.device)
@@ -354,7 +354,7 @@ class ShotAdapter(ShotLoop):
         im = cond_ent - marg_ent if cfg.diversity else cond_ent
         terms = {"im": im.detach(), "conditional_entropy": cond_ent.detach(), "marginal_entropy": marg_ent.detach()}
         loss = cfg.im_weight * im
-        if pseudo is not None:
+        if pseudo is not None and cfg.beta > 0:
             ce_logits, ce_labels = (logits, labels) if known is None else (logits[known], labels[known])
             terms["pseudo_ce"] = F.cross_entropy(ce_logits, ce_labels)
             loss = loss + cfg.beta * terms["pseudo_ce"]
