@@ -171,7 +171,7 @@ def _train_source(argv) -> int:
     p.add_argument("--no-progress", action="store_true")
     options = task_options(p, "train-source", "add_source_options")
     a = p.parse_args(argv)
-    if getattr(a, "resume", False) and a.overwrite:
+    if a.resume and a.overwrite:
         return _fail(ValueError("--resume continues the run in --out and --overwrite replaces it: pass one"))
     task = load_task(a.task)
     try:
@@ -180,7 +180,7 @@ def _train_source(argv) -> int:
             single_process_only(f"{a.task} source training")
         cfg = task.source_config(a)
         dist = init_distributed(a.device) if task.DISTRIBUTED else SINGLE
-        if not getattr(a, "resume", False):
+        if not a.resume:
             _claim_out(a.out, a.overwrite, dist,
                        resume_hint="continue it with --resume" if getattr(task, "RESUMABLE", False) else "")
         metrics = task.train_source(cfg, dist)
@@ -199,10 +199,6 @@ def adapt_config(argv=None):
     the source checkpoint; a `procgen:<game>[:<visual options>]` target gives a ProcgenAdaptConfig."""
     parser, options = _adapt_parser()
     return config_from_adapt_args(parser.parse_args(argv), options)
-
-
-def parse_adapt_args(argv=None) -> argparse.Namespace:
-    return _adapt_parser()[0].parse_args(argv)
 
 
 def _adapt_parser() -> tuple[ArgumentParser, TaskOptions]:
@@ -235,12 +231,12 @@ def adapt_task(a: argparse.Namespace) -> str:
     return "procgen" if a.target.startswith("procgen:") else _resolve_task(a.task, a.source)
 
 
-def config_from_adapt_args(a: argparse.Namespace, options: TaskOptions | None = None):
+def config_from_adapt_args(a: argparse.Namespace, options: TaskOptions):
     """The adapt config of parsed options, after the checks: the method runs on the task, every option given
     applies to it."""
     task = adapt_task(a)
     check_method(task, a.method)
-    (options or _adapt_parser()[1]).check(a, task)
+    options.check(a, task)
     return load_task(task).adapt_config(a)
 
 

@@ -48,12 +48,18 @@ def unknown_by_entropy(probs: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(clusters == unknown_cluster)
 
 
-def open_set_scores(probs: torch.Tensor, labels: torch.Tensor, num_known: int) -> dict[str, float]:
-    """OS*, OS, UNK and the H-score (percent) of argmax predictions with the high-entropy cluster called
-    unknown (label num_known); per-class means over the classes present in `labels`."""
-    predictions = probs.argmax(1).cpu().clone()
-    predictions[unknown_by_entropy(probs)] = num_known
-    labels = labels.cpu()
+def open_set_predictions(probs: torch.Tensor, num_known: int) -> torch.Tensor:
+    """Argmax predictions with the high-entropy cluster called unknown (label num_known)."""
+    return probs.argmax(1).masked_fill(unknown_by_entropy(probs).to(probs.device), num_known)
+
+
+def open_set_scores(probs: torch.Tensor, labels: torch.Tensor, num_known: int,
+                    predictions: torch.Tensor | None = None) -> dict[str, float]:
+    """OS*, OS, UNK and the H-score (percent) of the open-set predictions (`open_set_predictions` of `probs`
+    unless given); per-class means over the classes present in `labels`."""
+    if predictions is None:
+        predictions = open_set_predictions(probs, num_known)
+    predictions, labels = predictions.cpu(), labels.cpu()
     present = [int(c) for c in torch.unique(labels)]
     per_class = {c: 100.0 * float((predictions[labels == c] == c).float().mean()) for c in present}
     known = [per_class[c] for c in present if c < num_known]

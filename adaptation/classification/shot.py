@@ -47,7 +47,8 @@ from workbench.arguments import given_or
 from ..common import INPUT_ERRORS
 from .data import builtin_test_split, load_target
 from .model import load_model
-from .open_set import PARTIAL_CLASSES, PDA_MIN_COUNT, SETTINGS, open_set_scores, unknown_by_entropy
+from .open_set import (PARTIAL_CLASSES, PDA_MIN_COUNT, SETTINGS, open_set_predictions, open_set_scores,
+                       unknown_by_entropy)
 from .rotation import KEEP_CHOICES, RotationHead, pretrain_rotation_head, rotation_loss
 
 METHODS = ("shot-im", "shot", "shot++", "nrc", "aad")
@@ -258,12 +259,11 @@ class ShotAdapter(ShotLoop):
         cluster called unknown (accuracy: OS, the SHOT paper's ODA figure; open_set: OS*, OS, UNK, H-score)."""
         pred, classes = probs.argmax(1), self.num_classes
         if self.cfg.setting == "open":
-            pred = pred.masked_fill(unknown_by_entropy(probs).to(pred.device), classes)
-            classes += 1
+            pred, classes = open_set_predictions(probs, classes), classes + 1
         result = {"accuracy": accuracy(pred, labels), "per_class_accuracy": per_class_accuracy(pred, labels, classes),
                   "confusion": confusion_matrix(pred, labels, classes)}
         if self.cfg.setting == "open":
-            result["open_set"] = open_set_scores(probs, labels, self.num_classes)
+            result["open_set"] = open_set_scores(probs, labels, self.num_classes, pred)
             result["accuracy"] = result["open_set"]["os"]
         return result
 

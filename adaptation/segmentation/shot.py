@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from workbench.adapt.cluster import assign_to_centroids, shot_centroids
 from workbench.adapt.information import DIVERSITY_PRIORS, information_maximization
 from workbench.adapt.loop import ShotLoop
-from workbench.adapt.training import make_loader, set_group_lr, set_shot_lr, shot_optimizer
+from workbench.adapt.training import make_loader, set_group_lr
 from workbench.checkpoint import save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import RunSettings, Runtime, seed_everything
@@ -363,12 +363,12 @@ class DenseShotAdapter(ShotLoop):
 
     def make_optimizer(self, groups) -> torch.optim.Optimizer:
         if self.cfg.schedule == "shot":
-            return shot_optimizer(groups, self.cfg.lr, self.cfg.weight_decay)
+            return super().make_optimizer(groups)
         return segmentation_optimizer(groups, self.cfg.lr, self.cfg.weight_decay)
 
     def schedule(self, optimizer: torch.optim.Optimizer, step: int, total: int) -> None:
         if self.cfg.schedule == "shot":
-            set_shot_lr(optimizer, self.cfg.lr, step / total)
+            super().schedule(optimizer, step, total)
         else:
             set_group_lr(optimizer, poly_lr(self.cfg.lr, (step - 1) / total))
 

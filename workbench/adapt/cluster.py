@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 ROUNDS = 2
+CLUSTER_BACKENDS = ("auto", "faiss", "torch")  # auto: faiss where installed (on the GPU: faiss-gpu)
 
 
 def faiss_available() -> bool:
@@ -53,9 +54,6 @@ def _faiss_index(dim: int, device: torch.device):
         resources = _GPU_RESOURCES.setdefault(gpu, faiss.StandardGpuResources())  # scratch memory, made once
         index = faiss.index_cpu_to_gpu(resources, gpu, index)
     return index
-
-
-CLUSTER_BACKENDS = ("auto", "faiss", "torch")  # auto: faiss where installed (on the GPU: faiss-gpu)
 
 
 def _nearest_centroid(features: torch.Tensor, centroids: torch.Tensor, backend: str) -> torch.Tensor:
