@@ -5,6 +5,7 @@ stops every worker with one line. Each test launches real `torchrun` jobs of 2 g
   the time limit (before this, PPO and Rainbow hung until the 30-minute collective timeout), rank 1's
   error is in the log, rank 0 says in one line that another worker failed (no traceback of its own),
   and the checkpoint written before the failure loads with the step it was written at;
+- a worker that torchrun terminates (SIGTERM) while it is in no collective says so in one line;
 - a missing target under torchrun: the one error line, no worker traceback;
 - a GPU job's process group carries gloo for CPU tensors beside NCCL (checked without a GPU);
 - a torchrun job of one process joins a group of one and runs its collectives.
@@ -73,9 +74,35 @@ def assert_failed_cleanly(result: subprocess.CompletedProcess) -> None:
     log = result.stdout + result.stderr
     assert result.returncode != 0
     assert "RuntimeError: injected failure on rank 1" in log, log[-3000:]
-    assert "stopped because another worker of the job failed" in log, log[-3000:]
+    # in its collective (the peer's connection closed) or, if it was between collectives, on torchrun's SIGTERM
+    assert re.search(r"^error: worker 0 stopped because (another worker of the job failed|torchrun ended the job)",
+                     log, re.M), log[-3000:]
     assert not re.search(r"^\[rank0\]:.*Traceback", log, re.M), log[-3000:]
     assert "Connection closed by peer" not in log, log[-3000:]
+
+
+SLEEPER = textwrap.dedent("""
+    import time
+    from workbench.distributed import init_distributed, worker_main
+
+    def body():
+        group = init_distributed("cpu")
+        group.barrier()
+        if group.rank == 1:
+            raise RuntimeError("injected failure on rank 1")
+        time.sleep(100)  # rank 0 is in no collective: only torchrun's SIGTERM can stop it
+        return 0
+
+    def main(argv):
+        return worker_main(body)
+""")
+
+
+def test_a_worker_that_torchrun_terminates_between_collectives_says_so_in_one_line(tmp_path):
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    result, seconds = torchrun(tmp_path, "sleeper:main", [])
+    assert_failed_cleanly(result)
+    assert "torchrun ended the job" in result.stderr and seconds < 60, (seconds, result.stderr[-2000:])
 
 
 PROCGEN = ["--env", "bigfish", "--num-envs", "2", "--eval-interval", "100", "--eval-episodes", "2", "--no-video",

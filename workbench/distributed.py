@@ -26,6 +26,7 @@ error, so the job ends within seconds with the real error in the log.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -282,23 +283,58 @@ def speaks() -> bool:
     return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
+class StoppedByLauncher(BaseException):
+    """torchrun's SIGTERM, raised where the worker is (a BaseException, so no `except Exception` on the way
+    swallows it, while `finally` blocks still run and remove half-written files)."""
+
+
+def _raise_stopped(signum, frame):
+    raise StoppedByLauncher()
+
+
+def _leaving() -> None:
+    """On the way out after a failure: a SIGTERM from here on must not interrupt the one line or the
+    traceback being printed."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _say_stopped(reason: str) -> None:
+    if speaks():
+        print(f"error: worker {os.environ.get('RANK', '?')} stopped because {reason}", file=sys.stderr, flush=True)
+
+
 def worker_main(body: Callable[[], int]) -> int:
     """Run a command's body as one worker of a torchrun job (or as a plain process) and leave the process
     group on the way out.
 
     A worker whose collective failed because another worker stopped says so in one line and exits 1,
-    rather than adding a traceback of its own. A worker that fails itself keeps its place in the group
-    until its traceback is printed (and recorded for torchrun's failure report): the others, who notice
-    when it leaves, then stop after its error is in the log."""
+    rather than adding a traceback of its own. So does a worker that torchrun terminates (SIGTERM) because
+    another worker exited while this one was between collectives, or because torchrun itself was stopped.
+    A worker that fails itself keeps its place in the group until its traceback is printed (and recorded
+    for torchrun's failure report): the others, who notice when it leaves, then stop after its error is in
+    the log."""
+    if not launched_distributed():
+        return body()
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        return _run_worker(body)
+    except StoppedByLauncher:
+        _leaving()
+        _say_stopped("torchrun ended the job (another worker of the job failed, its error in the log above "
+                     "this line, or torchrun itself was stopped)")
+        shutdown_distributed(failed=True)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_worker(body: Callable[[], int]) -> int:
     try:
         code = body()
     except Exception as exc:
-        if not launched_distributed():
-            raise
+        _leaving()
         if lost_a_peer(exc):
-            if speaks():
-                print(f"error: worker {os.environ.get('RANK', '?')} stopped because another worker of the job "
-                      f"failed (its error is in the log above this line)", file=sys.stderr, flush=True)
+            _say_stopped("another worker of the job failed (its error is in the log above this line)")
             shutdown_distributed(failed=True)
             return 1
         from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
