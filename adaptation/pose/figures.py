@@ -159,42 +159,83 @@ class Stroke:
     polygon: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class LimbAngles:
+    """One side's limbs: each segment's direction in degrees from the torso's `down` towards the figure's
+    side (the forearm's and shin's include the elbow's and knee's flexion) and its projected length as a
+    fraction of the segment's (FORESHORTEN)."""
+    upper_arm: float
+    upper_arm_length: float
+    forearm: float
+    forearm_length: float
+    thigh: float
+    thigh_length: float
+    shin: float
+    shin_length: float
+
+
 def sample_pose(rng: np.random.Generator) -> Figure:
     """A random figure with its neck at the origin."""
     height = rng.uniform(*FIGURE_HEIGHT)
-    size = {name: share * height * rng.uniform(1 - PROPORTION_JITTER, 1 + PROPORTION_JITTER)
-            for name, share in BODY.items()}
+    size = body_sizes(rng, height)
     lean = np.radians(np.clip(rng.normal(0.0, LEAN_SD), -LEAN_MAX, LEAN_MAX))
-    down, left = np.array([np.sin(lean), np.cos(lean)]), np.array([np.cos(lean), -np.sin(lean)])
-
-    def direction(degrees: float) -> np.ndarray:
-        """Unit vector turned from the torso's `down` towards the figure's left by `degrees`."""
-        angle = np.radians(degrees)
-        return np.cos(angle) * down + np.sin(angle) * left
+    head_tilt = rng.uniform(-HEAD_TILT, HEAD_TILT)
+    torso_length = rng.uniform(*TORSO_FORESHORTEN)
 
     def bend(limits) -> float:   # a flexion either way
         return float(rng.choice((-1.0, 1.0)) * rng.uniform(*limits))
 
-    joints = np.zeros((len(JOINTS), 2))
-    joints[HEAD] = -direction(rng.uniform(-HEAD_TILT, HEAD_TILT)) * size["neck"]
-    hip_centre = down * size["torso"] * rng.uniform(*TORSO_FORESHORTEN)
-    for side, (shoulder, elbow, wrist, hip, knee, ankle) in ((1.0, (L_SHOULDER, L_ELBOW, L_WRIST, L_HIP, L_KNEE, L_ANKLE)),
-                                                              (-1.0, (R_SHOULDER, R_ELBOW, R_WRIST, R_HIP, R_KNEE, R_ANKLE))):
-        joints[shoulder] = side * size["shoulder"] * left
-        joints[hip] = hip_centre + side * size["hip"] * left
-        upper_arm = rng.uniform(*SHOULDER)
-        joints[elbow] = joints[shoulder] + direction(side * upper_arm) * size["upper_arm"] * rng.uniform(*FORESHORTEN)
-        forearm = upper_arm + bend(ELBOW)
-        joints[wrist] = joints[elbow] + direction(side * forearm) * size["forearm"] * rng.uniform(*FORESHORTEN)
-        thigh = rng.uniform(*HIP)
-        joints[knee] = joints[hip] + direction(side * thigh) * size["thigh"] * rng.uniform(*FORESHORTEN)
-        shin = thigh + bend(KNEE)
-        joints[ankle] = joints[knee] + direction(side * shin) * size["shin"] * rng.uniform(*FORESHORTEN)
+    limbs = []
+    for _ in ("left", "right"):
+        upper_arm, upper_arm_length = rng.uniform(*SHOULDER), rng.uniform(*FORESHORTEN)
+        forearm, forearm_length = upper_arm + bend(ELBOW), rng.uniform(*FORESHORTEN)
+        thigh, thigh_length = rng.uniform(*HIP), rng.uniform(*FORESHORTEN)
+        shin, shin_length = thigh + bend(KNEE), rng.uniform(*FORESHORTEN)
+        limbs.append(LimbAngles(upper_arm, upper_arm_length, forearm, forearm_length, thigh, thigh_length, shin,
+                                shin_length))
+    joints = pose_joints(size, lean, head_tilt, torso_length, *limbs)
+    return Figure(joints, stroke_radii(rng, height, size),
+                  (bool(rng.random() < ARM_BEHIND), bool(rng.random() < ARM_BEHIND)), bool(rng.random() < 0.5))
+
+
+def body_sizes(rng: np.random.Generator, height: float) -> dict:
+    """Segment lengths (pixels) of a figure `height` tall: BODY's proportions, each jittered."""
+    return {name: share * height * rng.uniform(1 - PROPORTION_JITTER, 1 + PROPORTION_JITTER)
+            for name, share in BODY.items()}
+
+
+def stroke_radii(rng: np.random.Generator, height: float, size: dict) -> dict:
     radius = {"head": size["head_radius"]}
     for part, (low, high) in STROKE_RADIUS.items():
         radius[part] = max(MIN_RADIUS, height * rng.uniform(low, high))
-    return Figure(np.round(joints, 2), radius, (bool(rng.random() < ARM_BEHIND), bool(rng.random() < ARM_BEHIND)),
-                  bool(rng.random() < 0.5))
+    return radius
+
+
+def pose_joints(size: dict, lean: float, head_tilt: float, torso_length: float, left: LimbAngles,
+                right: LimbAngles) -> np.ndarray:
+    """(14, 2) joints, neck at the origin, of the kinematic chain: the torso `lean` radians from vertical,
+    the head `head_tilt` degrees off the torso's axis, each limb segment turned and shortened as its side's
+    LimbAngles say (positive angles turn away from the body)."""
+    down, leftward = np.array([np.sin(lean), np.cos(lean)]), np.array([np.cos(lean), -np.sin(lean)])
+
+    def direction(degrees: float) -> np.ndarray:
+        """Unit vector turned from the torso's `down` towards the figure's left by `degrees`."""
+        angle = np.radians(degrees)
+        return np.cos(angle) * down + np.sin(angle) * leftward
+
+    joints = np.zeros((len(JOINTS), 2))
+    joints[HEAD] = -direction(head_tilt) * size["neck"]
+    hip_centre = down * size["torso"] * torso_length
+    for side, limb, (shoulder, elbow, wrist, hip, knee, ankle) in (
+            (1.0, left, (L_SHOULDER, L_ELBOW, L_WRIST, L_HIP, L_KNEE, L_ANKLE)),
+            (-1.0, right, (R_SHOULDER, R_ELBOW, R_WRIST, R_HIP, R_KNEE, R_ANKLE))):
+        joints[shoulder] = side * size["shoulder"] * leftward
+        joints[hip] = hip_centre + side * size["hip"] * leftward
+        joints[elbow] = joints[shoulder] + direction(side * limb.upper_arm) * size["upper_arm"] * limb.upper_arm_length
+        joints[wrist] = joints[elbow] + direction(side * limb.forearm) * size["forearm"] * limb.forearm_length
+        joints[knee] = joints[hip] + direction(side * limb.thigh) * size["thigh"] * limb.thigh_length
+        joints[ankle] = joints[knee] + direction(side * limb.shin) * size["shin"] * limb.shin_length
+    return np.round(joints, 2)
 
 
 def figure_strokes(figure: Figure) -> list[Stroke]:
