@@ -28,6 +28,8 @@ COMMANDS = {
     "train-source": ("adaptation.cli", "train_source_main", "train a source model for adaptation"),
     "adapt": ("adaptation.cli", "adapt_main", "adapt a source model to unlabelled target data (SHOT-IM/SHOT/SHOT++)"),
     "evaluate": ("adaptation.cli", "evaluate_main", "accuracy of a source or adapted model on a data set"),
+    "track": ("adaptation.tracking.cli", "track_main",
+              "crowd pose tracking of videos: detect, track, estimate, smooth (PoseTrack JSON and GIFs)"),
     "backbones": ("workbench.cli", "backbones_main", "list the registered backbones"),
     "heads": ("workbench.cli", "heads_main", "list the registered dense heads (segmentation and pose)"),
 }

@@ -30,6 +30,8 @@ TASKS = {
     "classification": "adaptation.classification.task",
     "segmentation": "adaptation.segmentation.task",
     "pose": "adaptation.pose.task",
+    "detection": "adaptation.detection.task",   # person detection for crowd pose tracking
+    "tracking": "adaptation.tracking.task",     # scores the tracks of `workbench track` (nothing to train)
     "procgen": "agents.task",  # a trained Procgen agent adapted to a visual domain (--target procgen:...)
 }
 

@@ -190,17 +190,24 @@ AP_NAMES = ("AP", "AP50", "AP75", "AP_M", "AP_L", "AR", "AR50", "AR75", "AR_M", 
 
 def oks_ap(coco_gt, results: list[dict], sigmas) -> dict:
     """COCOeval(iouType="keypoints") with the given per-joint sigmas; stats in % (AP 0 for no results)."""
+    return coco_stats(coco_gt, results, "keypoints", AP_NAMES, sigmas)
+
+
+def coco_stats(coco_gt, results: list[dict], iou_type: str, names: tuple[str, ...], sigmas=None) -> dict:
+    """pycocotools' COCOeval summary (`names` for its stats, in %; 0 for no results) of `results` against a
+    COCO index or annotation file."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     if not results:
-        return {name: 0.0 for name in AP_NAMES}
+        return {name: 0.0 for name in names}
     with contextlib.redirect_stdout(io.StringIO()):
         if not isinstance(coco_gt, COCO):
             coco_gt = COCO(str(coco_gt))
-        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), iouType="keypoints")
-        evaluator.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), iouType=iou_type)
+        if sigmas is not None:
+            evaluator.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: 100.0 * float(max(v, 0.0)) for name, v in zip(AP_NAMES, evaluator.stats)}
+    return {name: 100.0 * float(max(v, 0.0)) for name, v in zip(names, evaluator.stats)}

@@ -28,7 +28,8 @@ were built before them. Built once and cached under $WORKBENCH_DATA/crowds (defa
 ~/.cache/workbench/crowds) as `<domain>-v<VERSION>[-n<train>-<test>][-val<val>][-f<frames>]/` holding
 `images/<split>/<video>/<frame>.png` and `annotations/<split>/<video>.json`; the folder is written
 under a temporary name and renamed when complete. Smaller sets (for tests) come from
-`build_domain(..., n_train=, n_test=, n_val=, frames=)` or WORKBENCH_CROWDS_N="<train>,<test>[,<val>]".
+`build_domain(..., n_train=, n_test=, n_val=, frames=)` or WORKBENCH_CROWDS_N="<train>,<test>[,<val>]" and
+WORKBENCH_CROWDS_FRAMES.
 `builtin:crowds/<domain>[:train|val|test]` names a split wherever tracking data is accepted.
 """
 
@@ -53,6 +54,7 @@ VERSION = 1
 FRAMES = 64
 TRAIN_VIDEOS, TEST_VIDEOS = 16, 8     # val: as many as test
 COUNTS_VARIABLE = "WORKBENCH_CROWDS_N"
+FRAMES_VARIABLE = "WORKBENCH_CROWDS_FRAMES"
 SEEDS = {"flat": 41, "textured": 42}
 SPLIT_STREAM = {"train": 0, "test": 1, "val": 2}
 PERSONS = (3, 5)                      # people per video, inclusive
@@ -295,8 +297,22 @@ def video_counts(n_train: int | None = None, n_test: int | None = None,
     return common.split_counts(COUNTS_VARIABLE, (TRAIN_VIDEOS, TEST_VIDEOS), "crowd video", n_train, n_test, n_val)
 
 
+def frame_count(frames: int | None = None) -> int:
+    """Frames per video: the argument, else WORKBENCH_CROWDS_FRAMES, else FRAMES (64)."""
+    if frames is None:
+        text = os.environ.get(FRAMES_VARIABLE, "").strip()
+        try:
+            frames = int(text) if text else FRAMES
+        except ValueError:
+            raise ValueError(f"{FRAMES_VARIABLE}={text!r}: expected a number of frames, e.g. 16") from None
+    if frames < 2:
+        raise ValueError(f"a crowd video needs at least 2 frames, got {frames}")
+    return frames
+
+
 def domain_dir(domain: str, n_train: int | None = None, n_test: int | None = None, n_val: int | None = None,
-               frames: int = FRAMES) -> Path:
+               frames: int | None = None) -> Path:
+    frames = frame_count(frames)
     suffix = common.counts_suffix(video_counts(n_train, n_test, n_val), (TRAIN_VIDEOS, TEST_VIDEOS))
     return cache_dir() / f"{check_domain(domain)}-v{VERSION}{suffix}{'' if frames == FRAMES else f'-f{frames}'}"
 
@@ -306,11 +322,10 @@ def _is_built(folder: Path) -> bool:
 
 
 def build_domain(domain: str, force: bool = False, n_train: int | None = None, n_test: int | None = None,
-                 n_val: int | None = None, frames: int = FRAMES) -> Path:
+                 n_val: int | None = None, frames: int | None = None) -> Path:
     """Build (or reuse) the cached videos of one domain; returns the dataset root (holding images/ and
     annotations/). Built under a temporary name and renamed into place when complete."""
-    if frames < 2:
-        raise ValueError(f"a crowd video needs at least 2 frames, got {frames}")
+    frames = frame_count(frames)
     folder = domain_dir(domain, n_train, n_test, n_val, frames)
     if _is_built(folder) and not force:
         return folder

@@ -50,7 +50,7 @@ class Frame:
     def image(self) -> np.ndarray:
         if self.pixels is not None:
             return self.pixels
-        return np.asarray(read_image(self.path, self.path.parent, what="frame"))
+        return np.array(read_image(self.path, self.path.parent, what="frame"))   # a writable copy
 
 
 @dataclasses.dataclass
