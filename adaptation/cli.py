@@ -64,12 +64,13 @@ def datasets_main(argv=None) -> int:
 
     p = ArgumentParser(prog="workbench datasets",
                                 description="The built-in benchmarks: digits (classification), digit scenes "
-                                            "(segmentation) and articulated figures (pose).")
+                                            "(segmentation), articulated figures (pose) and crowd videos (detection "
+                                            "and pose tracking).")
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="list the built-in domains and whether they are built")
     build = sub.add_parser("build", help="build (and cache) built-in domains")
-    build.add_argument("domains", nargs="*", help="e.g. uci, digits/fonts, scenes/printed, figures/flat "
-                       "(default: all)")
+    build.add_argument("domains", nargs="*", help="e.g. uci, digits/fonts, scenes/printed, figures/flat, "
+                       "crowds/textured (default: all)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     args = p.parse_args(argv)
     try:
@@ -203,8 +204,8 @@ def adapt_config(argv=None):
 
 def _adapt_parser() -> tuple[ArgumentParser, TaskOptions]:
     p = ArgumentParser(prog="workbench adapt", description="Source-free adaptation of a source model.")
-    p.add_argument("--task", default=None, choices=model_tasks(), help="default: the task the --source checkpoint "
-                   "names (procgen for a procgen:<game>[:<visual options>] --target)")
+    p.add_argument("--task", default=None, choices=tasks_with("adapt_config"), help="default: the task the --source "
+                   "checkpoint names (procgen for a procgen:<game>[:<visual options>] --target)")
     methods = "; ".join(f"{name}: {', '.join(load_task(name).METHODS)} (default {load_task(name).adapt_defaults().method})"
                         for name in tasks_with("adapt_config"))
     p.add_argument("--method", default=None, choices=sorted(method_tasks()), help=methods)
@@ -235,6 +236,9 @@ def config_from_adapt_args(a: argparse.Namespace, options: TaskOptions):
     """The adapt config of parsed options, after the checks: the method runs on the task, every option given
     applies to it."""
     task = adapt_task(a)
+    if not hasattr(load_task(task), "adapt_config"):
+        raise ValueError(f"{a.source} holds a {task} model, which has no adaptation method: adapt one of "
+                         f"{', '.join(tasks_with('adapt_config'))}")
     check_method(task, a.method)
     options.check(a, task)
     return load_task(task).adapt_config(a)

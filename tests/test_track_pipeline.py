@@ -145,6 +145,11 @@ def test_tracking_inputs_of_the_wrong_kind_are_one_line(tiny_models, capsys, tmp
                  "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds a pose model, not a person detector" in err[0]
+    from adaptation.cli import adapt_main
+
+    assert adapt_main(["--source", str(root / "detector"), "--target", "builtin:crowds/flat"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a detection model, which has no adaptation method" in err[0]
     empty = tmp_path / "empty"
     empty.mkdir()
     assert evaluate_main(["--task", "tracking", "--model", str(empty), "--data", "builtin:crowds/flat:test"]) == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from workbench.checkpoint import load_checkpoint
+from workbench.checkpoint import load_checkpoint, resolve_checkpoint_path
 from workbench.runtime import Runtime
 
 from ..pose.evaluate import coco_object
@@ -55,10 +55,7 @@ def box_scores(dataset: BoxDataset, predictions: list[dict]) -> dict:
 
 def load_detector(path, device: str = "cpu"):
     """(detector in eval mode, checkpoint) of a `train-source --task detection` run or checkpoint file."""
-    from pathlib import Path
-
-    path = Path(path)
-    file = path / "source.pt" if path.is_dir() else path
+    file = resolve_checkpoint_path(path)
     state = load_checkpoint(file, kind=SOURCE_KIND)
     config = state.get("model_config", {})
     if config.get("task") != TASK:

@@ -339,10 +339,11 @@ def run_tracking(cfg: TrackConfig) -> dict:
 
 
 def score_tracks(pairs: list[tuple[Video, dict]], joint_threshold: float = 0.0) -> dict:
-    """PoseTrack's metrics of predicted PoseTrack dicts against their annotated videos."""
+    """PoseTrack's metrics of predicted PoseTrack dicts against their annotated videos, the joints scoring below
+    `joint_threshold` left out (as a run with that --joint-threshold writes them)."""
     scores = pose_tracking_metrics([ground_truth_frames(v) for v, _ in pairs],
-                                   [predicted_frames(p) for _, p in pairs],
-                                   joint_names=list(pairs[0][0].joints), score_threshold=joint_threshold)
+                                   [predicted_frames(p, joint_threshold) for _, p in pairs],
+                                   joint_names=list(pairs[0][0].joints))
     return {"mota": scores["mota"]["total"], "motp": scores["motp"]["total"], "ap": scores["ap"]["total"],
             "precision": scores["precision"]["total"], "recall": scores["recall"]["total"],
             "id_switches": scores["id_switches"], "per_joint": {k: scores[k] for k in ("mota", "motp", "ap")}}
