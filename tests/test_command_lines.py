@@ -221,9 +221,11 @@ def test_every_method_says_which_tasks_it_supports():
     methods = method_tasks()
     assert methods["mean-teacher"] == ["pose"] and methods["shot++"] == ["classification"]
     assert methods["shot"] == ["classification", "segmentation", "procgen"]
-    assert tasks_with("train_source") == ["classification", "segmentation", "pose"]  # agents train elsewhere
-    assert [load_task(t).BUILTIN for t in tasks_with("build_builtin")] == ["digits", "scenes", "figures"]
-    assert list(TASKS) == ["classification", "segmentation", "pose", "procgen"]
+    # agents train elsewhere; tracking has no model of its own (it runs a detector and a pose model)
+    assert tasks_with("train_source") == ["classification", "segmentation", "pose", "detection"]
+    assert tasks_with("adapt_config") == ["classification", "segmentation", "pose", "procgen"]
+    assert [load_task(t).BUILTIN for t in tasks_with("build_builtin")] == ["digits", "scenes", "figures", "crowds"]
+    assert list(TASKS) == ["classification", "segmentation", "pose", "detection", "tracking", "procgen"]
 
 
 def test_a_method_the_task_lacks_is_one_line_naming_where_it_runs(capsys):
