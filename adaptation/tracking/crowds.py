@@ -46,10 +46,9 @@ from PIL import Image, ImageFilter
 
 from .. import common
 from ..pose import figures
-from ..pose.figures import IMAGE_SIZE, JOINTS, PARTS, SKELETON
+from ..pose.figures import IMAGE_SIZE, JOINTS, PARTS, SKELETON, SPLITS, check_split
 
 DOMAINS = ("flat", "textured")
-SPLITS = ("train", "val", "test")
 VERSION = 1
 FRAMES = 64
 TRAIN_VIDEOS, TEST_VIDEOS = 16, 8     # val: as many as test
@@ -78,12 +77,6 @@ def cache_dir() -> Path:
 
 def check_domain(domain: str) -> str:
     return common.check_domain(domain, DOMAINS, "crowds")
-
-
-def check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: use {', '.join(SPLITS)}")
-    return split
 
 
 # ------------------------------------------------------------------ walkers
