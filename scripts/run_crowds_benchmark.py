@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     chosen = {"detection_threshold": best["detection_threshold"], "joint_threshold": best["joint_threshold"]}
     appearance = []
     for weight in args.appearance_weights:
-        run = out / f"val-det{chosen['detection_threshold']}-app{weight}"
+        run = out / (f"val-det{chosen['detection_threshold']}" + (f"-app{weight}" if weight else ""))   # 0: run above
         tracked(dataclasses.replace(base, data=VAL, appearance_weight=weight, run_dir=str(run),
                                     detection_threshold=chosen["detection_threshold"]))
         appearance.append({"appearance_weight": weight, **summary(rescored(run, VAL, chosen["joint_threshold"]))})
