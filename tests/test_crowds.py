@@ -116,3 +116,16 @@ def test_videos_and_frame_folders_load_and_an_unreadable_video_is_one_line(data_
         load_videos(str(broken))
     with pytest.raises(ValueError, match="unknown built-in crowds domain 'night'"):
         load_videos("builtin:crowds/night")
+
+
+def test_the_crowds_people_are_pose_data(data_root, monkeypatch):
+    from adaptation.pose.data import KeypointDataset
+
+    monkeypatch.setenv("WORKBENCH_CROWDS_N", "1,1,1")
+    monkeypatch.setenv("WORKBENCH_CROWDS_FRAMES", "8")
+    dataset = KeypointDataset("builtin:crowds/flat:test", train=False, input_size=(96, 128))
+    [path] = crowds.video_files("flat", "test")
+    people = [a for a in json.loads(path.read_text())["annotations"] if a["num_keypoints"] > 0]
+    assert len(dataset) == len(people) and dataset.flip_pairs == [tuple(p) for p in figures.FLIP_PAIRS]
+    record = dataset.records[5]
+    assert np.allclose(record["keypoints"].ravel(), people[5]["keypoints"]) and record["file"].is_file()

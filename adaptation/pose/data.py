@@ -55,7 +55,16 @@ class PoseSource:
     builtin: str | None = None   # the built-in domain, if any
 
 
+CROWDS = "builtin:crowds/"
+
+
 def resolve_pose_data(spec: str) -> PoseSource:
+    if spec.startswith(CROWDS):   # the people of the crowd videos: the figures' joints, looks and crops
+        from ..tracking import crowds
+
+        domain, _, split = spec[len(CROWDS):].partition(":")
+        crowds.check_domain(domain)
+        return PoseSource(crowds.coco_file(domain, split or "train"), crowds.build_domain(domain), spec, domain)
     if spec.startswith(BUILTIN):
         domain, _, split = spec[len(BUILTIN):].partition(":")
         split = split or "train"
@@ -68,7 +77,7 @@ def resolve_pose_data(spec: str) -> PoseSource:
         path = path / "annotations.json"
     if not path.is_file():
         raise DataError(f"pose data {spec!r} not found: pass a COCO keypoint JSON, a folder holding annotations.json, "
-                        f"or builtin:figures/<domain>[:{'|'.join(figures.SPLITS)}]")
+                        f"builtin:figures/<domain>[:{'|'.join(figures.SPLITS)}] or builtin:crowds/<domain>[:split]")
     images = path.parent / "images"
     return PoseSource(path, images if images.is_dir() else path.parent, spec)
 

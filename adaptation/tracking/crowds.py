@@ -350,3 +350,24 @@ def video_files(domain: str, split: str, **counts) -> list[Path]:
     """The PoseTrack JSON files of a built-in split, building the domain if needed."""
     root = build_domain(domain, **counts)
     return sorted((root / "annotations" / check_split(split)).glob("*.json"))
+
+
+def coco_file(domain: str, split: str, **counts) -> Path:
+    """The split's people of every video as one COCO keypoint file (file names relative to the dataset root),
+    for the pose family's readers: a pose model adapted on the crowds' own frames (`builtin:crowds/<domain>`
+    as pose data). Written once, beside the videos."""
+    root = build_domain(domain, **counts)
+    path = root / f"coco_{check_split(split)}.json"
+    if path.is_file():
+        return path
+    images, annotations, category_ = [], [], category()
+    for video in video_files(domain, split, **counts):
+        data = json.loads(video.read_text())
+        images += [{k: im[k] for k in ("id", "file_name", "width", "height")} for im in data["images"]]
+        annotations += [{**a, "id": len(annotations) + n + 1} for n, a in enumerate(data["annotations"])]
+    text = json.dumps({"info": {"description": f"built-in crowds, domain {domain}, {split} split, every video"},
+                       "images": images, "annotations": annotations, "categories": [category_]})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
