@@ -67,8 +67,9 @@ def main(argv=None) -> None:
     if not (detector / "metrics.json").exists():
         train_detector(DetectionSourceConfig(seed=args.seed, device=args.device, run_dir=str(detector),
                                              progress=False))
+    # selection starts from plain SORT with every joint kept; the thresholds are applied as they are chosen
     base = TrackConfig(detector=str(detector), pose=args.pose_source, seed=args.seed, device=args.device,
-                       video=False, progress=False)
+                       appearance_weight=0.0, joint_threshold=0.0, video=False, progress=False)
 
     # selection on flat:val
     grid = []

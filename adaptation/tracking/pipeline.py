@@ -38,7 +38,12 @@ from .data import Video, load_videos
 from .metrics import pose_tracking_metrics
 from .tracker import OFFLINE_MAX_AGE, SORT_IOU_THRESHOLD, Tracker
 
-DETECTION_THRESHOLD = 0.5        # torchvision's detectors report boxes from 0.05; a person needs a confident one
+# Chosen on builtin:crowds/flat:val by MOTA (scripts/run_crowds_benchmark.py, docs/RESULTS.md), never on a test
+# split: detection threshold from 0.3 / 0.5 / 0.7, joint threshold from 0 to 0.5 in steps of 0.1, appearance
+# weight 0 or 0.5 at that pair.
+DETECTION_THRESHOLD = 0.7        # torchvision's detectors report boxes from 0.05; a person needs a confident one
+JOINT_THRESHOLD = 0.4            # joints scoring lower are left out (PoseTrack's MOTA counts each as a false positive)
+APPEARANCE_WEIGHT = 0.5
 NMS_IOU = 0.5                    # detections and propagated boxes of one person merged above this overlap
 FLOW_MAX_GAP = 3                 # frames a track may be carried by flow alone before it must be detected again
 PROPAGATED_SCORE = 0.9           # a propagated box's score, relative to the box it was carried from
@@ -55,10 +60,10 @@ class TrackConfig(RunSettings):
     detection_threshold: float = DETECTION_THRESHOLD
     flow: str = "dis"                       # dis | farneback | none
     smooth: bool = True
-    appearance_weight: float = 0.0
+    appearance_weight: float = APPEARANCE_WEIGHT
     max_age: int = OFFLINE_MAX_AGE
     iou_threshold: float = SORT_IOU_THRESHOLD
-    joint_threshold: float = 0.0            # output joints scoring below it are left out (MOTA counts them)
+    joint_threshold: float = JOINT_THRESHOLD
     flip_test: bool = True
     video: bool = True
 
