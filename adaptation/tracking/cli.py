@@ -28,7 +28,8 @@ def track_main(argv=None) -> int:
     p.add_argument("--detection-threshold", type=unit_interval, default=d.detection_threshold,
                    help="boxes scoring below it are dropped")
     p.add_argument("--flow", default=d.flow, choices=("dis", "farneback", "none"), help="optical flow that carries "
-                   "the previous frame's people into the next (none: detections alone)")
+                   "the previous frame's people into the next (none, the default chosen on crowds flat:val: "
+                   "detections alone)")
     p.add_argument("--no-smooth", action="store_true", help="leave the joints unsmoothed over time")
     p.add_argument("--appearance-weight", type=unit_interval, default=d.appearance_weight,
                    help="weight of the colour-histogram appearance cost against the IoU cost (0: SORT)")

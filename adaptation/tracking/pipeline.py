@@ -4,7 +4,7 @@ The pipeline of the Human-in-Events crowd pose tracking entries and of Simple Ba
 "Simple Baselines for Human Pose Estimation and Tracking"), frame by frame over a video:
 
 1. detect:    the person detector's boxes scoring at least `detection_threshold`;
-2. propagate: (with flow) the people of the previous frame carried into this one: their boxes moved by the
+2. propagate: (with `flow` dis or farneback) the people of the previous frame carried into this one: their boxes moved by the
               dense optical flow between the two frames at their joints (`carry_box`) added to the detections, so that a person the detector misses for a
               frame or a few keeps its track (at most FLOW_MAX_GAP frames in a row on flow alone); boxes of
               the same person are merged by non-maximum suppression at NMS_IOU, detections first;
@@ -40,7 +40,7 @@ from .tracker import OFFLINE_MAX_AGE, SORT_IOU_THRESHOLD, Tracker
 
 # Chosen on builtin:crowds/flat:val by MOTA (scripts/run_crowds_benchmark.py, docs/RESULTS.md), never on a test
 # split: detection threshold from 0.3 / 0.5 / 0.7, joint threshold from 0 to 0.5 in steps of 0.1, appearance
-# weight 0 or 0.5 at that pair.
+# weight 0 or 0.5 at that pair, then flow (DIS) or none: none by 0.4 MOTA.
 DETECTION_THRESHOLD = 0.7        # torchvision's detectors report boxes from 0.05; a person needs a confident one
 JOINT_THRESHOLD = 0.4            # joints scoring lower are left out (PoseTrack's MOTA counts each as a false positive)
 APPEARANCE_WEIGHT = 0.5
@@ -58,7 +58,7 @@ class TrackConfig(RunSettings):
     pose: str = ""
     data: str = DEFAULT_DATA
     detection_threshold: float = DETECTION_THRESHOLD
-    flow: str = "dis"                       # dis | farneback | none
+    flow: str = "none"                      # dis | farneback | none (chosen on val, as the thresholds)
     smooth: bool = True
     appearance_weight: float = APPEARANCE_WEIGHT
     max_age: int = OFFLINE_MAX_AGE
