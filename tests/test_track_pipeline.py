@@ -136,6 +136,24 @@ def test_track_writes_posetrack_tracks_a_gif_and_the_metrics_evaluate_reproduces
         assert again[key] == pytest.approx(metrics[key]), key
 
 
+def test_track_runs_on_a_video_file_without_annotations(tiny_models, tmp_path, capsys):
+    from PIL import Image
+
+    from workbench.cli import main
+
+    frames = [Image.fromarray(image) for image, _ in crowds.render_video("textured", "test", 1, frames=5)]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:])
+    root = tiny_models
+    assert main(["track", "--detector", str(root / "detector"), "--pose", str(root / "pose"), "--data",
+                 str(tmp_path / "clip.gif"), "--detection-threshold", "0.05", "--device", "cpu", "--out",
+                 str(tmp_path / "run"), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["frames"] == 5 and "mota" not in metrics       # nothing to score against
+    tracks = json.loads((tmp_path / "run" / "tracks" / "clip.json").read_text())
+    assert len(tracks["images"]) == 5 and tracks["categories"][0]["keypoints"] == list(crowds.JOINTS)
+    assert "MOTA" not in capsys.readouterr().out
+
+
 def test_tracking_inputs_of_the_wrong_kind_are_one_line(tiny_models, capsys, tmp_path):
     from adaptation.cli import evaluate_main
     from workbench.cli import main
