@@ -276,7 +276,9 @@ def _adapt(argv) -> int:
 
 def evaluate_main(argv=None) -> int:
     p = ArgumentParser(prog="workbench evaluate", description="Accuracy (classification), mIoU "
-                       "(segmentation) or PCK and OKS AP (pose) of a source or adapted model.")
+                       "(segmentation), PCK and OKS AP (pose) or COCO box AP (detection) of a source or adapted "
+                       "model; PoseTrack's MOTA, MOTP, identity switches and AP of `workbench track`'s tracks "
+                       "(tracking: --model is the track run).")
     p.add_argument("--model", required=True, help="a source or adapted checkpoint (or its run directory)")
     p.add_argument("--data", required=True)
     p.add_argument("--task", default=None, choices=model_tasks(), help="default: the task the checkpoint names")

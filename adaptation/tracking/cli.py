@@ -26,16 +26,18 @@ def track_main(argv=None) -> int:
     p.add_argument("--data", default=d.data, help="builtin:crowds/<domain>[:split], a PoseTrack JSON file or folder, "
                    f"a video file (mp4, gif ...) or a folder of frames (default {d.data})")
     p.add_argument("--detection-threshold", type=unit_interval, default=d.detection_threshold,
-                   help="boxes scoring below it are dropped")
+                   help=f"boxes scoring below it are dropped (default {d.detection_threshold}, chosen on crowds "
+                   f"flat:val)")
     p.add_argument("--flow", default=d.flow, choices=("dis", "farneback", "none"), help="optical flow that carries "
                    "the previous frame's people into the next (none, the default chosen on crowds flat:val: "
                    "detections alone)")
     p.add_argument("--no-smooth", action="store_true", help="leave the joints unsmoothed over time")
     p.add_argument("--appearance-weight", type=unit_interval, default=d.appearance_weight,
-                   help="weight of the colour-histogram appearance cost against the IoU cost (0: SORT)")
+                   help=f"weight of the colour-histogram appearance cost against the IoU cost (0: SORT; default "
+                   f"{d.appearance_weight}, chosen on crowds flat:val)")
     p.add_argument("--max-age", type=non_negative_int, default=d.max_age, help="frames a track survives unmatched")
     p.add_argument("--joint-threshold", type=unit_interval, default=d.joint_threshold, help="joints scoring "
-                   "below it are left out of the tracks")
+                   f"below it are left out of the tracks (default {d.joint_threshold}, chosen on crowds flat:val)")
     p.add_argument("--no-flip-test", action="store_true", help="estimate poses without flip testing")
     p.add_argument("--no-video", action="store_true", help="skip the GIFs")
     p.add_argument("--seed", type=seed, default=0)
