@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adaptation.classification.neighbourhood import NeighbourhoodAdapter  # noqa: E402
-from adaptation.classification.shot import AdaptConfig, ShotAdapter  # noqa: E402
+from adaptation.classification.neighbourhood import create_adapter  # noqa: E402
+from adaptation.classification.shot import AdaptConfig  # noqa: E402
 from adaptation.classification.source import SourceConfig, train_source  # noqa: E402
 from workbench.logging import RunLogger  # noqa: E402
 
@@ -30,10 +30,9 @@ METHODS = ("shot", "nrc", "aad")
 
 
 def epoch_seconds(method: str, source: str, target: str, epochs: int, cluster_backend: str) -> float:
-    cls = NeighbourhoodAdapter if method in ("nrc", "aad") else ShotAdapter
     with tempfile.TemporaryDirectory() as out:
-        adapter = cls(AdaptConfig(source=source, target=target, method=method, epochs=epochs, test_on="",
-                                  cluster_backend=cluster_backend, run_dir=out, progress=False))
+        adapter = create_adapter(AdaptConfig(source=source, target=target, method=method, epochs=epochs, test_on="",
+                                             cluster_backend=cluster_backend, run_dir=out, progress=False))
         latest = adapter.evaluate_initial()
         logger = RunLogger(out, progress=False)
         start = time.perf_counter()

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptation.digits import DOMAINS  # noqa: E402
 from adaptation.classification.evaluate import evaluate_model  # noqa: E402
 from adaptation.classification.open_set import KNOWN_CLASSES, PARTIAL_CLASSES, SETTINGS  # noqa: E402
-from adaptation.classification.shot import METHODS, AdaptConfig, ShotAdapter  # noqa: E402
+from adaptation.classification.neighbourhood import create_adapter  # noqa: E402
+from adaptation.classification.shot import METHODS, AdaptConfig  # noqa: E402
 from adaptation.classification.source import SourceConfig, train_source  # noqa: E402
 from workbench.logging import mean_sd  # noqa: E402
 
@@ -63,8 +64,8 @@ def adapted(out: Path, source: Path, domain: str, target: str, method: str, seed
             setting: str = "closed") -> dict:
     run = out / f"{domain}-to-{target}-{method if setting == 'closed' else setting}-s{seed}"
     if not (run / "metrics.json").exists():
-        ShotAdapter(AdaptConfig(source=str(source), target=f"builtin:digits/{target}", method=method, seed=seed,
-                                epochs=epochs, run_dir=str(run), progress=False, setting=setting)).run()
+        create_adapter(AdaptConfig(source=str(source), target=f"builtin:digits/{target}", method=method, seed=seed,
+                                   epochs=epochs, run_dir=str(run), progress=False, setting=setting)).run()
     return json.loads((run / "metrics.json").read_text())
 
 

@@ -202,3 +202,16 @@ def test_every_official_setting_table_names_each_benchmark():
     # the official VisDA-C scripts (train_tar.py, tar_adaptation.py)
     assert (NRC_DEFAULTS["visda-c"]["neighbours"], NRC_DEFAULTS["visda-c"]["expanded_neighbours"]) == (5, 5)
     assert (AAD_DEFAULTS["visda-c"]["neighbours"], AAD_DEFAULTS["visda-c"]["dispersion_decay"]) == (5, 5.0)
+
+
+def test_shot_adapter_refuses_the_neighbourhood_methods_it_would_run_as_shot():
+    from adaptation.classification.neighbourhood import NeighbourhoodAdapter, create_adapter
+    from adaptation.classification.shot import AdaptConfig, ShotAdapter
+
+    for method in ("nrc", "aad"):   # the digits benchmark once built ShotAdapter for them: NRC and AaD ran SHOT's loss
+        with pytest.raises(ValueError, match=f"--method {method} runs on NeighbourhoodAdapter, not ShotAdapter"):
+            ShotAdapter(AdaptConfig(source="nowhere", target="builtin:digits/uci", method=method))
+        with pytest.raises(Exception) as caught:   # the factory picks the right class (then fails on the source)
+            create_adapter(AdaptConfig(source="nowhere", target="builtin:digits/uci", method=method))
+        assert "NeighbourhoodAdapter, not ShotAdapter" not in str(caught.value)
+    assert issubclass(NeighbourhoodAdapter, ShotAdapter)

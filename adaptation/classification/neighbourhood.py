@@ -20,7 +20,12 @@ from workbench.logging import RunLogger
 
 from .aad import aad_loss, dispersion_weight
 from .nrc import nrc_loss
-from .shot import AdaptConfig, ShotAdapter
+from .shot import NEIGHBOURHOOD_METHODS, AdaptConfig, ShotAdapter
+
+
+def create_adapter(cfg: AdaptConfig, dist: Distributed = SINGLE) -> ShotAdapter:
+    """The adapter of `cfg.method`: NeighbourhoodAdapter for NRC and AaD, ShotAdapter for SHOT's methods."""
+    return (NeighbourhoodAdapter if cfg.method in NEIGHBOURHOOD_METHODS else ShotAdapter)(cfg, dist)
 
 
 class NeighbourhoodAdapter(ShotAdapter):

@@ -189,6 +189,9 @@ class ShotAdapter(ShotLoop):
     """SHOT-IM, SHOT and SHOT++ on a classifier: SHOT's loop (workbench.adapt.loop) with the pieces above."""
 
     def __init__(self, cfg: AdaptConfig, dist: Distributed = SINGLE):
+        if cfg.method in NEIGHBOURHOOD_METHODS and type(self) is ShotAdapter:   # it would run SHOT's loss instead
+            raise ValueError(f"--method {cfg.method} runs on NeighbourhoodAdapter, not ShotAdapter: build adapters "
+                             f"with adaptation.classification.neighbourhood.create_adapter")
         if cfg.setting == "open" and dist.enabled:
             raise ValueError("--setting open runs in one process (a batch without known samples is skipped on "
                              "one rank only): run it without torchrun")

@@ -179,10 +179,9 @@ def adapt_config(a):
 
 
 def run_adapt(cfg, dist) -> dict:
-    from .neighbourhood import NeighbourhoodAdapter
-    from .shot import NEIGHBOURHOOD_METHODS, ShotAdapter
+    from .neighbourhood import create_adapter
 
-    adapter = (NeighbourhoodAdapter if cfg.method in NEIGHBOURHOOD_METHODS else ShotAdapter)(cfg, dist)
+    adapter = create_adapter(cfg, dist)
     return {**adapter.run(), "run_dir": str(adapter.run_dir)}
 
 
