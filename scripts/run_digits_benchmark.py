@@ -38,6 +38,7 @@ from adaptation.classification.open_set import KNOWN_CLASSES, PARTIAL_CLASSES, S
 from adaptation.classification.neighbourhood import create_adapter  # noqa: E402
 from adaptation.classification.shot import METHODS, AdaptConfig  # noqa: E402
 from adaptation.classification.source import SourceConfig, train_source  # noqa: E402
+from workbench.files import atomic_write  # noqa: E402
 from workbench.logging import mean_sd  # noqa: E402
 
 SHOT_DIGITS_SELECTION = "builtin:digits/{}:test"  # the official digits protocol selects the source on test
@@ -152,7 +153,9 @@ def main(argv=None) -> None:
     def record(row: dict) -> None:
         rows[row_key(row)] = row
         report(row)
-        results.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+        # atomic: a run stopped while writing keeps the previous file, which the next call reads back
+        text = "".join(json.dumps(r) + "\n" for r in rows.values())
+        atomic_write(results, lambda f: f.write(text.encode()))
         (out / "table.md").write_text(tables(list(rows.values())))
 
     # First seed: every job. Further seeds: each job over all of them before the next, the costliest
