@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -116,3 +118,28 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_hold = max(1, int(round(n * fraction)))
     return sorted(order[n_hold:]), sorted(order[:n_hold])
+
+
+def build_folder(folder: Path, write: Callable[[Path], None], is_built: Callable[[Path], bool],
+                 force: bool = False) -> Path:
+    """A built-in domain's cache folder, written by `write(tmp)` under a temporary name and renamed into place
+    when complete, so that a half-built folder is never taken as built. An incomplete folder (or any, with
+    `force`) is replaced; when another process finishes the same build first, its folder is kept."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if folder.exists() and (force or not is_built(folder)):   # replace it: set it aside, then drop it
+            old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
+            os.replace(folder, old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:   # fine when another process has just finished the same build: keep its folder
+            if not is_built(folder):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -654,25 +654,12 @@ def build_domain(domain: str, force: bool = False, n_train: int | None = None, n
     if not force and any(_has_split(folder, split) for split in SPLITS):
         _add_missing_splits(folder, domain, counts)
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
         for split in SPLITS:
             _write_split(tmp, domain, split, counts[split])
-        if folder.exists() and (force or not _is_built(folder)):   # replace it: set it aside, then drop it
-            old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
-            os.replace(folder, old)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:   # fine when another process has just finished the same build: keep its folder
-            if not _is_built(folder):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return common.build_folder(folder, write, _is_built, force)
 
 
 def _add_missing_splits(folder: Path, domain: str, counts: dict) -> None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -323,27 +322,14 @@ def build_domain(domain: str, force: bool = False, n_train: int | None = None, n
     if _is_built(folder) and not force:
         return folder
     counts = dict(zip(SPLITS, video_counts(n_train, n_test, n_val)))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
         for split in SPLITS:
             for video in range(counts[split]):
                 _write_video(tmp, domain, split, video, frames)
         (tmp / "complete.json").write_text(json.dumps({"videos": counts, "frames": frames, "version": VERSION}))
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
-            os.replace(folder, old)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:   # another process has just finished the same build: keep its folder
-            if not _is_built(folder):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return common.build_folder(folder, write, _is_built, force)
 
 
 def video_files(domain: str, split: str, **counts) -> list[Path]:
