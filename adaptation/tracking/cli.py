@@ -8,10 +8,11 @@
 
 from __future__ import annotations
 
-from workbench.arguments import ArgumentParser, non_negative_int, report_error, seed, unit_interval
+from workbench.arguments import ArgumentParser, non_negative_int, seed, unit_interval
 from workbench.files import WriteError
 from workbench.runtime import DEVICE_CHOICES
 
+from ..cli import _fail, _write_failed
 from ..common import INPUT_ERRORS
 from . import pipeline
 
@@ -59,11 +60,9 @@ def track_main(argv=None) -> int:
             claim_run_dir(a.out, a.overwrite, "--out", "")
         m = pipeline.run_tracking(cfg)
     except INPUT_ERRORS as exc:
-        report_error(str(exc))
-        return 2
+        return _fail(exc)
     except WriteError as exc:
-        report_error(str(exc))
-        return 1
+        return _write_failed(exc)
     print(f"tracked {m['videos']} video(s), {m['frames']} frames, {m['tracks']} tracks "
           f"({m['frames_per_second']:.1f} frames/s)")
     if "mota" in m:
