@@ -194,11 +194,11 @@ def test_every_official_setting_table_names_each_benchmark():
     from adaptation.classification.nrc import NRC_DEFAULTS
     from adaptation.classification.shot import BENCHMARKS
 
-    for table, keys in ((NRC_DEFAULTS, {"neighbours", "expanded_neighbours"}),
+    for table, keys in ((NRC_DEFAULTS, {"neighbours", "expanded_neighbours", "late_expanded_neighbours"}),
                         (AAD_DEFAULTS, {"neighbours", "dispersion_weight", "dispersion_decay"})):
         assert set(table) == set(BENCHMARKS)
         for values in table.values():
-            assert keys | {"lr", "epochs", "constant_lr"} == set(values)
+            assert keys | {"late_neighbours", "lr", "epochs", "constant_lr"} == set(values)
     # the official VisDA-C scripts (train_tar.py, tar_adaptation.py)
     assert (NRC_DEFAULTS["visda-c"]["neighbours"], NRC_DEFAULTS["visda-c"]["expanded_neighbours"]) == (5, 5)
     assert (AAD_DEFAULTS["visda-c"]["neighbours"], AAD_DEFAULTS["visda-c"]["dispersion_decay"]) == (5, 5.0)
@@ -215,3 +215,46 @@ def test_shot_adapter_refuses_the_neighbourhood_methods_it_would_run_as_shot():
             create_adapter(AdaptConfig(source="nowhere", target="builtin:digits/uci", method=method))
         assert "NeighbourhoodAdapter, not ShotAdapter" not in str(caught.value)
     assert issubclass(NeighbourhoodAdapter, ShotAdapter)
+
+
+def test_office_settings_are_the_official_scripts():
+    from adaptation.classification.shot import AdaptConfig
+
+    def resolved(method, benchmark):
+        return AdaptConfig(source="s", target="t", method=method, benchmark=benchmark).resolved("images")
+
+    # NRC office-home/train_tar.py: K 3, KK 2 (train_tar_oh.sh), then K 5, KK 4 past half the steps, lr constant
+    nrc = resolved("nrc", "office-home")
+    assert (nrc.neighbours, nrc.expanded_neighbours, nrc.late_neighbours, nrc.late_expanded_neighbours) == (3, 2, 5, 4)
+    assert nrc.constant_lr and nrc.epochs == 40
+    # the same script on office-31, as its comments say: K 2, KK 3, no switch, SHOT's lr decay, 50 epochs
+    nrc31 = resolved("nrc", "office31")
+    assert (nrc31.neighbours, nrc31.expanded_neighbours, nrc31.late_neighbours) == (2, 3, None)
+    assert not nrc31.constant_lr and nrc31.epochs == 50
+    # AaD office-home: K 3 then 2, constant alpha and lr; office-31 (office31_tar.sh): K 3, beta 1, 50 epochs
+    aad = resolved("aad", "office-home")
+    assert (aad.neighbours, aad.late_neighbours, aad.dispersion_decay, aad.constant_lr) == (3, 2, 0.0, True)
+    aad31 = resolved("aad", "office31")
+    assert (aad31.neighbours, aad31.late_neighbours, aad31.dispersion_decay, aad31.epochs) == (3, None, 1.0, 50)
+    assert aad31.constant_lr
+    # a given value wins over the table
+    given = AdaptConfig(source="s", target="t", method="aad", benchmark="office-home", late_neighbours=3)
+    assert given.resolved("images").late_neighbours == 3
+
+
+@pytest.mark.parametrize("method, late, expected_late", [("nrc", (5, 4), (5, 4)), ("aad", (2, None), (2, 5)),
+                                                         ("nrc", (None, None), (3, 5))])
+def test_neighbourhood_switches_once_more_than_half_the_steps_are_taken(method, late, expected_late):
+    from adaptation.classification.neighbourhood import NeighbourhoodAdapter
+    from adaptation.classification.shot import AdaptConfig
+
+    adapter = object.__new__(NeighbourhoodAdapter)   # only the schedule is under test: no model or data
+    adapter.cfg = AdaptConfig(source="s", target="t", method=method, neighbours=3, expanded_neighbours=5,
+                              late_neighbours=late[0], late_expanded_neighbours=late[1])
+    adapter.total_steps = 10
+    sizes = []
+    for step in range(1, 11):   # the step counted before the batch, as the loop does: 1 .. T
+        adapter.step = step
+        sizes.append(adapter.neighbourhood_sizes())
+    # official: `if iter_num > 0.5 * max_iter` with iter_num = steps taken (0 .. 9): the switch at iter_num 6
+    assert sizes == [(3, 5)] * 6 + [expected_late] * 4

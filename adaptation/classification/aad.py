@@ -22,17 +22,22 @@ import torch
 from workbench.adapt.neighbours import MemoryBank
 
 # From Albert0147/AaD_SFDA: tar_adaptation.py (VisDA-C: --K 5, alpha 1, beta 5 with the decay on, lr 1e-3 under
-# SHOT's decay, 15 epochs); office-home/train_tar.py with train_tar_oh.sh (--K 3, alpha 1 without decay, lr 1e-3
-# constant (--lr_decay off), 40 epochs). dispersion_decay 0 is a constant weight. F at 0.1 x lr, B and C at lr in
-# every script. Not reproduced: the office-home script's switch to K 2 after half the steps, and the office-31
-# script (office31_tar.py: its own K switch and decay); office31 takes the office-home settings here.
+# SHOT's decay, 15 epochs); office-home/train_tar.py with train_tar_oh.sh (--K 3, switched to K 2 once more than
+# half the steps are taken, alpha 1 without decay, lr 1e-3 constant (--lr_decay off), 40 epochs);
+# office-home/office31_tar.py with office31_tar.sh (--K 3 --beta 1: alpha 1 decayed with beta 1, its
+# lr_scheduler call and its K switch commented out: constant lr and K, 50 epochs). dispersion_decay 0 is a
+# constant weight; late_neighbours: K after half the steps (None: no switch). F at 0.1 x lr, B and C at lr in
+# every script.
 AAD_DEFAULTS = {
-    "visda-c": dict(neighbours=5, dispersion_weight=1.0, dispersion_decay=5.0, lr=1e-3, epochs=15, constant_lr=False),
-    "office-home": dict(neighbours=3, dispersion_weight=1.0, dispersion_decay=0.0, lr=1e-3, epochs=40,
-                        constant_lr=True),
-    "digits": dict(neighbours=5, dispersion_weight=1.0, dispersion_decay=5.0, lr=1e-2, epochs=30, constant_lr=False),
+    "visda-c": dict(neighbours=5, late_neighbours=None, dispersion_weight=1.0, dispersion_decay=5.0, lr=1e-3,
+                    epochs=15, constant_lr=False),
+    "office-home": dict(neighbours=3, late_neighbours=2, dispersion_weight=1.0, dispersion_decay=0.0, lr=1e-3,
+                        epochs=40, constant_lr=True),
+    "office31": dict(neighbours=3, late_neighbours=None, dispersion_weight=1.0, dispersion_decay=1.0, lr=1e-3,
+                     epochs=50, constant_lr=True),
+    "digits": dict(neighbours=5, late_neighbours=None, dispersion_weight=1.0, dispersion_decay=5.0, lr=1e-2,
+                   epochs=30, constant_lr=False),
 }
-AAD_DEFAULTS["office31"] = AAD_DEFAULTS["office-home"]
 BACKBONE_LR_MULT = 0.1
 
 

@@ -15,6 +15,7 @@ import torch
 
 from workbench.adapt.neighbours import MemoryBank
 from workbench.adapt.training import set_group_lr
+from workbench.arguments import given_or
 from workbench.distributed import SINGLE, Distributed
 from workbench.logging import RunLogger
 
@@ -57,14 +58,23 @@ class NeighbourhoodAdapter(ShotAdapter):
                                    backend=self.cfg.cluster_backend)
         return None
 
+    def neighbourhood_sizes(self) -> tuple[int, int | None]:
+        """K and KK for this step: the late values once more than half the steps are taken (the official
+        Office-Home loops test iter_num > 0.5 * max_iter with iter_num the steps taken before this one)."""
+        cfg = self.cfg
+        late = self.step - 1 > 0.5 * self.total_steps
+        return (given_or(cfg.late_neighbours, cfg.neighbours) if late else cfg.neighbours,
+                given_or(cfg.late_expanded_neighbours, cfg.expanded_neighbours) if late else cfg.expanded_neighbours)
+
     def batch_loss(self, batch, labels=None, prior=None) -> tuple[torch.Tensor, dict]:
         images, _, idx = batch
         features = self.model.embed(self.rt.images(images))
         probs = self.model.classifier(features).float().softmax(1)
         queries = self.bank.update(idx, features, probs)
         cfg = self.cfg
+        neighbours, expanded = self.neighbourhood_sizes()
         if cfg.method == "nrc":
-            return nrc_loss(probs, queries, idx, self.bank, cfg.neighbours, cfg.expanded_neighbours,
+            return nrc_loss(probs, queries, idx, self.bank, neighbours, expanded,
                             reciprocal_weights=cfg.reciprocal_affinity)
         weight = dispersion_weight(self.step - 1, self.total_steps, cfg.dispersion_weight, cfg.dispersion_decay)
-        return aad_loss(probs, queries, self.bank, cfg.neighbours, weight)
+        return aad_loss(probs, queries, self.bank, neighbours, weight)

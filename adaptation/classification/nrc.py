@@ -41,14 +41,20 @@ EXPANDED_AFFINITY = 0.1         # the affinity of every member of the expanded n
 EPSILON = 1e-5                  # inside the diversity term's log (--epsilon)
 
 # K, KK, lr, epochs and schedule from Albert0147/NRC_SFDA: train_tar.py (VisDA-C: --K 5 --KK 5, lr 1e-3, 15
-# epochs, SHOT's decay), office-home/train_tar.py with train_tar_oh.sh (--K 3 --KK 2, lr 1e-3, 40 epochs, its
-# lr_scheduler call commented out: a constant lr); office-31 runs through the same script (K 2, KK 3 as its
-# comment says); F at 0.1 x lr, B and C at lr in every script.
+# epochs, SHOT's decay); office-home/train_tar.py with train_tar_oh.sh (--K 3 --KK 2, switched to K 5, KK 4 once
+# more than half the steps are taken, lr 1e-3, 40 epochs, its lr_scheduler call commented out: a constant lr);
+# office-31 through the same script as its comments say ("set to 2 on office-31", KK 3, 50 epochs, the switch
+# commented out and the lr_scheduler call in: SHOT's decay). F at 0.1 x lr, B and C at lr in every script.
+# late_*: K and KK after half the steps (None: no switch).
 NRC_DEFAULTS = {
-    "visda-c": dict(neighbours=5, expanded_neighbours=5, lr=1e-3, epochs=15, constant_lr=False),
-    "office-home": dict(neighbours=3, expanded_neighbours=2, lr=1e-3, epochs=40, constant_lr=True),
-    "office31": dict(neighbours=2, expanded_neighbours=3, lr=1e-3, epochs=40, constant_lr=True),
-    "digits": dict(neighbours=5, expanded_neighbours=5, lr=1e-2, epochs=30, constant_lr=False),
+    "visda-c": dict(neighbours=5, expanded_neighbours=5, late_neighbours=None, late_expanded_neighbours=None,
+                    lr=1e-3, epochs=15, constant_lr=False),
+    "office-home": dict(neighbours=3, expanded_neighbours=2, late_neighbours=5, late_expanded_neighbours=4,
+                        lr=1e-3, epochs=40, constant_lr=True),
+    "office31": dict(neighbours=2, expanded_neighbours=3, late_neighbours=None, late_expanded_neighbours=None,
+                     lr=1e-3, epochs=50, constant_lr=False),
+    "digits": dict(neighbours=5, expanded_neighbours=5, late_neighbours=None, late_expanded_neighbours=None,
+                   lr=1e-2, epochs=30, constant_lr=False),
 }
 BACKBONE_LR_MULT = 0.1
 

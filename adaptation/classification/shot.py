@@ -126,6 +126,8 @@ class AdaptConfig(RunSettings):
     # NRC and AaD (adaptation.classification.nrc, .aad): their official values per benchmark when None
     neighbours: int | None = None            # K
     expanded_neighbours: int | None = None   # KK (NRC)
+    late_neighbours: int | None = None       # K once more than half the steps are taken (Office-Home scripts)
+    late_expanded_neighbours: int | None = None   # KK likewise (NRC)
     reciprocal_affinity: bool = False        # NRC: the paper's reciprocal weights (the official code's are all 0.1)
     dispersion_weight: float | None = None   # alpha (AaD)
     dispersion_decay: float | None = None    # beta (AaD): lambda = alpha (1 + 10 t/T)^-beta; 0 keeps it constant

@@ -148,6 +148,11 @@ def add_adapt_options(options) -> None:
                          "Office-Home)")
     options.add_argument("--expanded-neighbours", type=positive_int, default=None, help="NRC: KK neighbours of "
                          "each neighbour (the expanded neighbourhood; default 5 VisDA-C, 2 Office-Home)")
+    options.add_argument("--late-neighbours", type=positive_int, default=None, help="NRC, AaD: K once more than "
+                         "half the steps are taken (default: the official script's, 5 for NRC and 2 for AaD on "
+                         "Office-Home; elsewhere K throughout)")
+    options.add_argument("--late-expanded-neighbours", type=positive_int, default=None, help="NRC: KK once more "
+                         "than half the steps are taken (default 4 on Office-Home; elsewhere KK throughout)")
     options.add_argument("--reciprocal-affinity", action="store_true", help="NRC: weigh a neighbour by how often "
                          "the sample is among its own neighbours, as the paper describes (the official code's "
                          "weights are all 0.1: see adaptation/classification/nrc.py)")
@@ -171,7 +176,8 @@ def adapt_config(a):
         rotation_epochs=a.rotation_epochs, rotation_keep=a.rotation_keep, transfer_epochs=a.transfer_epochs,
         transfer_batch_size=a.transfer_batch_size, transfer_classifier=a.transfer_classifier,
         mix_alpha=a.mix_alpha, cluster_backend=a.cluster_backend, test_on=a.test_on, neighbours=a.neighbours,
-        expanded_neighbours=a.expanded_neighbours, reciprocal_affinity=a.reciprocal_affinity,
+        expanded_neighbours=a.expanded_neighbours, late_neighbours=a.late_neighbours,
+        late_expanded_neighbours=a.late_expanded_neighbours, reciprocal_affinity=a.reciprocal_affinity,
         dispersion_weight=a.dispersion_weight,
         dispersion_decay=a.dispersion_decay, setting=a.setting, target_classes=a.target_classes, seed=a.seed,
         device=a.device,
