@@ -43,6 +43,14 @@ def add_adapt_options(options) -> None:
                          f"uniform action proportions ({rd.diversity_prior}, SHOT's and the default) or the source "
                          f"policy's initial mean action distribution on the target (initial)")
     options.add_argument("--cluster-backend", default="auto", choices=CLUSTER_BACKENDS, help="SHOT's clustering")
+    options.add_argument("--frame-stride", type=positive_int, default=rd.frame_stride, help="keep every n-th step "
+                         f"of play for the target frames and the paired states, so they span whole episodes "
+                         f"(default {rd.frame_stride})")
+    options.add_argument("--anchor-weight", type=non_negative_float, default=rd.anchor_weight, help="anchored-im: "
+                         f"lambda on KL(pi_0 || pi_theta), the anchor to the source policy (default {rd.anchor_weight})")
+    options.add_argument("--source-frames", type=positive_int, default=rd.source_frames, help="anchored-im: frames "
+                         "of the source policy's own play in the source visuals, for its action marginal (default "
+                         f"{rd.source_frames})")
 
 
 def adapt_config(a):
@@ -55,6 +63,7 @@ def adapt_config(a):
         epochs=given_or(a.epochs, rd.epochs), batch_size=given_or(a.batch_size, rd.batch_size), lr=given_or(a.lr, rd.lr),
         beta=given_or(a.beta, rd.beta), diversity_prior=a.diversity_prior or rd.diversity_prior,
         eval_episodes=a.eval_episodes, paired_steps=a.paired_steps, cluster_backend=a.cluster_backend,
+        frame_stride=a.frame_stride, anchor_weight=a.anchor_weight, source_frames=a.source_frames,
         seed=a.seed, device=a.device, run_dir=a.out, progress=not a.no_progress)
 
 

@@ -140,7 +140,8 @@ def run_all(jobs: int, tasks: list) -> list:
         return [future.result() for future in futures]
 
 
-PAIRED_COLUMNS = {"kl_from_source_policy": "KL from the source policy", "argmax_agreement": "argmax agreement",
+PAIRED_COLUMNS = {"tv_from_source_policy": "TV from the source policy",
+                  "js_from_source_policy": "JS from the source policy (nats)", "argmax_agreement": "argmax agreement",
                   "policy_entropy": "entropy (nats)"}
 
 

@@ -744,7 +744,7 @@ def test_procgen_agent_adaptation_on_the_device(ppo_run, tmp_path):
     assert len(metrics["epochs"]) == 1 and 0 <= epoch["action_agreement_with_pseudo_labels"] <= 1
     assert 0 < epoch["policy_entropy"] <= math.log(15) + 1e-4
     paired = metrics["paired_states"]
-    assert paired["frames"] == 2 * 32 and finite(paired["adapted_agent"]["kl_from_source_policy"])
+    assert paired["frames"] == 2 * 32 and finite(paired["adapted_agent"]["js_from_source_policy"])
     before = load_checkpoint(source, kind="procgen-agent")["agent_state"]["model"]
     after = load_checkpoint(out, kind="procgen-agent")["agent_state"]["model"]
     for name in before:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from adaptation.cli import adapt_main
-from agents.adapt import (ProcgenAdaptConfig, ProcgenAdapter, paired_frames, parse_procgen_target,
-                                      policy_divergence)
+from agents.adapt import (ProcgenAdaptConfig, ProcgenAdapter, TargetFrames, collect_frames, paired_frames,
+                          parse_procgen_target, policy_divergence)
 from agents.cli import evaluate_main
 from agents.evaluate import UniformRandomPolicy, evaluate_random_policy
 from agents.train import Trainer, TrainConfig
@@ -64,10 +64,10 @@ def test_adaptation_keeps_the_policy_head_trains_the_encoder_and_evaluates(sourc
     assert after_ckpt["config"]["visual"] == ["no-backgrounds", "monochrome"]
     assert len(metrics["epochs"]) == 2 and 0 <= metrics["epochs"][0]["action_agreement_with_pseudo_labels"] <= 1
     paired = metrics["paired_states"]
-    assert paired["frames"] == 3 * 32 and paired["adapted_agent"]["kl_from_source_policy"] >= 0
+    assert paired["frames"] == 3 * 32 and 0 <= paired["adapted_agent"]["tv_from_source_policy"] <= 1
     assert paired["adapted_agent"] != paired["source_agent"]  # the encoder moved, so did the policy on those states
-    frames = np.load(tmp_path / "adapt" / "frames.npz")
-    assert frames["frames"].shape == (128, 64, 64, 3) and str(frames["game"]) == "bigfish"
+    frames = TargetFrames.load(tmp_path / "adapt" / "frames.npz", "bigfish")
+    assert frames.frames.shape == frames.next_frames.shape == (128, 64, 64, 3) and len(frames.actions) == 128
     rc = evaluate_main([str(tmp_path / "adapt"), "--episodes", "2", "--num-envs", "2", "--device", "cpu"])
     assert rc == 0
 
@@ -77,20 +77,55 @@ def test_paired_states_are_the_same_states_in_both_visuals(source_run):
     renderings are equal, so the divergence of a policy from itself is zero; monochrome changes the pixels
     and keeps the game in lockstep."""
     adapter = ProcgenAdapter(ProcgenAdaptConfig(source=str(source_run), target=TARGET, device="cpu"))
-    same = paired_frames(adapter.agent, "bigfish", [], [], 5, 4, 0, "easy")
+    same = paired_frames(adapter.agent, "bigfish", [], [], 5, 4, 0, "easy", stride=3)
     assert torch.equal(same[0], same[1]) and same[0].shape == (20, 64, 64, 3)
-    shifted = paired_frames(adapter.agent, "bigfish", [], ["monochrome"], 5, 4, 0, "easy")
+    shifted = paired_frames(adapter.agent, "bigfish", [], ["monochrome"], 5, 4, 0, "easy", stride=3)
     assert shifted is not None and torch.equal(shifted[0], same[0]) and not torch.equal(shifted[1], same[1])
-    assert policy_divergence(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.5, 0.5]]))["kl_from_source_policy"] == 0
+    d = policy_divergence(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.5, 0.5]]))
+    assert d["tv_from_source_policy"] == 0 and d["js_from_source_policy"] == 0
+
+
+def test_paired_states_are_kept_every_stride_steps_over_the_episodes(source_run):
+    """With stride 3 the kept states are steps 0, 3, 6 ... of the same play that stride 1 keeps whole."""
+    adapter = ProcgenAdapter(ProcgenAdaptConfig(source=str(source_run), target=TARGET, device="cpu"))
+    every = paired_frames(adapter.agent, "bigfish", [], [], 7, 4, 0, "easy", stride=1)[0].view(7, 4, 64, 64, 3)
+    strided = paired_frames(adapter.agent, "bigfish", [], [], 3, 4, 0, "easy", stride=3)[0].view(3, 4, 64, 64, 3)
+    assert torch.equal(strided, every[[0, 3, 6]])
 
 
 def test_policy_divergence_by_hand():
-    d = policy_divergence(torch.tensor([[0.5, 0.5], [0.9, 0.1]]), torch.tensor([[0.25, 0.75], [0.9, 0.1]]))
-    kl = (0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)) / 2
-    assert d["kl_from_source_policy"] == pytest.approx(kl, abs=1e-6)
-    assert d["argmax_agreement"] == 0.5
-    h = -(0.25 * np.log(0.25) + 0.75 * np.log(0.75)) - (0.9 * np.log(0.9) + 0.1 * np.log(0.1))
-    assert d["policy_entropy"] == pytest.approx(h / 2, abs=1e-6)
+    p, q = np.array([[0.5, 0.5], [0.9, 0.1], [1.0, 0.0]]), np.array([[0.25, 0.75], [0.9, 0.1], [0.0, 1.0]])
+    d = policy_divergence(torch.tensor(p), torch.tensor(q))
+    assert d["tv_from_source_policy"] == pytest.approx((0.25 + 0 + 1) / 3, abs=1e-9)
+
+    def kl(a, b):   # in nats, 0 log 0 = 0
+        return sum(x * np.log(x / y) for x, y in zip(a, b) if x > 0)
+    js = [0.5 * kl(a, (a + b) / 2) + 0.5 * kl(b, (a + b) / 2) for a, b in zip(p, q)]
+    assert js[2] == pytest.approx(np.log(2))       # disjoint policies: the bound, not a clamp's 18 nats
+    assert d["js_from_source_policy"] == pytest.approx(np.mean(js), abs=1e-9)
+    assert d["argmax_agreement"] == pytest.approx(1 / 3)
+    h = [-(0.25 * np.log(0.25) + 0.75 * np.log(0.75)), -(0.9 * np.log(0.9) + 0.1 * np.log(0.1)), 0.0]
+    assert d["policy_entropy"] == pytest.approx(np.mean(h), abs=1e-9)
+
+
+def test_collected_transitions_are_strided_play_with_their_actions(source_run):
+    """Uniform actions from a seeded generator: the kept transitions are steps 0, 2, 4 of that play, each
+    with the action taken and the frame that followed, replayed here step by step."""
+    adapter = ProcgenAdapter(ProcgenAdaptConfig(source=str(source_run), target=TARGET, device="cpu"))
+    got = collect_frames(adapter.agent, "bigfish", ["monochrome"], 12, 4, "random", 9, "easy", stride=2)
+    env = ProcgenVecEnv("bigfish", 4, "easy", num_levels=0, seed=9, **visual_options(["monochrome"]))
+    rng = np.random.default_rng(9)
+    env.reset()
+    for step in range(5):
+        actions = rng.integers(0, env.num_actions, 4)
+        before = env.last_frames.copy()
+        after, _, first = env.step_numpy(actions)
+        if step % 2 == 0:
+            rows = slice(step // 2 * 4, step // 2 * 4 + 4)
+            assert np.array_equal(got.frames[rows].numpy(), before)
+            assert np.array_equal(got.actions[rows].numpy(), actions)
+            assert np.array_equal(got.next_frames[rows].numpy(), after)
+            assert np.array_equal(got.continues[rows].numpy(), ~first.astype(bool))
 
 
 def test_saved_frames_repeat_an_experiment(source_run, tmp_path):
@@ -150,8 +185,8 @@ def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_r
     assert rows["random policy, source"] == evaluate_random_policy("bigfish", 2)["mean_return"]
     table = (tmp_path / "table.md").read_text()
     assert "| bigfish |" in table
-    kl = adapted["paired_states"]["adapted_agent"]["kl_from_source_policy"]
-    assert f"| bigfish: shot-im | {kl:.3f} (n=1) |" in table
+    tv = adapted["paired_states"]["adapted_agent"]["tv_from_source_policy"]
+    assert f"| bigfish: shot-im | {tv:.3f} (n=1) |" in table
     stamp = (target_run / "checkpoint.pt").stat().st_mtime_ns
     bench.main(argv)
     assert (target_run / "checkpoint.pt").stat().st_mtime_ns == stamp
@@ -199,3 +234,51 @@ def test_uniform_random_policy_is_uniform_and_evaluates_from_the_command_line(tm
     assert evaluate_main(["random:bigfish", "--deterministic", "--out", str(tmp_path / "x.json")]) == 2
     assert "--deterministic" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_anchored_im_terms_by_hand():
+    from agents.adapt.anchored import anchor_kl, marginal_kl
+
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]])
+    marginal = torch.tensor([0.5, 0.25, 0.25])
+    p_bar = np.array([0.4, 0.4, 0.2])
+    assert marginal_kl(probs, marginal).item() == pytest.approx(
+        sum(p * np.log(p / m) for p, m in zip(p_bar, [0.5, 0.25, 0.25])), abs=1e-6)
+    source = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]])
+    q = torch.softmax(logits, 1).numpy()
+    by_hand = [sum(p * np.log(p / b) for p, b in zip(row, qrow) if p > 0) for row, qrow in zip(source.numpy(), q)]
+    assert anchor_kl(source, logits).item() == pytest.approx(np.mean(by_hand), abs=1e-6)
+    assert anchor_kl(torch.softmax(logits, 1), logits).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_the_kl_anchor_keeps_the_policys_entropy_near_the_sources(source_run, tmp_path):
+    """A source policy whose action marginal on the target frames is far from its marginal in its own visuals
+    (TV 0.36 here), so the diversity term pulls hard: without the anchor the policy's entropy on the target
+    frames falls by more than 0.2 nats in three epochs; with a strong anchor it stays within 0.05 nats of
+    the source policy's on the same frames."""
+    import shutil
+
+    from agents.adapt import features_and_policy, policy_entropy
+    from workbench.checkpoint import save_checkpoint
+
+    # a source policy with structure to lose: the tiny run's policy head (orthogonal, gain 0.01) scaled up
+    shutil.copytree(source_run, tmp_path / "source")
+    source_run = tmp_path / "source"
+    state = load_checkpoint(source_run, kind="procgen-agent")
+    state["agent_state"]["model"]["policy_head.weight"] *= 10
+    save_checkpoint(source_run / "checkpoint.pt", "procgen-agent", state)
+    runs = {}
+    for weight in (0.0, 30.0):
+        runs[weight] = tiny_adapt(source_run, tmp_path / f"anchor-{weight}", method="anchored-im", frames=256,
+                                  epochs=3, seed=1, source_frames=256, anchor_weight=weight)
+    data = TargetFrames.load(tmp_path / "anchor-0.0" / "frames.npz", "bigfish")
+
+    def entropy_of(run) -> float:
+        adapter = ProcgenAdapter(ProcgenAdaptConfig(source=str(run), target=TARGET, device="cpu"))
+        return policy_entropy(features_and_policy(adapter.model, data.frames, adapter.rt)[1])
+    source_entropy = entropy_of(source_run)
+    assert runs[0.0]["epochs"][0]["source_policy_entropy"] == pytest.approx(source_entropy, abs=1e-5)
+    assert runs[0.0]["epochs"][0]["marginal_tv_to_source"] > 0.2
+    assert entropy_of(tmp_path / "anchor-0.0") < source_entropy - 0.2
+    assert abs(entropy_of(tmp_path / "anchor-30.0") - source_entropy) < 0.05

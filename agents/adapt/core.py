@@ -1,61 +1,60 @@
-"""Source-free adaptation of a trained Procgen agent to an unseen visual domain.
+"""Source-free adaptation of a trained Procgen agent to an unseen visual domain: the shared frame.
 
-The PPO agent's network is SHOT's split with actions for classes: the encoder phi (the registry
-backbone, 256-d features) plays F, the policy head pi (a linear layer over the 15 actions) plays
-the frozen hypothesis C. Frames of the target domain (the same game rendered with other assets:
-`--visual` variants) are collected by running the frozen source policy there (or a random
-policy), without rewards; then, for `epochs` passes over them,
+The PPO agent's network is SHOT's split with actions for classes: the encoder phi (the registry backbone,
+256-d features) plays F, the policy head pi (a linear layer over the 15 actions) plays the frozen hypothesis
+C. The target domain is the same game rendered with other assets (`--visual` variants; the dynamics do not
+change). Without rewards, an adapter sees:
 
-    L = IM(pi(phi(s))) + beta * CE(pi(phi(s)), y_hat)        (beta = 0: SHOT-IM)
+- transitions of the target domain, played by the frozen source policy (or uniformly random actions):
+  frames, the action taken and the next frame, kept every `frame_stride`-th step of play so that they
+  span whole episodes rather than their first steps (TargetFrames);
+- the source domain as a simulator: the source policy's own rollouts in the source visuals (for the
+  action marginal the entropy-safe IM keeps, or feature statistics).
 
-with IM and the cosine k-means pseudo-labels over actions exactly as for images (workbench.adapt.information,
-workbench.adapt.cluster). Only phi is trained: the policy head is frozen, and the value head is left
-as it was (its input, phi's features, moves with the adaptation; the value head is used only for
-further PPO training, not for acting). With `recollect`, the frames are collected again with the
-adapted policy before every epoch (adapting during play). `diversity_prior="initial"` pulls the
-batch's mean action distribution towards the source policy's own on the target frames instead of
-towards uniform (a policy's action marginal is far from uniform).
+Each method is a module of this package with `adapt(adapter, frames, logger) -> list[dict]` (one dict
+of statistics per epoch), named in METHOD_MODULES. Only phi is trained by every method here: the policy
+and value heads stay as they were.
 
-A PPO policy is not a confident classifier: trained with an entropy bonus, it keeps most of its
-entropy (a starpilot agent at 500k steps: 2.28 nats on the target frames, of ln 15 = 2.71), and acts
-by sampling. IM's conditional-entropy term makes it nearly deterministic within one epoch (SHOT-IM:
-0.07 nats after the first, 0.01 at the end), which changes the behaviour far more than the visual
-shift did (docs/RESULTS.md). To see what adaptation does to the policy itself, `paired_steps` plays
-the source policy in the source visuals and steps a copy of the same levels in the target visuals
-with its actions (the visual options leave the dynamics alone): on those same states, the KL from
-the source policy on its own frames to the source and to the adapted policy on the target frames,
-their argmax agreement and entropy.
+What adaptation does to the policy is measured on paired states (`paired_steps`): the source policy
+plays the source visuals and a copy of the same levels in the target visuals is stepped with its actions
+(the visual options leave the dynamics alone), states kept every `frame_stride`-th step over whole
+episodes; on those states, the total-variation and Jensen-Shannon distances from the source policy on
+its own frames to the source and to the adapted policy on the target frames, their argmax agreement and
+entropy.
 
-The result is an ordinary Procgen checkpoint (the source run's, with the adapted encoder), whose
-config names the target's visual options, so `scripts/evaluate_procgen.py RUN` plays it in the
-target domain and `--visual` (empty) in the source domain.
+The result is an ordinary Procgen checkpoint (the source run's, with the adapted encoder), whose config
+names the target's visual options, so `scripts/evaluate_procgen.py RUN` plays it in the target domain and
+`--visual` (empty) in the source domain.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from envs.procgen import GAMES, PROTOCOLS, ProcgenVecEnv, visual_options
-from workbench.adapt.cluster import shot_pseudo_labels
-from workbench.adapt.information import DIVERSITY_PRIORS, information_maximization
-from workbench.adapt.training import add_terms, set_shot_lr, shot_optimizer, take_step
+from workbench.adapt.information import DIVERSITY_PRIORS
 from workbench.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_path, save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import RunSettings, Runtime, seed_everything
 
-METHODS = ("shot-im", "shot")
+# method -> module of this package holding its `adapt(adapter, frames, logger)`
+METHOD_MODULES = {"shot-im": "shot", "shot": "shot", "anchored-im": "anchored"}
+METHODS = tuple(METHOD_MODULES)
 COLLECT_POLICIES = ("source", "random")
 FRAMES_FILE = "frames.npz"
 # SHOT's image settings (object/image_target.py): lr 0.01 with the pretrained encoder at 0.1x, beta 0.3
 LR, ENCODER_LR_MULT, BETA = 1e-2, 0.1, 0.3
+# keep every 16th step of play: 8,192 frames of 64 envs span 2,048 steps, whole episodes of most games
+FRAME_STRIDE = 16
+PAIRED_ENVS = 32
 
 
 def parse_procgen_target(spec: str) -> tuple[str, list[str]]:
@@ -78,6 +77,7 @@ class ProcgenAdaptConfig(RunSettings):
     method: str = "shot"
     frames: int = 8192                    # target frames collected per collection
     num_envs: int = 64
+    frame_stride: int = FRAME_STRIDE      # keep every n-th step of play (target frames and paired states)
     collect_policy: str = "source"        # the frozen source policy, or uniformly random actions
     frames_file: str | None = None        # adapt on these saved frames instead of collecting
     recollect: bool = False               # collect again with the adapted policy before every epoch
@@ -89,8 +89,11 @@ class ProcgenAdaptConfig(RunSettings):
     diversity_prior: str = "uniform"      # SHOT's uniform action marginal, or the source policy's own on the frames
     weight_decay: float = 1e-3
     eval_episodes: int = 100              # per domain, before and after; 0 skips the evaluation
-    paired_steps: int = 64                # x 32 envs: states seen in both visuals to compare policies; 0 skips
+    paired_steps: int = 64                # kept steps x 32 envs: states seen in both visuals; 0 skips
     cluster_backend: str = "auto"
+    # anchored-im (the entropy-safe IM, agents.adapt.anchored)
+    anchor_weight: float = 1.0            # lambda on KL(pi_0 || pi_theta); our choice, made before any run
+    source_frames: int = 4096             # source-visual frames of the source policy, for its action marginal
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -101,15 +104,15 @@ class ProcgenAdaptConfig(RunSettings):
             self.beta = 0.0
         if self.diversity_prior not in DIVERSITY_PRIORS:
             raise ValueError(f"unknown diversity prior {self.diversity_prior!r}: choose uniform or initial")
-        if self.frames < 1 or self.epochs < 1:
-            raise ValueError("--frames and --epochs must be positive")
+        if self.frames < 1 or self.epochs < 1 or self.frame_stride < 1:
+            raise ValueError("--frames, --epochs and --frame-stride must be positive")
         if self.frames_file and self.recollect:
             raise ValueError("--frames-file and --recollect exclude each other: saved frames cannot be re-collected")
 
 
 def load_source_agent(path, game: str, runtime: Runtime):
     """(PPO agent that acts with the source weights, the checkpoint) for adapting to `game`."""
-    from .algorithms import ALGORITHMS
+    from ..algorithms import ALGORITHMS
 
     ckpt_path = resolve_checkpoint_path(path)
     state = load_checkpoint(ckpt_path, kind="procgen-agent")
@@ -131,22 +134,62 @@ def load_source_agent(path, game: str, runtime: Runtime):
     return agent, state, ckpt_path
 
 
+@dataclass
+class TargetFrames:
+    """Transitions played in one domain: frames (N, 64, 64, 3) uint8, the action taken on each (N,), the
+    frame that followed (N, 64, 64, 3) and whether it belongs to the same episode (N,) bool (Procgen
+    resets a finished episode by itself, so the frame after the last step is the next episode's first)."""
+
+    frames: torch.Tensor
+    actions: torch.Tensor
+    next_frames: torch.Tensor
+    continues: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def save(self, path: Path, **info) -> None:
+        np.savez_compressed(path, frames=self.frames.numpy(), actions=self.actions.numpy(),
+                            next_frames=self.next_frames.numpy(), continues=self.continues.numpy(), **info)
+
+    @classmethod
+    def load(cls, path, game: str) -> "TargetFrames":
+        with np.load(path) as data:
+            if str(data["game"]) != game:
+                raise ValueError(f"{path} holds frames of {data['game']}, not {game}: pass the frames.npz of a "
+                                 f"run on procgen:{game}")
+            if "actions" not in data:
+                raise ValueError(f"{path} holds frames without their actions (written before transitions were "
+                                 "kept): collect again without --frames-file")
+            return cls(*(torch.from_numpy(data[k]) for k in ("frames", "actions", "next_frames", "continues")))
+
+
 def collect_frames(agent, game: str, options: list[str], frames: int, num_envs: int, policy: str, seed: int,
-                   distribution_mode: str) -> np.ndarray:
-    """(frames, 64, 64, 3) uint8 from the full level distribution of the target domain, acted on by `policy`."""
+                   distribution_mode: str, stride: int = FRAME_STRIDE) -> TargetFrames:
+    """`frames` transitions from the full level distribution of a domain, acted on by `policy` (the agent's
+    sampled actions, or uniform), every `stride`-th step of play kept so that they span whole episodes."""
     env = ProcgenVecEnv(game, num_envs, distribution_mode, num_levels=0, start_level=0, device=agent.rt.device,
                         seed=seed, **visual_options(options))
     rng = np.random.default_rng(seed)
-    out = np.empty((frames, *env.observation_shape), np.uint8)
-    obs, filled = env.reset(), 0
+    shape = (frames, *env.observation_shape)
+    out = TargetFrames(torch.empty(shape, dtype=torch.uint8), torch.empty(frames, dtype=torch.int64),
+                       torch.empty(shape, dtype=torch.uint8), torch.empty(frames, dtype=torch.bool))
+    obs, filled, step = env.reset(), 0, 0
     while filled < frames:
-        take = min(num_envs, frames - filled)
-        out[filled:filled + take] = env.last_frames[:take]
-        filled += take
         actions = (rng.integers(0, env.num_actions, num_envs) if policy == "random"
                    else agent.act(obs).cpu().numpy())
-        env.step_numpy(actions)
+        before = env.last_frames.copy()
+        after, _, first = env.step_numpy(actions)
+        if step % stride == 0:
+            take = min(num_envs, frames - filled)
+            keep = slice(filled, filled + take)
+            out.frames[keep] = torch.from_numpy(before[:take])
+            out.actions[keep] = torch.from_numpy(np.asarray(actions[:take], dtype=np.int64))
+            out.next_frames[keep] = torch.from_numpy(after[:take])
+            out.continues[keep] = torch.from_numpy(~first[:take].astype(bool))
+            filled += take
         obs = env.as_tensor(env.last_frames)
+        step += 1
     return out
 
 
@@ -162,11 +205,18 @@ def features_and_policy(model, frames: torch.Tensor, runtime: Runtime, batch: in
     return torch.cat(feats), torch.cat(probs)
 
 
-def paired_frames(agent, game: str, source_options: list[str], target_options: list[str], steps: int,
-                  num_envs: int, seed: int, distribution_mode: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+def policy_entropy(probs: torch.Tensor) -> float:
+    """Mean entropy of the rows of `probs`, in nats (0 log 0 = 0)."""
+    return float(-torch.special.xlogy(probs, probs).sum(1).mean())
+
+
+def paired_frames(agent, game: str, source_options: list[str], target_options: list[str], kept_steps: int,
+                  num_envs: int, seed: int, distribution_mode: str,
+                  stride: int = FRAME_STRIDE) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The same states rendered in both domains: the agent plays the source visuals, and a copy of the same
-    levels in the target visuals is stepped with its actions. Procgen's visual options leave the dynamics
-    alone, so the two stay in lockstep; None if rewards or episode ends ever differ (the pairing broke)."""
+    levels in the target visuals is stepped with its actions; every `stride`-th step is kept, `kept_steps`
+    times, so the states span whole episodes. Procgen's visual options leave the dynamics alone, so the two
+    stay in lockstep; None if rewards or episode ends ever differ (the pairing broke)."""
     envs = [ProcgenVecEnv(game, num_envs, distribution_mode, num_levels=0, start_level=0, device=agent.rt.device,
                           seed=seed, **visual_options(options)) for options in (source_options, target_options)]
     obs = envs[0].reset()
@@ -174,9 +224,10 @@ def paired_frames(agent, game: str, source_options: list[str], target_options: l
     source, target = [], []
     with torch.random.fork_rng(devices=[]):  # the same states for every run with this seed
         torch.manual_seed(seed)
-        for _ in range(steps):
-            source.append(envs[0].last_frames.copy())
-            target.append(envs[1].last_frames.copy())
+        for step in range(kept_steps * stride):
+            if step % stride == 0:
+                source.append(envs[0].last_frames.copy())
+                target.append(envs[1].last_frames.copy())
             actions = agent.act(obs).cpu().numpy()
             (_, r0, d0), (_, r1, d1) = (env.step_numpy(actions) for env in envs)
             if not (np.array_equal(r0, r1) and np.array_equal(d0, d1)):
@@ -187,11 +238,15 @@ def paired_frames(agent, game: str, source_options: list[str], target_options: l
 
 def policy_divergence(reference: torch.Tensor, probs: torch.Tensor) -> dict:
     """How far a policy on the target frames is from the source policy on the same states in the source
-    visuals: mean KL(pi_src(s_source) || pi(s_target)), argmax agreement, and pi's own mean entropy."""
-    log = lambda p: p.clamp_min(1e-8).log()  # noqa: E731
-    return {"kl_from_source_policy": float((reference * (log(reference) - log(probs))).sum(1).mean()),
+    visuals, per state and averaged: total variation 1/2 sum |p - q| (in [0, 1]), Jensen-Shannon divergence
+    in nats (in [0, ln 2]; finite where either policy gives an action no mass, unlike the KL), argmax
+    agreement, and the policy's own mean entropy in nats."""
+    mixture = (reference + probs) / 2
+    kl_to_mixture = lambda p: (torch.special.xlogy(p, p) - torch.special.xlogy(p, mixture)).sum(1)  # noqa: E731
+    return {"tv_from_source_policy": float(0.5 * (reference - probs).abs().sum(1).mean()),
+            "js_from_source_policy": float((0.5 * kl_to_mixture(reference) + 0.5 * kl_to_mixture(probs)).mean()),
             "argmax_agreement": float((reference.argmax(1) == probs.argmax(1)).float().mean()),
-            "policy_entropy": float(-(probs * log(probs)).sum(1).mean())}
+            "policy_entropy": policy_entropy(probs)}
 
 
 class ProcgenAdapter:
@@ -202,64 +257,52 @@ class ProcgenAdapter:
         self.rt = Runtime.create(cfg.device, "fp32")
         self.agent, self.source_state, self.source_path = load_source_agent(cfg.source, self.game, self.rt)
         self.model = self.agent.model
+        self._source_model = copy.deepcopy(self.model).requires_grad_(False)   # pi_0, as loaded
         self.mode = PROTOCOLS[self.source_state["config"]["protocol"]].distribution_mode
         self.run_dir = Path(cfg.run_dir or Path("runs") / default_run_name("adapt-procgen", self.game, cfg.method,
                                                                             f"s{cfg.seed}"))
 
-    def target_frames(self, epoch: int) -> torch.Tensor:
+    def target_frames(self, epoch: int) -> TargetFrames:
+        """Transitions of the target domain: the saved ones, or collected (epoch > 0: again, for --recollect,
+        by the policy as adapted so far)."""
         cfg = self.cfg
         if cfg.frames_file:
-            with np.load(cfg.frames_file) as data:
-                if str(data["game"]) != self.game:
-                    raise ValueError(f"{cfg.frames_file} holds frames of {data['game']}, not {self.game}")
-                return torch.from_numpy(data["frames"])
+            return TargetFrames.load(cfg.frames_file, self.game)
         frames = collect_frames(self.agent, self.game, self.options, cfg.frames, cfg.num_envs, cfg.collect_policy,
-                                cfg.seed + 1000 * epoch, self.mode)
+                                cfg.seed + 1000 * epoch, self.mode, cfg.frame_stride)
         if epoch == 0:  # what the run adapted on first, to repeat the experiment with --frames-file
-            np.savez_compressed(self.run_dir / FRAMES_FILE, frames=frames, game=self.game,
-                                visual="+".join(self.options), policy=cfg.collect_policy, seed=cfg.seed)
-        return torch.from_numpy(frames)
+            frames.save(self.run_dir / FRAMES_FILE, game=self.game, visual="+".join(self.options),
+                        policy=cfg.collect_policy, seed=cfg.seed, stride=cfg.frame_stride)
+        return frames
 
-    def steps_per_epoch(self, frames: torch.Tensor) -> int:
+    @property
+    def source_options(self) -> list[str]:
+        return list(self.source_state["config"].get("visual", []))
+
+    def source_action_marginal(self) -> torch.Tensor:
+        """The source policy's mean action distribution on its own rollouts in the source visuals (the
+        simulator of the source domain; no rewards used), on the runtime's device."""
+        cfg = self.cfg
+        rollout = collect_frames(self.agent, self.game, self.source_options, cfg.source_frames, cfg.num_envs,
+                                 "source", cfg.seed + 555, self.mode, cfg.frame_stride)
+        return features_and_policy(self.model, rollout.frames, self.rt)[1].mean(0).to(self.rt.device)
+
+    def source_model(self):
+        """A frozen copy of the source network as loaded (the model itself is adapted in place)."""
+        return self._source_model
+
+    def steps_per_epoch(self, frames: TargetFrames) -> int:
         return -(-len(frames) // self.cfg.batch_size)
 
-    def adapt(self, frames: torch.Tensor, logger: RunLogger) -> list[dict]:
-        cfg, model = self.cfg, self.model
-        model.policy_head.requires_grad_(False)
-        model.value_head.requires_grad_(False)
-        optimizer = shot_optimizer([(model.backbone, cfg.encoder_lr_mult)], cfg.lr, cfg.weight_decay)
-        steps_per_epoch = self.steps_per_epoch(frames)
-        total, step, history, prior = cfg.epochs * steps_per_epoch, 0, [], None
-        for epoch in range(cfg.epochs):
-            if epoch > 0 and cfg.recollect:
-                frames = self.target_frames(epoch)
-            feats, probs = features_and_policy(model, frames, self.rt)
-            if epoch == 0 and cfg.diversity_prior == "initial":
-                prior = probs.mean(0).to(self.rt.device)
-            pseudo = shot_pseudo_labels(feats, probs, backend=cfg.cluster_backend) if cfg.beta > 0 else None
-            stats = {"policy_entropy": float(-(probs * probs.clamp_min(1e-8).log()).sum(1).mean()),
-                     "action_agreement_with_pseudo_labels": float((probs.argmax(1) == pseudo).float().mean())
-                     if pseudo is not None else None}
-            model.train()
-            sums: dict[str, float] = {}
-            for idx in torch.randperm(len(frames)).split(cfg.batch_size):
-                if len(idx) < 2:
-                    continue
-                step += 1
-                set_shot_lr(optimizer, cfg.lr, step / total)
-                logits, _ = model(self.rt.images(frames[idx]))
-                im, cond, marg = information_maximization(logits.float(), prior)
-                loss, terms = im, {"im": im, "conditional_entropy": cond, "marginal_entropy": marg}
-                if pseudo is not None:
-                    terms["pseudo_ce"] = F.cross_entropy(logits.float(), pseudo[idx].to(self.rt.device))
-                    loss = loss + cfg.beta * terms["pseudo_ce"]
-                take_step(optimizer, loss)
-                add_terms(sums, terms)
-                logger.advance(1)
-            logger.scalars("loss", {k: v / steps_per_epoch for k, v in sums.items()}, epoch)
-            logger.scalars("target", stats, epoch)
-            history.append(stats)
-        return history
+    def encoder_only(self) -> None:
+        """Freeze the policy and value heads: the methods here train the encoder phi alone."""
+        self.model.policy_head.requires_grad_(False)
+        self.model.value_head.requires_grad_(False)
+
+    def adapt(self, frames: TargetFrames, logger: RunLogger) -> list[dict]:
+        """The method's own `adapt` (its module in METHOD_MODULES): one dict of statistics per epoch."""
+        module = importlib.import_module(f"{__package__}.{METHOD_MODULES[self.cfg.method]}")
+        return module.adapt(self, frames, logger)
 
     def checkpoint_payload(self) -> dict:
         """The source checkpoint with the adapted encoder, playing in the target domain by default."""
@@ -274,11 +317,10 @@ class ProcgenAdapter:
         return payload
 
     def evaluate_both_domains(self, checkpoint: Path, label: str) -> dict:
-        from .evaluate import evaluate_checkpoint
+        from ..evaluate import evaluate_checkpoint
 
         out = {}
-        source_options = list(self.source_state["config"].get("visual", []))
-        for domain, options in (("target", self.options), ("source", source_options)):
+        for domain, options in (("target", self.options), ("source", self.source_options)):
             result, _ = evaluate_checkpoint(checkpoint, episodes=self.cfg.eval_episodes,
                                             num_envs=min(64, self.cfg.eval_episodes), visual=options,
                                             seed=12345, device=self.cfg.device)
@@ -290,9 +332,8 @@ class ProcgenAdapter:
     def paired_policies(self):
         """A function scoring a model's policy on the target renderings of states that the source policy
         visited in the source visuals (policy_divergence), for the source model now and the adapted later."""
-        source_options = list(self.source_state["config"].get("visual", []))
-        pairs = paired_frames(self.agent, self.game, source_options, self.options, self.cfg.paired_steps, 32,
-                              self.cfg.seed + 777, self.mode)
+        pairs = paired_frames(self.agent, self.game, self.source_options, self.options, self.cfg.paired_steps,
+                              PAIRED_ENVS, self.cfg.seed + 777, self.mode, self.cfg.frame_stride)
         if pairs is None:
             print("paired states: the two renderings fell out of step; no policy comparison", flush=True)
             return None
@@ -302,9 +343,9 @@ class ProcgenAdapter:
         def score(model) -> dict:
             after = policy_divergence(reference, features_and_policy(model, pairs[1], self.rt)[1])
             for label, d in (("source", before), ("adapted", after)):
-                print(f"{label} policy on {len(reference)} paired target frames: KL from the source policy "
-                      f"{d['kl_from_source_policy']:.3f}, argmax agreement {d['argmax_agreement']:.3f}, entropy "
-                      f"{d['policy_entropy']:.3f}", flush=True)
+                print(f"{label} policy on {len(reference)} paired target frames: from the source policy TV "
+                      f"{d['tv_from_source_policy']:.3f}, JS {d['js_from_source_policy']:.3f} nats; argmax agreement "
+                      f"{d['argmax_agreement']:.3f}, entropy {d['policy_entropy']:.3f} nats", flush=True)
             return {"frames": len(reference), "source_agent": before, "adapted_agent": after}
         return score
 
