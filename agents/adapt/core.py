@@ -45,6 +45,8 @@ from workbench.checkpoint import CheckpointError, load_checkpoint, resolve_check
 from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import RunSettings, Runtime, seed_everything
 
+from ..rollouts import FRAME_STRIDE, TargetFrames, collect_frames
+
 # method -> module of this package holding its `adapt(adapter, frames, logger)`
 METHOD_MODULES = {"shot-im": "shot", "shot": "shot", "anchored-im": "anchored"}
 METHODS = tuple(METHOD_MODULES)
@@ -52,8 +54,6 @@ COLLECT_POLICIES = ("source", "random")
 FRAMES_FILE = "frames.npz"
 # SHOT's image settings (object/image_target.py): lr 0.01 with the pretrained encoder at 0.1x, beta 0.3
 LR, ENCODER_LR_MULT, BETA = 1e-2, 0.1, 0.3
-# keep every 16th step of play: 8,192 frames of 64 envs span 2,048 steps, whole episodes of most games
-FRAME_STRIDE = 16
 PAIRED_ENVS = 32
 
 
@@ -132,65 +132,6 @@ def load_source_agent(path, game: str, runtime: Runtime):
         raise ValueError(f"the source policy has {head.out_features} actions but procgen:{game} has "
                          f"{env.num_actions}: the checkpoint does not belong to this game's action space")
     return agent, state, ckpt_path
-
-
-@dataclass
-class TargetFrames:
-    """Transitions played in one domain: frames (N, 64, 64, 3) uint8, the action taken on each (N,), the
-    frame that followed (N, 64, 64, 3) and whether it belongs to the same episode (N,) bool (Procgen
-    resets a finished episode by itself, so the frame after the last step is the next episode's first)."""
-
-    frames: torch.Tensor
-    actions: torch.Tensor
-    next_frames: torch.Tensor
-    continues: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
-    def save(self, path: Path, **info) -> None:
-        np.savez_compressed(path, frames=self.frames.numpy(), actions=self.actions.numpy(),
-                            next_frames=self.next_frames.numpy(), continues=self.continues.numpy(), **info)
-
-    @classmethod
-    def load(cls, path, game: str) -> "TargetFrames":
-        with np.load(path) as data:
-            if str(data["game"]) != game:
-                raise ValueError(f"{path} holds frames of {data['game']}, not {game}: pass the frames.npz of a "
-                                 f"run on procgen:{game}")
-            if "actions" not in data:
-                raise ValueError(f"{path} holds frames without their actions (written before transitions were "
-                                 "kept): collect again without --frames-file")
-            return cls(*(torch.from_numpy(data[k]) for k in ("frames", "actions", "next_frames", "continues")))
-
-
-def collect_frames(agent, game: str, options: list[str], frames: int, num_envs: int, policy: str, seed: int,
-                   distribution_mode: str, stride: int = FRAME_STRIDE) -> TargetFrames:
-    """`frames` transitions from the full level distribution of a domain, acted on by `policy` (the agent's
-    sampled actions, or uniform), every `stride`-th step of play kept so that they span whole episodes."""
-    env = ProcgenVecEnv(game, num_envs, distribution_mode, num_levels=0, start_level=0, device=agent.rt.device,
-                        seed=seed, **visual_options(options))
-    rng = np.random.default_rng(seed)
-    shape = (frames, *env.observation_shape)
-    out = TargetFrames(torch.empty(shape, dtype=torch.uint8), torch.empty(frames, dtype=torch.int64),
-                       torch.empty(shape, dtype=torch.uint8), torch.empty(frames, dtype=torch.bool))
-    obs, filled, step = env.reset(), 0, 0
-    while filled < frames:
-        actions = (rng.integers(0, env.num_actions, num_envs) if policy == "random"
-                   else agent.act(obs).cpu().numpy())
-        before = env.last_frames.copy()
-        after, _, first = env.step_numpy(actions)
-        if step % stride == 0:
-            take = min(num_envs, frames - filled)
-            keep = slice(filled, filled + take)
-            out.frames[keep] = torch.from_numpy(before[:take])
-            out.actions[keep] = torch.from_numpy(np.asarray(actions[:take], dtype=np.int64))
-            out.next_frames[keep] = torch.from_numpy(after[:take])
-            out.continues[keep] = torch.from_numpy(~first[:take].astype(bool))
-            filled += take
-        obs = env.as_tensor(env.last_frames)
-        step += 1
-    return out
 
 
 @torch.no_grad()
