@@ -14,6 +14,7 @@ from workbench.backbones import list_backbones
 from workbench.runtime import DEVICE_CHOICES, PRECISION_CHOICES
 
 from .algorithms import ALGORITHMS
+from .inverse_dynamics import AUX_TASKS, AUX_WEIGHT
 from .train import LEARNING_CURVE, REGULARIZERS, Trainer, TrainConfig, apply_regularizer
 
 TRAIN_HELP = """Train an agent on a Procgen game and evaluate it on unseen levels.
@@ -50,6 +51,11 @@ def parse_train_args(argv=None) -> argparse.Namespace:
                    help="the mixreg paper's comparison regularisers")
     p.add_argument("--l2-coef", type=non_negative_float, default=1e-4,
                    help="coefficient of the L2 penalty, 0.5 * sum of squared weights (--regularizer l2)")
+    p.add_argument("--aux", default="none", choices=AUX_TASKS,
+                   help="an auxiliary self-supervised head on the shared encoder: inverse-dynamics is PAD's (Hansen "
+                        "et al. 2021), which `workbench adapt --method pad` adapts with at deployment")
+    p.add_argument("--aux-weight", type=positive_float, default=None,
+                   help=f"weight of the auxiliary loss beside the RL loss (default {AUX_WEIGHT}, PAD's)")
     p.add_argument("--protocol", default="easy-200", choices=sorted(PROTOCOLS),
                    help="level split and distribution mode (easy-200: easy, levels [0,200); hard-500: hard, 500)")
     p.add_argument("--total-steps", type=total_steps_arg, default=None,
@@ -81,6 +87,9 @@ def parse_train_args(argv=None) -> argparse.Namespace:
                    help="--regularizer random_conv: evaluate on clean frames instead of through random kernels "
                         "(the paper's test worker plays through them)")
     p.add_argument("--no-video", action="store_true", help="skip the test-episode GIF in TensorBoard")
+    p.add_argument("--feature-stats-frames", type=non_negative_int, default=TrainConfig.feature_stats_frames,
+                   help="PPO: frames of the finished agent's own play whose unit statistics the checkpoint keeps, "
+                        "for adapting it with BUFR (workbench adapt --method bufr); 0 skips (default %(default)s)")
     p.add_argument("--snapshot-every", type=non_negative_steps, default=0, metavar="STEPS",
                    help="also keep snapshots/checkpoint-<steps>.pt every STEPS env steps, to evaluate later (0: off)")
     p.add_argument("--run-name", default=None, help="run directory name under runs/ (one that holds a run is "
@@ -105,6 +114,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     agent = {"num_envs": args.num_envs, "backbone": backbone, "mixreg": args.mixreg, "mix_alpha": args.mix_alpha}
     if args.lr is not None:
         agent["learning_rate"] = args.lr
+    if args.aux != "none":
+        agent.update(aux=args.aux, aux_weight=AUX_WEIGHT if args.aux_weight is None else args.aux_weight)
+    elif args.aux_weight is not None:
+        raise ValueError("--aux-weight weighs an auxiliary loss: add --aux inverse-dynamics")
     if args.algo == "ppo":
         agent.update(num_steps=args.num_steps, reward_norm_gamma=args.reward_norm_gamma)
     elif args.algo == "rainbow":
@@ -118,7 +131,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        eval_episodes=args.eval_episodes,
                        num_test_envs=min(args.eval_episodes, TrainConfig.num_test_envs),
                        eval_clean_frames=args.eval_clean_frames,
-                       video=not args.no_video, snapshot_interval=args.snapshot_every, run_dir=run_dir,
+                       video=not args.no_video, snapshot_interval=args.snapshot_every,
+                       feature_stats_frames=args.feature_stats_frames, run_dir=run_dir,
                        runs_root=args.runs_root,
                        progress=not args.no_progress,
                        agent=apply_regularizer(agent, args.regularizer, args.l2_coef, args.algo))

@@ -27,6 +27,16 @@ test worker does (test_augmentation); the other augmentations test on clean fram
 With the batch-norm regulariser the network stays in training mode for
 rollouts, updates and evaluation, as in the paper's code.
 
+With `aux="inverse-dynamics"` (PAD, agents.inverse_dynamics) an inverse-dynamics head g beside the policy
+reads the same encoder, and every minibatch adds
+
+    L += aux_weight * L_inv,   L_inv = CE(g(phi(s_t), phi(s_{t+1})), a_t) over transitions within an episode
+
+s_{t+1} is the rollout's next frame of the same env (after the last step, the frame that followed the
+rollout); a transition whose episode ended (d_t) is left out. L_inv sees the frames the PPO loss sees
+(augmented as the rollout was), but never mixreg's mixtures: a mix of two frames and a mix of their
+successors are no transition any action led through, and PAD's loss is on real transitions.
+
 Distributed (torchrun, workbench.distributed): every worker steps its own envs and keeps its
 own rollout; each minibatch step averages the workers' gradients, and advantages are normalised
 with moments summed over the workers, so N workers with minibatch m take exactly the step one
@@ -50,6 +60,8 @@ from workbench.backbones import create_backbone
 from workbench.distributed import SINGLE, Distributed
 from workbench.runtime import Runtime
 
+from .inverse_dynamics import (AUX_TASKS, AUX_WEIGHT, INVERSE_DYNAMICS, InverseDynamicsHead, action_accuracy,
+                               inverse_dynamics_loss)
 from .mixreg import DEFAULT_ALPHA as DEFAULT_MIX_ALPHA, mix_ppo_minibatch
 from .regularizers import (AUGMENTATIONS, CLEAN_ROLLOUT_PROB, FM_COEF, RandomConv, feature_matching_loss,
                            l2_penalty, running_stats_frozen)
@@ -79,6 +91,8 @@ class PPOConfig:
     l2_coef: float = 0.0
     clean_rollout_prob: float = CLEAN_ROLLOUT_PROB  # random_conv: share of rollouts acted on and trained on clean
     fm_coef: float = FM_COEF  # random_conv: weight of the feature-matching loss
+    aux: str = "none"  # "inverse-dynamics": PAD's head beside the policy on the shared encoder
+    aux_weight: float = AUX_WEIGHT  # weight of the inverse-dynamics loss (PAD's: 1)
 
     def __post_init__(self):
         if (self.num_envs * self.num_steps) % self.num_minibatches:
@@ -86,6 +100,8 @@ class PPOConfig:
                              f"num_minibatches ({self.num_minibatches})")
         if self.augment is not None and self.augment not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {self.augment!r}: choose from {', '.join(AUGMENTATIONS)}")
+        if self.aux not in AUX_TASKS:
+            raise ValueError(f"unknown auxiliary task {self.aux!r}: choose from {', '.join(AUX_TASKS)}")
 
     @property
     def batch_size(self) -> int:
@@ -97,9 +113,11 @@ class PPOConfig:
 
 
 class ActorCritic(nn.Module):
-    """Policy and value heads on a registry backbone; takes (N, H, W, C) images in pixel units."""
+    """Policy and value heads on a registry backbone; takes (N, H, W, C) images in pixel units. With
+    `inverse_dynamics`, PAD's inverse-dynamics head on the same backbone (`inverse_dynamics`, else None); acting
+    never reads it."""
 
-    def __init__(self, backbone: nn.Module, num_actions: int):
+    def __init__(self, backbone: nn.Module, num_actions: int, inverse_dynamics: bool = False):
         super().__init__()
         self.backbone = backbone
         self.policy_head = nn.Linear(backbone.out_dim, num_actions)
@@ -108,15 +126,18 @@ class ActorCritic(nn.Module):
         nn.init.orthogonal_(self.value_head.weight, gain=1.0)
         nn.init.zeros_(self.policy_head.bias)
         nn.init.zeros_(self.value_head.bias)
+        self.inverse_dynamics = InverseDynamicsHead(backbone.out_dim, num_actions) if inverse_dynamics else None
+
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        """phi(s): the backbone's features (fp32) of (N, H, W, C) frames in pixel units."""
+        # NHWC -> NCHW is a free view that is channels_last in memory: no copy of the frames.
+        return self.backbone(obs.permute(0, 3, 1, 2).float() * (1.0 / 255.0)).float()
 
     def forward(self, obs: torch.Tensor, with_features: bool = False):
         """(logits, values), and the backbone's features (fp32) as a third item `with_features`."""
-        # NHWC -> NCHW is a free view that is channels_last in memory: no copy of the frames.
-        x = obs.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
-        features = self.backbone(x)
+        features = self.encode(obs)
         # Heads in fp32 even under autocast: log-prob ratios and values need the precision.
         with torch.autocast(device_type=features.device.type, enabled=False):
-            features = features.float()
             logits, values = self.policy_head(features), self.value_head(features).squeeze(-1)
         return (logits, values, features) if with_features else (logits, values)
 
@@ -247,7 +268,8 @@ class PPO:
     def __init__(self, env, cfg: PPOConfig, runtime: Runtime):
         self.env, self.cfg, self.rt = env, cfg, runtime
         backbone = create_backbone(cfg.backbone, **cfg.backbone_kwargs)
-        self.model = runtime.prepare_module(ActorCritic(backbone, env.num_actions))
+        self.model = runtime.prepare_module(ActorCritic(backbone, env.num_actions,
+                                                        inverse_dynamics=cfg.aux == INVERSE_DYNAMICS))
         runtime.dist.broadcast_module(self.model)  # every worker starts from rank 0's initialisation
         self.forward = runtime.maybe_compile(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps)
@@ -282,6 +304,8 @@ class PPO:
             "rewards": torch.zeros((t, n), device=dev),
             "dones": torch.zeros((t, n), dtype=torch.bool, device=dev),
             "next_value": torch.zeros(n, device=dev),  # V of the frame after the rollout, for GAE's bootstrap
+            # the frame after the rollout, stored as "obs" is: s_{t+1} of the last step, for the inverse dynamics
+            "final_obs": torch.zeros((n, *self.env.observation_shape), dtype=torch.uint8, device=dev),
         }
 
     # ---------------------------------------------------------------- acting
@@ -346,13 +370,16 @@ class PPO:
             buf["rewards"][t].copy_(torch.from_numpy(rewards))
             buf["dones"][t].copy_(torch.from_numpy(dones))
             self._obs = self.env.as_tensor(next_obs)
-        buf["next_value"].copy_(self._value(self._view(self._obs)))  # GAE's bootstrap: same view and mode
+        final = self._view(self._obs)
+        buf["next_value"].copy_(self._value(final))  # GAE's bootstrap: same view and mode
+        buf["final_obs"].copy_(self._obs if self.random_conv is not None else final)
         self.env_steps += self.cfg.batch_size * self.rt.dist.world_size  # counted over every worker
         return True
 
     # ---------------------------------------------------------------- learning
     def _minibatch_loss(self, mb: dict[str, torch.Tensor]):
         cfg, conv = self.cfg, self.random_conv
+        transitions = mb  # the real frames, before any mixing (the inverse dynamics' input)
         if conv is not None:  # the stored clean frames, convolved with the rollout's kernel as when acting
             clean, randomised = mb["obs"], conv.randomise(mb["obs"])
             mb = {**mb, "obs": clean if conv.clean else randomised}
@@ -367,9 +394,41 @@ class PPO:
             fm = self._feature_matching(features, clean, randomised)
             loss = loss + cfg.fm_coef * fm
             stats["feature_matching"] = fm.detach()
+        if self.model.inverse_dynamics is not None:
+            aux, stats["inverse_dynamics_accuracy"] = self._inverse_dynamics(
+                transitions, None if cfg.mixreg else features)
+            loss = loss + cfg.aux_weight * aux
+            stats["inverse_dynamics"] = aux.detach()
         if cfg.l2_coef > 0:
             loss = loss + cfg.l2_coef * l2_penalty(self.model)
         return loss, stats
+
+    def _stored_view(self, frames: torch.Tensor) -> torch.Tensor:
+        """What the PPO loss sees of stored frames: random conv's rollout kernel applied (unless the rollout is
+        clean); every other buffer already holds the frames as acted on."""
+        conv = self.random_conv
+        return frames if conv is None or conv.clean else conv.randomise(frames)
+
+    def _inverse_dynamics(self, mb: dict[str, torch.Tensor], features: torch.Tensor | None = None):
+        """(L_inv, action accuracy) on the minibatch's transitions, in the PPO loss's view; `features`:
+        phi(s_t) from the PPO forward where it ran on these very frames. The extra forwards leave the
+        batch-norm running statistics to the PPO forward."""
+        with self.rt.autocast(), running_stats_frozen(self.model):
+            if features is None:
+                features = self.forward(self._stored_view(mb["obs"]), with_features=True)[2]
+            next_features = self.forward(self._stored_view(mb["next_obs"]), with_features=True)[2]
+        logits = self.model.inverse_dynamics(features, next_features)
+        return (inverse_dynamics_loss(logits, mb["actions"], mb["continues"]),
+                action_accuracy(logits, mb["actions"], mb["continues"]))
+
+    def _next_frames(self, idx: torch.Tensor) -> torch.Tensor:
+        """s_{t+1} of the flat rollout indices t * num_envs + env: the same env's frame one row on, or after the
+        last row the frame that followed the rollout (a new episode's first where the episode ended)."""
+        n, size = self.cfg.num_envs, self.cfg.batch_size
+        following = idx + n
+        frames = self.buffer["obs"].flatten(0, 1)[following.clamp(max=size - 1)]
+        inside = (following < size).view(-1, *([1] * (frames.dim() - 1)))
+        return torch.where(inside, frames, self.buffer["final_obs"][idx % n])
 
     def _feature_matching(self, features: torch.Tensor, clean: torch.Tensor, randomised: torch.Tensor):
         """MSE(phi(randomised), stop_gradient(phi(clean))), reusing the PPO forward's `features` for the view it
@@ -389,6 +448,8 @@ class PPO:
         flat = {"obs": buf["obs"].flatten(0, 1), "actions": buf["actions"].flatten(),
                 "old_logprobs": buf["logprobs"].flatten(), "old_values": buf["values"].flatten(),
                 "advantages": advantages.flatten().clone(), "returns": returns.flatten().clone()}
+        if self.model.inverse_dynamics is not None:
+            flat["continues"] = ~buf["dones"].flatten()  # s_{t+1} belongs to s_t's episode
         self.model.train()
         totals: dict[str, torch.Tensor] = {}
         count = 0
@@ -398,7 +459,10 @@ class PPO:
                 if should_stop():
                     break
                 idx = order[start:start + cfg.minibatch_size]
-                loss, stats = self._minibatch_loss({k: v[idx] for k, v in flat.items()})
+                mb = {k: v[idx] for k, v in flat.items()}
+                if self.model.inverse_dynamics is not None:
+                    mb["next_obs"] = self._next_frames(idx)
+                loss, stats = self._minibatch_loss(mb)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.rt.dist.average_gradients(self.model.parameters())

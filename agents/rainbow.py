@@ -20,6 +20,13 @@ These are the mixreg paper's settings (its code builds Rainbow on the anyrl libr
 
 With mixreg, each replay batch is mixed (agents.mixreg.mix_rainbow_batch) before the loss; see Rainbow.loss.
 
+With `aux="inverse-dynamics"` (PAD, agents.inverse_dynamics) the online network carries an inverse-dynamics
+head g on its encoder (the trunk's features, noisy layer included, as the prediction pass drew it), and every
+update adds aux_weight * L_inv on the replay batch's one-step transitions: s_t, a_t and the frame s_{t+1} that
+the replay stores one row on (the n-step target's frame s_{t+n} is no one-step successor), left out where
+the episode ended with a_t. L_inv is taken on the clean replay frames, never on mixreg's mixtures (a mix of
+frames is no transition any action led through; PAD's loss is on real transitions).
+
 Distributed (torchrun): each worker steps its own envs into its own replay, as the paper's code ran
 its workers, and samples its own batch; every gradient step averages the workers' gradients, so the
 effective batch is batch_size x workers. Update and target-copy periods count each worker's own
@@ -44,6 +51,8 @@ from envs.procgen import SCORE_RANGES
 from workbench.backbones import create_backbone
 from workbench.runtime import Runtime, available_memory_bytes
 
+from .inverse_dynamics import (AUX_TASKS, AUX_WEIGHT, INVERSE_DYNAMICS, InverseDynamicsHead, action_accuracy,
+                               inverse_dynamics_loss)
 from .mixreg import DEFAULT_ALPHA as DEFAULT_MIX_ALPHA, MIXREG_TARGETS, mix_rainbow_batch
 from .regularizers import l2_penalty
 from .replay import PrioritizedReplay, to_torch
@@ -93,10 +102,14 @@ class RainbowConfig:
     total_steps: int = 25_000_000  # horizon of the optional importance-sampling anneal; set by the trainer
     save_replay: bool = False
     l2_coef: float = 0.0
+    aux: str = "none"  # "inverse-dynamics": PAD's head beside the Q heads on the shared encoder
+    aux_weight: float = AUX_WEIGHT  # weight of the inverse-dynamics loss (PAD's: 1)
 
     def __post_init__(self):
         if self.mixreg_targets not in MIXREG_TARGETS:
             raise ValueError(f"mixreg_targets must be one of {MIXREG_TARGETS}, not {self.mixreg_targets!r}")
+        if self.aux not in AUX_TASKS:
+            raise ValueError(f"unknown auxiliary task {self.aux!r}: choose from {', '.join(AUX_TASKS)}")
 
 
 def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
@@ -156,10 +169,11 @@ class RainbowNet(nn.Module):
 
     With `noisy_trunk` the backbone's final dense layer (IMPALA's 256-unit `fc`) becomes a NoisyLinear,
     as in the paper's anyrl network; `noise=False` runs every noisy layer as its mean (the mean network).
+    With `inverse_dynamics`, PAD's inverse-dynamics head on the encoder (`inverse_dynamics`, else None).
     """
 
     def __init__(self, backbone: nn.Module, num_actions: int, num_atoms: int, sigma0: float,
-                 noisy_trunk: bool = True):
+                 noisy_trunk: bool = True, inverse_dynamics: bool = False):
         super().__init__()
         self.backbone, self.num_actions, self.num_atoms = backbone, num_actions, num_atoms
         self.noisy_trunk = noisy_trunk and isinstance(getattr(backbone, "fc", None), nn.Linear) \
@@ -170,17 +184,20 @@ class RainbowNet(nn.Module):
             backbone.fc = NoisyLinear(backbone.fc.in_features, backbone.fc.out_features, sigma0)
         self.value = NoisyLinear(backbone.out_dim, num_atoms, sigma0)
         self.advantage = NoisyLinear(backbone.out_dim, num_actions * num_atoms, sigma0)
+        self.inverse_dynamics = InverseDynamicsHead(backbone.out_dim, num_actions) if inverse_dynamics else None
 
     def features(self, x: torch.Tensor, noise: bool = True) -> torch.Tensor:
         if self.noisy_trunk:
             return F.relu(self.backbone.fc(self.backbone.flat_features(x), noise))
         return self.backbone(x)
 
+    def encode(self, obs: torch.Tensor, noise: bool = True) -> torch.Tensor:
+        """phi(s): the encoder's features (fp32) of (N, H, W, C) frames in pixel units."""
+        return self.features(obs.permute(0, 3, 1, 2).float() * (1.0 / 255.0), noise).float()
+
     def forward(self, obs: torch.Tensor, noise: bool = True) -> torch.Tensor:
-        x = obs.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
-        features = self.features(x, noise)
+        features = self.encode(obs, noise)
         with torch.autocast(device_type=features.device.type, enabled=False):
-            features = features.float()
             value = self.value(features, noise).view(-1, 1, self.num_atoms)
             advantage = self.advantage(features, noise).view(-1, self.num_actions, self.num_atoms)
             return F.log_softmax(value + advantage - advantage.mean(1, keepdim=True), dim=2)
@@ -246,7 +263,9 @@ class Rainbow:
 
     def _build_net(self, env) -> RainbowNet:
         backbone = create_backbone(self.cfg.backbone, **self.cfg.backbone_kwargs)
-        return RainbowNet(backbone, env.num_actions, self.cfg.num_atoms, self.cfg.noisy_sigma0, self.cfg.noisy_trunk)
+        # the target network carries the head too (unused) so that it copies the online one's state as it is
+        return RainbowNet(backbone, env.num_actions, self.cfg.num_atoms, self.cfg.noisy_sigma0, self.cfg.noisy_trunk,
+                          inverse_dynamics=self.cfg.aux == INVERSE_DYNAMICS)
 
     def _make_replay(self, env) -> PrioritizedReplay:
         need = PrioritizedReplay.bytes_needed(self.cfg.buffer_size, env.observation_shape)
@@ -335,12 +354,31 @@ class Rainbow:
         next_probs = batch["next_dists"][torch.arange(len(batch["next_actions"])), batch["next_actions"]]
         return project_distribution(next_probs, batch["returns"], batch["discounts"], self.support)
 
+    def _inverse_dynamics(self, transitions: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_inv, action accuracy) on the replay batch's clean one-step transitions, through the online
+        network as its prediction pass drew the noise."""
+        with self.rt.autocast():
+            features = self.online.encode(transitions["obs"])
+            next_features = self.online.encode(transitions["one_step_obs"])
+        logits = self.online.inverse_dynamics(features, next_features)
+        actions, continues = transitions["actions"], transitions["one_step_continues"]
+        return inverse_dynamics_loss(logits, actions, continues), action_accuracy(logits, actions, continues)
+
     def update(self) -> dict[str, float]:
-        sample = self.replay.sample(self.cfg.batch_size, self.importance_beta(), self.rng)
+        aux = self.online.inverse_dynamics is not None
+        sample = self.replay.sample(self.cfg.batch_size, self.importance_beta(), self.rng, one_step=aux)
         batch = to_torch(sample, self.rt.device)
+        # the real transitions, kept aside before the loss mixes the batch
+        transitions = {k: batch.pop(k) if k.startswith("one_step") else batch[k]
+                       for k in ("obs", "actions", "one_step_obs", "one_step_continues")} if aux else None
         per_sample, weights, index = self.loss(batch)
         weighted = weights * per_sample
         loss = weighted.mean()
+        extra = {}
+        if aux:
+            inverse_dynamics, accuracy = self._inverse_dynamics(transitions)
+            loss = loss + self.cfg.aux_weight * inverse_dynamics
+            extra = {"inverse_dynamics": inverse_dynamics.item(), "inverse_dynamics_accuracy": accuracy.item()}
         if self.cfg.l2_coef > 0:
             loss = loss + self.cfg.l2_coef * l2_penalty(self.online)
         self.optimizer.zero_grad(set_to_none=True)
@@ -353,7 +391,8 @@ class Rainbow:
         self.online.reset_noise()
         self.target.reset_noise()
         self.updates += 1
-        return {"loss": loss.item(), "grad_norm": float(grad_norm), "importance_beta": self.importance_beta()}
+        return {"loss": loss.item(), "grad_norm": float(grad_norm), "importance_beta": self.importance_beta(),
+                **extra}
 
     def train_iteration(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
         cfg, n = self.cfg, self.env.num_envs

@@ -129,8 +129,12 @@ class PrioritizedReplay:
         largest = (n * self.min_tree.min / total) ** (-beta)
         return (n * priorities / total) ** (-beta) / largest
 
-    def sample(self, batch_size: int, beta: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Proportional sample (independent draws, with replacement) with importance weights and n-step targets."""
+    def sample(self, batch_size: int, beta: float, rng: np.random.Generator,
+               one_step: bool = False) -> dict[str, np.ndarray]:
+        """Proportional sample (independent draws, with replacement) with importance weights and n-step targets;
+        with `one_step` also each transition's next frame (`one_step_obs`, one row on: a sampled transition's
+        rows up to t+n are all current) and whether it continues the episode (`one_step_continues`: when the
+        episode ended with this step, the next row holds the next episode's first frame)."""
         total = self.tree.total
         index = self.tree.find(rng.uniform(0.0, total, batch_size))
         priorities = self.tree.leaves(index)
@@ -143,9 +147,12 @@ class PrioritizedReplay:
         weights = self.importance_weights(priorities, beta)
         row, env = index // self.num_envs, index % self.num_envs
         returns, discounts = self.n_step_targets(row, env)
-        return {"index": index, "obs": self.obs[row, env], "actions": self.actions[row, env], "returns": returns,
-                "discounts": discounts, "next_obs": self.obs[(row + self.n_step) % self.rows, env],
-                "weights": weights.astype(np.float32)}
+        batch = {"index": index, "obs": self.obs[row, env], "actions": self.actions[row, env], "returns": returns,
+                 "discounts": discounts, "next_obs": self.obs[(row + self.n_step) % self.rows, env],
+                 "weights": weights.astype(np.float32)}
+        if one_step:
+            batch.update(one_step_obs=self.obs[(row + 1) % self.rows, env], one_step_continues=~self.dones[row, env])
+        return batch
 
     def n_step_targets(self, row: np.ndarray, env: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """G = sum_k gamma^k r_{t+k} up to the first episode end; discount gamma^n, or 0 if it ended."""

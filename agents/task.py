@@ -51,6 +51,12 @@ def add_adapt_options(options) -> None:
     options.add_argument("--source-frames", type=positive_int, default=rd.source_frames, help="anchored-im: frames "
                          "of the source policy's own play in the source visuals, for its action marginal (default "
                          f"{rd.source_frames})")
+    options.add_argument("--online", action="store_true", help="pad: PAD during deployment, as its paper measures "
+                         "it: play the --eval-episodes target episodes, each from a fresh copy of the source agent, "
+                         "with one gradient step on the inverse-dynamics loss after every step (default: offline, "
+                         "epochs over the collected target frames)")
+    options.add_argument("--pad-batch-size", type=positive_int, default=rd.pad_batch_size, help="pad --online: "
+                         f"randomly cropped copies of each transition per step (default {rd.pad_batch_size}, PAD's)")
 
 
 def adapt_config(a):
@@ -60,10 +66,11 @@ def adapt_config(a):
     return ProcgenAdaptConfig(
         source=a.source, target=a.target, method=a.method or rd.method, frames=a.frames,
         collect_policy=a.collect_policy, frames_file=a.frames_file, recollect=a.recollect,
-        epochs=given_or(a.epochs, rd.epochs), batch_size=given_or(a.batch_size, rd.batch_size), lr=given_or(a.lr, rd.lr),
+        epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,   # None: the method's defaults
         beta=given_or(a.beta, rd.beta), diversity_prior=a.diversity_prior or rd.diversity_prior,
         eval_episodes=a.eval_episodes, paired_steps=a.paired_steps, cluster_backend=a.cluster_backend,
         frame_stride=a.frame_stride, anchor_weight=a.anchor_weight, source_frames=a.source_frames,
+        pad_online=a.online, pad_batch_size=a.pad_batch_size,
         seed=a.seed, device=a.device, run_dir=a.out, progress=not a.no_progress)
 
 

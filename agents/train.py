@@ -46,6 +46,7 @@ from workbench.runtime import Runtime, rng_state, seed_everything, set_rng_state
 
 from .algorithms import ALGORITHMS
 from .evaluate import evaluate, evaluate_random_policy
+from .feature_stats import STATS_FRAMES
 SHARD_DIR, SHARD_KIND = "ranks", "procgen-agent-shard"  # the torchrun workers' own large state
 REGULARIZERS = ("none", "cutout_color", "random_crop", "random_conv", "l2", "batchnorm")
 LEARNING_CURVE = "learning_curve.png"  # beside the TensorBoard events: train and test return against env steps
@@ -70,6 +71,9 @@ class TrainConfig:
     video: bool = True
     checkpoint_interval: int = 1    # iterations between checkpoints
     snapshot_interval: int = 0      # env steps between kept snapshots (snapshots/checkpoint-<steps>.pt); 0 = none
+    # PPO: frames of the finished agent's own play on its training levels whose unit statistics the checkpoint
+    # keeps (BUFR's source record, agents.feature_stats); 0 = none
+    feature_stats_frames: int = STATS_FRAMES
     run_dir: str = ""               # empty: a new, time-stamped directory under runs_root
     runs_root: str = "runs"
     progress: bool = True
@@ -164,6 +168,7 @@ class Trainer:
                                  seed=self.dist.seed(cfg.seed + 1000 * iterations_done), **visual_options(cfg.visual))
         self.agent = agent_cls(self.env, self.agent_cfg, self.runtime)
         self.saved_at: int | None = None  # env steps of the latest checkpoint this Trainer wrote
+        self.feature_statistics: dict | None = None   # measured when the run finishes (BUFR's source record)
         if resume_state is not None:
             self.agent.load_state_dict(resume_state["agent"])
             set_rng_state(resume_state["rng"])
@@ -228,8 +233,22 @@ class Trainer:
                                "procgen-agent", self._payload(agent_state))
 
     def _payload(self, agent_state: dict) -> dict:
-        return {"algo": self.cfg.algo, "config": dataclasses.asdict(self.cfg), "agent_state": agent_state,
-                "rng": rng_state(), "world_size": self.dist.world_size}
+        payload = {"algo": self.cfg.algo, "config": dataclasses.asdict(self.cfg), "agent_state": agent_state,
+                   "rng": rng_state(), "world_size": self.dist.world_size}
+        if self.feature_statistics is not None:
+            payload["feature_statistics"] = self.feature_statistics
+        return payload
+
+    @property
+    def keeps_feature_statistics(self) -> bool:
+        """PPO agents (the ones adapted through their policy head) keep BUFR's statistics when they finish."""
+        return self.cfg.feature_stats_frames > 0 and hasattr(getattr(self.agent, "model", None), "policy_head")
+
+    def measure_feature_statistics(self) -> dict:
+        from .feature_stats import source_statistics
+
+        return source_statistics(self.agent, self.cfg.env, self.cfg.visual, self.cfg.protocol,
+                                 self.cfg.feature_stats_frames, seed=self.cfg.seed)
 
     @property
     def test_episodes(self) -> dict:
@@ -333,6 +352,10 @@ class Trainer:
                     if cfg.snapshot_interval and agent.env_steps // cfg.snapshot_interval > s0 // cfg.snapshot_interval:
                         self.save_snapshot()  # this iteration crossed a multiple of the interval
                 interrupted, stop_signal = dist.any(stop()), stop.signum
+            if not interrupted and agent.env_steps >= cfg.total_steps and self.keeps_feature_statistics:
+                if dist.is_main:   # then saved again, with them (every rank takes part in a torchrun save)
+                    self.feature_statistics = self.measure_feature_statistics()
+                self.saved_at = None
             if self.saved_at != agent.env_steps:  # not already saved by the last iteration (a replay can be GiBs)
                 self.save()
             floor = self.random_floor() if last_test is not None and dist.is_main else None

@@ -233,7 +233,7 @@ def test_a_method_the_task_lacks_is_one_line_naming_where_it_runs(capsys):
     assert adapt_main(["--source", "nowhere", "--target", "procgen:bigfish", "--method", "mean-teacher"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --method mean-teacher does not run on procgen (mean-teacher runs on pose): choose one "
-                   "of shot-im, shot"]
+                   "of shot-im, shot, anchored-im, bufr, pad"]
 
 
 @pytest.mark.parametrize("main, argv, line", [

@@ -23,7 +23,7 @@ def tiny_source(run_dir, algo="ppo"):
         {"num_envs": 4, "buffer_size": 512, "warmup_steps": 64, "batch_size": 16, "update_every": 16}
     Trainer(TrainConfig(env="bigfish", algo=algo, total_steps=128, eval_interval=100, eval_episodes=2,
                         num_test_envs=2, precision="fp32", run_dir=str(run_dir), progress=False, video=False,
-                        agent=agent)).run()
+                        feature_stats_frames=64, agent=agent)).run()
     return run_dir
 
 

@@ -12,8 +12,10 @@ change). Without rewards, an adapter sees:
   action marginal the entropy-safe IM keeps, or feature statistics).
 
 Each method is a module of this package with `adapt(adapter, frames, logger) -> list[dict]` (one dict
-of statistics per epoch), named in METHOD_MODULES. Only phi is trained by every method here: the policy
-and value heads stay as they were.
+of statistics per epoch), named in METHOD_MODULES. Only phi is trained by every method here (PAD: phi and
+its inverse-dynamics head): the policy and value heads stay as they were. A method that reads no policy head
+(PAD) names the agents it adapts in its SOURCE_ALGOS (Rainbow too: the adapter's `model` is then its online
+network).
 
 What adaptation does to the policy is measured on paired states (`paired_steps`): the source policy
 plays the source visuals and a copy of the same levels in the target visuals is stepped with its actions
@@ -45,16 +47,23 @@ from workbench.checkpoint import CheckpointError, load_checkpoint, resolve_check
 from workbench.logging import RunLogger, default_run_name, write_json
 from workbench.runtime import RunSettings, Runtime, seed_everything
 
+from ..inverse_dynamics import PAD_BATCH_SIZE, PAD_LR
 from ..rollouts import FRAME_STRIDE, TargetFrames, collect_frames
 
 # method -> module of this package holding its `adapt(adapter, frames, logger)`
-METHOD_MODULES = {"shot-im": "shot", "shot": "shot", "anchored-im": "anchored"}
+METHOD_MODULES = {"shot-im": "shot", "shot": "shot", "anchored-im": "anchored", "bufr": "bufr", "pad": "pad"}
 METHODS = tuple(METHOD_MODULES)
 COLLECT_POLICIES = ("source", "random")
 FRAMES_FILE = "frames.npz"
 # SHOT's image settings (object/image_target.py): lr 0.01 with the pretrained encoder at 0.1x, beta 0.3
 LR, ENCODER_LR_MULT, BETA = 1e-2, 0.1, 0.3
+# epochs, batch size and lr where the method's own differ from SHOT's (BUFR: epochs per block, agents.adapt.bufr)
+TRAINING_DEFAULTS = {"bufr": dict(epochs=30, batch_size=256, lr=1e-4),   # the official 30 per block, batch 256
+                     # PAD: its training batch (src/arguments.py L19) and Adam lr (L42, L49); epochs as SHOT's
+                     "pad": dict(epochs=15, batch_size=128, lr=PAD_LR)}
+SHOT_TRAINING = dict(epochs=15, batch_size=64, lr=LR)
 PAIRED_ENVS = 32
+EVAL_SEED, EVAL_ENVS = 12345, 64   # the evaluation episodes of both domains (and online PAD's): env seed, envs
 
 
 def parse_procgen_target(spec: str) -> tuple[str, list[str]]:
@@ -81,9 +90,9 @@ class ProcgenAdaptConfig(RunSettings):
     collect_policy: str = "source"        # the frozen source policy, or uniformly random actions
     frames_file: str | None = None        # adapt on these saved frames instead of collecting
     recollect: bool = False               # collect again with the adapted policy before every epoch
-    epochs: int = 15
-    batch_size: int = 64
-    lr: float = LR
+    epochs: int | None = None             # default: the method's (TRAINING_DEFAULTS), else SHOT's 15
+    batch_size: int | None = None         # likewise (SHOT's 64)
+    lr: float | None = None               # likewise (SHOT's 1e-2)
     encoder_lr_mult: float = ENCODER_LR_MULT
     beta: float = BETA                    # set to 0 for shot-im
     diversity_prior: str = "uniform"      # SHOT's uniform action marginal, or the source policy's own on the frames
@@ -94,6 +103,9 @@ class ProcgenAdaptConfig(RunSettings):
     # anchored-im (the entropy-safe IM, agents.adapt.anchored)
     anchor_weight: float = 1.0            # lambda on KL(pi_0 || pi_theta); our choice, made before any run
     source_frames: int = 4096             # source-visual frames of the source policy, for its action marginal
+    # pad (PAD's inverse-dynamics adaptation, agents.adapt.pad; epochs, batch size and lr: TRAINING_DEFAULTS)
+    pad_online: bool = False              # play the target evaluation episodes, adapting during each (PAD's eval)
+    pad_batch_size: int = PAD_BATCH_SIZE  # online: augmented copies of each transition per step (PAD's 32)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -102,34 +114,41 @@ class ProcgenAdaptConfig(RunSettings):
             raise ValueError(f"unknown --collect-policy {self.collect_policy!r}: choose source or random")
         if self.method == "shot-im":  # information maximisation alone, no pseudo-label term
             self.beta = 0.0
+        for name, value in TRAINING_DEFAULTS.get(self.method, SHOT_TRAINING).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.diversity_prior not in DIVERSITY_PRIORS:
             raise ValueError(f"unknown diversity prior {self.diversity_prior!r}: choose uniform or initial")
         if self.frames < 1 or self.epochs < 1 or self.frame_stride < 1:
             raise ValueError("--frames, --epochs and --frame-stride must be positive")
         if self.frames_file and self.recollect:
             raise ValueError("--frames-file and --recollect exclude each other: saved frames cannot be re-collected")
+        if self.pad_online and (self.method != "pad" or self.eval_episodes < 1):
+            raise ValueError("--online is PAD's: use it with --method pad and --eval-episodes > 0 (the episodes it "
+                             "plays)")
 
 
-def load_source_agent(path, game: str, runtime: Runtime):
-    """(PPO agent that acts with the source weights, the checkpoint) for adapting to `game`."""
+def load_source_agent(path, game: str, runtime: Runtime, algos: tuple[str, ...] = ("ppo",)):
+    """(agent that acts with the source weights, the checkpoint) for adapting to `game`; `algos`: the agents
+    the method can adapt (PPO only, unless it needs no policy head)."""
     from ..algorithms import ALGORITHMS
 
     ckpt_path = resolve_checkpoint_path(path)
     state = load_checkpoint(ckpt_path, kind="procgen-agent")
     config = state["config"]
-    if config["algo"] != "ppo":
+    if config["algo"] not in algos:
         raise CheckpointError(f"{ckpt_path} holds a {config['algo']} agent: source-free adaptation over actions "
                               "needs a policy head (a PPO agent); train the source with --algo ppo")
     if config["env"] != game:
         raise ValueError(f"the source agent was trained on {config['env']} but the target is {game}: adapt to "
                          f"procgen:{config['env']}[:<visual options>] (the actions mean different things per game)")
-    agent_cls, agent_cfg_cls = ALGORITHMS["ppo"]
+    agent_cls, agent_cfg_cls = ALGORITHMS[config["algo"]]
     env = ProcgenVecEnv(game, 1, device=runtime.device)
     agent = agent_cls.for_evaluation(env, agent_cfg_cls(**config["agent"]), runtime)
     agent.load_state_dict(state["agent_state"])
-    head = agent.model.policy_head
-    if head.out_features != env.num_actions:
-        raise ValueError(f"the source policy has {head.out_features} actions but procgen:{game} has "
+    actions = agent.model.policy_head.out_features if agent.kind == "ppo" else agent.online.num_actions
+    if actions != env.num_actions:
+        raise ValueError(f"the source policy has {actions} actions but procgen:{game} has "
                          f"{env.num_actions}: the checkpoint does not belong to this game's action space")
     return agent, state, ckpt_path
 
@@ -196,12 +215,18 @@ class ProcgenAdapter:
         seed_everything(cfg.seed)
         self.game, self.options = parse_procgen_target(cfg.target)
         self.rt = Runtime.create(cfg.device, "fp32")
-        self.agent, self.source_state, self.source_path = load_source_agent(cfg.source, self.game, self.rt)
-        self.model = self.agent.model
+        module = self.method_module()
+        self.agent, self.source_state, self.source_path = load_source_agent(
+            cfg.source, self.game, self.rt, getattr(module, "SOURCE_ALGOS", ("ppo",)))
+        self.model = self.agent.model if self.agent.kind == "ppo" else self.agent.online   # Rainbow: its online net
         self._source_model = copy.deepcopy(self.model).requires_grad_(False)   # pi_0, as loaded
         self.mode = PROTOCOLS[self.source_state["config"]["protocol"]].distribution_mode
         self.run_dir = Path(cfg.run_dir or Path("runs") / default_run_name("adapt-procgen", self.game, cfg.method,
                                                                             f"s{cfg.seed}"))
+        if hasattr(module, "check_source"):   # what the method needs of the source (PAD: its inverse-dynamics head)
+            module.check_source(self)
+        # False where the method plays the target itself (online PAD): no frames are collected
+        self.uses_target_frames = getattr(module, "uses_target_frames", lambda cfg: True)(cfg)
 
     def target_frames(self, epoch: int) -> TargetFrames:
         """Transitions of the target domain: the saved ones, or collected (epoch > 0: again, for --recollect,
@@ -240,22 +265,36 @@ class ProcgenAdapter:
         self.model.policy_head.requires_grad_(False)
         self.model.value_head.requires_grad_(False)
 
+    def method_module(self):
+        return importlib.import_module(f"{__package__}.{METHOD_MODULES[self.cfg.method]}")
+
+    def progress_total(self, frames: TargetFrames) -> int:
+        """Steps the progress bar counts: epochs x batches, or the method's own `progress_total` (BUFR's
+        epochs are per encoder block)."""
+        own = getattr(self.method_module(), "progress_total", None)
+        return own(self, frames) if own else self.cfg.epochs * self.steps_per_epoch(frames)
+
     def adapt(self, frames: TargetFrames, logger: RunLogger) -> list[dict]:
         """The method's own `adapt` (its module in METHOD_MODULES): one dict of statistics per epoch."""
-        module = importlib.import_module(f"{__package__}.{METHOD_MODULES[self.cfg.method]}")
-        return module.adapt(self, frames, logger)
+        return self.method_module().adapt(self, frames, logger)
 
     def checkpoint_payload(self) -> dict:
         """The source checkpoint with the adapted encoder, playing in the target domain by default."""
         payload = copy.deepcopy(self.source_state)
-        agent_state = dict(payload["agent_state"], model=self.model.state_dict())
+        agent_state = dict(payload["agent_state"], **{"model" if self.agent.kind == "ppo" else "online":
+                                                      self.model.state_dict()})
         config = dict(payload["config"], visual=list(self.options), run_dir=str(self.run_dir))
         payload.update(agent_state=agent_state, config=config,
                        adapted_from={"checkpoint": str(self.source_path), "method": self.cfg.method,
-                                     "target": self.cfg.target, "frames": self.cfg.frames_file or FRAMES_FILE})
+                                     "target": self.cfg.target, "frames": self.frames_used})
         payload.pop("ranks", None)
         payload["world_size"] = 1
         return payload
+
+    @property
+    def frames_used(self) -> str | None:
+        """The frames file the adaptation learnt from (none where the method played the target itself)."""
+        return (self.cfg.frames_file or FRAMES_FILE) if self.uses_target_frames else None
 
     def evaluate_both_domains(self, checkpoint: Path, label: str) -> dict:
         from ..evaluate import evaluate_checkpoint
@@ -263,8 +302,8 @@ class ProcgenAdapter:
         out = {}
         for domain, options in (("target", self.options), ("source", self.source_options)):
             result, _ = evaluate_checkpoint(checkpoint, episodes=self.cfg.eval_episodes,
-                                            num_envs=min(64, self.cfg.eval_episodes), visual=options,
-                                            seed=12345, device=self.cfg.device)
+                                            num_envs=min(EVAL_ENVS, self.cfg.eval_episodes), visual=options,
+                                            seed=EVAL_SEED, device=self.cfg.device)
             out[domain] = {k: result[k] for k in ("mean_return", "stderr_return", "normalized_score", "episodes")}
             print(f"{label} agent on the {domain} domain ({'+'.join(options) or 'as trained'}): mean return "
                   f"{result['mean_return']:.2f} over {result['episodes']} episodes", flush=True)
@@ -273,6 +312,9 @@ class ProcgenAdapter:
     def paired_policies(self):
         """A function scoring a model's policy on the target renderings of states that the source policy
         visited in the source visuals (policy_divergence), for the source model now and the adapted later."""
+        if self.agent.kind != "ppo":
+            print(f"paired states: a {self.agent.kind} agent has no action distribution to compare", flush=True)
+            return None
         pairs = paired_frames(self.agent, self.game, self.source_options, self.options, self.cfg.paired_steps,
                               PAIRED_ENVS, self.cfg.seed + 777, self.mode, self.cfg.frame_stride)
         if pairs is None:
@@ -300,8 +342,8 @@ class ProcgenAdapter:
         if cfg.eval_episodes:
             metrics["source_agent"] = self.evaluate_both_domains(self.source_path, "source")
         paired = self.paired_policies() if cfg.paired_steps else None
-        frames = self.target_frames(0)
-        logger = RunLogger(self.run_dir, total=cfg.epochs * self.steps_per_epoch(frames),
+        frames = self.target_frames(0) if self.uses_target_frames else None
+        logger = RunLogger(self.run_dir, total=self.progress_total(frames),
                            desc=f"{cfg.method} {self.game}", progress=cfg.progress)
         try:
             metrics["epochs"] = self.adapt(frames, logger)
