@@ -2,17 +2,20 @@
 """Procgen agents adapted to an unseen visual domain without rewards: a table over games.
 
 For every game and seed, in <out>:
-    <game>-source-s<seed>      PPO (+ mixreg) trained in the game's own visuals
+    <game>-source-s<seed>      PPO (+ mixreg) trained in the game's own visuals, with PAD's
+                               inverse-dynamics head when pad is among the methods
                                (or an existing run: --source-run <game>=<run dir>)
     <game>-target-s<seed>      the same recipe trained directly in the target visuals for as many
-                               env steps: the reference adaptation tries to approach
-    <game>-<method>-s<seed>    the source agent's encoder adapted with SHOT-IM / SHOT on frames of
-                               the target visuals (`workbench adapt --target procgen:<game>:<visual>`)
-Every agent is scored on unseen levels of both domains with the same episodes and evaluation seed.
+                               env steps: the ceiling adaptation tries to approach
+    <game>-<method>-s<seed>    the source agent adapted by each method (SHOT-IM, SHOT, anchored-im,
+                               BUFR, PAD) to the target visuals (`workbench adapt --target
+                               procgen:<game>:<visual>`), each with its own default epochs unless --epochs
+Every agent is scored on unseen levels of both domains with the same episodes and evaluation seed, and
+each method's recovered fraction (adapted - source) / (ceiling - source) is given with its 95% interval.
 Finished pieces are skipped and interrupted trainings resumed, so the script can be stopped and
 started again. With --jobs N the agents train side by side, then the adaptations and evaluations run
 side by side, each command with cores/N threads and its output in a .log beside its run. Writes
-results.jsonl and table.md to <out>.
+results.jsonl, fractions.jsonl and table.md to <out>.
 
     python scripts/run_procgen_adapt_benchmark.py --games starpilot coinrun maze --total-steps 500000 --jobs 2 \\
         --source-run starpilot=runs/precision/fp32-s0 --visual monochrome --out runs/procgen-adapt
@@ -22,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,7 +80,10 @@ def given_source(game: str, args) -> Path | None:
 
 
 def source_args(game: str, seed: int, args) -> list[str]:
-    return ["--env", game, "--seed", str(seed), "--precision", args.precision, *args.extra]
+    """The source agent's flags; with PAD among the methods it trains the inverse-dynamics head as well, and
+    every method then adapts that same agent."""
+    aux = ["--aux", "inverse-dynamics"] if "pad" in args.methods else []
+    return ["--env", game, "--seed", str(seed), "--precision", args.precision, *aux, *args.extra]
 
 
 def target_args(game: str, seed: int, args) -> list[str]:
@@ -103,7 +111,8 @@ def adapt_command(out: Path, game: str, method: str, seed: int, args) -> list[st
     """The `workbench adapt` command line of one adaptation run, with this driver's settings."""
     return [sys.executable, "-m", "workbench.cli", "adapt", "--source", str(source_run(out, game, seed, args)),
             "--target", f"procgen:{game}:{'+'.join(args.visual)}", "--method", method, "--frames", str(args.frames),
-            "--epochs", str(args.epochs), "--eval-episodes", str(args.episodes), "--paired-steps",
+            *(["--epochs", str(args.epochs)] if args.epochs else []), "--eval-episodes", str(args.episodes),
+            "--paired-steps",
             str(args.paired_steps), "--seed", str(seed), "--out", str(out / f"{game}-{method}-s{seed}"),
             "--no-progress"]
 
@@ -117,10 +126,11 @@ def adapted_metrics(out: Path, game: str, method: str, seed: int, args) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
-def target_return(run: Path, args) -> float:
-    """Mean test return of the agent trained in the target visuals, in them (as the adapter evaluates)."""
+def target_return(run: Path, args) -> dict:
+    """Test return (mean_return, stderr_return) of the agent trained in the target visuals, in them (as the
+    adapter evaluates)."""
     return final_evaluation(run, args.episodes, args.visual, name=f"evaluation_target_{args.episodes}.json",
-                            threads=args.threads)["mean_return"]
+                            threads=args.threads)
 
 
 def random_policy_returns(out: Path, game: str, seed: int, args) -> tuple[float, float]:
@@ -157,11 +167,54 @@ COLUMNS = ("source agent, source", "source agent, target", *(f"{m}, target" for 
            "random policy, source", "random policy, target")
 
 
-def report(rows: list[dict], paired: list[dict], args) -> str:
+def recovered_fraction(adapted: dict, source: dict, ceiling: dict) -> dict:
+    """f = (A - S) / (C - S) of the target-domain returns of the adapted agent A, the source agent S and the
+    agent trained in the target visuals C, with a 95% interval by the delta method from the three
+    evaluations' standard errors (independent episodes):
+        Var f ~ (Var A + (f - 1)^2 Var S + f^2 Var C) / (C - S)^2.
+    None where C <= S: the shift cost nothing there is to win back."""
+    gap = ceiling["mean_return"] - source["mean_return"]
+    if gap <= 0:
+        return {"fraction": None, "low": None, "high": None}
+    f = (adapted["mean_return"] - source["mean_return"]) / gap
+    var = lambda r: (r.get("stderr_return") or 0.0) ** 2  # noqa: E731
+    half = 1.96 * math.sqrt(var(adapted) + (f - 1) ** 2 * var(source) + f ** 2 * var(ceiling)) / gap
+    return {"fraction": f, "low": f - half, "high": f + half}
+
+
+def fraction_table(fractions: list[dict]) -> str:
+    """Per game and method: one seed, f with its delta-method interval; several, the mean of the seeds' f
+    with a t interval over them."""
+    lines = ["| game | method | recovered fraction | 95% interval | seeds |", "|---|---|---|---|---|"]
+    for game, method in dict.fromkeys((r["game"], r["method"]) for r in fractions):
+        cell = [r for r in fractions if (r["game"], r["method"]) == (game, method) and r["fraction"] is not None]
+        if not cell:
+            lines.append(f"| {game} | {method} | — (no gap to the ceiling) | | 0 |")
+            continue
+        values = [r["fraction"] for r in cell]
+        if len(values) == 1:
+            low, high = cell[0]["low"], cell[0]["high"]
+        else:
+            half = t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+            low, high = statistics.mean(values) - half, statistics.mean(values) + half
+        lines.append(f"| {game} | {method} | {statistics.mean(values):.2f} | [{low:.2f}, {high:.2f}] | {len(values)} |")
+    return "\n".join(lines) + "\n"
+
+
+def t_quantile(dof: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, dof))
+
+
+def report(rows: list[dict], paired: list[dict], args, fractions: list[dict] | None = None) -> str:
     text = (f"Mean test return on unseen levels ({args.episodes} episodes per agent and domain); target visuals "
             f"{'+'.join(args.visual)}; agents trained for {args.total_steps} env steps; adaptation on {args.frames} "
             f"frames collected by the source policy, {args.epochs} epochs; mean ± sd over seeds (n)\n\n"
             + seed_table(rows, "game", COLUMNS, "return", digits=2) + "\n")
+    if fractions:
+        text += ("\nThe recovered fraction (adapted - source agent) / (trained in target - source agent), target "
+                 "visuals\n\n" + fraction_table(fractions))
     if paired:
         text += ("\nThe policy on the target renderings of states that the source policy visited in its own visuals, "
                  "against the source policy there (mean over the paired frames)\n\n"
@@ -181,7 +234,7 @@ def main(argv=None) -> None:
     p.add_argument("--source-run", action="append", default=[], metavar="GAME=RUN_DIR",
                    help="use this finished PPO run as the game's source agent (for every seed)")
     p.add_argument("--frames", type=int, default=ProcgenAdaptConfig.frames)
-    p.add_argument("--epochs", type=int, default=ProcgenAdaptConfig.epochs, help="adaptation epochs")
+    p.add_argument("--epochs", type=int, default=None, help="adaptation epochs (default: each method's own)")
     p.add_argument("--paired-steps", type=int, default=ProcgenAdaptConfig.paired_steps,
                    help="steps of 32 envs whose states are compared in both visuals (0 skips)")
     p.add_argument("--episodes", type=int, default=100, help="evaluation episodes per agent and domain")
@@ -209,7 +262,7 @@ def main(argv=None) -> None:
                                   for seed, game in pieces for method in args.methods])
     reference = run_all(args.jobs, [lambda s=seed, g=game: target_return(out / f"{g}-target-s{s}", args)
                                     for seed, game in pieces])
-    rows, paired = [], []
+    rows, paired, fractions = [], [], []
     for i, (seed, game) in enumerate(pieces):
         def add(column: str, value: float) -> None:
             rows.append({"game": game, "seed": seed, "column": column, "return": value})
@@ -223,14 +276,17 @@ def main(argv=None) -> None:
             paired += paired_rows(game, seed, method, m, "adapted_agent")
             add(f"{method}, target", m["adapted_agent"]["target"]["mean_return"])
             add(f"{method}, source", m["adapted_agent"]["source"]["mean_return"])
-        add("trained in target, target", reference[i])
+            fractions.append({"game": game, "seed": seed, "method": method, **recovered_fraction(
+                m["adapted_agent"]["target"], m["source_agent"]["target"], reference[i])})
+        add("trained in target, target", reference[i]["mean_return"])
         for domain, value in zip(("source", "target"), random_policy_returns(out, game, seed, args)):
             add(f"random policy, {domain}", value)
         print(f"seed {seed} {game}: " + ", ".join(f"{r['column']} {r['return']:.2f}" for r in rows
                                                   if (r["game"], r["seed"]) == (game, seed)), flush=True)
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / "table.md").write_text(report(rows, paired, args))
-    print(report(rows, paired, args))
+    (out / "fractions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fractions))
+    (out / "table.md").write_text(report(rows, paired, args, fractions))
+    print(report(rows, paired, args, fractions))
 
 
 if __name__ == "__main__":

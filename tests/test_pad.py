@@ -291,6 +291,9 @@ def test_online_pad_plays_the_evaluation_episodes_adapting_during_each(runs, tmp
     moving = tiny_pad(tmp_path / "source", tmp_path / "moving", pad_online=True, eval_episodes=2, pad_batch_size=2)
     result = moving["epochs"][0]
     assert result["episodes"] == 2 and result["online_mean_return"] == pytest.approx(np.mean(result["online_returns"]))
+    # the adapted agent's target figure is PAD's measure, the episodes it adapted in
+    assert moving["adapted_agent"]["target"]["mean_return"] == result["online_mean_return"]
+    assert moving["adapted_agent"]["target"]["online"] and "last_episode_network_target" in moving["adapted_agent"]
     old, new = network(state), network(load_checkpoint(tmp_path / "moving", kind="procgen-agent"))
     assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("backbone."))
     assert all(torch.equal(old[k], new[k]) for k in old if k.startswith(("policy_head.", "value_head.")))

@@ -282,3 +282,19 @@ def test_the_kl_anchor_keeps_the_policys_entropy_near_the_sources(source_run, tm
     assert runs[0.0]["epochs"][0]["marginal_tv_to_source"] > 0.2
     assert entropy_of(tmp_path / "anchor-0.0") < source_entropy - 0.2
     assert abs(entropy_of(tmp_path / "anchor-30.0") - source_entropy) < 0.05
+
+
+def test_recovered_fraction_and_its_interval_by_hand(load_script):
+    bench = load_script("run_procgen_adapt_benchmark")
+    adapted, source, ceiling = ({"mean_return": 5.0, "stderr_return": 0.3}, {"mean_return": 3.0, "stderr_return": 0.2},
+                                {"mean_return": 7.0, "stderr_return": 0.4})
+    got = bench.recovered_fraction(adapted, source, ceiling)
+    f = 0.5
+    sd = np.sqrt(0.3 ** 2 + (f - 1) ** 2 * 0.2 ** 2 + f ** 2 * 0.4 ** 2) / 4.0
+    assert got["fraction"] == pytest.approx(f) and got["low"] == pytest.approx(f - 1.96 * sd)
+    assert got["high"] == pytest.approx(f + 1.96 * sd)
+    assert bench.recovered_fraction(adapted, ceiling, source)["fraction"] is None   # no gap to win back
+    rows = [{"game": "g", "method": "m", "seed": s, "fraction": v, "low": None, "high": None}
+            for s, v in enumerate((0.2, 0.4, 0.9))]
+    half = 4.302652729911275 * np.std([0.2, 0.4, 0.9], ddof=1) / np.sqrt(3)   # t(0.975, 2)
+    assert f"| g | m | 0.50 | [{0.5 - half:.2f}, {0.5 + half:.2f}] | 3 |" in bench.fraction_table(rows)

@@ -354,6 +354,12 @@ class ProcgenAdapter:
             metrics["paired_states"] = paired(self.model)
         if cfg.eval_episodes:
             metrics["adapted_agent"] = self.evaluate_both_domains(checkpoint, "adapted")
+            if not self.uses_target_frames:   # online PAD: its measure is the return of the episodes it adapted in
+                online = metrics["epochs"][0]
+                metrics["adapted_agent"]["last_episode_network_target"] = metrics["adapted_agent"]["target"]
+                metrics["adapted_agent"]["target"] = {"mean_return": online["online_mean_return"],
+                                                      "stderr_return": online["online_stderr_return"],
+                                                      "episodes": len(online["online_returns"]), "online": True}
         metrics.update(checkpoint=str(checkpoint), wall_seconds=time.time() - start)
         write_json(self.run_dir / "metrics.json", metrics)
         return metrics
