@@ -753,6 +753,36 @@ def test_procgen_agent_adaptation_on_the_device(ppo_run, tmp_path):
     assert changed(before, after, "backbone.")
 
 
+@pytest.mark.parametrize("method, extra", [("anchored-im", []), ("bufr", []), ("pad", []),
+                                           ("pad", ["--online", "--eval-episodes", "2", "--pad-batch-size", "4"])])
+def test_procgen_adaptation_methods_on_the_device(tmp_path, method, extra):
+    """An agent trained on the device with PAD's head and BUFR's statistics, adapted on the device by each
+    issue-36 method: finite losses, the encoder moved, the policy and value heads untouched."""
+    import dataclasses
+
+    from adaptation.cli import adapt_main
+    from agents.train import Trainer
+    from workbench.checkpoint import load_checkpoint
+
+    source = tmp_path / "source"
+    cfg = dataclasses.replace(tiny_ppo(source, "fp32", total_steps=256, aux="inverse-dynamics"),
+                              feature_stats_frames=64)
+    Trainer(cfg).run()
+    stats = load_checkpoint(source, kind="procgen-agent")["feature_statistics"]["layers"]
+    assert all(finite(float(layer["counts"].sum())) for layer in stats.values())
+    out = tmp_path / method
+    argv = ["--source", str(source), "--target", PROCGEN_TARGET, "--method", method, "--frames", "128", "--epochs",
+            "1", "--eval-episodes", "0", "--paired-steps", "0", "--device", DEVICE, "--out", str(out), "--no-progress"]
+    assert adapt_main(argv + extra) == 0
+    metrics = read_json(out / "metrics.json")
+    assert metrics["epochs"] and all(finite(v) for e in metrics["epochs"] for v in e.values()
+                                     if isinstance(v, float))
+    before = load_checkpoint(source, kind="procgen-agent")["agent_state"]["model"]
+    after = load_checkpoint(out, kind="procgen-agent")["agent_state"]["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("policy_head.", "value_head.")))
+    assert changed(before, after, "backbone.")
+
+
 # ------------------------------------------------------------------ bf16
 @gpu_only
 def test_auto_precision_is_bf16_where_the_gpu_computes_it():
