@@ -82,19 +82,20 @@ def test_stored_statistics_equal_an_independent_computation_on_the_same_frames(s
         np.testing.assert_allclose(stats[name]["counts"].sum(1).numpy(), np.full(acts.shape[1], 96.0), rtol=1e-5)
 
 
+def without_statistics(source_run, out):
+    """A copy of the source as an agent trained before checkpoints kept statistics: (its dir, its state)."""
+    shutil.copytree(source_run, out)
+    state = load_checkpoint(out, kind="procgen-agent")
+    del state["feature_statistics"]
+    save_checkpoint(out / "checkpoint.pt", "procgen-agent", state)
+    return out, state
+
+
 def test_training_keeps_the_statistics_and_the_script_adds_them_to_older_agents(source_run, tmp_path, load_script):
     stats = load_checkpoint(source_run, kind="procgen-agent")["feature_statistics"]
     assert stats["levels"] == [0, 200] and set(stats["layers"]) == {"features", "logits"}
     assert stats["layers"]["logits"]["counts"].shape == (15, N_BINS + 2)
-    old = tmp_path / "old"
-    shutil.copytree(source_run, old)
-    state = load_checkpoint(old, kind="procgen-agent")
-    del state["feature_statistics"]
-    save_checkpoint(old / "checkpoint.pt", "procgen-agent", state)
-    # an agent without them: bufr refuses in one line, naming the script
-    rc = adapt_main(["--source", str(old), "--target", TARGET, "--method", "bufr", "--frames", "64", "--eval-episodes",
-                     "0", "--paired-steps", "0", "--device", "cpu", "--out", str(tmp_path / "refused"), "--no-progress"])
-    assert rc != 0
+    old, state = without_statistics(source_run, tmp_path / "old")
     script = load_script("procgen_feature_stats")
     assert script.main([str(old), "--frames", "64", "--device", "cpu"]) == 0
     added = load_checkpoint(old, kind="procgen-agent")["feature_statistics"]
@@ -105,11 +106,7 @@ def test_training_keeps_the_statistics_and_the_script_adds_them_to_older_agents(
 
 
 def test_bufr_refuses_an_agent_without_statistics_in_one_line(source_run, tmp_path, capsys):
-    old = tmp_path / "old"
-    shutil.copytree(source_run, old)
-    state = load_checkpoint(old, kind="procgen-agent")
-    del state["feature_statistics"]
-    save_checkpoint(old / "checkpoint.pt", "procgen-agent", state)
+    old, _ = without_statistics(source_run, tmp_path / "old")
     rc = adapt_main(["--source", str(old), "--target", TARGET, "--method", "bufr", "--frames", "64", "--eval-episodes",
                      "0", "--paired-steps", "0", "--device", "cpu", "--out", str(tmp_path / "x"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
