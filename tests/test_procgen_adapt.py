@@ -269,7 +269,7 @@ def test_the_kl_anchor_keeps_the_policys_entropy_near_the_sources(source_run, tm
     state["agent_state"]["model"]["policy_head.weight"] *= 10
     save_checkpoint(source_run / "checkpoint.pt", "procgen-agent", state)
     runs = {}
-    for weight in (0.0, 30.0):
+    for weight in (0.0, 100.0):
         runs[weight] = tiny_adapt(source_run, tmp_path / f"anchor-{weight}", method="anchored-im", frames=256,
                                   epochs=3, seed=1, source_frames=256, anchor_weight=weight)
     data = TargetFrames.load(tmp_path / "anchor-0.0" / "frames.npz", "bigfish")
@@ -281,7 +281,7 @@ def test_the_kl_anchor_keeps_the_policys_entropy_near_the_sources(source_run, tm
     assert runs[0.0]["epochs"][0]["source_policy_entropy"] == pytest.approx(source_entropy, abs=1e-5)
     assert runs[0.0]["epochs"][0]["marginal_tv_to_source"] > 0.2
     assert entropy_of(tmp_path / "anchor-0.0") < source_entropy - 0.2
-    assert abs(entropy_of(tmp_path / "anchor-30.0") - source_entropy) < 0.05
+    assert abs(entropy_of(tmp_path / "anchor-100.0") - source_entropy) < 0.05   # 0.009 here
 
 
 def test_recovered_fraction_and_its_interval_by_hand(load_script):
