@@ -61,9 +61,10 @@ def collect_frames(agent, game: str, options: list[str], frames: int, num_envs: 
     while filled < frames:
         actions = (rng.integers(0, env.num_actions, num_envs) if policy == "random"
                    else agent.act(obs).cpu().numpy())
-        before = env.last_frames.copy()
+        kept = step % stride == 0
+        before = env.last_frames.copy() if kept else None   # the frames acted on, before the env moves on
         after, _, first = env.step_numpy(actions)
-        if step % stride == 0:
+        if kept:
             take = min(num_envs, frames - filled)
             keep = slice(filled, filled + take)
             out.frames[keep] = torch.from_numpy(before[:take])

@@ -69,7 +69,7 @@ def adapt(adapter, frames: TargetFrames, logger: RunLogger) -> list[dict]:
         trainable += list(block.parameters())
         optimizer = torch.optim.SGD(trainable, lr=cfg.lr / BLOCK_LR_DECAY ** block_index, momentum=MOMENTUM,
                                     weight_decay=0.0)
-        for _ in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
             model.train()
             sums: dict[str, float] = {}
             for idx in torch.randperm(len(frames)).split(cfg.batch_size):
@@ -81,11 +81,12 @@ def adapt(adapter, frames: TargetFrames, logger: RunLogger) -> list[dict]:
                 optimizer.step()
                 add_terms(sums, {"restoration": loss})
                 logger.advance(1)
-            probs = features_and_policy(model, frames.frames, rt)[1]
-            stats = {"block": block_index, "policy_entropy": policy_entropy(probs),
-                     "restoration_loss": sums.get("restoration", 0.0) / steps_per_epoch}
+            stats = {"block": block_index, "restoration_loss": sums.get("restoration", 0.0) / steps_per_epoch}
             logger.scalars("loss", {"restoration": stats["restoration_loss"]}, epoch_index)
-            logger.scalars("target", {"policy_entropy": stats["policy_entropy"], "block": block_index}, epoch_index)
+            if epoch == cfg.epochs - 1:   # the policy over every frame once per block: a pass as long as an epoch's
+                stats["policy_entropy"] = policy_entropy(features_and_policy(model, frames.frames, rt)[1])
+                logger.scalars("target", {"policy_entropy": stats["policy_entropy"], "block": block_index},
+                               epoch_index)
             history.append(stats)
             epoch_index += 1
     return history
