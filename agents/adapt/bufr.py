@@ -59,7 +59,8 @@ def stored_statistics(adapter) -> dict:
 
 def adapt(adapter, frames: TargetFrames, logger: RunLogger) -> list[dict]:
     cfg, model, rt = adapter.cfg, adapter.model, adapter.rt
-    layers = stored_statistics(adapter)
+    layers = {name: {k: v.to(adapter.rt.device) for k, v in layer.items()}   # once, not at every step
+              for name, layer in stored_statistics(adapter).items()}
     adapter.encoder_only()
     model.backbone.requires_grad_(False)
     steps_per_epoch = adapter.steps_per_epoch(frames)
