@@ -111,12 +111,13 @@ def evaluate_checkpoint(path, episodes: int = 100, num_envs: int = 64, num_level
     config = state["config"]
     mode = distribution_mode or PROTOCOLS[config["protocol"]].distribution_mode
     runtime = Runtime.create(device, config.get("precision", "auto"))
+    visual = list(config.get("visual", []) if visual is None else visual)
     env = ProcgenVecEnv(config["env"], min(num_envs, episodes), mode, num_levels, start_level, runtime.device,
-                        seed=seed, **visual_options(config.get("visual", []) if visual is None else visual))
+                        seed=seed, **visual_options(visual))
     agent_cls, agent_cfg_cls = ALGORITHMS[config["algo"]]
     agent = agent_cls.for_evaluation(env, agent_cfg_cls(**config["agent"]), runtime)
     agent.load_state_dict(state["agent_state"])
     result = evaluate(agent, env, episodes, deterministic=deterministic, clean_frames=clean_frames, seed=seed)
     result.update(checkpoint=str(ckpt_path), algo=config["algo"], env_steps=agent.env_steps,
-                  mixreg=bool(config["agent"].get("mixreg")), seed=seed)
+                  mixreg=bool(config["agent"].get("mixreg")), seed=seed, visual=visual)
     return result, ckpt_path.parent / "evaluation.json"

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Procgen agents adapted to an unseen visual domain without rewards: a table over games.
 
-For every game and seed, in <out>:
-    <game>-source-s<seed>      PPO (+ mixreg) trained in the game's own visuals, with PAD's
-                               inverse-dynamics head when pad is among the methods
-                               (or an existing run: --source-run <game>=<run dir>)
+A domain is a combination of the renderer's visual options (`default`: none, the renderer's own visuals).
+For every game and seed, in <out> (one folder per pair of domains):
+    <game>-source-s<seed>      PPO (+ mixreg) trained in the source visuals (--source-visual, default the
+                               renderer's own), with PAD's inverse-dynamics head when pad is among the
+                               methods (or an existing run: --source-run <game>=<run dir>)
     <game>-target-s<seed>      the same recipe trained directly in the target visuals for as many
-                               env steps: the ceiling adaptation tries to approach
+                               env steps: the ceiling adaptation tries to approach (or an existing run:
+                               --target-run <game>=<run dir>)
     <game>-<method>-s<seed>    the source agent adapted by each method (SHOT-IM, SHOT, anchored-im,
                                BUFR, PAD) to the target visuals (`workbench adapt --target
                                procgen:<game>:<visual>`), each with its own default epochs unless --epochs
@@ -19,6 +21,8 @@ results.jsonl, fractions.jsonl and table.md to <out>.
 
     python scripts/run_procgen_adapt_benchmark.py --games starpilot coinrun maze --total-steps 500000 --jobs 2 \\
         --source-run starpilot=runs/precision/fp32-s0 --visual monochrome --out runs/procgen-adapt
+    python scripts/run_procgen_adapt_benchmark.py --games starpilot --source-visual no-backgrounds \\
+        restrict-themes monochrome --visual default --out runs/procgen-adapt-plain
 """
 
 from __future__ import annotations
@@ -38,12 +42,13 @@ sys.path.insert(0, str(ROOT))
 from agents.adapt import METHODS, ProcgenAdaptConfig  # noqa: E402
 from agents.evaluate import evaluate_random_policy  # noqa: E402
 from agents.resumable import final_evaluation, run_finished, run_logged, train_to  # noqa: E402
-from envs.procgen import GAMES, PROTOCOLS, visual_options  # noqa: E402
+from envs.procgen import GAMES, PROTOCOLS, VISUAL_OPTIONS, visual_options  # noqa: E402
 from workbench.logging import seed_table  # noqa: E402
 
 # Monochrome assets: the shift that costs a trained agent (starpilot, 500k steps: 4.16 -> 3.10 test return);
 # removing the backgrounds as well gave that agent back its full return (4.43), leaving nothing to adapt.
 DEFAULT_VISUAL = ["monochrome"]
+DEFAULT_DOMAIN = "default"   # no visual option: every theme, with backgrounds, in colour
 # The games whose agents beat the uniform random policy within a CPU's budget (docs/RESULTS.md, easy, 100 test
 # episodes): starpilot 4.06 at 500k (random 1.72); coinrun 4.80 at 500k (bf16) and 5.90 at 303k in monochrome
 # (random 3.20; fp32 agents in its own visuals walked left and scored 0 at 140k, and seed 0 came unstuck to 5.80
@@ -62,26 +67,48 @@ def recipe_args(config: dict, seed: int) -> list[str]:
             "--reward-norm-gamma", str(agent["reward_norm_gamma"])]
 
 
-def given_source(game: str, args) -> Path | None:
-    """The finished PPO run passed as --source-run for `game`, checked; None when the driver trains one."""
-    given = dict(item.split("=", 1) for item in args.source_run).get(game)
+def domain_name(visual: list[str]) -> str:
+    return "+".join(visual) or DEFAULT_DOMAIN
+
+
+def domain_options(names: list[str]) -> list[str]:
+    """--visual/--source-visual values -> the renderer's options in its order (`default` alone: none)."""
+    if names == [DEFAULT_DOMAIN]:
+        return []
+    visual_options(names)  # unknown names fail here, listing the valid ones
+    return [name for name in VISUAL_OPTIONS if name in names]
+
+
+def given_run(game: str, args, flag: str, visual: list[str]) -> Path | None:
+    """The finished PPO run passed as --source-run/--target-run for `game`, checked to be trained in `visual`;
+    None when the driver trains one."""
+    given = dict(item.split("=", 1) for item in getattr(args, f"{flag}_run")).get(game)
     if not given:
         return None
     run = Path(given)
     config = json.loads((run / "config.json").read_text())
-    if config["env"] != game or config["algo"] != "ppo" or config.get("visual"):
-        raise SystemExit(f"error: --source-run {game}={run} is a {config['algo']} run on {config['env']} "
-                         f"(visual {config.get('visual') or 'default'}): give a PPO run on {game} in its own "
-                         "visuals")
+    trained_in = [name for name in VISUAL_OPTIONS if name in (config.get("visual") or [])]
+    if config["env"] != game or config["algo"] != "ppo" or trained_in != visual:
+        raise SystemExit(f"error: --{flag}-run {game}={run} is a {config['algo']} run on {config['env']} in the "
+                         f"{domain_name(trained_in)} visuals: give a PPO run on {game} trained in the "
+                         f"{domain_name(visual)} visuals")
     if not run_finished(run, args.total_steps):
-        raise SystemExit(f"error: --source-run {run} has not finished {args.total_steps} steps: resume it "
+        raise SystemExit(f"error: --{flag}-run {run} has not finished {args.total_steps} steps: resume it "
                          "first or lower --total-steps")
     return run
+
+
+def visual_flags(visual: list[str]) -> list[str]:
+    return ["--visual", *visual] if visual else []
 
 
 def source_args(game: str, seed: int, args) -> list[str]:
     """The source agent's flags; with PAD among the methods it trains the inverse-dynamics head as well, and
     every method then adapts that same agent."""
+    return [*recipe_flags(game, seed, args), *visual_flags(args.source_visual)]
+
+
+def recipe_flags(game: str, seed: int, args) -> list[str]:
     aux = ["--aux", "inverse-dynamics"] if "pad" in args.methods else []
     return ["--env", game, "--seed", str(seed), "--precision", args.precision, *aux, *args.extra]
 
@@ -91,29 +118,32 @@ def target_args(game: str, seed: int, args) -> list[str]:
     as the source agent trained here (so both can train side by side)."""
     given = args.given[game]
     recipe = recipe_args(json.loads((given / "config.json").read_text()), seed) if given else \
-        source_args(game, seed, args)
-    return [*recipe, "--visual", *args.visual]
+        recipe_flags(game, seed, args)
+    return [*recipe, *visual_flags(args.visual)]
 
 
 def agent_trainings(out: Path, game: str, seed: int, args) -> list[tuple[Path, list[str]]]:
     """(run directory, train_procgen.py flags) of the agents this game and seed still need."""
-    target = (out / f"{game}-target-s{seed}", target_args(game, seed, args))
-    if args.given[game]:
-        return [target]
-    return [(out / f"{game}-source-s{seed}", source_args(game, seed, args)), target]
+    source = [] if args.given[game] else [(out / f"{game}-source-s{seed}", source_args(game, seed, args))]
+    target = [] if args.ceiling[game] else [(out / f"{game}-target-s{seed}", target_args(game, seed, args))]
+    return source + target
 
 
 def source_run(out: Path, game: str, seed: int, args) -> Path:
     return args.given[game] or out / f"{game}-source-s{seed}"
 
 
+def target_run(out: Path, game: str, seed: int, args) -> Path:
+    return args.ceiling[game] or out / f"{game}-target-s{seed}"
+
+
 def adapt_command(out: Path, game: str, method: str, seed: int, args) -> list[str]:
     """The `workbench adapt` command line of one adaptation run, with this driver's settings."""
     return [sys.executable, "-m", "workbench.cli", "adapt", "--source", str(source_run(out, game, seed, args)),
-            "--target", f"procgen:{game}:{'+'.join(args.visual)}", "--method", method, "--frames", str(args.frames),
-            *(["--epochs", str(args.epochs)] if args.epochs else []), "--eval-episodes", str(args.episodes),
-            "--paired-steps",
-            str(args.paired_steps), "--seed", str(seed), "--out", str(out / f"{game}-{method}-s{seed}"),
+            "--target", f"procgen:{game}:{'+'.join(args.visual)}".rstrip(":"), "--method", method,
+            "--frames", str(args.frames), *(["--epochs", str(args.epochs)] if args.epochs else []),
+            "--eval-episodes", str(args.episodes), "--paired-steps", str(args.paired_steps), "--seed", str(seed),
+            "--out", str(out / f"{game}-{method}-s{seed}"),
             "--no-progress"]
 
 
@@ -139,7 +169,8 @@ def random_policy_returns(out: Path, game: str, seed: int, args) -> tuple[float,
     config = json.loads((source_run(out, game, seed, args) / "config.json").read_text())
     mode = PROTOCOLS[config["protocol"]].distribution_mode
     return tuple(evaluate_random_policy(game, args.episodes, distribution_mode=mode, visual=visual,
-                                        policy_seed=seed)["mean_return"] for visual in ([], args.visual))
+                                        policy_seed=seed)["mean_return"]
+                 for visual in (args.source_visual, args.visual))
 
 
 def run_all(jobs: int, tasks: list) -> list:
@@ -207,10 +238,14 @@ def t_quantile(dof: int) -> float:
     return float(t.ppf(0.975, dof))
 
 
+METHODS_OWN = "each method's default"
+
+
 def report(rows: list[dict], paired: list[dict], args, fractions: list[dict] | None = None) -> str:
-    text = (f"Mean test return on unseen levels ({args.episodes} episodes per agent and domain); target visuals "
-            f"{'+'.join(args.visual)}; agents trained for {args.total_steps} env steps; adaptation on {args.frames} "
-            f"frames collected by the source policy, {args.epochs} epochs; mean ± sd over seeds (n)\n\n"
+    text = (f"Mean test return on unseen levels ({args.episodes} episodes per agent and domain); source visuals "
+            f"{domain_name(args.source_visual)}, target visuals {domain_name(args.visual)}; agents trained for "
+            f"{args.total_steps} env steps; adaptation on {args.frames} frames collected by the source policy, "
+            f"{args.epochs or METHODS_OWN} epochs; mean ± sd over seeds (n)\n\n"
             + seed_table(rows, "game", COLUMNS, "return", digits=2) + "\n")
     if fractions:
         text += ("\nThe recovered fraction (adapted - source agent) / (trained in target - source agent), target "
@@ -225,14 +260,18 @@ def report(rows: list[dict], paired: list[dict], args, fractions: list[dict] | N
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--games", nargs="+", default=DEFAULT_GAMES, choices=GAMES)
-    p.add_argument("--visual", nargs="+", default=DEFAULT_VISUAL, help="the target domain's visual options "
-                   f"(default {' '.join(DEFAULT_VISUAL)})")
+    p.add_argument("--visual", nargs="+", default=DEFAULT_VISUAL, help="the target domain's visual options, or "
+                   f"`{DEFAULT_DOMAIN}` for the renderer's own visuals (default {' '.join(DEFAULT_VISUAL)})")
+    p.add_argument("--source-visual", nargs="+", default=[DEFAULT_DOMAIN], help="the visual options the source "
+                   f"agents are trained in (default `{DEFAULT_DOMAIN}`: the renderer's own visuals)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--total-steps", type=int, default=500_000, help="env steps of the source and target agents")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="for agents trained here")
     p.add_argument("--source-run", action="append", default=[], metavar="GAME=RUN_DIR",
                    help="use this finished PPO run as the game's source agent (for every seed)")
+    p.add_argument("--target-run", action="append", default=[], metavar="GAME=RUN_DIR",
+                   help="use this finished PPO run, trained in the target visuals, as the game's ceiling")
     p.add_argument("--frames", type=int, default=ProcgenAdaptConfig.frames)
     p.add_argument("--epochs", type=int, default=None, help="adaptation epochs (default: each method's own)")
     p.add_argument("--paired-steps", type=int, default=ProcgenAdaptConfig.paired_steps,
@@ -249,18 +288,23 @@ def main(argv=None) -> None:
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs {args.jobs}: give at least 1")
     args.threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
-    visual_options(args.visual)  # unknown names fail here, listing the valid ones
+    args.visual, args.source_visual = domain_options(args.visual), domain_options(args.source_visual)
+    if args.visual == args.source_visual:
+        raise SystemExit(f"error: the source and target visuals are both {domain_name(args.visual)}: give --visual "
+                         "a domain the source agent was not trained in")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pieces = [(seed, game) for seed in args.seeds for game in args.games]
-    args.given = {game: given_source(game, args) for game in args.games}  # a wrong one fails before any training
+    # a wrong given run fails before any training
+    args.given = {game: given_run(game, args, "source", args.source_visual) for game in args.games}
+    args.ceiling = {game: given_run(game, args, "target", args.visual) for game in args.games}
     logged = args.jobs > 1  # side by side, each command writes to a log in the out folder
     run_all(args.jobs, [lambda run=run, flags=flags: train_to(run, args.total_steps, flags, args.threads,
                                                              out / f"{run.name}.log" if logged else None)
                         for seed, game in pieces for run, flags in agent_trainings(out, game, seed, args)])
     adapted = run_all(args.jobs, [lambda s=seed, g=game, m=method: adapted_metrics(out, g, m, s, args)
                                   for seed, game in pieces for method in args.methods])
-    reference = run_all(args.jobs, [lambda s=seed, g=game: target_return(out / f"{g}-target-s{s}", args)
+    reference = run_all(args.jobs, [lambda s=seed, g=game: target_return(target_run(out, g, s, args), args)
                                     for seed, game in pieces])
     rows, paired, fractions = [], [], []
     for i, (seed, game) in enumerate(pieces):

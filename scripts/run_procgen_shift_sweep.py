@@ -2,25 +2,31 @@
 """The testbed of visual shifts that hurt (issue 36): a trained agent's return in every visual variant the
 Procgen renderer offers, read against its return in its own visuals and the uniform random policy's.
 
-For each game, the source agent (trained here with the adaptation benchmark's recipe, or an existing run
-given as --source-run <game>=<run>) plays its own visuals and each of the seven combinations of
-no-backgrounds, restrict-themes and monochrome; the uniform random policy plays the same episodes (its
-return does not depend on the visuals: they change the rendering, not the game). A shift's cost is
+A visual domain is a combination of the renderer's options no-backgrounds, restrict-themes and monochrome;
+none of them is the renderer's default (every theme, with backgrounds, in colour). For each game, the
+source agent (trained here with the adaptation benchmark's recipe, in --source-visual, or an existing run
+given as --source-run <game>=<run>) plays its own visuals and each of the seven other domains; the uniform
+random policy plays the same episodes (its return does not depend on the visuals: they change the
+rendering, not the game). A shift's cost is
 
     cost = (R_own - R_shifted) / (R_own - R_random)
 
-the share of the agent's margin over random play that the new visuals take away. A (game, shift) pair
-enters the testbed when the agent is well above the floor in its own visuals (margin over 2 standard
-errors) and the shift costs at least a third of the margin. The choice is made on VALIDATION levels
-([10000, 10000 + --val-levels), which neither training, levels [0, 200), nor the test episodes, the full
-distribution with seed 12345, use), and the chosen pairs' returns on the test episodes are reported
-beside it, so that no pair is chosen on the returns a table reports. The whole sweep is written, not
-only the chosen pairs: sweep.jsonl and table.md in --out. Evaluations are cached there, so the script
-can be stopped and started again.
+the share of the agent's margin over random play that the new visuals take away. An agent trained in the
+default domain has seen every theme and background, so the options only take variety away from it; an
+agent trained in a restricted domain (--source-visual) meets, in the default one, themes and backgrounds it
+never saw. A (game, shift) pair enters the testbed when the agent is well above the floor in its own
+visuals (margin over 2 standard errors) and the shift costs at least a third of the margin. The choice is
+made on VALIDATION levels ([10000, 10000 + --val-levels), which neither training, levels [0, 200), nor the
+test episodes, the full distribution with seed 12345, use), and the chosen pairs' returns on the test
+episodes are reported beside it, so that no pair is chosen on the returns a table reports. The whole sweep
+is written, not only the chosen pairs: sweep.jsonl and table.md in --out. Evaluations are cached there, so
+the script can be stopped and started again, and sources in other domains can share the folder.
 
     python scripts/run_procgen_shift_sweep.py --games starpilot coinrun maze --total-steps 500000 --out runs/shift-sweep
     python scripts/run_procgen_shift_sweep.py --source-run starpilot=runs/procgen-adapt/starpilot-source-s0 \\
         --games starpilot --out runs/shift-sweep
+    python scripts/run_procgen_shift_sweep.py --games starpilot --source-visual no-backgrounds restrict-themes \\
+        monochrome --out runs/shift-sweep -- --aux inverse-dynamics
 """
 
 from __future__ import annotations
@@ -48,10 +54,23 @@ COST_THRESHOLD = 1 / 3       # a shift hurts when it costs at least a third of t
 MARGIN_STANDARD_ERRORS = 2   # ... of an agent whose margin exceeds this many standard errors
 
 
-def variants() -> list[list[str]]:
-    """Every non-empty combination of the renderer's visual options, smallest first."""
+DEFAULT = "default"           # the label of the renderer's own visuals, no option set
+
+
+def domains() -> list[list[str]]:
+    """Every combination of the renderer's visual options, the default (none) first, then smallest first."""
     names = list(VISUAL_OPTIONS)
-    return [list(c) for size in range(1, len(names) + 1) for c in itertools.combinations(names, size)]
+    return [list(c) for size in range(len(names) + 1) for c in itertools.combinations(names, size)]
+
+
+def canonical(visual: list[str]) -> list[str]:
+    """The options in the renderer's order, so that a domain has one name."""
+    return [name for name in VISUAL_OPTIONS if name in visual]
+
+
+def shifts_from(own: list[str]) -> list[list[str]]:
+    """The seven domains other than the source's own."""
+    return [d for d in domains() if d != canonical(own)]
 
 
 def write_text(path: Path, text: str) -> None:
@@ -59,7 +78,11 @@ def write_text(path: Path, text: str) -> None:
 
 
 def label(visual: list[str]) -> str:
-    return "+".join(visual) or "own"
+    return "+".join(canonical(visual)) or DEFAULT
+
+
+def parse_label(text: str) -> list[str]:
+    return [] if text == DEFAULT else text.split("+")
 
 
 class Sweep:
@@ -80,8 +103,12 @@ class Sweep:
             write_json(path, result)
         return json.loads(path.read_text())
 
-    def agent(self, game: str, run: Path, visual: list[str], split: str) -> dict:
-        return self.cached(f"{game}-agent-{label(visual)}-{split}", lambda: evaluate_checkpoint(
+    def agent(self, game: str, run: Path, own: list[str], visual: list[str], split: str) -> dict:
+        """The source agent trained in `own` visuals, playing `visual` (cached per source domain; the default
+        domain's sources keep the names of the first sweeps)."""
+        source = game if not own else f"{game}-from-{label(own)}"
+        shown = "own" if canonical(visual) == canonical(own) else label(visual)
+        return self.cached(f"{source}-agent-{shown}-{split}", lambda: evaluate_checkpoint(
             run, episodes=self.episodes, visual=visual, device=self.device, **self.split(split))[0])
 
     def floor(self, game: str, mode: str, split: str) -> dict:
@@ -89,12 +116,14 @@ class Sweep:
             game, self.episodes, distribution_mode=mode, **self.split(split)))
 
 
-def shift_row(game: str, visual: list[str], own: dict, shifted: dict, floor: dict, split: str) -> dict:
+def shift_row(game: str, visual: list[str], own: dict, shifted: dict, floor: dict, split: str,
+              source_visual: list[str] = ()) -> dict:
     """One (game, shift) pair on one split: returns, standard errors, the margin and the shift's cost."""
     margin = own["mean_return"] - floor["mean_return"]
     margin_se = math.hypot(own["stderr_return"] or 0.0, floor["stderr_return"] or 0.0)
     cost = (own["mean_return"] - shifted["mean_return"]) / margin if margin > 0 else None
-    return {"game": game, "shift": label(visual), "split": split, "own": own["mean_return"],
+    return {"game": game, "source_visual": label(list(source_visual)), "shift": label(visual), "split": split,
+            "own": own["mean_return"],
             "own_se": own["stderr_return"], "shifted": shifted["mean_return"], "shifted_se": shifted["stderr_return"],
             "random": floor["mean_return"], "random_se": floor["stderr_return"], "margin": margin,
             "margin_in_se": margin / margin_se if margin_se else None, "cost": cost,
@@ -111,11 +140,11 @@ def with_se(value: float, se: float | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| game | shift | own visuals | shifted | random policy | margin (SEs) | cost | in the testbed |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+    head = ("| game | trained in | shifted to | own visuals | shifted | random policy | margin (SEs) | cost | "
+            "in the testbed |\n|---|---|---|---|---|---|---|---|---|\n")
     def cost(r):
         return "—" if r["cost"] is None else f"{r['cost']:.2f}"
-    lines = [f"| {r['game']} | {r['shift']} | {with_se(r['own'], r['own_se'])} | "
+    lines = [f"| {r['game']} | {r.get('source_visual', DEFAULT)} | {r['shift']} | {with_se(r['own'], r['own_se'])} | "
              f"{with_se(r['shifted'], r['shifted_se'])} | {with_se(r['random'], r['random_se'])} | "
              f"{r['margin']:.2f} ({r['margin_in_se'] or 0:.1f}) | {cost(r)} | {'yes' if r.get('chosen') else ''} |"
              for r in rows]
@@ -126,7 +155,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--games", nargs="+", default=["starpilot"], choices=GAMES)
     p.add_argument("--source-run", nargs="*", default=[], metavar="GAME=RUN", help="an existing PPO run per game "
-                   "(its own visuals) instead of training one here")
+                   "(trained in --source-visual) instead of training one here")
+    p.add_argument("--source-visual", nargs="*", default=[], choices=list(VISUAL_OPTIONS),
+                   help="the visual options the source agents are trained in (default: none, the renderer's own)")
     p.add_argument("--total-steps", type=positive_steps, default=500_000, help="budget of the agents trained here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--episodes", type=positive_int, default=100, help="episodes per evaluation")
@@ -141,14 +172,28 @@ def source_of(game: str, args, out: Path) -> Path:
     given = dict(item.split("=", 1) for item in args.source_run).get(game)
     if given:
         config = json.loads((Path(given) / "config.json").read_text())
-        if config["env"] != game or config.get("visual"):
-            raise SystemExit(f"error: --source-run {game}={given} is a run on {config['env']} in visuals "
-                             f"{config.get('visual') or 'own'}: give a run on {game} in its own visuals")
+        if config["env"] != game or canonical(config.get("visual") or []) != canonical(args.source_visual):
+            raise SystemExit(f"error: --source-run {game}={given} is a run on {config['env']} in the "
+                             f"{label(config.get('visual') or [])} visuals: give a run on {game} trained in the "
+                             f"{label(args.source_visual)} visuals, or set --source-visual to its options")
         return Path(given)
-    run = out / f"{game}-source-s{args.seed}"
+    domain = f"-{label(args.source_visual)}" if args.source_visual else ""
+    run = out / f"{game}{domain}-source-s{args.seed}"
+    visual = ["--visual", *args.source_visual] if args.source_visual else []
     if not run_finished(run, args.total_steps):
-        train_to(run, args.total_steps, ["--env", game, "--seed", str(args.seed), *args.extra])
+        train_to(run, args.total_steps, ["--env", game, "--seed", str(args.seed), *visual, *args.extra])
     return run
+
+
+def merged_with_earlier_sweeps(path: Path, rows: list[dict]) -> list[dict]:
+    """This sweep's rows after the earlier ones in `path` of other (game, source domain) pairs, so that sweeps
+    of sources in other domains share one table; a pair swept again replaces its old rows."""
+    def source(row: dict) -> tuple[str, str]:
+        return row["game"], row.get("source_visual", DEFAULT)
+
+    earlier = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    swept = {source(r) for r in rows}
+    return [r for r in earlier if source(r) not in swept] + rows
 
 
 def main(argv=None) -> list[dict]:
@@ -160,26 +205,29 @@ def main(argv=None) -> list[dict]:
     for game in args.games:
         run = source_of(game, args, out)
         mode = PROTOCOLS[json.loads((run / "config.json").read_text())["protocol"]].distribution_mode
+        own = canonical(args.source_visual)
+
+        def row_of(visual: list[str], split: str) -> dict:
+            return shift_row(game, visual, sweep.agent(game, run, own, own, split),
+                             sweep.agent(game, run, own, visual, split), sweep.floor(game, mode, split), split, own)
+
         val_rows = []
-        for visual in variants():
-            row = shift_row(game, visual, sweep.agent(game, run, [], "val"), sweep.agent(game, run, visual, "val"),
-                            sweep.floor(game, mode, "val"), "val")
+        for visual in shifts_from(own):
+            row = row_of(visual, "val")
             row["chosen"] = hurts(row)
             val_rows.append(row)
-            print(f"{game} {label(visual)} (val): cost {row['cost']}", flush=True)
+            print(f"{game} {label(own)} -> {label(visual)} (val): cost {row['cost']}", flush=True)
         rows += val_rows
-        for row in val_rows:     # the chosen pairs on the test episodes, for the tables that report them
-            if row["chosen"]:
-                visual = row["shift"].split("+")
-                rows.append(shift_row(game, visual, sweep.agent(game, run, [], "test"),
-                                      sweep.agent(game, run, visual, "test"), sweep.floor(game, mode, "test"), "test"))
-    write_text(out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    chosen = [r for r in rows if r["split"] == "val" and r["chosen"]]
+        # the chosen pairs on the test episodes, for the tables that report them
+        rows += [row_of(parse_label(row["shift"]), "test") for row in val_rows if row["chosen"]]
+    every = merged_with_earlier_sweeps(out / "sweep.jsonl", rows)
+    write_text(out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in every))
+    chosen = [r for r in every if r["split"] == "val" and r["chosen"]]
     report = (f"Validation levels [{VALIDATION_START}, {VALIDATION_START + args.val_levels}), {args.episodes} "
-              f"episodes per cell (the choice):\n\n" + table([r for r in rows if r["split"] == "val"])
+              f"episodes per cell (the choice):\n\n" + table([r for r in every if r["split"] == "val"])
               + f"\n{len(chosen)} pair(s) cost at least a third of a margin over {MARGIN_STANDARD_ERRORS} standard "
               f"errors. Test episodes (full distribution, seed {EVALUATION_SEED}) of the chosen pairs:\n\n"
-              + table([r for r in rows if r["split"] == "test"]))
+              + table([r for r in every if r["split"] == "test"]))
     write_text(out / "table.md", report)
     print(report)
     return rows

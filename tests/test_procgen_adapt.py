@@ -10,7 +10,7 @@ from adaptation.cli import adapt_main
 from agents.adapt import (ProcgenAdaptConfig, ProcgenAdapter, TargetFrames, collect_frames, paired_frames,
                           parse_procgen_target, policy_divergence)
 from agents.cli import evaluate_main
-from agents.evaluate import UniformRandomPolicy, evaluate_random_policy
+from agents.evaluate import UniformRandomPolicy, evaluate_checkpoint, evaluate_random_policy
 from agents.train import Trainer, TrainConfig
 from envs.procgen import ProcgenVecEnv, visual_options
 from workbench.checkpoint import CheckpointError, load_checkpoint
@@ -18,12 +18,12 @@ from workbench.checkpoint import CheckpointError, load_checkpoint
 TARGET = "procgen:bigfish:no-backgrounds+monochrome"
 
 
-def tiny_source(run_dir, algo="ppo"):
+def tiny_source(run_dir, algo="ppo", visual=()):
     agent = {"num_envs": 4, "num_steps": 32, "num_minibatches": 4} if algo == "ppo" else \
         {"num_envs": 4, "buffer_size": 512, "warmup_steps": 64, "batch_size": 16, "update_every": 16}
     Trainer(TrainConfig(env="bigfish", algo=algo, total_steps=128, eval_interval=100, eval_episodes=2,
                         num_test_envs=2, precision="fp32", run_dir=str(run_dir), progress=False, video=False,
-                        feature_stats_frames=64, agent=agent)).run()
+                        feature_stats_frames=64, visual=list(visual), agent=agent)).run()
     return run_dir
 
 
@@ -193,6 +193,35 @@ def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_r
     # a source run of another game is refused in one line
     with pytest.raises(SystemExit, match="give a PPO run on starpilot"):
         bench.main(["--games", "starpilot", "--source-run", f"starpilot={source_run}", "--out", str(tmp_path / "x")])
+
+
+def test_benchmark_adapts_a_source_from_restricted_visuals_to_the_default_ones(source_run, tmp_path, load_script):
+    """--source-visual/--visual default: the source trained in monochrome adapts to the renderer's own visuals;
+    a given --target-run (trained in the default visuals) is the ceiling and no agent trains; the floor and
+    every evaluation play the right domain; runs in other visuals are refused in one line."""
+    bench = load_script("run_procgen_adapt_benchmark")
+    plain = tiny_source(tmp_path / "plain", visual=["monochrome"])
+    out = tmp_path / "out"
+    argv = ["--games", "bigfish", "--source-visual", "monochrome", "--visual", "default", "--source-run",
+            f"bigfish={plain}", "--target-run", f"bigfish={source_run}", "--total-steps", "128", "--methods",
+            "shot-im", "--frames", "64", "--epochs", "1", "--episodes", "2", "--paired-steps", "0", "--out", str(out)]
+    bench.main(argv)
+    adapted = json.loads((out / "bigfish-shot-im-s0" / "metrics.json").read_text())
+    assert adapted["target"] == "procgen:bigfish" and adapted["visual"] == []
+    checkpoint = load_checkpoint(out / "bigfish-shot-im-s0" / "checkpoint.pt", kind="procgen-agent")
+    assert checkpoint["config"]["visual"] == []
+    assert not (out / "bigfish-target-s0").exists() and not (out / "bigfish-source-s0").exists()
+    rows = {r["column"]: r["return"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    ceiling = json.loads((source_run / "evaluation_target_2.json").read_text())
+    assert rows["trained in target, target"] == ceiling["mean_return"]
+    source_in_source, _ = evaluate_checkpoint(plain, episodes=2, num_envs=2, visual=["monochrome"], device="cpu")
+    assert rows["source agent, source"] == source_in_source["mean_return"]
+    assert rows["random policy, source"] == evaluate_random_policy("bigfish", 2, visual=["monochrome"])["mean_return"]
+    assert "source visuals monochrome, target visuals default" in (out / "table.md").read_text()
+    with pytest.raises(SystemExit, match="trained in the default visuals"):   # a ceiling in the wrong domain
+        bench.main([*argv[:-2], "--target-run", f"bigfish={plain}", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="both monochrome"):
+        bench.main(["--games", "bigfish", "--source-visual", "monochrome", "--visual", "monochrome"])
 
 
 def test_benchmark_jobs_run_side_by_side_and_fail_loudly(load_script):
