@@ -10,8 +10,9 @@ For every game and seed, in <out> (one folder per pair of domains):
                                env steps: the ceiling adaptation tries to approach (or an existing run:
                                --target-run <game>=<run dir>)
     <game>-<method>-s<seed>    the source agent adapted by each method (SHOT-IM, SHOT, anchored-im,
-                               BUFR, PAD) to the target visuals (`workbench adapt --target
-                               procgen:<game>:<visual>`), each with its own default epochs unless --epochs
+                               BUFR, PAD offline, and PAD online: pad-online) to the target visuals
+                               (`workbench adapt --target procgen:<game>:<visual>`), each with its own
+                               default epochs unless --epochs
 Every agent is scored on unseen levels of both domains with the same episodes and evaluation seed, and
 each method's recovered fraction (adapted - source) / (ceiling - source) is given with its 95% interval.
 Finished pieces are skipped and interrupted trainings resumed, so the script can be stopped and
@@ -49,6 +50,8 @@ from workbench.logging import seed_table  # noqa: E402
 # removing the backgrounds as well gave that agent back its full return (4.43), leaving nothing to adapt.
 DEFAULT_VISUAL = ["monochrome"]
 DEFAULT_DOMAIN = "default"   # no visual option: every theme, with backgrounds, in colour
+# the methods, PAD twice: offline on collected transitions, and online during the evaluation episodes
+BENCH_METHODS = (*METHODS, "pad-online")
 # The games whose agents beat the uniform random policy within a CPU's budget (docs/RESULTS.md, easy, 100 test
 # episodes): starpilot 4.06 at 500k (random 1.72); coinrun 4.80 at 500k (bf16) and 5.90 at 303k in monochrome
 # (random 3.20; fp32 agents in its own visuals walked left and scored 0 at 140k, and seed 0 came unstuck to 5.80
@@ -109,7 +112,7 @@ def source_args(game: str, seed: int, args) -> list[str]:
 
 
 def recipe_flags(game: str, seed: int, args) -> list[str]:
-    aux = ["--aux", "inverse-dynamics"] if "pad" in args.methods else []
+    aux = ["--aux", "inverse-dynamics"] if {"pad", "pad-online"} & set(args.methods) else []
     return ["--env", game, "--seed", str(seed), "--precision", args.precision, *aux, *args.extra]
 
 
@@ -140,7 +143,8 @@ def target_run(out: Path, game: str, seed: int, args) -> Path:
 def adapt_command(out: Path, game: str, method: str, seed: int, args) -> list[str]:
     """The `workbench adapt` command line of one adaptation run, with this driver's settings."""
     return [sys.executable, "-m", "workbench.cli", "adapt", "--source", str(source_run(out, game, seed, args)),
-            "--target", f"procgen:{game}:{'+'.join(args.visual)}".rstrip(":"), "--method", method,
+            "--target", f"procgen:{game}:{'+'.join(args.visual)}".rstrip(":"),
+            *(["--method", "pad", "--online"] if method == "pad-online" else ["--method", method]),
             "--frames", str(args.frames), *(["--epochs", str(args.epochs)] if args.epochs else []),
             "--eval-episodes", str(args.episodes), "--paired-steps", str(args.paired_steps), "--seed", str(seed),
             "--out", str(out / f"{game}-{method}-s{seed}"),
@@ -193,8 +197,8 @@ def paired_rows(game: str, seed: int, label: str, m: dict, who: str) -> list[dic
             for key, name in PAIRED_COLUMNS.items()] if paired else []
 
 
-COLUMNS = ("source agent, source", "source agent, target", *(f"{m}, target" for m in METHODS),
-           *(f"{m}, source" for m in METHODS), "trained in target, target",
+COLUMNS = ("source agent, source", "source agent, target", *(f"{m}, target" for m in BENCH_METHODS),
+           *(f"{m}, source" for m in BENCH_METHODS), "trained in target, target",
            "random policy, source", "random policy, target")
 
 
@@ -265,7 +269,9 @@ def main(argv=None) -> None:
     p.add_argument("--source-visual", nargs="+", default=[DEFAULT_DOMAIN], help="the visual options the source "
                    f"agents are trained in (default `{DEFAULT_DOMAIN}`: the renderer's own visuals)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(BENCH_METHODS), choices=BENCH_METHODS,
+                   help="pad-online: PAD adapting during the target evaluation episodes, as its eval.py runs it "
+                   "(its target return is theirs)")
     p.add_argument("--total-steps", type=int, default=500_000, help="env steps of the source and target agents")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="for agents trained here")
     p.add_argument("--source-run", action="append", default=[], metavar="GAME=RUN_DIR",

@@ -224,6 +224,26 @@ def test_benchmark_adapts_a_source_from_restricted_visuals_to_the_default_ones(s
         bench.main(["--games", "bigfish", "--source-visual", "monochrome", "--visual", "monochrome"])
 
 
+def test_benchmark_runs_pad_online_as_pads_evaluation_and_trains_its_head(tmp_path, load_script):
+    """pad-online is `--method pad --online` on the same source; either PAD trains the source with the head; a
+    target in the default visuals is `procgen:<game>` with no options."""
+    import argparse
+
+    bench = load_script("run_procgen_adapt_benchmark")
+    args = argparse.Namespace(given={"coinrun": None}, visual=[], source_visual=["monochrome"], frames=64, epochs=None,
+                              episodes=8, paired_steps=0, methods=["pad-online"], precision="auto", extra=[])
+    command = bench.adapt_command(tmp_path, "coinrun", "pad-online", 1, args)
+    flags = command[command.index("adapt") + 1:]
+    assert flags[flags.index("--target") + 1] == "procgen:coinrun"
+    assert flags[flags.index("--method") + 1:flags.index("--method") + 3] == ["pad", "--online"]
+    assert flags[flags.index("--source") + 1] == str(tmp_path / "coinrun-source-s1")
+    assert flags[flags.index("--out") + 1] == str(tmp_path / "coinrun-pad-online-s1")
+    source = bench.source_args("coinrun", 1, args)
+    assert source[source.index("--aux") + 1] == "inverse-dynamics" and source[-2:] == ["--visual", "monochrome"]
+    assert "--visual" not in bench.target_args("coinrun", 1, args)      # the ceiling: the renderer's own visuals
+    assert "--aux" not in bench.source_args("coinrun", 1, argparse.Namespace(**{**vars(args), "methods": ["bufr"]}))
+
+
 def test_benchmark_jobs_run_side_by_side_and_fail_loudly(load_script):
     """run_all runs `jobs` tasks at once (two tasks meeting at a barrier deadlock when run one after the
     other), keeps the task order in its results and raises a task's failure."""
