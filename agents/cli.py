@@ -54,6 +54,8 @@ def parse_train_args(argv=None) -> argparse.Namespace:
     p.add_argument("--aux", default="none", choices=AUX_TASKS,
                    help="an auxiliary self-supervised head on the shared encoder: inverse-dynamics is PAD's (Hansen "
                         "et al. 2021), which `workbench adapt --method pad` adapts with at deployment")
+    p.add_argument("--aux-crop", action=argparse.BooleanOptionalAction, default=None,
+                   help="the auxiliary head learns on random crops of its frames, as PAD's (default: on with --aux)")
     p.add_argument("--aux-weight", type=positive_float, default=None,
                    help=f"weight of the auxiliary loss beside the RL loss (default {AUX_WEIGHT}, PAD's)")
     p.add_argument("--protocol", default="easy-200", choices=sorted(PROTOCOLS),
@@ -115,9 +117,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.lr is not None:
         agent["learning_rate"] = args.lr
     if args.aux != "none":
-        agent.update(aux=args.aux, aux_weight=AUX_WEIGHT if args.aux_weight is None else args.aux_weight)
-    elif args.aux_weight is not None:
-        raise ValueError("--aux-weight weighs an auxiliary loss: add --aux inverse-dynamics")
+        agent.update(aux=args.aux, aux_weight=AUX_WEIGHT if args.aux_weight is None else args.aux_weight,
+                     aux_crop=args.aux_crop is not False)
+    elif args.aux_weight is not None or args.aux_crop is not None:
+        raise ValueError("--aux-weight and --aux-crop are the auxiliary loss's: add --aux inverse-dynamics")
     if args.algo == "ppo":
         agent.update(num_steps=args.num_steps, reward_norm_gamma=args.reward_norm_gamma)
     elif args.algo == "rainbow":

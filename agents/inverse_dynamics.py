@@ -29,6 +29,11 @@ From the official code (nicklashansen/policy-adaptation-during-deployment):
   issue asks ("on the shared encoder"): phi is the IMPALA trunk, no deeper layers are left to split off.
 - deployment: an Adam step at lr 1e-3 (arguments.py L42, L49) after every environment step, on a batch of 32
   (pad_batch_size, arguments.py L70) random crops of the transition just played (eval.py L56-64).
+- the crops: PAD trains the head on randomly cropped frames too (utils.py L85-86, random_crop of obs and
+  next_obs), so the crops it adapts on at deployment are inputs it has learnt from. `aux_crop` (on by default
+  with train_procgen.py --aux) does the same here with the Procgen crop, one window per transition shared by
+  s_t and s_{t+1} (agents.adapt.pad says why); the policy's own input is left as it is. Deployment crops
+  exactly when the source was trained so (an agent trained without crops adapts on its plain frames).
 """
 
 from __future__ import annotations
@@ -37,12 +42,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .regularizers import RandomCrop
+
 INVERSE_DYNAMICS = "inverse-dynamics"
 AUX_TASKS = ("none", INVERSE_DYNAMICS)   # train_procgen.py --aux
 HIDDEN_DIM = 1024      # the head's hidden width: PAD's hidden_dim (src/arguments.py L20)
 AUX_WEIGHT = 1.0       # weight of L_inv beside the RL loss: PAD steps it at full weight (see above)
 PAD_LR = 1e-3          # deployment's Adam learning rate: PAD's encoder_lr and ss_lr (src/arguments.py L42, L49)
 PAD_BATCH_SIZE = 32    # online deployment's batch of augmented copies of one transition (arguments.py L70)
+
+
+def cropped_transitions(frames: torch.Tensor, next_frames: torch.Tensor, crop: RandomCrop | None = None):
+    """PAD's augmentation of the head's input: every transition (s_t, s_{t+1}) randomly cropped, one window per
+    transition shared by both frames (uint8 (N, 64, 64, 3) each)."""
+    crop = crop or RandomCrop()
+    crop.resample(len(frames), frames.device)
+    return crop(frames), crop(next_frames)
 
 
 class InverseDynamicsHead(nn.Module):

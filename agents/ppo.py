@@ -61,7 +61,7 @@ from workbench.distributed import SINGLE, Distributed
 from workbench.runtime import Runtime
 
 from .inverse_dynamics import (AUX_TASKS, AUX_WEIGHT, INVERSE_DYNAMICS, InverseDynamicsHead, action_accuracy,
-                               inverse_dynamics_loss)
+                               cropped_transitions, inverse_dynamics_loss)
 from .mixreg import DEFAULT_ALPHA as DEFAULT_MIX_ALPHA, mix_ppo_minibatch
 from .regularizers import (AUGMENTATIONS, CLEAN_ROLLOUT_PROB, FM_COEF, RandomConv, feature_matching_loss,
                            l2_penalty, running_stats_frozen)
@@ -93,6 +93,7 @@ class PPOConfig:
     fm_coef: float = FM_COEF  # random_conv: weight of the feature-matching loss
     aux: str = "none"  # "inverse-dynamics": PAD's head beside the policy on the shared encoder
     aux_weight: float = AUX_WEIGHT  # weight of the inverse-dynamics loss (PAD's: 1)
+    aux_crop: bool = False  # the head learns on random crops, as PAD's (train_procgen.py --aux turns it on)
 
     def __post_init__(self):
         if (self.num_envs * self.num_steps) % self.num_minibatches:
@@ -413,10 +414,13 @@ class PPO:
         """(L_inv, action accuracy) on the minibatch's transitions, in the PPO loss's view; `features`:
         phi(s_t) from the PPO forward where it ran on these very frames. The extra forwards leave the
         batch-norm running statistics to the PPO forward."""
+        frames, next_frames = self._stored_view(mb["obs"]), self._stored_view(mb["next_obs"])
+        if self.cfg.aux_crop:     # PAD's crops: phi(s_t) of the PPO forward is not of these frames
+            (frames, next_frames), features = cropped_transitions(frames, next_frames), None
         with self.rt.autocast(), running_stats_frozen(self.model):
             if features is None:
-                features = self.forward(self._stored_view(mb["obs"]), with_features=True)[2]
-            next_features = self.forward(self._stored_view(mb["next_obs"]), with_features=True)[2]
+                features = self.forward(frames, with_features=True)[2]
+            next_features = self.forward(next_frames, with_features=True)[2]
         logits = self.model.inverse_dynamics(features, next_features)
         return (inverse_dynamics_loss(logits, mb["actions"], mb["continues"]),
                 action_accuracy(logits, mb["actions"], mb["continues"]))

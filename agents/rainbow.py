@@ -52,7 +52,7 @@ from workbench.backbones import create_backbone
 from workbench.runtime import Runtime, available_memory_bytes
 
 from .inverse_dynamics import (AUX_TASKS, AUX_WEIGHT, INVERSE_DYNAMICS, InverseDynamicsHead, action_accuracy,
-                               inverse_dynamics_loss)
+                               cropped_transitions, inverse_dynamics_loss)
 from .mixreg import DEFAULT_ALPHA as DEFAULT_MIX_ALPHA, MIXREG_TARGETS, mix_rainbow_batch
 from .regularizers import l2_penalty
 from .replay import PrioritizedReplay, to_torch
@@ -104,6 +104,7 @@ class RainbowConfig:
     l2_coef: float = 0.0
     aux: str = "none"  # "inverse-dynamics": PAD's head beside the Q heads on the shared encoder
     aux_weight: float = AUX_WEIGHT  # weight of the inverse-dynamics loss (PAD's: 1)
+    aux_crop: bool = False  # the head learns on random crops, as PAD's (train_procgen.py --aux turns it on)
 
     def __post_init__(self):
         if self.mixreg_targets not in MIXREG_TARGETS:
@@ -357,9 +358,12 @@ class Rainbow:
     def _inverse_dynamics(self, transitions: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_inv, action accuracy) on the replay batch's clean one-step transitions, through the online
         network as its prediction pass drew the noise."""
+        frames, next_frames = transitions["obs"], transitions["one_step_obs"]
+        if self.cfg.aux_crop:
+            frames, next_frames = cropped_transitions(frames, next_frames)
         with self.rt.autocast():
-            features = self.online.encode(transitions["obs"])
-            next_features = self.online.encode(transitions["one_step_obs"])
+            features = self.online.encode(frames)
+            next_features = self.online.encode(next_frames)
         logits = self.online.inverse_dynamics(features, next_features)
         actions, continues = transitions["actions"], transitions["one_step_continues"]
         return inverse_dynamics_loss(logits, actions, continues), action_accuracy(logits, actions, continues)

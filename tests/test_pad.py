@@ -15,8 +15,10 @@ from agents.adapt.pad import pad_step
 from agents.cli import config_from_args, parse_train_args, train_main
 from agents.evaluate import evaluate_checkpoint
 from agents.inverse_dynamics import (AUX_WEIGHT, HIDDEN_DIM, PAD_BATCH_SIZE, PAD_LR, InverseDynamicsHead,
-                                     action_accuracy, inverse_dynamics_loss)
+                                     action_accuracy, cropped_transitions, inverse_dynamics_loss)
 from agents.ppo import PPO, ActorCritic, PPOConfig
+from agents.rainbow import Rainbow, RainbowConfig
+from agents.regularizers import RandomCrop
 from agents.replay import PrioritizedReplay
 from agents.rollouts import TargetFrames
 from agents.train import Trainer, TrainConfig
@@ -187,6 +189,62 @@ def test_ppo_trains_the_head_on_the_rollouts_real_transitions():
     assert stats["inverse_dynamics"].item() == pytest.approx(by_hand, rel=1e-5)
 
 
+def test_one_window_crops_both_frames_of_a_transition():
+    """cropped_transitions: every transition gets its own window, the same for s_t and s_{t+1}, as a crop
+    of the resized frame computed here by hand."""
+    torch.manual_seed(3)
+    frames = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8)
+    next_frames = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8)
+    crop = RandomCrop()
+    cropped, next_cropped = cropped_transitions(frames, next_frames, crop)
+    for i in range(6):
+        dy, dx = int(crop.dy[i]), int(crop.dx[i])
+        for source, out in ((frames, cropped), (next_frames, next_cropped)):
+            big = F.interpolate(source[i:i + 1].permute(0, 3, 1, 2).float(), size=(75, 75), mode="bilinear",
+                                align_corners=False).permute(0, 2, 3, 1)[0].to(torch.uint8)
+            assert torch.equal(out[i], big[dy:dy + 64, dx:dx + 64])
+    assert len({(int(y), int(x)) for y, x in zip(crop.dy, crop.dx)}) > 1    # windows differ between transitions
+
+
+@pytest.mark.parametrize("algo", ["ppo", "rainbow"])
+def test_the_head_learns_on_crops_exactly_when_aux_crop_is_set(monkeypatch, algo):
+    """With aux_crop the inverse-dynamics loss reads the cropped transitions (PAD's training), its s_t and
+    s_{t+1} the batch's own; without it, the frames as stored."""
+    import agents.ppo
+    import agents.rainbow
+
+    seen = []
+
+    def spy(frames, next_frames, crop=None):
+        seen.append((frames.clone(), next_frames.clone()))
+        return frames, next_frames
+
+    monkeypatch.setattr(agents.ppo if algo == "ppo" else agents.rainbow, "cropped_transitions", spy)
+    for aux_crop in (False, True):
+        seen.clear()
+        if algo == "ppo":
+            agent = PPO(ProcgenVecEnv("bigfish", 2, seed=1), PPOConfig(
+                num_envs=2, num_steps=8, num_minibatches=1, backbone="impala_half", aux="inverse-dynamics",
+                aux_crop=aux_crop), Runtime.create("cpu", "fp32"))
+            mb = {"obs": torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8), "actions": torch.arange(4),
+                  "next_obs": torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8),
+                  "continues": torch.ones(4, dtype=torch.bool)}
+            agent._inverse_dynamics(mb)
+            batch = (mb["obs"], mb["next_obs"])
+        else:
+            agent = Rainbow(ProcgenVecEnv("bigfish", 2, seed=1), RainbowConfig(
+                num_envs=2, backbone="impala_half", aux="inverse-dynamics", aux_crop=aux_crop, buffer_size=64),
+                Runtime.create("cpu", "fp32"))
+            mb = {"obs": torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8), "actions": torch.arange(4),
+                  "one_step_obs": torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8),
+                  "one_step_continues": torch.ones(4, dtype=torch.bool)}
+            agent._inverse_dynamics(mb)
+            batch = (mb["obs"], mb["one_step_obs"])
+        assert len(seen) == int(aux_crop)
+        if aux_crop:
+            assert torch.equal(seen[0][0], batch[0]) and torch.equal(seen[0][1], batch[1])
+
+
 def test_rainbow_replay_gives_one_step_successors_not_the_n_step_frame():
     replay = PrioritizedReplay(capacity=4 * 12, num_envs=4, obs_shape=(1, 1, 1), n_step=3)
     rng = np.random.default_rng(0)
@@ -244,6 +302,11 @@ def test_train_procgen_options():
     cfg = config_from_args(parse_train_args(["--aux", "inverse-dynamics", "--aux-weight", "0.5"]))
     assert cfg.agent["aux_weight"] == 0.5 and PPOConfig(**cfg.agent).aux == "inverse-dynamics"
     assert "aux" not in config_from_args(parse_train_args([])).agent
+    assert cfg.agent["aux_crop"] is True       # PAD's crops come with the head
+    cfg = config_from_args(parse_train_args(["--aux", "inverse-dynamics", "--no-aux-crop"]))
+    assert cfg.agent["aux_crop"] is False and PPOConfig().aux_crop is False   # older agents: no crops
+    with pytest.raises(ValueError, match="add --aux inverse-dynamics"):
+        config_from_args(parse_train_args(["--aux-crop"]))
     cfg = adapt_config(["--source", "x", "--target", TARGET, "--method", "pad", "--online", "--pad-batch-size", "4"])
     assert cfg.pad_online and cfg.pad_batch_size == 4 and cfg.lr == PAD_LR and cfg.batch_size == 128
     assert adapt_config(["--source", "x", "--target", TARGET, "--method", "pad"]).pad_batch_size == PAD_BATCH_SIZE == 32
@@ -299,6 +362,36 @@ def test_online_pad_plays_the_evaluation_episodes_adapting_during_each(runs, tmp
     assert all(torch.equal(old[k], new[k]) for k in old if k.startswith(("policy_head.", "value_head.")))
     config = json.loads((tmp_path / "moving" / "config.json").read_text())
     assert config["pad_online"] and config["lr"] == PAD_LR
+
+
+@pytest.mark.parametrize("aux_crop", [False, True])
+def test_deployment_crops_exactly_when_the_source_head_learnt_on_crops(runs, tmp_path, monkeypatch, aux_crop):
+    """Online PAD's step reads pad_batch_size crops of the transition where the source was trained with
+    aux_crop, and the transition itself where it was not; offline PAD crops its minibatches likewise."""
+    import agents.adapt.pad as pad
+
+    shutil.copytree(runs["ppo"], tmp_path / "source")
+    state = load_checkpoint(tmp_path / "source", kind="procgen-agent")
+    state["config"]["agent"]["aux_crop"] = aux_crop
+    save_checkpoint(tmp_path / "source" / "checkpoint.pt", "procgen-agent", state)
+    batches, crops = [], []
+    real_step, real_crop = pad.pad_step, pad.cropped_transitions
+
+    def step(net, optimizer, frames, actions, next_frames):
+        batches.append(len(frames))
+        return real_step(net, optimizer, frames, actions, next_frames)
+
+    def crop(frames, next_frames, cropper=None):
+        crops.append(len(frames))
+        return real_crop(frames, next_frames, cropper)
+
+    monkeypatch.setattr(pad, "pad_step", step)
+    monkeypatch.setattr(pad, "cropped_transitions", crop)
+    tiny_pad(tmp_path / "source", tmp_path / "online", pad_online=True, eval_episodes=2, pad_batch_size=3)
+    assert batches and set(batches) == {3 if aux_crop else 1} and len(crops) == (len(batches) if aux_crop else 0)
+    batches.clear(), crops.clear()
+    tiny_pad(tmp_path / "source", tmp_path / "offline", epochs=1)
+    assert batches and crops == (batches if aux_crop else [])
 
 
 def test_one_line_errors(runs, tmp_path, capsys):

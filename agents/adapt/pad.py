@@ -28,7 +28,10 @@ Two choices of ours, where Procgen differs from DMControl:
   RandomCrop, the mixreg paper's: resize to 75x75, take a 64x64 window). PAD crops s_t and s_{t+1}
   independently; its frames are stacks of 3, whose motion survives any crop. A Procgen frame is single, and
   a shift of up to 10 px between s_t and s_{t+1} would swamp a move of a few pixels, so both frames of a
-  copy share one window.
+  copy share one window. PAD trains its head on crops as well, so the crops at deployment are inputs the
+  head learnt from; here both modes crop exactly when the source's head was trained on crops (its config's
+  `aux_crop`, on by default with --aux). A head trained on plain frames adapts on plain frames: online, the
+  transition itself instead of 32 crops of it (their loss would be 32 equal terms).
 - the optimiser: the official copy carries its training Adam state into every episode; ours trained one
   Adam on the summed loss, whose moments are not the inverse-dynamics loss's alone, so every episode
   starts a fresh Adam.
@@ -50,7 +53,7 @@ from envs.procgen import ProcgenVecEnv, visual_options
 from workbench.checkpoint import CheckpointError
 from workbench.logging import RunLogger
 
-from ..inverse_dynamics import action_accuracy, inverse_dynamics_loss
+from ..inverse_dynamics import action_accuracy, cropped_transitions, inverse_dynamics_loss
 from ..regularizers import RandomCrop, running_stats_frozen
 from .core import EVAL_ENVS, EVAL_SEED, TargetFrames
 
@@ -74,6 +77,12 @@ def progress_total(adapter, frames: TargetFrames | None) -> int:
     if frames is None:
         return adapter.cfg.eval_episodes
     return adapter.cfg.epochs * math.ceil(int(frames.continues.sum()) / adapter.cfg.batch_size)
+
+
+def trained_on_crops(adapter) -> bool:
+    """Whether the source's inverse-dynamics head learnt on random crops (agents trained before `aux_crop`
+    existed did not)."""
+    return bool(adapter.source_state["config"]["agent"].get("aux_crop", False))
 
 
 def trainable(net: nn.Module) -> list[nn.Parameter]:
@@ -136,6 +145,7 @@ def adapt(adapter, frames: TargetFrames | None, logger: RunLogger) -> list[dict]
 def adapt_offline(adapter, frames: TargetFrames, logger: RunLogger) -> list[dict]:
     cfg, model, device = adapter.cfg, adapter.model, adapter.rt.device
     optimizer = torch.optim.Adam(trainable(model), lr=cfg.lr)
+    crop = RandomCrop() if trained_on_crops(adapter) else None
     history = []
     for epoch in range(cfg.epochs):
         if epoch > 0 and cfg.recollect:
@@ -146,8 +156,10 @@ def adapt_offline(adapter, frames: TargetFrames, logger: RunLogger) -> list[dict
         for idx in within[torch.randperm(len(within))].split(cfg.batch_size):
             if len(idx) < 2:
                 continue
-            losses.append(pad_step(model, optimizer, frames.frames[idx].to(device), frames.actions[idx].to(device),
-                                   frames.next_frames[idx].to(device)))
+            batch, next_batch = frames.frames[idx].to(device), frames.next_frames[idx].to(device)
+            if crop is not None:
+                batch, next_batch = cropped_transitions(batch, next_batch, crop)
+            losses.append(pad_step(model, optimizer, batch, frames.actions[idx].to(device), next_batch))
             logger.advance(1)
         stats["train_loss"] = float(np.mean(losses)) if losses else None
         logger.scalars("target", stats, epoch)
@@ -164,7 +176,7 @@ class EpisodeLearner:
         self.adapter, self.cfg = adapter, adapter.cfg
         self.net = copy.deepcopy(adapter.source_model())
         self.parameters = trainable(self.net)
-        self.crop = RandomCrop()
+        self.crop = RandomCrop() if trained_on_crops(adapter) else None
         self.start_episode()
 
     def start_episode(self) -> None:
@@ -186,12 +198,14 @@ class EpisodeLearner:
 
     def learn(self, frame: torch.Tensor, action: int, next_frame: torch.Tensor) -> None:
         """PAD's batch: pad_batch_size copies of the transition, each randomly cropped (one window per copy,
-        shared by s_t and s_{t+1}), all labelled with the action taken."""
-        n, device = self.cfg.pad_batch_size, frame.device
-        self.crop.resample(n, device)
-        frames = self.crop(frame.unsqueeze(0).expand(n, *frame.shape))
-        next_frames = self.crop(next_frame.unsqueeze(0).expand(n, *frame.shape))
-        actions = torch.full((n,), action, dtype=torch.long, device=device)
+        shared by s_t and s_{t+1}), all labelled with the action taken; the transition alone where the head
+        was trained on plain frames."""
+        frames, next_frames = frame.unsqueeze(0), next_frame.unsqueeze(0)
+        if self.crop is not None:
+            n = self.cfg.pad_batch_size
+            frames, next_frames = cropped_transitions(frames.expand(n, *frame.shape),
+                                                      next_frames.expand(n, *frame.shape), self.crop)
+        actions = torch.full((len(frames),), action, dtype=torch.long, device=frame.device)
         self.losses.append(pad_step(self.net, self.optimizer, frames, actions, next_frames))
 
 
