@@ -30,7 +30,9 @@ from .rollouts import FRAME_STRIDE, collect_frames
 
 N_BINS = 8            # equal-width bins over a unit's source range (n_bins)
 TAU = 0.01            # soft-binning temperature on range-normalised activations (tau)
-RANGE_EPS = 1e-5      # added to each unit's maximum, to keep it inside the last bin (stats_layers.EPS)
+# added to each unit's maximum, to keep it inside the last bin; the official code adds surprise.EPS = 1e-8
+# (stats_layers.py L435), which float32 loses beside any maximum above about 0.1, so ours is larger
+RANGE_EPS = 1e-5
 LOG_EPS = 1e-8        # inside the logs of the surprise (surprise.EPS)
 LAYERS = ("features", "logits")
 STATS_FRAMES = 2048   # frames of the trained agent's own play measured at the end of training (32k env steps)
