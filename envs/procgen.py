@@ -183,3 +183,20 @@ def visual_options(names: Sequence[str]) -> dict:
         key, value = VISUAL_OPTIONS[name]
         options[key] = value
     return options
+
+
+DEFAULT_DOMAIN = "default"   # the renderer's own visuals: no option set (every theme, backgrounds, colour)
+
+
+def visual_domain(names: Sequence[str]) -> list[str]:
+    """Option names (or `default` alone) -> the domain's options in the renderer's order, so that a domain
+    has one name; unknown names fail with the valid ones listed."""
+    if list(names) == [DEFAULT_DOMAIN]:
+        return []
+    visual_options(names)
+    return [name for name in VISUAL_OPTIONS if name in names]
+
+
+def domain_name(names: Sequence[str]) -> str:
+    """A visual domain's name: its options joined by + in the renderer's order, or `default`."""
+    return "+".join(visual_domain(names)) or DEFAULT_DOMAIN

@@ -43,13 +43,12 @@ sys.path.insert(0, str(ROOT))
 from agents.adapt import METHODS, ProcgenAdaptConfig  # noqa: E402
 from agents.evaluate import evaluate_random_policy  # noqa: E402
 from agents.resumable import final_evaluation, run_finished, run_logged, train_to  # noqa: E402
-from envs.procgen import GAMES, PROTOCOLS, VISUAL_OPTIONS, visual_options  # noqa: E402
+from envs.procgen import DEFAULT_DOMAIN, GAMES, PROTOCOLS, domain_name, visual_domain  # noqa: E402
 from workbench.logging import seed_table  # noqa: E402
 
 # Monochrome assets: the shift that costs a trained agent (starpilot, 500k steps: 4.16 -> 3.10 test return);
 # removing the backgrounds as well gave that agent back its full return (4.43), leaving nothing to adapt.
 DEFAULT_VISUAL = ["monochrome"]
-DEFAULT_DOMAIN = "default"   # no visual option: every theme, with backgrounds, in colour
 # the methods, PAD twice: offline on collected transitions, and online during the evaluation episodes
 BENCH_METHODS = (*METHODS, "pad-online")
 # The games whose agents beat the uniform random policy within a CPU's budget (docs/RESULTS.md, easy, 100 test
@@ -70,18 +69,6 @@ def recipe_args(config: dict, seed: int) -> list[str]:
             "--reward-norm-gamma", str(agent["reward_norm_gamma"])]
 
 
-def domain_name(visual: list[str]) -> str:
-    return "+".join(visual) or DEFAULT_DOMAIN
-
-
-def domain_options(names: list[str]) -> list[str]:
-    """--visual/--source-visual values -> the renderer's options in its order (`default` alone: none)."""
-    if names == [DEFAULT_DOMAIN]:
-        return []
-    visual_options(names)  # unknown names fail here, listing the valid ones
-    return [name for name in VISUAL_OPTIONS if name in names]
-
-
 def given_run(game: str, args, flag: str, visual: list[str]) -> Path | None:
     """The finished PPO run passed as --source-run/--target-run for `game`, checked to be trained in `visual`;
     None when the driver trains one."""
@@ -90,7 +77,7 @@ def given_run(game: str, args, flag: str, visual: list[str]) -> Path | None:
         return None
     run = Path(given)
     config = json.loads((run / "config.json").read_text())
-    trained_in = [name for name in VISUAL_OPTIONS if name in (config.get("visual") or [])]
+    trained_in = visual_domain(config.get("visual") or [])
     if config["env"] != game or config["algo"] != "ppo" or trained_in != visual:
         raise SystemExit(f"error: --{flag}-run {game}={run} is a {config['algo']} run on {config['env']} in the "
                          f"{domain_name(trained_in)} visuals: give a PPO run on {game} trained in the "
@@ -294,7 +281,7 @@ def main(argv=None) -> None:
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs {args.jobs}: give at least 1")
     args.threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
-    args.visual, args.source_visual = domain_options(args.visual), domain_options(args.source_visual)
+    args.visual, args.source_visual = visual_domain(args.visual), visual_domain(args.source_visual)
     if args.visual == args.source_visual:
         raise SystemExit(f"error: the source and target visuals are both {domain_name(args.visual)}: give --visual "
                          "a domain the source agent was not trained in")

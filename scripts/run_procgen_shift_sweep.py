@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from agents.evaluate import evaluate_checkpoint, evaluate_random_policy  # noqa: E402
 from agents.resumable import EVALUATION_SEED, run_finished, train_to  # noqa: E402
-from envs.procgen import GAMES, PROTOCOLS, VISUAL_OPTIONS  # noqa: E402
+from envs.procgen import DEFAULT_DOMAIN, GAMES, PROTOCOLS, VISUAL_OPTIONS, domain_name, visual_domain  # noqa: E402
 from workbench.arguments import ArgumentParser, positive_int, positive_steps  # noqa: E402
 from workbench.files import atomic_write  # noqa: E402
 from workbench.logging import write_json  # noqa: E402
@@ -54,35 +54,19 @@ COST_THRESHOLD = 1 / 3       # a shift hurts when it costs at least a third of t
 MARGIN_STANDARD_ERRORS = 2   # ... of an agent whose margin exceeds this many standard errors
 
 
-DEFAULT = "default"           # the label of the renderer's own visuals, no option set
-
-
 def domains() -> list[list[str]]:
     """Every combination of the renderer's visual options, the default (none) first, then smallest first."""
     names = list(VISUAL_OPTIONS)
     return [list(c) for size in range(len(names) + 1) for c in itertools.combinations(names, size)]
 
 
-def canonical(visual: list[str]) -> list[str]:
-    """The options in the renderer's order, so that a domain has one name."""
-    return [name for name in VISUAL_OPTIONS if name in visual]
-
-
 def shifts_from(own: list[str]) -> list[list[str]]:
     """The seven domains other than the source's own."""
-    return [d for d in domains() if d != canonical(own)]
+    return [d for d in domains() if d != visual_domain(own)]
 
 
 def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def label(visual: list[str]) -> str:
-    return "+".join(canonical(visual)) or DEFAULT
-
-
-def parse_label(text: str) -> list[str]:
-    return [] if text == DEFAULT else text.split("+")
 
 
 class Sweep:
@@ -106,8 +90,8 @@ class Sweep:
     def agent(self, game: str, run: Path, own: list[str], visual: list[str], split: str) -> dict:
         """The source agent trained in `own` visuals, playing `visual` (cached per source domain; the default
         domain's sources keep the names of the first sweeps)."""
-        source = game if not own else f"{game}-from-{label(own)}"
-        shown = "own" if canonical(visual) == canonical(own) else label(visual)
+        source = game if not own else f"{game}-from-{domain_name(own)}"
+        shown = "own" if visual_domain(visual) == visual_domain(own) else domain_name(visual)
         return self.cached(f"{source}-agent-{shown}-{split}", lambda: evaluate_checkpoint(
             run, episodes=self.episodes, visual=visual, device=self.device, **self.split(split))[0])
 
@@ -122,9 +106,9 @@ def shift_row(game: str, visual: list[str], own: dict, shifted: dict, floor: dic
     margin = own["mean_return"] - floor["mean_return"]
     margin_se = math.hypot(own["stderr_return"] or 0.0, floor["stderr_return"] or 0.0)
     cost = (own["mean_return"] - shifted["mean_return"]) / margin if margin > 0 else None
-    return {"game": game, "source_visual": label(list(source_visual)), "shift": label(visual), "split": split,
-            "own": own["mean_return"],
-            "own_se": own["stderr_return"], "shifted": shifted["mean_return"], "shifted_se": shifted["stderr_return"],
+    return {"game": game, "source_visual": domain_name(list(source_visual)), "shift": domain_name(visual),
+            "split": split, "own": own["mean_return"], "own_se": own["stderr_return"],
+            "shifted": shifted["mean_return"], "shifted_se": shifted["stderr_return"],
             "random": floor["mean_return"], "random_se": floor["stderr_return"], "margin": margin,
             "margin_in_se": margin / margin_se if margin_se else None, "cost": cost,
             "episodes": own.get("episodes")}
@@ -144,8 +128,9 @@ def table(rows: list[dict]) -> str:
             "in the testbed |\n|---|---|---|---|---|---|---|---|---|\n")
     def cost(r):
         return "—" if r["cost"] is None else f"{r['cost']:.2f}"
-    lines = [f"| {r['game']} | {r.get('source_visual', DEFAULT)} | {r['shift']} | {with_se(r['own'], r['own_se'])} | "
-             f"{with_se(r['shifted'], r['shifted_se'])} | {with_se(r['random'], r['random_se'])} | "
+    lines = [f"| {r['game']} | {r.get('source_visual', DEFAULT_DOMAIN)} | {r['shift']} | "
+             f"{with_se(r['own'], r['own_se'])} | {with_se(r['shifted'], r['shifted_se'])} | "
+             f"{with_se(r['random'], r['random_se'])} | "
              f"{r['margin']:.2f} ({r['margin_in_se'] or 0:.1f}) | {cost(r)} | {'yes' if r.get('chosen') else ''} |"
              for r in rows]
     return head + "\n".join(lines) + "\n"
@@ -172,12 +157,12 @@ def source_of(game: str, args, out: Path) -> Path:
     given = dict(item.split("=", 1) for item in args.source_run).get(game)
     if given:
         config = json.loads((Path(given) / "config.json").read_text())
-        if config["env"] != game or canonical(config.get("visual") or []) != canonical(args.source_visual):
+        if config["env"] != game or visual_domain(config.get("visual") or []) != visual_domain(args.source_visual):
             raise SystemExit(f"error: --source-run {game}={given} is a run on {config['env']} in the "
-                             f"{label(config.get('visual') or [])} visuals: give a run on {game} trained in the "
-                             f"{label(args.source_visual)} visuals, or set --source-visual to its options")
+                             f"{domain_name(config.get('visual') or [])} visuals: give a run on {game} trained in the "
+                             f"{domain_name(args.source_visual)} visuals, or set --source-visual to its options")
         return Path(given)
-    domain = f"-{label(args.source_visual)}" if args.source_visual else ""
+    domain = f"-{domain_name(args.source_visual)}" if args.source_visual else ""
     run = out / f"{game}{domain}-source-s{args.seed}"
     visual = ["--visual", *args.source_visual] if args.source_visual else []
     if not run_finished(run, args.total_steps):
@@ -189,7 +174,7 @@ def merged_with_earlier_sweeps(path: Path, rows: list[dict]) -> list[dict]:
     """This sweep's rows after the earlier ones in `path` of other (game, source domain) pairs, so that sweeps
     of sources in other domains share one table; a pair swept again replaces its old rows."""
     def source(row: dict) -> tuple[str, str]:
-        return row["game"], row.get("source_visual", DEFAULT)
+        return row["game"], row.get("source_visual", DEFAULT_DOMAIN)
 
     earlier = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     swept = {source(r) for r in rows}
@@ -205,7 +190,7 @@ def main(argv=None) -> list[dict]:
     for game in args.games:
         run = source_of(game, args, out)
         mode = PROTOCOLS[json.loads((run / "config.json").read_text())["protocol"]].distribution_mode
-        own = canonical(args.source_visual)
+        own = visual_domain(args.source_visual)
 
         def row_of(visual: list[str], split: str) -> dict:
             return shift_row(game, visual, sweep.agent(game, run, own, own, split),
@@ -216,10 +201,10 @@ def main(argv=None) -> list[dict]:
             row = row_of(visual, "val")
             row["chosen"] = hurts(row)
             val_rows.append(row)
-            print(f"{game} {label(own)} -> {label(visual)} (val): cost {row['cost']}", flush=True)
+            print(f"{game} {domain_name(own)} -> {domain_name(visual)} (val): cost {row['cost']}", flush=True)
         rows += val_rows
         # the chosen pairs on the test episodes, for the tables that report them
-        rows += [row_of(parse_label(row["shift"]), "test") for row in val_rows if row["chosen"]]
+        rows += [row_of(visual_domain(row["shift"].split("+")), "test") for row in val_rows if row["chosen"]]
     every = merged_with_earlier_sweeps(out / "sweep.jsonl", rows)
     write_text(out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in every))
     chosen = [r for r in every if r["split"] == "val" and r["chosen"]]
