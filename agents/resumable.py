@@ -10,12 +10,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+from envs.procgen import domain_name
+
 ROOT = Path(__file__).resolve().parents[1]
 EVALUATION_SEED = 12345   # the levels every final evaluation plays (evaluate_procgen's default)
 # The paper's network and rollout length, and the evaluation interval and test episodes the drivers' runs were
 # measured with, given before the driver's own flags (which override them): train_procgen.py's defaults are the
 # quick Procgen job's.
 PAPER_RECIPE = ["--backbone", "impala_1x", "--num-steps", "256", "--eval-interval", "5", "--eval-episodes", "32"]
+
+
+def source_run_name(game: str, visual: list[str], seed: int) -> str:
+    """The drivers' name for a source agent trained in `visual` (the shift sweep and the adaptation benchmark
+    share it, so that one trains what the other adapts): <game>[-<domain>]-source-s<seed>."""
+    domain = f"-{domain_name(visual)}" if visual else ""
+    return f"{game}{domain}-source-s{seed}"
 
 
 def run_finished(run: Path, total_steps: int) -> bool:

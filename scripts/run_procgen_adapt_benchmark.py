@@ -3,9 +3,11 @@
 
 A domain is a combination of the renderer's visual options (`default`: none, the renderer's own visuals).
 For every game and seed, in <out> (one folder per pair of domains):
-    <game>-source-s<seed>      PPO (+ mixreg) trained in the source visuals (--source-visual, default the
-                               renderer's own), with PAD's inverse-dynamics head when pad is among the
-                               methods (or an existing run: --source-run <game>=<run dir>)
+    <game>[-<domain>]-source-s<seed>
+                               PPO (+ mixreg) trained in the source visuals (--source-visual, default the
+                               renderer's own, unnamed), with PAD's inverse-dynamics head when pad is among
+                               the methods (or an existing run: --source-run <game>=<run dir>); the shift
+                               sweep names its sources alike, so with one --out the two share them
     <game>-target-s<seed>      the same recipe trained directly in the target visuals for as many
                                env steps: the ceiling adaptation tries to approach (or an existing run:
                                --target-run <game>=<run dir>)
@@ -42,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from agents.adapt import METHODS, ProcgenAdaptConfig  # noqa: E402
 from agents.evaluate import evaluate_random_policy  # noqa: E402
-from agents.resumable import final_evaluation, run_finished, run_logged, train_to  # noqa: E402
+from agents.resumable import final_evaluation, run_finished, run_logged, source_run_name, train_to  # noqa: E402
 from envs.procgen import DEFAULT_DOMAIN, GAMES, PROTOCOLS, domain_name, visual_domain  # noqa: E402
 from workbench.logging import seed_table  # noqa: E402
 
@@ -114,13 +116,13 @@ def target_args(game: str, seed: int, args) -> list[str]:
 
 def agent_trainings(out: Path, game: str, seed: int, args) -> list[tuple[Path, list[str]]]:
     """(run directory, train_procgen.py flags) of the agents this game and seed still need."""
-    source = [] if args.given[game] else [(out / f"{game}-source-s{seed}", source_args(game, seed, args))]
+    source = [] if args.given[game] else [(source_run(out, game, seed, args), source_args(game, seed, args))]
     target = [] if args.ceiling[game] else [(out / f"{game}-target-s{seed}", target_args(game, seed, args))]
     return source + target
 
 
 def source_run(out: Path, game: str, seed: int, args) -> Path:
-    return args.given[game] or out / f"{game}-source-s{seed}"
+    return args.given[game] or out / source_run_name(game, args.source_visual, seed)
 
 
 def target_run(out: Path, game: str, seed: int, args) -> Path:

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agents.evaluate import evaluate_checkpoint, evaluate_random_policy  # noqa: E402
-from agents.resumable import EVALUATION_SEED, run_finished, train_to  # noqa: E402
+from agents.resumable import EVALUATION_SEED, run_finished, source_run_name, train_to  # noqa: E402
 from envs.procgen import DEFAULT_DOMAIN, GAMES, PROTOCOLS, VISUAL_OPTIONS, domain_name, visual_domain  # noqa: E402
 from workbench.arguments import ArgumentParser, positive_int, positive_steps  # noqa: E402
 from workbench.files import atomic_write  # noqa: E402
@@ -162,8 +162,7 @@ def source_of(game: str, args, out: Path) -> Path:
                              f"{domain_name(config.get('visual') or [])} visuals: give a run on {game} trained in the "
                              f"{domain_name(args.source_visual)} visuals, or set --source-visual to its options")
         return Path(given)
-    domain = f"-{domain_name(args.source_visual)}" if args.source_visual else ""
-    run = out / f"{game}{domain}-source-s{args.seed}"
+    run = out / source_run_name(game, args.source_visual, args.seed)
     visual = ["--visual", *args.source_visual] if args.source_visual else []
     if not run_finished(run, args.total_steps):
         train_to(run, args.total_steps, ["--env", game, "--seed", str(args.seed), *visual, *args.extra])

@@ -236,7 +236,7 @@ def test_benchmark_runs_pad_online_as_pads_evaluation_and_trains_its_head(tmp_pa
     flags = command[command.index("adapt") + 1:]
     assert flags[flags.index("--target") + 1] == "procgen:coinrun"
     assert flags[flags.index("--method") + 1:flags.index("--method") + 3] == ["pad", "--online"]
-    assert flags[flags.index("--source") + 1] == str(tmp_path / "coinrun-source-s1")
+    assert flags[flags.index("--source") + 1] == str(tmp_path / "coinrun-monochrome-source-s1")   # the sweep's name
     assert flags[flags.index("--out") + 1] == str(tmp_path / "coinrun-pad-online-s1")
     source = bench.source_args("coinrun", 1, args)
     assert source[source.index("--aux") + 1] == "inverse-dynamics" and source[-2:] == ["--visual", "monochrome"]
