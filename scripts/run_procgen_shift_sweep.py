@@ -161,6 +161,9 @@ def source_of(game: str, args, out: Path) -> Path:
             raise SystemExit(f"error: --source-run {game}={given} is a run on {config['env']} in the "
                              f"{domain_name(config.get('visual') or [])} visuals: give a run on {game} trained in the "
                              f"{domain_name(args.source_visual)} visuals, or set --source-visual to its options")
+        if not run_finished(Path(given), args.total_steps):   # its checkpoint would still be changing
+            raise SystemExit(f"error: --source-run {given} has not finished {args.total_steps} steps: let it "
+                             "finish (or resume it) first, or lower --total-steps")
         return Path(given)
     run = out / source_run_name(game, args.source_visual, args.seed)
     visual = ["--visual", *args.source_visual] if args.source_visual else []

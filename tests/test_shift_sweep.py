@@ -16,7 +16,7 @@ def source_run(tmp_path_factory):
 def test_sweep_evaluates_every_variant_on_validation_levels_and_resumes(source_run, tmp_path, load_script):
     sweep = load_script("run_procgen_shift_sweep")
     argv = ["--games", "bigfish", "--source-run", f"bigfish={source_run}", "--episodes", "2", "--val-levels", "5",
-            "--device", "cpu", "--out", str(tmp_path)]
+            "--device", "cpu", "--total-steps", "128", "--out", str(tmp_path)]
     rows = sweep.main(argv)
     val = [r for r in rows if r["split"] == "val"]
     assert [r["shift"] for r in val] == ["no-backgrounds", "restrict-themes", "monochrome",
@@ -58,7 +58,8 @@ def test_a_source_trained_in_restricted_visuals_meets_every_other_domain(source_
     default source's, and both sweeps share sweep.jsonl, a pair swept again replacing its rows."""
     sweep = load_script("run_procgen_shift_sweep")
     plain = tiny_source(tmp_path / "plain", visual=["no-backgrounds", "monochrome"])
-    common = ["--games", "bigfish", "--episodes", "2", "--val-levels", "5", "--device", "cpu", "--out", str(tmp_path)]
+    common = ["--games", "bigfish", "--episodes", "2", "--val-levels", "5", "--device", "cpu", "--total-steps", "128",
+              "--out", str(tmp_path)]
     default_rows = sweep.main([*common, "--source-run", f"bigfish={source_run}"])
     argv = [*common, "--source-run", f"bigfish={plain}", "--source-visual", "monochrome", "no-backgrounds"]
     rows = sweep.main(argv)
@@ -81,3 +82,6 @@ def test_a_source_trained_in_restricted_visuals_meets_every_other_domain(source_
     # a run in other visuals than --source-visual says so in one line
     with pytest.raises(SystemExit, match="trained in the restrict-themes visuals"):
         sweep.main([*common, "--source-run", f"bigfish={plain}", "--source-visual", "restrict-themes"])
+    with pytest.raises(SystemExit, match="has not finished 256 steps"):   # a run still training is not swept
+        sweep.main([*common, "--source-run", f"bigfish={plain}", "--source-visual", "monochrome", "no-backgrounds",
+                    "--total-steps", "256"])
