@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from envs.procgen import GAMES, PROTOCOLS, ProcgenVecEnv, visual_options
+from envs.procgen import GAMES, PROTOCOLS, ProcgenVecEnv, domain_name, visual_options
 from workbench.adapt.information import DIVERSITY_PRIORS
 from workbench.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_path, save_checkpoint
 from workbench.logging import RunLogger, default_run_name, write_json
@@ -305,7 +305,7 @@ class ProcgenAdapter:
                                             num_envs=min(EVAL_ENVS, self.cfg.eval_episodes), visual=options,
                                             seed=EVAL_SEED, device=self.cfg.device)
             out[domain] = {k: result[k] for k in ("mean_return", "stderr_return", "normalized_score", "episodes")}
-            print(f"{label} agent on the {domain} domain ({'+'.join(options) or 'as trained'}): mean return "
+            print(f"{label} agent on the {domain} domain ({domain_name(options)}): mean return "
                   f"{result['mean_return']:.2f} over {result['episodes']} episodes", flush=True)
         return out
 

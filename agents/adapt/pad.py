@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from envs.procgen import ProcgenVecEnv, visual_options
+from envs.procgen import ProcgenVecEnv, domain_name, visual_options
 from workbench.checkpoint import CheckpointError
 from workbench.logging import RunLogger
 
@@ -252,7 +252,7 @@ def adapt_online(adapter, logger: RunLogger) -> list[dict]:
               if len(episodes) > 1 else None,
               "episodes": len(episodes), "episode_inverse_dynamics_loss": episode_losses}
     se = result["online_stderr_return"]
-    print(f"online PAD on the target domain ({'+'.join(adapter.options) or 'as trained'}): mean return "
+    print(f"online PAD on the target domain ({domain_name(adapter.options)}): mean return "
           f"{result['online_mean_return']:.2f}" + (f" ± {se:.2f}" if se is not None else "") +
           f" over {len(episodes)} episodes, adapting during each", flush=True)
     logger.scalars("target", {"online_mean_return": result["online_mean_return"]}, 0)
