@@ -31,7 +31,22 @@ def evaluate(agent, env: ProcgenVecEnv, num_episodes: int, deterministic: bool =
     random kernels (its `test_augmentation`: a new kernel shared by all envs every rollout length, clean
     stretches with the training probability), drawn from a generator seeded with `seed`, unless
     `clean_frames`; every other agent sees clean frames (no training augmentation).
+
+    The policy's own sampling (PPO's actions, Rainbow's noise) draws from torch's global generator seeded
+    with `seed` inside a forked RNG state: two evaluations of one checkpoint play the same episodes, and the
+    caller's random stream (training's, when it evaluates mid-run) is left as it was.
     """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.manual_seed_all(seed)
+        return _play(agent, env, num_episodes, deterministic, record_video, max_video_frames, max_steps,
+                     clean_frames, seed)
+
+
+def _play(agent, env: ProcgenVecEnv, num_episodes: int, deterministic: bool, record_video: bool,
+          max_video_frames: int, max_steps: int, clean_frames: bool, seed: int) -> dict:
     per_env = math.ceil(num_episodes / env.num_envs)
     returns = [[] for _ in range(env.num_envs)]
     running = np.zeros(env.num_envs)

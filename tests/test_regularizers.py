@@ -237,6 +237,35 @@ def test_evaluation_keeps_the_training_share_of_clean_stretches():
     assert abs(clean / len(agent.seen) - 0.3) < 4 * math.sqrt(0.3 * 0.7 / len(agent.seen))
 
 
+class SamplingAgent:
+    """Samples its actions from torch's global generator, as PPO's categorical policy does."""
+
+    def __init__(self):
+        self.actions = []
+
+    def act(self, obs, deterministic=False):
+        actions = torch.randint(3, (len(obs),))
+        self.actions.append(actions)
+        return actions
+
+
+def test_evaluation_seeds_the_policys_sampling_and_leaves_the_callers_random_stream_alone():
+    from agents.evaluate import evaluate
+
+    torch.manual_seed(123)
+    caller_state = torch.get_rng_state()
+    first, second, other = SamplingAgent(), SamplingAgent(), SamplingAgent()
+    evaluate(first, FrameStub(), num_episodes=4, seed=5)
+    assert torch.equal(torch.get_rng_state(), caller_state), "training's stream goes on as if nothing had run"
+    torch.rand(10)  # the caller's stream moves between the two evaluations
+    evaluate(second, FrameStub(), num_episodes=4, seed=5)
+    evaluate(other, FrameStub(), num_episodes=4, seed=6)
+    assert len(first.actions) == 8 and all(torch.equal(a, b) for a, b in zip(first.actions, second.actions))
+    expected = torch.Generator().manual_seed(5)
+    assert all(torch.equal(a, torch.randint(3, (2,), generator=expected)) for a in first.actions)
+    assert not all(torch.equal(a, b) for a, b in zip(first.actions, other.actions))
+
+
 def test_ppo_tests_random_conv_agents_through_kernels_of_their_own():
     from types import SimpleNamespace
 
