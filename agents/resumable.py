@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from envs.procgen import domain_name
+from envs.procgen import domain_name, visual_domain
 
 ROOT = Path(__file__).resolve().parents[1]
 EVALUATION_SEED = 12345   # the levels every final evaluation plays (evaluate_procgen's default)
@@ -33,6 +33,28 @@ def run_finished(run: Path, total_steps: int) -> bool:
         return False
     m = json.loads(path.read_text())
     return not m["interrupted"] and m["env_steps"] >= total_steps
+
+
+def given_run(specs: list[str], game: str, flag: str, visual: list[str], total_steps: int,
+              algo: str | None = None) -> Path | None:
+    """The run a driver was given for `game` as `--<flag>-run GAME=RUN` (None when it was given none), checked
+    to be a finished run on `game` trained in `visual` (and by `algo` where one is needed), or a one-line
+    SystemExit naming what to give instead: a driver must not read a checkpoint that is still changing."""
+    given = dict(item.split("=", 1) for item in specs).get(game)
+    if not given:
+        return None
+    run = Path(given)
+    config = json.loads((run / "config.json").read_text())
+    trained_in = visual_domain(config.get("visual") or [])
+    if config["env"] != game or trained_in != visual_domain(visual) or (algo and config["algo"] != algo):
+        wanted = f"a {algo.upper()} run" if algo else "a run"
+        raise SystemExit(f"error: --{flag}-run {game}={run} is a {config['algo']} run on {config['env']} in the "
+                         f"{domain_name(trained_in)} visuals: give {wanted} on {game} trained in the "
+                         f"{domain_name(visual)} visuals")
+    if not run_finished(run, total_steps):
+        raise SystemExit(f"error: --{flag}-run {run} has not finished {total_steps} steps: let it finish (or "
+                         "resume it) first, or lower --total-steps")
+    return run
 
 
 def thread_env(threads: int | None) -> dict | None:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from agents.adapt import METHODS, ProcgenAdaptConfig  # noqa: E402
 from agents.evaluate import evaluate_random_policy  # noqa: E402
-from agents.resumable import final_evaluation, run_finished, run_logged, source_run_name, train_to  # noqa: E402
+from agents.resumable import final_evaluation, given_run, run_logged, source_run_name, train_to  # noqa: E402
 from envs.procgen import DEFAULT_DOMAIN, GAMES, PROTOCOLS, domain_name, visual_domain  # noqa: E402
 from workbench.logging import seed_table  # noqa: E402
 
@@ -69,25 +69,6 @@ def recipe_args(config: dict, seed: int) -> list[str]:
             str(agent["num_steps"]), "--backbone", agent["backbone"], "--lr", str(agent["learning_rate"]),
             "--mixreg" if agent.get("mixreg") else "--no-mixreg", "--mix-alpha", str(agent["mix_alpha"]),
             "--reward-norm-gamma", str(agent["reward_norm_gamma"])]
-
-
-def given_run(game: str, args, flag: str, visual: list[str]) -> Path | None:
-    """The finished PPO run passed as --source-run/--target-run for `game`, checked to be trained in `visual`;
-    None when the driver trains one."""
-    given = dict(item.split("=", 1) for item in getattr(args, f"{flag}_run")).get(game)
-    if not given:
-        return None
-    run = Path(given)
-    config = json.loads((run / "config.json").read_text())
-    trained_in = visual_domain(config.get("visual") or [])
-    if config["env"] != game or config["algo"] != "ppo" or trained_in != visual:
-        raise SystemExit(f"error: --{flag}-run {game}={run} is a {config['algo']} run on {config['env']} in the "
-                         f"{domain_name(trained_in)} visuals: give a PPO run on {game} trained in the "
-                         f"{domain_name(visual)} visuals")
-    if not run_finished(run, args.total_steps):
-        raise SystemExit(f"error: --{flag}-run {run} has not finished {args.total_steps} steps: resume it "
-                         "first or lower --total-steps")
-    return run
 
 
 def visual_flags(visual: list[str]) -> list[str]:
@@ -291,8 +272,10 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     pieces = [(seed, game) for seed in args.seeds for game in args.games]
     # a wrong given run fails before any training
-    args.given = {game: given_run(game, args, "source", args.source_visual) for game in args.games}
-    args.ceiling = {game: given_run(game, args, "target", args.visual) for game in args.games}
+    args.given = {game: given_run(args.source_run, game, "source", args.source_visual, args.total_steps, "ppo")
+                  for game in args.games}
+    args.ceiling = {game: given_run(args.target_run, game, "target", args.visual, args.total_steps, "ppo")
+                    for game in args.games}
     logged = args.jobs > 1  # side by side, each command writes to a log in the out folder
     run_all(args.jobs, [lambda run=run, flags=flags: train_to(run, args.total_steps, flags, args.threads,
                                                              out / f"{run.name}.log" if logged else None)

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agents.evaluate import evaluate_checkpoint, evaluate_random_policy  # noqa: E402
-from agents.resumable import EVALUATION_SEED, run_finished, source_run_name, train_to  # noqa: E402
+from agents.resumable import EVALUATION_SEED, given_run, run_finished, source_run_name, train_to  # noqa: E402
 from envs.procgen import DEFAULT_DOMAIN, GAMES, PROTOCOLS, VISUAL_OPTIONS, domain_name, visual_domain  # noqa: E402
 from workbench.arguments import ArgumentParser, positive_int, positive_steps  # noqa: E402
 from workbench.files import atomic_write  # noqa: E402
@@ -154,17 +154,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def source_of(game: str, args, out: Path) -> Path:
-    given = dict(item.split("=", 1) for item in args.source_run).get(game)
+    given = given_run(args.source_run, game, "source", args.source_visual, args.total_steps)
     if given:
-        config = json.loads((Path(given) / "config.json").read_text())
-        if config["env"] != game or visual_domain(config.get("visual") or []) != visual_domain(args.source_visual):
-            raise SystemExit(f"error: --source-run {game}={given} is a run on {config['env']} in the "
-                             f"{domain_name(config.get('visual') or [])} visuals: give a run on {game} trained in the "
-                             f"{domain_name(args.source_visual)} visuals, or set --source-visual to its options")
-        if not run_finished(Path(given), args.total_steps):   # its checkpoint would still be changing
-            raise SystemExit(f"error: --source-run {given} has not finished {args.total_steps} steps: let it "
-                             "finish (or resume it) first, or lower --total-steps")
-        return Path(given)
+        return given
     run = out / source_run_name(game, args.source_visual, args.seed)
     visual = ["--visual", *args.source_visual] if args.source_visual else []
     if not run_finished(run, args.total_steps):
