@@ -19,22 +19,20 @@ Two modes, both Adam at PAD's lr 1e-3 (encoder_lr and ss_lr, src/arguments.py L4
   copy of the source agent (eval.py L20, deepcopy per episode, so nothing carries over between episodes), and
   after every environment step the copy takes one gradient step (eval.py L56-64) on a batch of
   `pad_batch_size` (32, arguments.py L70) random crops of the transition just played (batch_from_obs and
-  random_crop, eval.py L59-64). The mean return of those episodes is PAD's measure. Where an episode ends,
-  the next frame is the next episode's first and there is no transition to learn from; the copy is replaced.
+  random_crop, eval.py L59-64). Each copy starts a fresh Adam, as the official one does: its checkpoints
+  hold the networks' weights only (agent.py save/load), so the optimiser eval.py copies has never stepped.
+  The mean return of those episodes is PAD's measure. Where an episode ends, the next frame is the next
+  episode's first and there is no transition to learn from; the copy is replaced.
 
-Two choices of ours, where Procgen differs from DMControl:
-- the crop: PAD renders 100x100 and crops 84x84 at random (a translation by up to 16 px). Procgen renders
-  64x64 and the agent reads 64x64, so the crop is the repository's Procgen crop (agents.regularizers.
-  RandomCrop, the mixreg paper's: resize to 75x75, take a 64x64 window). PAD crops s_t and s_{t+1}
-  independently; its frames are stacks of 3, whose motion survives any crop. A Procgen frame is single, and
-  a shift of up to 10 px between s_t and s_{t+1} would swamp a move of a few pixels, so both frames of a
-  copy share one window. PAD trains its head on crops as well, so the crops at deployment are inputs the
-  head learnt from; here both modes crop exactly when the source's head was trained on crops (its config's
-  `aux_crop`, on by default with --aux). A head trained on plain frames adapts on plain frames: online, the
-  transition itself instead of 32 crops of it (their loss would be 32 equal terms).
-- the optimiser: the official copy carries its training Adam state into every episode; ours trained one
-  Adam on the summed loss, whose moments are not the inverse-dynamics loss's alone, so every episode
-  starts a fresh Adam.
+One choice of ours, the crop, where Procgen differs from DMControl. PAD renders 100x100 and crops 84x84 at
+random (a translation by up to 16 px). Procgen renders 64x64 and the agent reads 64x64, so the crop is the
+repository's Procgen crop (agents.regularizers.RandomCrop, the mixreg paper's: resize to 75x75, take a 64x64
+window). PAD crops s_t and s_{t+1} independently; its frames are stacks of 3, whose motion survives any crop.
+A Procgen frame is single, and a shift of up to 10 px between s_t and s_{t+1} would swamp a move of a few
+pixels, so both frames of a copy share one window. PAD trains its head on crops as well, so the crops at
+deployment are inputs the head learnt from; here both modes crop exactly when the source's head was trained
+on crops (its config's `aux_crop`, on by default with --aux). A head trained on plain frames adapts on plain
+frames: online, the transition itself instead of 32 crops of it (their loss would be 32 equal terms).
 
 The checkpoint written after online PAD holds the encoder and head as the last episode to end left them
 (every episode starts again from the source, so no single adapted network exists).
