@@ -20,7 +20,10 @@ each method's recovered fraction (adapted - source) / (ceiling - source) is give
 Finished pieces are skipped and interrupted trainings resumed, so the script can be stopped and
 started again. With --jobs N the agents train side by side, then the adaptations and evaluations run
 side by side, each command with cores/N threads and its output in a .log beside its run. Writes
-results.jsonl, fractions.jsonl and table.md to <out>.
+results.jsonl, fractions.jsonl, paired.jsonl and table.md to <out>, with setting.json (the domains,
+budgets and evaluation): later calls with the same setting add their games, seeds and methods to the same
+table (a run already there is reused, and checked to have run this driver's command), and a call with
+another setting is refused.
 
     python scripts/run_procgen_adapt_benchmark.py --games starpilot coinrun maze --total-steps 500000 --jobs 2 \\
         --source-run starpilot=runs/precision/fp32-s0 --visual monochrome --out runs/procgen-adapt
@@ -46,7 +49,7 @@ from agents.adapt import METHODS, ProcgenAdaptConfig  # noqa: E402
 from agents.evaluate import evaluate_random_policy  # noqa: E402
 from agents.resumable import final_evaluation, given_run, run_logged, source_run_name, train_to  # noqa: E402
 from envs.procgen import DEFAULT_DOMAIN, GAMES, PROTOCOLS, domain_name, visual_domain  # noqa: E402
-from workbench.logging import seed_table  # noqa: E402
+from workbench.logging import seed_table, write_json  # noqa: E402
 
 # Monochrome assets: the shift that costs a trained agent (starpilot, 500k steps: 4.16 -> 3.10 test return);
 # removing the backgrounds as well gave that agent back its full return (4.43), leaving nothing to adapt.
@@ -99,6 +102,8 @@ def agent_trainings(out: Path, game: str, seed: int, args) -> list[tuple[Path, l
     """(run directory, train_procgen.py flags) of the agents this game and seed still need."""
     source = [] if args.given[game] else [(source_run(out, game, seed, args), source_args(game, seed, args))]
     target = [] if args.ceiling[game] else [(out / f"{game}-target-s{seed}", target_args(game, seed, args))]
+    for (run, _), visual in zip(source + target, [args.source_visual] * len(source) + [args.visual] * len(target)):
+        check_trained_visual(run, visual)
     return source + target
 
 
@@ -119,6 +124,38 @@ def adapt_command(out: Path, game: str, method: str, seed: int, args) -> list[st
             "--eval-episodes", str(args.episodes), "--paired-steps", str(args.paired_steps), "--seed", str(seed),
             "--out", str(out / f"{game}-{method}-s{seed}"),
             "--no-progress"]
+
+
+def adaptation_settings(out: Path, game: str, method: str, seed: int, args) -> dict:
+    """What an adaptation run's config.json must hold for this driver to reuse it."""
+    wanted = {"source": str(Path(source_run(out, game, seed, args)).resolve()),
+              "target": f"procgen:{game}:{'+'.join(args.visual)}".rstrip(":"), "frames": args.frames,
+              "eval_episodes": args.episodes, "paired_steps": args.paired_steps, "seed": seed,
+              "method": "pad" if method == "pad-online" else method, "pad_online": method == "pad-online"}
+    return {**wanted, "epochs": args.epochs} if args.epochs else wanted
+
+
+def check_reusable(run: Path, wanted: dict) -> None:
+    """A finished adaptation run in --out is reused only if it ran this driver's command: one that adapted
+    another source, to other visuals or with other settings stops the driver in one line."""
+    config = json.loads((run / "config.json").read_text())
+    config["source"] = str(Path(config["source"]).resolve())
+    config["target"] = config["target"].rstrip(":")
+    recorded = {k: config.get(k, getattr(ProcgenAdaptConfig, k, None)) for k in wanted}  # absent: older runs
+    differ = [f"{k} {recorded[k]!r} (this driver: {v!r})" for k, v in wanted.items() if recorded[k] != v]
+    if differ:
+        raise SystemExit(f"error: {run} was adapted with other settings ({'; '.join(differ)}): give another "
+                         "--out, or remove that run to adapt again")
+
+
+def check_trained_visual(run: Path, visual: list[str]) -> None:
+    """An agent this driver trained earlier into --out is resumed only in the visuals it is meant for."""
+    config_path = run / "config.json"
+    if config_path.exists():
+        trained_in = visual_domain(json.loads(config_path.read_text()).get("visual") or [])
+        if trained_in != visual:
+            raise SystemExit(f"error: {run} was trained in the {domain_name(trained_in)} visuals, not the "
+                             f"{domain_name(visual)} ones this driver needs: give another --out")
 
 
 def adapted_metrics(out: Path, game: str, method: str, seed: int, args) -> dict:
@@ -231,6 +268,38 @@ def report(rows: list[dict], paired: list[dict], args, fractions: list[dict] | N
     return text
 
 
+# What one --out folder's table holds fixed: the calls that share it add games, seeds and methods.
+SETTING_FILE = "setting.json"
+SETTING_KEYS = ("source_visual", "visual", "total_steps", "frames", "epochs", "episodes", "paired_steps")
+
+
+def benchmark_setting(args) -> dict:
+    return {key: getattr(args, key) for key in SETTING_KEYS}
+
+
+def check_setting(out: Path, setting: dict) -> None:
+    """One line, before anything runs, where --out holds a table of another setting."""
+    path = out / SETTING_FILE
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        differ = [f"{k} {earlier.get(k)!r} (now {v!r})" for k, v in setting.items() if earlier.get(k) != v]
+        if differ:
+            raise SystemExit(f"error: {out} holds a benchmark with {'; '.join(differ)}: give another --out")
+
+
+def write_merged(path: Path, entries: list[dict], key: tuple[str, ...], merge: bool) -> list[dict]:
+    """Write `entries` to the JSON-lines `path` after the earlier entries there that this call did not
+    recompute (with `merge`; without, the file is replaced); returns what was written."""
+    def identity(entry: dict) -> tuple:
+        return tuple(entry[k] for k in key)
+
+    earlier = [json.loads(line) for line in path.read_text().splitlines()] if merge and path.exists() else []
+    fresh = {identity(e) for e in entries}
+    merged = [e for e in earlier if identity(e) not in fresh] + entries
+    path.write_text("".join(json.dumps(e) + "\n" for e in merged))
+    return merged
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--games", nargs="+", default=DEFAULT_GAMES, choices=GAMES)
@@ -276,6 +345,13 @@ def main(argv=None) -> None:
                   for game in args.games}
     args.ceiling = {game: given_run(args.target_run, game, "target", args.visual, args.total_steps, "ppo")
                     for game in args.games}
+    setting = benchmark_setting(args)
+    check_setting(out, setting)
+    for seed, game in pieces:   # and so does a run in --out that another setting left there
+        for method in args.methods:
+            run = out / f"{game}-{method}-s{seed}"
+            if (run / "metrics.json").exists():
+                check_reusable(run, adaptation_settings(out, game, method, seed, args))
     logged = args.jobs > 1  # side by side, each command writes to a log in the out folder
     run_all(args.jobs, [lambda run=run, flags=flags: train_to(run, args.total_steps, flags, args.threads,
                                                              out / f"{run.name}.log" if logged else None)
@@ -305,8 +381,11 @@ def main(argv=None) -> None:
             add(f"random policy, {domain}", value)
         print(f"seed {seed} {game}: " + ", ".join(f"{r['column']} {r['return']:.2f}" for r in rows
                                                   if (r["game"], r["seed"]) == (game, seed)), flush=True)
-    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / "fractions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fractions))
+    merge = (out / SETTING_FILE).exists()   # earlier calls' figures join the table when they share the setting
+    rows = write_merged(out / "results.jsonl", rows, ("game", "seed", "column"), merge)
+    fractions = write_merged(out / "fractions.jsonl", fractions, ("game", "seed", "method"), merge)
+    paired = write_merged(out / "paired.jsonl", paired, ("agent", "seed", "column"), merge)
+    write_json(out / SETTING_FILE, setting)
     (out / "table.md").write_text(report(rows, paired, args, fractions))
     print(report(rows, paired, args, fractions))
 

@@ -155,6 +155,14 @@ def test_clear_errors_for_mismatched_sources_and_targets(source_run, tmp_path):
         tiny_adapt(rainbow, tmp_path / "y")
 
 
+def replaced(argv: list[str], flag: str, *values: str) -> list[str]:
+    """argv with `flag`'s values replaced by `values`."""
+    start = end = argv.index(flag) + 1
+    while end < len(argv) and not argv[end].startswith("--"):
+        end += 1
+    return [*argv[:start], *values, *argv[end:]]
+
+
 def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_run, tmp_path, capsys, load_script):
     """The table's figures are the adaptation runs' and the target-trained agent's own evaluations; the
     reference agent repeats the source recipe in the target visuals; a second call retrains nothing."""
@@ -190,6 +198,25 @@ def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_r
     stamp = (target_run / "checkpoint.pt").stat().st_mtime_ns
     bench.main(argv)
     assert (target_run / "checkpoint.pt").stat().st_mtime_ns == stamp
+    # a later call with the same setting adds its method to the same table; nothing earlier is lost
+    bench.main(replaced(argv, "--methods", "anchored-im"))
+    columns = [r["column"] for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())]
+    assert {"shot-im, target", "anchored-im, target"} <= set(columns) and len(columns) == len(set(columns))
+    fractions = [r["method"] for r in map(json.loads, (tmp_path / "fractions.jsonl").read_text().splitlines())]
+    assert fractions == ["shot-im", "anchored-im"]
+    table = (tmp_path / "table.md").read_text()
+    assert "| bigfish: shot-im |" in table and "| bigfish: anchored-im |" in table
+    assert (target_run / "checkpoint.pt").stat().st_mtime_ns == stamp
+    # another setting is refused in one line, before anything runs or is written
+    with pytest.raises(SystemExit, match="holds a benchmark with episodes 2 \\(now 3\\)"):
+        bench.main(replaced(argv, "--episodes", "3"))
+    assert (tmp_path / "table.md").read_text() == table
+    # and without the setting file, the runs themselves are checked before they are reused
+    (tmp_path / "setting.json").unlink()
+    with pytest.raises(SystemExit, match="bigfish-shot-im-s0 was adapted with other settings \\(frames 64"):
+        bench.main(replaced(argv, "--frames", "32"))
+    with pytest.raises(SystemExit, match="bigfish-target-s0 was trained in the no-backgrounds\\+monochrome visuals"):
+        bench.main(replaced(replaced(argv, "--visual", "monochrome"), "--methods", "bufr"))
     # a source run of another game is refused in one line
     with pytest.raises(SystemExit, match="give a PPO run on starpilot"):
         bench.main(["--games", "starpilot", "--source-run", f"starpilot={source_run}", "--out", str(tmp_path / "x")])
