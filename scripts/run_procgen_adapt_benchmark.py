@@ -273,18 +273,28 @@ SETTING_FILE = "setting.json"
 SETTING_KEYS = ("source_visual", "visual", "total_steps", "frames", "epochs", "episodes", "paired_steps")
 
 
-def benchmark_setting(args) -> dict:
-    return {key: getattr(args, key) for key in SETTING_KEYS}
+def benchmark_setting(out: Path, args) -> dict:
+    """The setting, and each game's source and ceiling runs (given, or trained into --out) by seed."""
+    runs = {f"{game}-s{seed}": [str(Path(source_run(out, game, seed, args)).resolve()),
+                                str(Path(target_run(out, game, seed, args)).resolve())]
+            for seed in args.seeds for game in args.games}
+    return {**{key: getattr(args, key) for key in SETTING_KEYS}, "source_and_ceiling": runs}
 
 
-def check_setting(out: Path, setting: dict) -> None:
-    """One line, before anything runs, where --out holds a table of another setting."""
+def check_setting(out: Path, setting: dict) -> dict:
+    """One line, before anything runs, where --out holds a table of another setting or whose game and seed
+    had another source or ceiling; returns the setting to write, with the earlier calls' runs."""
     path = out / SETTING_FILE
-    if path.exists():
-        earlier = json.loads(path.read_text())
-        differ = [f"{k} {earlier.get(k)!r} (now {v!r})" for k, v in setting.items() if earlier.get(k) != v]
-        if differ:
-            raise SystemExit(f"error: {out} holds a benchmark with {'; '.join(differ)}: give another --out")
+    if not path.exists():
+        return setting
+    earlier = json.loads(path.read_text())
+    differ = [f"{k} {earlier.get(k)!r} (now {setting[k]!r})" for k in SETTING_KEYS if earlier.get(k) != setting[k]]
+    runs = earlier.get("source_and_ceiling", {})
+    differ += [f"{piece} source and ceiling {runs[piece]} (now {pair})"
+               for piece, pair in setting["source_and_ceiling"].items() if runs.get(piece, pair) != pair]
+    if differ:
+        raise SystemExit(f"error: {out} holds a benchmark with {'; '.join(differ)}: give another --out")
+    return {**setting, "source_and_ceiling": {**runs, **setting["source_and_ceiling"]}}
 
 
 def write_merged(path: Path, entries: list[dict], key: tuple[str, ...], merge: bool) -> list[dict]:
@@ -345,8 +355,7 @@ def main(argv=None) -> None:
                   for game in args.games}
     args.ceiling = {game: given_run(args.target_run, game, "target", args.visual, args.total_steps, "ppo")
                     for game in args.games}
-    setting = benchmark_setting(args)
-    check_setting(out, setting)
+    setting = check_setting(out, benchmark_setting(out, args))
     for seed, game in pieces:   # and so does a run in --out that another setting left there
         for method in args.methods:
             run = out / f"{game}-{method}-s{seed}"

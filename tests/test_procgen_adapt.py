@@ -1,6 +1,7 @@
 """Source-free adaptation of a Procgen agent to a visual domain (issue 15)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -211,6 +212,9 @@ def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_r
     with pytest.raises(SystemExit, match="holds a benchmark with episodes 2 \\(now 3\\)"):
         bench.main(replaced(argv, "--episodes", "3"))
     assert (tmp_path / "table.md").read_text() == table
+    twin = shutil.copytree(source_run, tmp_path.parent / f"{tmp_path.name}-twin")   # as good a source, but another
+    with pytest.raises(SystemExit, match="bigfish-s0 source and ceiling"):
+        bench.main(replaced(argv, "--source-run", f"bigfish={twin}"))
     # and without the setting file, the runs themselves are checked before they are reused
     (tmp_path / "setting.json").unlink()
     with pytest.raises(SystemExit, match="bigfish-shot-im-s0 was adapted with other settings \\(frames 64"):
@@ -333,7 +337,6 @@ def test_the_kl_anchor_keeps_the_policys_entropy_near_the_sources(source_run, tm
     (TV 0.36 here), so the diversity term pulls hard: without the anchor the policy's entropy on the target
     frames falls by more than 0.2 nats in three epochs; with a strong anchor it stays within 0.05 nats of
     the source policy's on the same frames."""
-    import shutil
 
     from agents.adapt import features_and_policy, policy_entropy
     from workbench.checkpoint import save_checkpoint
