@@ -115,10 +115,15 @@ def target_run(out: Path, game: str, seed: int, args) -> Path:
     return args.ceiling[game] or out / f"{game}-target-s{seed}"
 
 
+def target_spec(game: str, args) -> str:
+    """`workbench adapt --target` for the game in the target visuals (procgen:<game> for the default ones)."""
+    return f"procgen:{game}:{'+'.join(args.visual)}".rstrip(":")
+
+
 def adapt_command(out: Path, game: str, method: str, seed: int, args) -> list[str]:
     """The `workbench adapt` command line of one adaptation run, with this driver's settings."""
     return [sys.executable, "-m", "workbench.cli", "adapt", "--source", str(source_run(out, game, seed, args)),
-            "--target", f"procgen:{game}:{'+'.join(args.visual)}".rstrip(":"),
+            "--target", target_spec(game, args),
             *(["--method", "pad", "--online"] if method == "pad-online" else ["--method", method]),
             "--frames", str(args.frames), *(["--epochs", str(args.epochs)] if args.epochs else []),
             "--eval-episodes", str(args.episodes), "--paired-steps", str(args.paired_steps), "--seed", str(seed),
@@ -129,7 +134,7 @@ def adapt_command(out: Path, game: str, method: str, seed: int, args) -> list[st
 def adaptation_settings(out: Path, game: str, method: str, seed: int, args) -> dict:
     """What an adaptation run's config.json must hold for this driver to reuse it."""
     wanted = {"source": str(Path(source_run(out, game, seed, args)).resolve()),
-              "target": f"procgen:{game}:{'+'.join(args.visual)}".rstrip(":"), "frames": args.frames,
+              "target": target_spec(game, args), "frames": args.frames,
               "eval_episodes": args.episodes, "paired_steps": args.paired_steps, "seed": seed,
               "method": "pad" if method == "pad-online" else method, "pad_online": method == "pad-online"}
     return {**wanted, "epochs": args.epochs} if args.epochs else wanted
