@@ -102,8 +102,8 @@ def agent_trainings(out: Path, game: str, seed: int, args) -> list[tuple[Path, l
     """(run directory, train_procgen.py flags) of the agents this game and seed still need."""
     source = [] if args.given[game] else [(source_run(out, game, seed, args), source_args(game, seed, args))]
     target = [] if args.ceiling[game] else [(out / f"{game}-target-s{seed}", target_args(game, seed, args))]
-    for (run, _), visual in zip(source + target, [args.source_visual] * len(source) + [args.visual] * len(target)):
-        check_trained_visual(run, visual)
+    for run, _ in target:   # a source's name carries its domain; the target's does not
+        check_trained_visual(run, args.visual)
     return source + target
 
 
