@@ -23,12 +23,14 @@ side by side, each command with cores/N threads and its output in a .log beside 
 results.jsonl, fractions.jsonl, paired.jsonl and table.md to <out>, with setting.json (the domains,
 budgets and evaluation): later calls with the same setting add their games, seeds and methods to the same
 table (a run already there is reused, and checked to have run this driver's command), and a call with
-another setting is refused.
+another setting is refused. --across reads several such folders (one per pair of domains) and prints their
+recovered fractions side by side, with the pairs on which each method wins back at least half the cost.
 
     python scripts/run_procgen_adapt_benchmark.py --games starpilot coinrun maze --total-steps 500000 --jobs 2 \\
         --source-run starpilot=runs/precision/fp32-s0 --visual monochrome --out runs/procgen-adapt
     python scripts/run_procgen_adapt_benchmark.py --games starpilot --source-visual no-backgrounds \\
         restrict-themes monochrome --visual default --out runs/procgen-adapt-plain
+    python scripts/run_procgen_adapt_benchmark.py --across runs/procgen-adapt-plain runs/procgen-adapt-plain-nb
 """
 
 from __future__ import annotations
@@ -229,23 +231,67 @@ def recovered_fraction(adapted: dict, source: dict, ceiling: dict) -> dict:
     return {"fraction": f, "low": f - half, "high": f + half}
 
 
+def fraction_summary(cell: list[dict]) -> tuple[float, float, float, int] | None:
+    """(mean f, 95% low, 95% high, seeds) of one game and method's fractions: one seed, f with its
+    delta-method interval; several, the mean of the seeds' f with a t interval over them. None where no seed
+    had a gap to the ceiling."""
+    cell = [r for r in cell if r["fraction"] is not None]
+    if not cell:
+        return None
+    values = [r["fraction"] for r in cell]
+    if len(values) == 1:
+        return values[0], cell[0]["low"], cell[0]["high"], 1
+    half = t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return statistics.mean(values), statistics.mean(values) - half, statistics.mean(values) + half, len(values)
+
+
 def fraction_table(fractions: list[dict]) -> str:
-    """Per game and method: one seed, f with its delta-method interval; several, the mean of the seeds' f
-    with a t interval over them."""
+    """Per game and method, the recovered fraction with its 95% interval (fraction_summary)."""
     lines = ["| game | method | recovered fraction | 95% interval | seeds |", "|---|---|---|---|---|"]
     for game, method in dict.fromkeys((r["game"], r["method"]) for r in fractions):
-        cell = [r for r in fractions if (r["game"], r["method"]) == (game, method) and r["fraction"] is not None]
-        if not cell:
+        summary = fraction_summary([r for r in fractions if (r["game"], r["method"]) == (game, method)])
+        if summary is None:
             lines.append(f"| {game} | {method} | — (no gap to the ceiling) | | 0 |")
             continue
-        values = [r["fraction"] for r in cell]
-        if len(values) == 1:
-            low, high = cell[0]["low"], cell[0]["high"]
-        else:
-            half = t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-            low, high = statistics.mean(values) - half, statistics.mean(values) + half
-        lines.append(f"| {game} | {method} | {statistics.mean(values):.2f} | [{low:.2f}, {high:.2f}] | {len(values)} |")
+        f, low, high, n = summary
+        lines.append(f"| {game} | {method} | {f:.2f} | [{low:.2f}, {high:.2f}] | {n} |")
     return "\n".join(lines) + "\n"
+
+
+# issue 36's bar for a method on one (game, shift) pair: at least half the cost won back, the interval above zero
+HALF_WON_BACK = 0.5
+
+
+def shifts_table(outs: list[Path]) -> str:
+    """The recovered fractions of several finished benchmark folders (one per pair of domains) side by side,
+    and per method the (game, shift) pairs on which it wins back at least half the cost with its 95% interval
+    above zero, out of those it ran on."""
+    lines = ["| game | shift | method | recovered fraction | 95% interval | seeds | half won back |",
+             "|---|---|---|---|---|---|---|"]
+    ran: dict[str, list[str]] = {}   # method -> the (game, shift) pairs it ran on
+    won: dict[str, list[str]] = {}   # method -> those on which it met the bar
+    for out in outs:
+        if not (out / SETTING_FILE).exists():
+            raise SystemExit(f"error: {out} holds no benchmark ({SETTING_FILE} is missing): give a folder this "
+                             "driver filled with --out")
+        setting = json.loads((out / SETTING_FILE).read_text())
+        shift = f"{domain_name(setting['source_visual'])} → {domain_name(setting['visual'])}"
+        fractions = [json.loads(line) for line in (out / "fractions.jsonl").read_text().splitlines()]
+        for game, method in dict.fromkeys((r["game"], r["method"]) for r in fractions):
+            summary = fraction_summary([r for r in fractions if (r["game"], r["method"]) == (game, method)])
+            ran.setdefault(method, []).append(f"{game} {shift}")
+            if summary is None:
+                lines.append(f"| {game} | {shift} | {method} | — (no gap to the ceiling) | | 0 | |")
+                continue
+            f, low, high, n = summary
+            met = f >= HALF_WON_BACK and low > 0
+            won.setdefault(method, []).extend([f"{game} {shift}"] if met else [])
+            lines.append(f"| {game} | {shift} | {method} | {f:.3f} | [{low:.2f}, {high:.2f}] | {n} | "
+                         f"{'yes' if met else 'no'} |")
+    verdicts = [f"- {method}: {len(won.get(method, []))} of the {len(pairs)} pairs it ran on"
+                + (f" ({'; '.join(won[method])})" if won.get(method) else "") for method, pairs in ran.items()]
+    return ("\n".join(lines) + "\n\nThe (game, shift) pairs on which each method wins back at least half the "
+            "cost, its 95% interval above zero:\n\n" + "\n".join(verdicts) + "\n")
 
 
 def t_quantile(dof: int) -> float:
@@ -341,10 +387,16 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=1, help="trainings, adaptations and evaluations run side by side, "
                    "each with cores/jobs threads (2 on a 2-core machine: the source and target agents train "
                    "together)")
+    p.add_argument("--across", nargs="+", type=Path, metavar="OUT", help="train nothing: print the recovered "
+                   "fractions of these finished benchmark folders (one per pair of domains) side by side, and on "
+                   "how many (game, shift) pairs each method wins back at least half the cost")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train_procgen.py flags for the source "
                    "agents trained here (the target agents repeat their recipe)")
     args = p.parse_args(argv)
     args.extra = [a for a in args.extra if a != "--"]
+    if args.across:
+        print(shifts_table(args.across))
+        return
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs {args.jobs}: give at least 1")
     args.threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None

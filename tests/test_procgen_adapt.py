@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -377,3 +378,31 @@ def test_recovered_fraction_and_its_interval_by_hand(load_script):
             for s, v in enumerate((0.2, 0.4, 0.9))]
     half = 4.302652729911275 * np.std([0.2, 0.4, 0.9], ddof=1) / np.sqrt(3)   # t(0.975, 2)
     assert f"| g | m | 0.50 | [{0.5 - half:.2f}, {0.5 + half:.2f}] | 3 |" in bench.fraction_table(rows)
+
+
+def test_shifts_table_counts_the_pairs_each_method_wins_half_of(load_script, tmp_path):
+    bench = load_script("run_procgen_adapt_benchmark")
+
+    def benchmark(name: str, visual: list[str], fractions: list[tuple[str, int, float, float, float]]) -> Path:
+        out = tmp_path / name
+        out.mkdir()
+        (out / bench.SETTING_FILE).write_text(json.dumps({"source_visual": ["monochrome"], "visual": visual}))
+        (out / "fractions.jsonl").write_text("".join(json.dumps(
+            {"game": "starpilot", "method": m, "seed": s, "fraction": f, "low": lo, "high": hi}) + "\n"
+            for m, s, f, lo, hi in fractions))
+        return out
+
+    first = benchmark("a", [], [("bufr", 0, 0.6, 0.1, 1.1), ("pad", 0, 0.7, -0.1, 1.5)])
+    # three seeds whose mean is just below the bar: 0.497 is not half, whatever it rounds to
+    second = benchmark("b", ["no-backgrounds"], [("bufr", 0, 0.53, 0, 0), ("bufr", 1, 0.55, 0, 0),
+                                                ("bufr", 2, 0.411, 0, 0)])
+    table = bench.shifts_table([first, second])
+    half = 4.302652729911275 * np.std([0.53, 0.55, 0.411], ddof=1) / np.sqrt(3)   # t(0.975, 2)
+    assert "| starpilot | monochrome → default | bufr | 0.600 | [0.10, 1.10] | 1 | yes |" in table
+    assert "| starpilot | monochrome → default | pad | 0.700 | [-0.10, 1.50] | 1 | no |" in table   # touches zero
+    assert (f"| starpilot | monochrome → no-backgrounds | bufr | 0.497 | [{0.497 - half:.2f}, {0.497 + half:.2f}] "
+            "| 3 | no |") in table
+    assert "- bufr: 1 of the 2 pairs it ran on (starpilot monochrome → default)" in table
+    assert "- pad: 0 of the 1 pairs it ran on" in table
+    with pytest.raises(SystemExit, match="holds no benchmark"):
+        bench.shifts_table([first, tmp_path / "missing"])
