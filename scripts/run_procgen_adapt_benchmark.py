@@ -245,11 +245,16 @@ def fraction_summary(cell: list[dict]) -> tuple[float, float, float, int] | None
     return statistics.mean(values), statistics.mean(values) - half, statistics.mean(values) + half, len(values)
 
 
+def fraction_cells(fractions: list[dict]) -> list[tuple[str, str, tuple | None]]:
+    """(game, method, fraction_summary) per game and method, in the order they first appear."""
+    return [(game, method, fraction_summary([r for r in fractions if (r["game"], r["method"]) == (game, method)]))
+            for game, method in dict.fromkeys((r["game"], r["method"]) for r in fractions)]
+
+
 def fraction_table(fractions: list[dict]) -> str:
     """Per game and method, the recovered fraction with its 95% interval (fraction_summary)."""
     lines = ["| game | method | recovered fraction | 95% interval | seeds |", "|---|---|---|---|---|"]
-    for game, method in dict.fromkeys((r["game"], r["method"]) for r in fractions):
-        summary = fraction_summary([r for r in fractions if (r["game"], r["method"]) == (game, method)])
+    for game, method, summary in fraction_cells(fractions):
         if summary is None:
             lines.append(f"| {game} | {method} | — (no gap to the ceiling) | | 0 |")
             continue
@@ -268,8 +273,7 @@ def shifts_table(outs: list[Path]) -> str:
     above zero, out of those it ran on."""
     lines = ["| game | shift | method | recovered fraction | 95% interval | seeds | half won back |",
              "|---|---|---|---|---|---|---|"]
-    ran: dict[str, list[str]] = {}   # method -> the (game, shift) pairs it ran on
-    won: dict[str, list[str]] = {}   # method -> those on which it met the bar
+    met_on: dict[str, dict[str, bool]] = {}   # method -> {(game, shift) pair it ran on: bar met}
     for out in outs:
         if not (out / SETTING_FILE).exists():
             raise SystemExit(f"error: {out} holds no benchmark ({SETTING_FILE} is missing): give a folder this "
@@ -277,19 +281,18 @@ def shifts_table(outs: list[Path]) -> str:
         setting = json.loads((out / SETTING_FILE).read_text())
         shift = f"{domain_name(setting['source_visual'])} → {domain_name(setting['visual'])}"
         fractions = [json.loads(line) for line in (out / "fractions.jsonl").read_text().splitlines()]
-        for game, method in dict.fromkeys((r["game"], r["method"]) for r in fractions):
-            summary = fraction_summary([r for r in fractions if (r["game"], r["method"]) == (game, method)])
-            ran.setdefault(method, []).append(f"{game} {shift}")
+        for game, method, summary in fraction_cells(fractions):
+            met = summary is not None and summary[0] >= HALF_WON_BACK and summary[1] > 0
+            met_on.setdefault(method, {})[f"{game} {shift}"] = met
             if summary is None:
                 lines.append(f"| {game} | {shift} | {method} | — (no gap to the ceiling) | | 0 | |")
                 continue
             f, low, high, n = summary
-            met = f >= HALF_WON_BACK and low > 0
-            won.setdefault(method, []).extend([f"{game} {shift}"] if met else [])
             lines.append(f"| {game} | {shift} | {method} | {f:.3f} | [{low:.2f}, {high:.2f}] | {n} | "
                          f"{'yes' if met else 'no'} |")
-    verdicts = [f"- {method}: {len(won.get(method, []))} of the {len(pairs)} pairs it ran on"
-                + (f" ({'; '.join(won[method])})" if won.get(method) else "") for method, pairs in ran.items()]
+    won = {method: [pair for pair, met in pairs.items() if met] for method, pairs in met_on.items()}
+    verdicts = [f"- {method}: {len(won[method])} of the {len(pairs)} pairs it ran on"
+                + (f" ({'; '.join(won[method])})" if won[method] else "") for method, pairs in met_on.items()]
     return ("\n".join(lines) + "\n\nThe (game, shift) pairs on which each method wins back at least half the "
             "cost, its 95% interval above zero:\n\n" + "\n".join(verdicts) + "\n")
 
