@@ -263,7 +263,12 @@ def _adapt(argv) -> int:
         if not task.DISTRIBUTED:
             single_process_only("Procgen agent adaptation" if name == "procgen" else f"{name} adaptation")
         dist = init_distributed(cfg.device) if task.DISTRIBUTED else SINGLE
-        _claim_out(cfg.run_dir, a.overwrite, dist)
+        if getattr(cfg, "resume", False):
+            if a.overwrite:
+                raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one")
+        else:
+            _claim_out(cfg.run_dir, a.overwrite, dist,
+                       resume_hint="continue it with --resume" if getattr(task, "ADAPT_RESUMABLE", False) else "")
         metrics = task.run_adapt(cfg, dist)
     except INPUT_ERRORS as exc:
         return _fail(exc)

@@ -8,6 +8,7 @@ from workbench.arguments import given_or, non_negative_float, non_negative_int, 
 from .adapt import METHODS  # noqa: F401  (the registry reads it)
 
 DISTRIBUTED = False
+ADAPT_RESUMABLE = True   # `workbench adapt --resume` continues an interrupted adaptation
 
 
 def adapt_defaults():
@@ -55,6 +56,9 @@ def add_adapt_options(options) -> None:
                          "it: play the --eval-episodes target episodes, each from a fresh copy of the source agent, "
                          "with one gradient step on the inverse-dynamics loss after every step (default: offline, "
                          "epochs over the collected target frames)")
+    options.add_argument("--resume", action="store_true", help="continue the interrupted run in --out after its "
+                         "last finished epoch (shot, shot-im, anchored-im, bufr and offline pad write train-state.pt "
+                         "after every epoch)")
     options.add_argument("--pad-batch-size", type=positive_int, default=rd.pad_batch_size, help="pad --online: "
                          f"randomly cropped copies of each transition per step (default {rd.pad_batch_size}, PAD's)")
 
@@ -70,7 +74,7 @@ def adapt_config(a):
         beta=given_or(a.beta, rd.beta), diversity_prior=a.diversity_prior or rd.diversity_prior,
         eval_episodes=a.eval_episodes, paired_steps=a.paired_steps, cluster_backend=a.cluster_backend,
         frame_stride=a.frame_stride, anchor_weight=a.anchor_weight, source_frames=a.source_frames,
-        pad_online=a.online, pad_batch_size=a.pad_batch_size,
+        pad_online=a.online, pad_batch_size=a.pad_batch_size, resume=a.resume,
         seed=a.seed, device=a.device, run_dir=a.out, progress=not a.no_progress)
 
 

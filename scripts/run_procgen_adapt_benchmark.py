@@ -17,8 +17,8 @@ For every game and seed, in <out> (one folder per pair of domains):
                                default epochs unless --epochs
 Every agent is scored on unseen levels of both domains with the same episodes and evaluation seed, and
 each method's recovered fraction (adapted - source) / (ceiling - source) is given with its 95% interval.
-Finished pieces are skipped and interrupted trainings resumed, so the script can be stopped and
-started again. With --jobs N the agents train side by side, then the adaptations and evaluations run
+Finished pieces are skipped and interrupted trainings and adaptations resumed (an adaptation from its
+last finished epoch), so the script can be stopped and started again. With --jobs N the agents train side by side, then the adaptations and evaluations run
 side by side, each command with cores/N threads and its output in a .log beside its run. Writes
 results.jsonl, fractions.jsonl, paired.jsonl and table.md to <out>, with setting.json (the domains,
 budgets and evaluation): later calls with the same setting add their games, seeds and methods to the same
@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agents.adapt import METHODS, ProcgenAdaptConfig  # noqa: E402
+from agents.adapt import ADAPT_STATE, METHODS, ProcgenAdaptConfig  # noqa: E402
 from agents.evaluate import evaluate_random_policy  # noqa: E402
 from agents.resumable import final_evaluation, given_run, run_logged, source_run_name, train_to  # noqa: E402
 from envs.procgen import DEFAULT_DOMAIN, GAMES, PROTOCOLS, domain_name, visual_domain  # noqa: E402
@@ -170,7 +170,10 @@ def adapted_metrics(out: Path, game: str, method: str, seed: int, args) -> dict:
     run = out / f"{game}-{method}-s{seed}"
     if not (run / "metrics.json").exists():
         run.mkdir(parents=True, exist_ok=True)
-        run_logged(adapt_command(out, game, method, seed, args), args.threads, run / "adapt.log")
+        # an interrupted run goes on after its last finished epoch; one stopped before any starts afresh,
+        # clearing what it had written (its curves would mix with the new ones)
+        again = ["--resume"] if (run / ADAPT_STATE).exists() else ["--overwrite"]
+        run_logged(adapt_command(out, game, method, seed, args) + again, args.threads, run / "adapt.log")
     return json.loads((run / "metrics.json").read_text())
 
 

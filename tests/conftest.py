@@ -23,3 +23,33 @@ def load_script():
         spec.loader.exec_module(module)
         return module
     return load
+
+
+class Interrupted(Exception):
+    """What `interrupt_adaptation` raises in place of a kill."""
+
+
+@pytest.fixture
+def interrupt_adaptation(monkeypatch):
+    """A function making every Procgen adaptation stop as if killed once `epochs` epochs are finished and saved
+    (within a `with` block: the adaptations after it run whole)."""
+    from contextlib import contextmanager
+
+    from agents.adapt import ProcgenAdapter
+
+    save = ProcgenAdapter.epoch_finished
+
+    def save_then_stop(epochs):
+        def epoch_finished(self, history, optimizer, **extra):
+            save(self, history, optimizer, **extra)
+            if len(history) == epochs:
+                raise Interrupted
+        return epoch_finished
+
+    @contextmanager
+    def after(after: int):
+        with monkeypatch.context() as patch:
+            patch.setattr(ProcgenAdapter, "epoch_finished", save_then_stop(after))
+            with pytest.raises(Interrupted):
+                yield
+    return after

@@ -333,6 +333,19 @@ def test_offline_pad_trains_the_encoder_and_the_head_and_nothing_else(runs, tmp_
     assert evaluate_checkpoint(tmp_path / "pad", episodes=2, num_envs=2, device="cpu")[0]["episodes"] == 2
 
 
+@pytest.mark.parametrize("algo", ["ppo", "rainbow"])
+def test_offline_pad_resumed_after_an_interruption_ends_where_an_uninterrupted_run_does(runs, tmp_path, algo,
+                                                                                         interrupt_adaptation):
+    """Crops and Rainbow's noise draw from the random generators, which travel in the train state."""
+    whole = tiny_pad(runs[algo], tmp_path / "whole", epochs=3)
+    with interrupt_adaptation(after=2):
+        tiny_pad(runs[algo], tmp_path / "cut", epochs=3)
+    assert tiny_pad(runs[algo], tmp_path / "cut", epochs=3, resume=True)["epochs"] == whole["epochs"]
+    expected = network(load_checkpoint(tmp_path / "whole", kind="procgen-agent"))
+    resumed = network(load_checkpoint(tmp_path / "cut", kind="procgen-agent"))
+    assert all(torch.equal(weights, resumed[name]) for name, weights in expected.items())
+
+
 def test_online_pad_plays_the_evaluation_episodes_adapting_during_each(runs, tmp_path):
     """With lr 0 online PAD takes its steps without moving anything, so it plays exactly the episodes the
     evaluation plays the source agent on (a policy made deterministic, so that sampling order cannot differ);

@@ -1,6 +1,7 @@
 """Source-free adaptation of a Procgen agent to a visual domain (issue 15)."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from adaptation.cli import adapt_main
-from agents.adapt import (ProcgenAdaptConfig, ProcgenAdapter, TargetFrames, collect_frames, paired_frames,
+from agents.adapt import (ADAPT_STATE, ProcgenAdaptConfig, ProcgenAdapter, TargetFrames, collect_frames, paired_frames,
                           parse_procgen_target, policy_divergence)
 from agents.cli import evaluate_main
 from agents.evaluate import UniformRandomPolicy, evaluate_checkpoint, evaluate_random_policy
@@ -157,6 +158,41 @@ def test_clear_errors_for_mismatched_sources_and_targets(source_run, tmp_path):
         tiny_adapt(rainbow, tmp_path / "y")
 
 
+@pytest.mark.parametrize("method, epochs, stop_after", [("shot", 3, 2), ("anchored-im", 2, 1),
+                                                         ("bufr", 2, 3)])   # BUFR: within its second block
+def test_a_resumed_adaptation_ends_where_an_uninterrupted_one_does(source_run, tmp_path, interrupt_adaptation,
+                                                                    capsys, method, epochs, stop_after):
+    settings = dict(method=method, epochs=epochs, frames=64, batch_size=16, source_frames=64)
+    whole = tiny_adapt(source_run, tmp_path / "whole", **settings)
+    with interrupt_adaptation(after=stop_after):
+        tiny_adapt(source_run, tmp_path / "cut", **settings)
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    assert adapt_main(["--source", str(source_run), "--target", TARGET, "--out", str(tmp_path / "cut")]) == 2
+    assert re.search("already holds an unfinished run .*continue it with --resume", capsys.readouterr().err)
+    with pytest.raises(ValueError, match="made with epochs=.*pass the same settings"):
+        tiny_adapt(source_run, tmp_path / "cut", **{**settings, "epochs": epochs + 1}, resume=True)
+    resumed = tiny_adapt(source_run, tmp_path / "cut", **settings, resume=True)
+    assert resumed["epochs"] == whole["epochs"]   # every epoch's statistics, the first ones from before the cut
+    assert resumed["resumed_after_epoch"] == stop_after and "resumed_after_epoch" not in whole
+    whole_model = load_checkpoint(tmp_path / "whole", kind="procgen-agent")["agent_state"]["model"]
+    resumed_model = load_checkpoint(tmp_path / "cut", kind="procgen-agent")["agent_state"]["model"]
+    for name, weights in whole_model.items():
+        assert torch.equal(weights, resumed_model[name]), name
+    assert not (tmp_path / "cut" / ADAPT_STATE).exists()   # a finished run keeps its checkpoint only
+    with pytest.raises(ValueError, match="holds a finished run .*nothing to resume"):
+        tiny_adapt(source_run, tmp_path / "cut", **settings, resume=True)
+
+
+def test_resume_needs_a_run_to_continue(source_run, tmp_path, capsys):
+    with pytest.raises(ValueError, match="has no train-state.pt to resume from"):
+        tiny_adapt(source_run, tmp_path / "empty", resume=True)
+    assert adapt_main(["--source", str(source_run), "--target", TARGET, "--resume", "--overwrite",
+                       "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert "--resume continues the run in --out and --overwrite replaces it" in capsys.readouterr().err
+    assert adapt_main(["--source", str(source_run), "--target", TARGET, "--resume", "--device", "cpu"]) == 2
+    assert "--resume continues the run in --out: give its folder" in capsys.readouterr().err
+
+
 def replaced(argv: list[str], flag: str, *values: str) -> list[str]:
     """argv with `flag`'s values replaced by `values`."""
     start = end = argv.index(flag) + 1
@@ -274,6 +310,30 @@ def test_benchmark_runs_pad_online_as_pads_evaluation_and_trains_its_head(tmp_pa
     assert source[source.index("--aux") + 1] == "inverse-dynamics" and source[-2:] == ["--visual", "monochrome"]
     assert "--visual" not in bench.target_args("coinrun", 1, args)      # the ceiling: the renderer's own visuals
     assert "--aux" not in bench.source_args("coinrun", 1, argparse.Namespace(**{**vars(args), "methods": ["bufr"]}))
+
+
+def test_benchmark_resumes_an_interrupted_adaptation_and_restarts_one_cut_in_its_first_epoch(tmp_path, load_script,
+                                                                                            monkeypatch):
+    import argparse
+
+    bench = load_script("run_procgen_adapt_benchmark")
+    args = argparse.Namespace(given={"coinrun": None}, visual=[], source_visual=["monochrome"], frames=64, epochs=None,
+                              episodes=8, paired_steps=0, methods=["bufr"], precision="auto", extra=[], threads=None)
+    commands = []
+
+    def run_logged(command, threads, log):   # records the command and finishes the run
+        commands.append(command)
+        (Path(command[command.index("--out") + 1]) / "metrics.json").write_text("{}")
+
+    monkeypatch.setattr(bench, "run_logged", run_logged)
+    cut, fresh = tmp_path / "coinrun-bufr-s0", tmp_path / "coinrun-bufr-s1"
+    cut.mkdir()
+    (cut / ADAPT_STATE).write_bytes(b"")
+    bench.adapted_metrics(tmp_path, "coinrun", "bufr", 0, args)
+    bench.adapted_metrics(tmp_path, "coinrun", "bufr", 1, args)
+    bench.adapted_metrics(tmp_path, "coinrun", "bufr", 1, args)   # finished: not run again
+    assert [c[c.index("--out") + 1:] for c in commands] == [[str(cut), "--no-progress", "--resume"],
+                                                             [str(fresh), "--no-progress", "--overwrite"]]
 
 
 def test_benchmark_jobs_run_side_by_side_and_fail_loudly(load_script):

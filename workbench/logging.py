@@ -111,15 +111,22 @@ def finished_run(run_dir: str | os.PathLike, config) -> dict | None:
     metrics = run / "metrics.json"
     if not metrics.exists():
         return None
+    check_same_settings(run, config)
+    return json.loads(metrics.read_text())
+
+
+def check_same_settings(run_dir: str | os.PathLike, config, ignored: tuple[str, ...] = ()) -> None:
+    """Raise where the run's config.json differs from `config` (a dataclass instance) in a setting that is
+    not a place setting (PLACE_SETTINGS), not in `ignored`, and not left at None in `config`."""
+    run = Path(run_dir)
     written = json.loads((run / "config.json").read_text())
     wanted = json.loads(json.dumps(dataclasses.asdict(config), default=_json_default))
-    differ = [k for k, v in wanted.items()
-              if v is not None and k not in PLACE_SETTINGS and k in written and written[k] != v]
+    differ = [k for k, v in wanted.items() if v is not None and k not in (*PLACE_SETTINGS, *ignored)
+              and k in written and written[k] != v]
     if differ:
         raise ValueError(f"{run} was made with " + ", ".join(f"{k}={written[k]!r}" for k in differ)
                          + " and this run asks for " + ", ".join(f"{k}={wanted[k]!r}" for k in differ)
                          + ": pass the same settings to resume that folder, or a new --out")
-    return json.loads(metrics.read_text())
 
 
 def finished_or_trained(run_dir: str | os.PathLike, config, train, train_missing: bool = True) -> dict | None:

@@ -44,12 +44,15 @@ def anchor_kl(source_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 def adapt(adapter, frames: TargetFrames, logger: RunLogger) -> list[dict]:
     cfg, model, rt = adapter.cfg, adapter.model, adapter.rt
     adapter.encoder_only()
-    marginal = adapter.source_action_marginal()
     optimizer = shot_optimizer([(model.backbone, cfg.encoder_lr_mult)], cfg.lr, cfg.weight_decay)
     steps_per_epoch = adapter.steps_per_epoch(frames)
-    total, step, history = cfg.epochs * steps_per_epoch, 0, []
     source_probs = features_and_policy(adapter.source_model(), frames.frames, rt)[1]   # pi_0 on the target frames
-    for epoch in range(cfg.epochs):
+    progress = adapter.resume_point(optimizer)
+    # the source policy samples its rollouts: a resumed run takes the marginal its first part used
+    marginal = progress.extra.get("marginal")
+    marginal = adapter.source_action_marginal() if marginal is None else marginal.to(rt.device)
+    total, step, history = cfg.epochs * steps_per_epoch, progress.extra.get("step", 0), progress.history
+    for epoch in range(progress.epochs, cfg.epochs):
         if epoch > 0 and cfg.recollect:
             frames = adapter.target_frames(epoch)
             source_probs = features_and_policy(adapter.source_model(), frames.frames, rt)[1]
@@ -73,4 +76,5 @@ def adapt(adapter, frames: TargetFrames, logger: RunLogger) -> list[dict]:
         logger.scalars("loss", {k: v / steps_per_epoch for k, v in sums.items()}, epoch)
         logger.scalars("target", stats, epoch)
         history.append(stats)
+        adapter.epoch_finished(history, optimizer, step=step, marginal=marginal)
     return history

@@ -64,13 +64,20 @@ def adapt(adapter, frames: TargetFrames, logger: RunLogger) -> list[dict]:
     adapter.encoder_only()
     model.backbone.requires_grad_(False)
     steps_per_epoch = adapter.steps_per_epoch(frames)
-    history, trainable, epoch_index = [], [], 0
+    progress = adapter.resume_point()
+    history, trainable = progress.history, []
     for block_index, block in enumerate(encoder_blocks(model.backbone)):
         block.requires_grad_(True)
         trainable += list(block.parameters())
+        first = max(0, progress.epochs - block_index * cfg.epochs)   # this block's epochs already done
+        if first >= cfg.epochs:
+            continue
         optimizer = torch.optim.SGD(trainable, lr=cfg.lr / BLOCK_LR_DECAY ** block_index, momentum=MOMENTUM,
                                     weight_decay=0.0)
-        for epoch in range(cfg.epochs):
+        if first > 0:   # resumed within this block
+            optimizer.load_state_dict(progress.optimizer)
+        for epoch in range(first, cfg.epochs):
+            epoch_index = block_index * cfg.epochs + epoch
             model.train()
             sums: dict[str, float] = {}
             for idx in torch.randperm(len(frames)).split(cfg.batch_size):
@@ -89,5 +96,5 @@ def adapt(adapter, frames: TargetFrames, logger: RunLogger) -> list[dict]:
                 logger.scalars("target", {"policy_entropy": stats["policy_entropy"], "block": block_index},
                                epoch_index)
             history.append(stats)
-            epoch_index += 1
+            adapter.epoch_finished(history, optimizer)
     return history

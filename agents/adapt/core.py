@@ -24,6 +24,10 @@ episodes; on those states, the total-variation and Jensen-Shannon distances from
 its own frames to the source and to the adapted policy on the target frames, their argmax agreement and
 entropy.
 
+An offline method writes train-state.pt after every epoch (weights, optimizer, statistics, random
+generators, the evaluation before adapting); `resume` continues an interrupted run from it, to the same
+weights an uninterrupted run reaches, and the finished run deletes it.
+
 The result is an ordinary Procgen checkpoint (the source run's, with the adapted encoder), whose config
 names the target's visual options, so `scripts/evaluate_procgen.py RUN` plays it in the target domain and
 `--visual` (empty) in the source domain.
@@ -35,7 +39,7 @@ import copy
 import dataclasses
 import importlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +48,8 @@ import torch
 from envs.procgen import GAMES, PROTOCOLS, ProcgenVecEnv, domain_name, visual_options
 from workbench.adapt.information import DIVERSITY_PRIORS
 from workbench.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_path, save_checkpoint
-from workbench.logging import RunLogger, default_run_name, write_json
-from workbench.runtime import RunSettings, Runtime, seed_everything
+from workbench.logging import RunLogger, check_same_settings, default_run_name, write_json
+from workbench.runtime import RunSettings, Runtime, rng_state, seed_everything, set_rng_state
 
 from ..inverse_dynamics import PAD_BATCH_SIZE, PAD_LR
 from ..rollouts import FRAME_STRIDE, TargetFrames, collect_frames
@@ -55,6 +59,7 @@ METHOD_MODULES = {"shot-im": "shot", "shot": "shot", "anchored-im": "anchored", 
 METHODS = tuple(METHOD_MODULES)
 COLLECT_POLICIES = ("source", "random")
 FRAMES_FILE = "frames.npz"
+ADAPT_STATE, ADAPT_STATE_KIND = "train-state.pt", "procgen-adaptation-state"
 # SHOT's image settings (object/image_target.py): lr 0.01 with the pretrained encoder at 0.1x, beta 0.3
 LR, ENCODER_LR_MULT, BETA = 1e-2, 0.1, 0.3
 # epochs, batch size and lr where the method's own differ from SHOT's (BUFR: epochs per block, agents.adapt.bufr)
@@ -106,6 +111,7 @@ class ProcgenAdaptConfig(RunSettings):
     # pad (PAD's inverse-dynamics adaptation, agents.adapt.pad; epochs, batch size and lr: TRAINING_DEFAULTS)
     pad_online: bool = False              # play the target evaluation episodes, adapting during each (PAD's eval)
     pad_batch_size: int = PAD_BATCH_SIZE  # online: augmented copies of each transition per step (PAD's 32)
+    resume: bool = False                  # continue the run in run_dir after its last finished epoch
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -123,6 +129,8 @@ class ProcgenAdaptConfig(RunSettings):
             raise ValueError("--frames, --epochs and --frame-stride must be positive")
         if self.frames_file and self.recollect:
             raise ValueError("--frames-file and --recollect exclude each other: saved frames cannot be re-collected")
+        if self.resume and not self.run_dir:
+            raise ValueError("--resume continues the run in --out: give its folder")
         if self.pad_online and (self.method != "pad" or self.eval_episodes < 1):
             raise ValueError("--online is PAD's: use it with --method pad and --eval-episodes > 0 (the episodes it "
                              "plays)")
@@ -209,6 +217,16 @@ def policy_divergence(reference: torch.Tensor, probs: torch.Tensor) -> dict:
             "policy_entropy": policy_entropy(probs)}
 
 
+@dataclass
+class Progress:
+    """Where a method's epochs start: the number finished, their statistics, the optimizer's state and the
+    method's own counters (`extra`)."""
+    epochs: int = 0
+    history: list = field(default_factory=list)
+    optimizer: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
 class ProcgenAdapter:
     def __init__(self, cfg: ProcgenAdaptConfig):
         self.cfg = cfg
@@ -227,6 +245,42 @@ class ProcgenAdapter:
             module.check_source(self)
         # False where the method plays the target itself (online PAD): no frames are collected
         self.uses_target_frames = getattr(module, "uses_target_frames", lambda cfg: True)(cfg)
+        self.resumed = self.state_to_resume() if cfg.resume else None
+        self.before: dict = {}   # the measurements before adapting, kept in train-state.pt
+        self.start = time.time()
+
+    def state_to_resume(self) -> dict:
+        """The run_dir's train-state.pt, checked: an unfinished run of this method with these settings."""
+        path = self.run_dir / ADAPT_STATE
+        if (self.run_dir / "metrics.json").exists():
+            raise ValueError(f"{self.run_dir} holds a finished run (metrics.json): nothing to resume; pass "
+                             f"--overwrite to run it again, or another --out")
+        if not path.exists():
+            raise ValueError(f"{self.run_dir} has no {ADAPT_STATE} to resume from (the run stopped within its first "
+                             f"epoch, or it played online): run it again with --overwrite")
+        check_same_settings(self.run_dir, self.cfg, ignored=("resume",))
+        return load_checkpoint(path, kind=ADAPT_STATE_KIND)
+
+    def resume_point(self, optimizer: torch.optim.Optimizer | None = None) -> Progress:
+        """Where the method's epochs start (call it just before them): after the last finished epoch of the
+        run being resumed, with its weights, random generators and `optimizer`'s state put back, else at
+        the first. A method with an optimizer per stage (BUFR) passes none and loads Progress.optimizer."""
+        if self.resumed is None:
+            return Progress()
+        state = self.resumed
+        self.model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        return Progress(state["epochs"], list(state["history"]), state["optimizer"], dict(state["extra"]))
+
+    def epoch_finished(self, history: list[dict], optimizer: torch.optim.Optimizer, **extra) -> None:
+        """Write train-state.pt after an epoch (`history` holds every epoch's statistics so far): what
+        resume_point gives back after an interruption."""
+        save_checkpoint(self.run_dir / ADAPT_STATE, ADAPT_STATE_KIND, {
+            "method": self.cfg.method, "epochs": len(history), "history": history, "model": self.model.state_dict(),
+            "optimizer": optimizer.state_dict(), "extra": extra, "rng": rng_state(), "before": self.before,
+            "wall_seconds": time.time() - self.start})
 
     def target_frames(self, epoch: int) -> TargetFrames:
         """Transitions of the target domain: the saved ones, or collected (epoch > 0: again, for --recollect,
@@ -234,6 +288,8 @@ class ProcgenAdapter:
         cfg = self.cfg
         if cfg.frames_file:
             return TargetFrames.load(cfg.frames_file, self.game)
+        if epoch == 0 and self.resumed is not None:   # the frames the interrupted run collected first
+            return TargetFrames.load(self.run_dir / FRAMES_FILE, self.game)
         frames = collect_frames(self.agent, self.game, self.options, cfg.frames, cfg.num_envs, cfg.collect_policy,
                                 cfg.seed + 1000 * epoch, self.mode, cfg.frame_stride)
         if epoch == 0:  # what the run adapted on first, to repeat the experiment with --frames-file
@@ -336,15 +392,23 @@ class ProcgenAdapter:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.run_dir / "config.json", dataclasses.asdict(cfg))
-        start = time.time()
+        self.start = time.time()   # a resumed run counts the time its first part took up to its last save
         metrics = {"source": str(self.source_path), "target": cfg.target, "method": cfg.method,
                    "game": self.game, "visual": self.options}
-        if cfg.eval_episodes:
-            metrics["source_agent"] = self.evaluate_both_domains(self.source_path, "source")
+        if self.resumed is not None:
+            self.before, self.start = self.resumed["before"], self.start - self.resumed["wall_seconds"]
+            metrics["resumed_after_epoch"] = self.resumed["epochs"]
+            print(f"resuming {self.run_dir} after epoch {self.resumed['epochs']}", flush=True)
+        elif cfg.eval_episodes:
+            self.before = {"source_agent": self.evaluate_both_domains(self.source_path, "source")}
+        metrics.update(self.before)
         paired = self.paired_policies() if cfg.paired_steps else None
         frames = self.target_frames(0) if self.uses_target_frames else None
+        done = self.resumed["epochs"] if self.resumed is not None else 0
         logger = RunLogger(self.run_dir, total=self.progress_total(frames),
-                           desc=f"{cfg.method} {self.game}", progress=cfg.progress)
+                           initial=done * self.steps_per_epoch(frames) if frames is not None else 0,
+                           desc=f"{cfg.method} {self.game}", progress=cfg.progress,
+                           purge_step=done if self.resumed is not None else None)
         try:
             metrics["epochs"] = self.adapt(frames, logger)
         finally:
@@ -360,8 +424,9 @@ class ProcgenAdapter:
                 metrics["adapted_agent"]["target"] = {"mean_return": online["online_mean_return"],
                                                       "stderr_return": online["online_stderr_return"],
                                                       "episodes": len(online["online_returns"]), "online": True}
-        metrics.update(checkpoint=str(checkpoint), wall_seconds=time.time() - start)
+        metrics.update(checkpoint=str(checkpoint), wall_seconds=time.time() - self.start)
         write_json(self.run_dir / "metrics.json", metrics)
+        (self.run_dir / ADAPT_STATE).unlink(missing_ok=True)   # the checkpoint holds the adapted agent
         return metrics
 
 

@@ -144,8 +144,9 @@ def adapt_offline(adapter, frames: TargetFrames, logger: RunLogger) -> list[dict
     cfg, model, device = adapter.cfg, adapter.model, adapter.rt.device
     optimizer = torch.optim.Adam(trainable(model), lr=cfg.lr)
     crop = RandomCrop() if trained_on_crops(adapter) else None
-    history = []
-    for epoch in range(cfg.epochs):
+    progress = adapter.resume_point(optimizer)
+    history = progress.history
+    for epoch in range(progress.epochs, cfg.epochs):
         if epoch > 0 and cfg.recollect:
             frames = adapter.target_frames(epoch)
         stats = inverse_dynamics_scores(model, frames, device)   # before this epoch's steps
@@ -162,6 +163,7 @@ def adapt_offline(adapter, frames: TargetFrames, logger: RunLogger) -> list[dict
         stats["train_loss"] = float(np.mean(losses)) if losses else None
         logger.scalars("target", stats, epoch)
         history.append(stats)
+        adapter.epoch_finished(history, optimizer)
     return history
 
 

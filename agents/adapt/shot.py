@@ -34,8 +34,11 @@ def adapt(adapter, frames: TargetFrames, logger: RunLogger) -> list[dict]:
     adapter.encoder_only()
     optimizer = shot_optimizer([(model.backbone, cfg.encoder_lr_mult)], cfg.lr, cfg.weight_decay)
     steps_per_epoch = adapter.steps_per_epoch(frames)
-    total, step, history, prior = cfg.epochs * steps_per_epoch, 0, [], None
-    for epoch in range(cfg.epochs):
+    progress = adapter.resume_point(optimizer)
+    total, history = cfg.epochs * steps_per_epoch, progress.history
+    step, prior = progress.extra.get("step", 0), progress.extra.get("prior")
+    prior = prior.to(rt.device) if prior is not None else None
+    for epoch in range(progress.epochs, cfg.epochs):
         if epoch > 0 and cfg.recollect:
             frames = adapter.target_frames(epoch)
         feats, probs = features_and_policy(model, frames.frames, rt)
@@ -64,4 +67,5 @@ def adapt(adapter, frames: TargetFrames, logger: RunLogger) -> list[dict]:
         logger.scalars("loss", {k: v / steps_per_epoch for k, v in sums.items()}, epoch)
         logger.scalars("target", stats, epoch)
         history.append(stats)
+        adapter.epoch_finished(history, optimizer, step=step, prior=prior)
     return history
