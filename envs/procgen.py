@@ -175,7 +175,9 @@ VISUAL_OPTIONS = {"no-backgrounds": ("use_backgrounds", False), "restrict-themes
 
 
 def visual_options(names: Sequence[str]) -> dict:
-    """Visual-domain variants that leave the game dynamics unchanged."""
+    """Visual-domain variants: the same levels and physics drawn with other assets. restrict-themes also
+    shrinks or stretches the hitboxes that a game sizes by their sprite's aspect ratio (every entity gets its
+    first theme's sprite), so a collision now and then differs between two renderings of one level."""
     options = {}
     for name in names:
         if name not in VISUAL_OPTIONS:

@@ -83,9 +83,69 @@ def test_paired_states_are_the_same_states_in_both_visuals(source_run):
     same = paired_frames(adapter.agent, "bigfish", [], [], 5, 4, 0, "easy", stride=3)
     assert torch.equal(same[0], same[1]) and same[0].shape == (20, 64, 64, 3)
     shifted = paired_frames(adapter.agent, "bigfish", [], ["monochrome"], 5, 4, 0, "easy", stride=3)
-    assert shifted is not None and torch.equal(shifted[0], same[0]) and not torch.equal(shifted[1], same[1])
+    assert shifted[2] == 0 and torch.equal(shifted[0], same[0]) and not torch.equal(shifted[1], same[1])
     d = policy_divergence(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.5, 0.5]]))
     assert d["tv_from_source_policy"] == 0 and d["js_from_source_policy"] == 0
+
+
+class DivergingEnvs:
+    """Procgen's vectorised env as paired_frames drives it, for 3 envs whose frames show (step, env); the
+    target copy (any visual option) rewards env 1 at its 5th step and the source copy does not, as a hitbox
+    that restrict-themes resized would."""
+
+    def __init__(self, game, num_envs, mode, num_levels, start_level, device, seed, **options):
+        self.t, self.num_envs, self.target = 0, num_envs, bool(options)
+
+    def reset(self):
+        return self.as_tensor(self.last_frames)
+
+    @property
+    def last_frames(self) -> np.ndarray:
+        frames = np.zeros((self.num_envs, 64, 64, 3), np.uint8)
+        frames[:, 0, 0, 0], frames[:, 0, 0, 1] = self.t, np.arange(self.num_envs)
+        return frames
+
+    def step_numpy(self, actions):
+        self.t += 1
+        rewards = np.zeros(self.num_envs, np.float32)
+        rewards[1] = float(self.target and self.t == 5)
+        return self.last_frames, rewards, np.zeros(self.num_envs, bool)
+
+    @staticmethod
+    def as_tensor(frames):
+        return torch.from_numpy(frames)
+
+
+def test_an_env_that_falls_out_of_step_is_left_out_from_then_on(monkeypatch):
+    from types import SimpleNamespace
+
+    import agents.adapt.core as core
+
+    monkeypatch.setattr(core, "ProcgenVecEnv", DivergingEnvs)
+    agent = SimpleNamespace(rt=SimpleNamespace(device="cpu"), act=lambda obs: torch.zeros(len(obs), dtype=torch.long))
+    source, target, fell_out = paired_frames(agent, "starpilot", [], ["restrict-themes"], 4, 3, 0, "easy", stride=2)
+    kept = [(int(f[0, 0, 0]), int(f[0, 0, 1])) for f in source]   # (step, env) of every pair kept
+    # steps 0, 2 and 4 of every env (env 1's 5th step ends its pairing after the step-4 state), step 6 of 0 and 2
+    assert kept == [(0, 0), (0, 1), (0, 2), (2, 0), (2, 1), (2, 2), (4, 0), (4, 1), (4, 2), (6, 0), (6, 2)]
+    assert torch.equal(source, target) and fell_out == 1
+    both = paired_frames(agent, "starpilot", ["restrict-themes"], ["restrict-themes"], 4, 3, 0, "easy", stride=2)
+    assert len(both[0]) == 12 and both[2] == 0
+
+
+def test_paired_states_measured_again_for_a_finished_run_are_the_runs_own(source_run, tmp_path, load_script, capsys):
+    script = load_script("procgen_paired_states")
+    run = tmp_path / "adapt"
+    tiny_adapt(source_run, run, paired_steps=3)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert script.main([str(run), "--device", "cpu"]) == 0
+    assert "measured again exactly" in capsys.readouterr().out
+    (run / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "paired_states"}))
+    assert script.main([str(run), "--device", "cpu"]) == 0
+    again = json.loads((run / "metrics.json").read_text())["paired_states"]
+    assert again == metrics["paired_states"] and again["envs_out_of_step"] == 0
+    tiny_adapt(source_run, tmp_path / "unpaired", paired_steps=0)
+    assert script.main([str(tmp_path / "unpaired"), "--device", "cpu"]) == 2
+    assert "--paired-steps 0" in capsys.readouterr().err
 
 
 def test_paired_states_are_kept_every_stride_steps_over_the_episodes(source_run):

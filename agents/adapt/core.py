@@ -2,8 +2,9 @@
 
 The PPO agent's network is SHOT's split with actions for classes: the encoder phi (the registry backbone,
 256-d features) plays F, the policy head pi (a linear layer over the 15 actions) plays the frozen hypothesis
-C. The target domain is the same game rendered with other assets (`--visual` variants; the dynamics do not
-change). Without rewards, an adapter sees:
+C. The target domain is the same game rendered with other assets (`--visual` variants; the levels and the
+physics stay, but for restrict-themes' sprite-sized hitboxes: paired_frames). Without rewards, an adapter
+sees:
 
 - transitions of the target domain, played by the frozen source policy (or uniformly random actions):
   frames, the action taken and the next frame, kept every `frame_stride`-th step of play so that they
@@ -19,8 +20,8 @@ network).
 
 What adaptation does to the policy is measured on paired states (`paired_steps`): the source policy
 plays the source visuals and a copy of the same levels in the target visuals is stepped with its actions
-(the visual options leave the dynamics alone), states kept every `frame_stride`-th step over whole
-episodes; on those states, the total-variation and Jensen-Shannon distances from the source policy on
+(an env that falls out of step, as restrict-themes' hitboxes now and then make it, is dropped from then
+on: paired_frames), states kept every `frame_stride`-th step over whole episodes; on those states, the total-variation and Jensen-Shannon distances from the source policy on
 its own frames to the source and to the adapted policy on the target frames, their argmax agreement and
 entropy.
 
@@ -180,28 +181,36 @@ def policy_entropy(probs: torch.Tensor) -> float:
 
 def paired_frames(agent, game: str, source_options: list[str], target_options: list[str], kept_steps: int,
                   num_envs: int, seed: int, distribution_mode: str,
-                  stride: int = FRAME_STRIDE) -> tuple[torch.Tensor, torch.Tensor] | None:
+                  stride: int = FRAME_STRIDE) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The same states rendered in both domains: the agent plays the source visuals, and a copy of the same
     levels in the target visuals is stepped with its actions; every `stride`-th step is kept, `kept_steps`
-    times, so the states span whole episodes. Procgen's visual options leave the dynamics alone, so the two
-    stay in lockstep; None if rewards or episode ends ever differ (the pairing broke)."""
+    times, so the states span whole episodes. The visual options leave the levels and the physics alone, with
+    one exception: restrict-themes draws every entity with its first theme's sprite, and some games size an
+    entity's hitbox by its sprite's aspect ratio (BasicAbstractGame::fit_aspect_ratio), so now and then a
+    collision happens in one rendering and not in the other. An env whose rewards or episode ends ever
+    differ has fallen out of step: its states from then on are left out (the states before, the first one
+    at least, were the same in both). Returns the source frames, the target frames and the number of envs
+    that fell out of step."""
     envs = [ProcgenVecEnv(game, num_envs, distribution_mode, num_levels=0, start_level=0, device=agent.rt.device,
                           seed=seed, **visual_options(options)) for options in (source_options, target_options)]
     obs = envs[0].reset()
     envs[1].reset()
     source, target = [], []
+    in_step = np.ones(num_envs, dtype=bool)
     with torch.random.fork_rng(devices=[]):  # the same states for every run with this seed
         torch.manual_seed(seed)
         for step in range(kept_steps * stride):
             if step % stride == 0:
-                source.append(envs[0].last_frames.copy())
-                target.append(envs[1].last_frames.copy())
+                source.append(envs[0].last_frames[in_step])
+                target.append(envs[1].last_frames[in_step])
             actions = agent.act(obs).cpu().numpy()
             (_, r0, d0), (_, r1, d1) = (env.step_numpy(actions) for env in envs)
-            if not (np.array_equal(r0, r1) and np.array_equal(d0, d1)):
-                return None
+            in_step &= (r0 == r1) & (d0 == d1)
+            if not in_step.any():
+                break
             obs = envs[0].as_tensor(envs[0].last_frames)
-    return torch.from_numpy(np.concatenate(source)), torch.from_numpy(np.concatenate(target))
+    fell_out = int(num_envs - in_step.sum())
+    return torch.from_numpy(np.concatenate(source)), torch.from_numpy(np.concatenate(target)), fell_out
 
 
 def policy_divergence(reference: torch.Tensor, probs: torch.Tensor) -> dict:
@@ -371,21 +380,23 @@ class ProcgenAdapter:
         if self.agent.kind != "ppo":
             print(f"paired states: a {self.agent.kind} agent has no action distribution to compare", flush=True)
             return None
-        pairs = paired_frames(self.agent, self.game, self.source_options, self.options, self.cfg.paired_steps,
-                              PAIRED_ENVS, self.cfg.seed + 777, self.mode, self.cfg.frame_stride)
-        if pairs is None:
-            print("paired states: the two renderings fell out of step; no policy comparison", flush=True)
-            return None
-        reference = features_and_policy(self.model, pairs[0], self.rt)[1]
-        before = policy_divergence(reference, features_and_policy(self.model, pairs[1], self.rt)[1])
+        source_frames, target_frames, fell_out = paired_frames(
+            self.agent, self.game, self.source_options, self.options, self.cfg.paired_steps, PAIRED_ENVS,
+            self.cfg.seed + 777, self.mode, self.cfg.frame_stride)
+        if fell_out:
+            print(f"paired states: {fell_out} of {PAIRED_ENVS} envs fell out of step (a collision in one rendering "
+                  f"only); their later states are left out", flush=True)
+        reference = features_and_policy(self.model, source_frames, self.rt)[1]
+        before = policy_divergence(reference, features_and_policy(self.model, target_frames, self.rt)[1])
 
         def score(model) -> dict:
-            after = policy_divergence(reference, features_and_policy(model, pairs[1], self.rt)[1])
+            after = policy_divergence(reference, features_and_policy(model, target_frames, self.rt)[1])
             for label, d in (("source", before), ("adapted", after)):
                 print(f"{label} policy on {len(reference)} paired target frames: from the source policy TV "
                       f"{d['tv_from_source_policy']:.3f}, JS {d['js_from_source_policy']:.3f} nats; argmax agreement "
                       f"{d['argmax_agreement']:.3f}, entropy {d['policy_entropy']:.3f} nats", flush=True)
-            return {"frames": len(reference), "source_agent": before, "adapted_agent": after}
+            return {"frames": len(reference), "envs_out_of_step": fell_out, "source_agent": before,
+                    "adapted_agent": after}
         return score
 
     def run(self) -> dict:
