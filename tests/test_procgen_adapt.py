@@ -1,6 +1,7 @@
 """Source-free adaptation of a Procgen agent to a visual domain (issue 15)."""
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -231,7 +232,10 @@ def test_a_resumed_adaptation_ends_where_an_uninterrupted_one_does(source_run, t
     assert re.search("already holds an unfinished run .*continue it with --resume", capsys.readouterr().err)
     with pytest.raises(ValueError, match="made with epochs=.*pass the same settings"):
         tiny_adapt(source_run, tmp_path / "cut", **{**settings, "epochs": epochs + 1}, resume=True)
-    resumed = tiny_adapt(source_run, tmp_path / "cut", **settings, resume=True)
+    twin = shutil.copytree(source_run, tmp_path / "twin")
+    with pytest.raises(ValueError, match="was adapting .*: resume it with the same --source"):
+        tiny_adapt(twin, tmp_path / "cut", **settings, resume=True)
+    resumed = tiny_adapt(os.path.relpath(source_run), tmp_path / "cut", **settings, resume=True)   # the same source
     assert resumed["epochs"] == whole["epochs"]   # every epoch's statistics, the first ones from before the cut
     assert resumed["resumed_after_epoch"] == stop_after and "resumed_after_epoch" not in whole
     whole_model = load_checkpoint(tmp_path / "whole", kind="procgen-agent")["agent_state"]["model"]

@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,7 +268,15 @@ class ProcgenAdapter:
         if not path.exists():
             raise ValueError(f"{self.run_dir} has no {ADAPT_STATE} to resume from (the run stopped within its first "
                              f"epoch, or it played online): run it again with --overwrite")
-        check_same_settings(self.run_dir, self.cfg, ignored=("resume",))
+        check_same_settings(self.run_dir, self.cfg, ignored=("resume", "source"))
+        written = json.loads((self.run_dir / "config.json").read_text())["source"]
+        try:   # the same checkpoint, however its path is written (relative or not)
+            same = resolve_checkpoint_path(written).resolve() == Path(self.source_path).resolve()
+        except CheckpointError:
+            same = False
+        if not same:
+            raise ValueError(f"{self.run_dir} was adapting {written}, not {self.cfg.source}: resume it with the same "
+                             f"--source")
         return load_checkpoint(path, kind=ADAPT_STATE_KIND)
 
     def resume_point(self, optimizer: torch.optim.Optimizer | None = None) -> Progress:
