@@ -18,8 +18,9 @@ For every game and seed, in <out> (one folder per pair of domains):
 Every agent is scored on unseen levels of both domains with the same episodes and evaluation seed, and
 each method's recovered fraction (adapted - source) / (ceiling - source) is given with its 95% interval.
 Finished pieces are skipped and interrupted trainings and adaptations resumed (an adaptation from its
-last finished epoch), so the script can be stopped and started again. With --jobs N the agents train side by side, then the adaptations and evaluations run
-side by side, each command with cores/N threads and its output in a .log beside its run. Writes
+last finished epoch), so the script can be stopped and started again. With --jobs N the agents train
+side by side, then the adaptations and evaluations run side by side, each command with cores/N threads
+and its output in a .log beside its run. Writes
 results.jsonl, fractions.jsonl, paired.jsonl and table.md to <out>, with setting.json (the domains,
 budgets and evaluation): later calls with the same setting add their games, seeds and methods to the same
 table (a run already there is reused, and checked to have run this driver's command), and a call with

@@ -21,9 +21,9 @@ network).
 What adaptation does to the policy is measured on paired states (`paired_steps`): the source policy
 plays the source visuals and a copy of the same levels in the target visuals is stepped with its actions
 (an env that falls out of step, as restrict-themes' hitboxes now and then make it, is dropped from then
-on: paired_frames), states kept every `frame_stride`-th step over whole episodes; on those states, the total-variation and Jensen-Shannon distances from the source policy on
-its own frames to the source and to the adapted policy on the target frames, their argmax agreement and
-entropy.
+on: paired_frames), states kept every `frame_stride`-th step over whole episodes; on those states, the
+total-variation and Jensen-Shannon distances from the source policy on its own frames to the source and
+to the adapted policy on the target frames, their argmax agreement and entropy.
 
 An offline method writes train-state.pt after every epoch (weights, optimizer, statistics, random
 generators, the evaluation before adapting); `resume` continues an interrupted run from it, to the same
