@@ -149,21 +149,26 @@ def tiny_ppo(run_dir, precision: str, total_steps: int, **agent):
                        agent={"num_envs": 4, "num_steps": 32, "num_minibatches": 4, "mixreg": True, **agent})
 
 
-def run_recording(trainer) -> tuple[dict, list[dict], set, dict]:
-    """Run a Trainer, recording each iteration's losses, the dtypes the backbone computed in, and the
+def run_recording(trainer) -> tuple[dict, list[dict], dict, dict]:
+    """Run a Trainer, recording each iteration's losses, the dtypes the backbone computed in (inside the
+    training iterations, and after them: the end-of-run pass that measures BUFR's feature statistics), and the
     parameters it started from."""
-    agent, iterations, dtypes = trainer.agent, [], set()
+    agent, iterations, dtypes = trainer.agent, [], {"training": set(), "after": set()}
     model = agent.model if hasattr(agent, "model") else agent.online
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    real = agent.train_iteration
+    real, phase = agent.train_iteration, ["after"]
 
     def train_iteration(should_stop):
-        metrics = real(should_stop)
+        phase[0] = "training"
+        try:
+            metrics = real(should_stop)
+        finally:
+            phase[0] = "after"
         iterations.append(metrics)
         return metrics
 
     agent.train_iteration = train_iteration
-    hook = model.backbone.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    hook = model.backbone.register_forward_hook(lambda module, args, out: dtypes[phase[0]].add(out.dtype))
     try:
         metrics = trainer.run()
     finally:
@@ -216,7 +221,7 @@ def test_ppo_trains_on_the_device_and_its_checkpoint_computes_the_same_on_the_cp
     assert metrics["test"]["episodes"] == 2 and finite(metrics["test"]["mean_return"])
     assert len(iterations) == 2
     check_ppo_losses(iterations)
-    assert dtypes == {torch.float32}
+    assert dtypes == {"training": {torch.float32}, "after": {torch.float32}}
     assert all(on_device(p) for p in agent.model.parameters())
     assert all(on_device(t) for t in agent.buffer.values()), "the rollout buffer lives on the device"
     assert all(on_device(s["exp_avg"]) for s in agent.optimizer.state.values())
@@ -277,7 +282,10 @@ def test_ppo_trains_under_bf16_autocast_on_the_device(tmp_path):
     due = skip_evaluations(trainer)
     metrics, iterations, dtypes, initial = run_recording(trainer)
     assert metrics["precision"] == "bf16" and metrics["env_steps"] == 128 and len(iterations) == 1 and due == [128]
-    assert dtypes == {torch.bfloat16}, f"the backbone computed in {dtypes} under bf16 autocast"
+    assert dtypes["training"] == {torch.bfloat16}, f"the backbone computed in {dtypes} under bf16 autocast"
+    # After training, BUFR's source frames are played as the agent plays (bf16) and their statistics measured in
+    # fp32, the precision the restoration computes in (agents/adapt/bufr.py)
+    assert dtypes["after"] == {torch.bfloat16, torch.float32}, f"the statistics pass computed in {dtypes['after']}"
     check_ppo_losses(iterations)
     assert all(p.dtype == torch.float32 and on_device(p) for p in trainer.agent.model.parameters())
     assert changed(initial, trainer.agent.model.state_dict())
