@@ -61,6 +61,9 @@ def add_adapt_options(options) -> None:
                          "after every epoch)")
     options.add_argument("--pad-batch-size", type=positive_int, default=rd.pad_batch_size, help="pad --online: "
                          f"randomly cropped copies of each transition per step (default {rd.pad_batch_size}, PAD's)")
+    options.add_argument("--pad-keep-fc", action="store_true", help="pad: adapt the encoder's conv layers only and "
+                         "leave its dense layer, the features the policy reads, as trained (PAD's policy keeps its "
+                         "own projection; default: the whole encoder adapts)")
 
 
 def adapt_config(a):
@@ -74,7 +77,7 @@ def adapt_config(a):
         beta=given_or(a.beta, rd.beta), diversity_prior=a.diversity_prior or rd.diversity_prior,
         eval_episodes=a.eval_episodes, paired_steps=a.paired_steps, cluster_backend=a.cluster_backend,
         frame_stride=a.frame_stride, anchor_weight=a.anchor_weight, source_frames=a.source_frames,
-        pad_online=a.online, pad_batch_size=a.pad_batch_size, resume=a.resume,
+        pad_online=a.online, pad_batch_size=a.pad_batch_size, pad_keep_fc=a.pad_keep_fc, resume=a.resume,
         seed=a.seed, device=a.device, run_dir=a.out, progress=not a.no_progress)
 
 

@@ -12,7 +12,8 @@ For every game and seed, in <out> (one folder per pair of domains):
                                env steps: the ceiling adaptation tries to approach (or an existing run:
                                --target-run <game>=<run dir>)
     <game>-<method>-s<seed>    the source agent adapted by each method (SHOT-IM, SHOT, anchored-im,
-                               BUFR, PAD offline, and PAD online: pad-online) to the target visuals
+                               BUFR, PAD offline, and PAD online: pad-online; pad-keep-fc, PAD offline
+                               with the encoder's dense layer kept, when named) to the target visuals
                                (`workbench adapt --target procgen:<game>:<visual>`), each with its own
                                default epochs unless --epochs
 Every agent is scored on unseen levels of both domains with the same episodes and evaluation seed, and
@@ -57,8 +58,12 @@ from workbench.logging import seed_table, write_json  # noqa: E402
 # Monochrome assets: the shift that costs a trained agent (starpilot, 500k steps: 4.16 -> 3.10 test return);
 # removing the backgrounds as well gave that agent back its full return (4.43), leaving nothing to adapt.
 DEFAULT_VISUAL = ["monochrome"]
-# the methods, PAD twice: offline on collected transitions, and online during the evaluation episodes
-BENCH_METHODS = (*METHODS, "pad-online")
+# the methods, PAD three times: offline on collected transitions, online during the evaluation episodes, and
+# offline with the encoder's dense layer kept as trained; each variant's `workbench adapt` flags and settings
+PAD_VARIANTS = {"pad-online": (["--online"], {"pad_online": True}),
+                "pad-keep-fc": (["--pad-keep-fc"], {"pad_keep_fc": True})}
+BENCH_METHODS = (*METHODS, *PAD_VARIANTS)
+DEFAULT_METHODS = (*METHODS, "pad-online")   # pad-keep-fc is an ablation of PAD's split, run when named
 # The games whose agents beat the uniform random policy within a CPU's budget (docs/RESULTS.md, easy, 100 test
 # episodes): starpilot 4.06 at 500k (random 1.72); coinrun 4.80 at 500k (bf16) and 5.90 at 303k in monochrome
 # (random 3.20; fp32 agents in its own visuals walked left and scored 0 at 140k, and seed 0 came unstuck to 5.80
@@ -88,7 +93,7 @@ def source_args(game: str, seed: int, args) -> list[str]:
 
 
 def recipe_flags(game: str, seed: int, args) -> list[str]:
-    aux = ["--aux", "inverse-dynamics"] if {"pad", "pad-online"} & set(args.methods) else []
+    aux = ["--aux", "inverse-dynamics"] if {"pad", *PAD_VARIANTS} & set(args.methods) else []
     return ["--env", game, "--seed", str(seed), "--precision", args.precision, *aux, *args.extra]
 
 
@@ -123,11 +128,16 @@ def target_spec(game: str, args) -> str:
     return f"procgen:{game}:{'+'.join(args.visual)}".rstrip(":")
 
 
+def adapted_method(method: str) -> str:
+    """The `workbench adapt --method` of a benchmark method (PAD's variants are pad)."""
+    return "pad" if method in PAD_VARIANTS else method
+
+
 def adapt_command(out: Path, game: str, method: str, seed: int, args) -> list[str]:
     """The `workbench adapt` command line of one adaptation run, with this driver's settings."""
     return [sys.executable, "-m", "workbench.cli", "adapt", "--source", str(source_run(out, game, seed, args)),
             "--target", target_spec(game, args),
-            *(["--method", "pad", "--online"] if method == "pad-online" else ["--method", method]),
+            "--method", adapted_method(method), *PAD_VARIANTS.get(method, ([], {}))[0],
             "--frames", str(args.frames), *(["--epochs", str(args.epochs)] if args.epochs else []),
             "--eval-episodes", str(args.episodes), "--paired-steps", str(args.paired_steps), "--seed", str(seed),
             "--out", str(out / f"{game}-{method}-s{seed}"),
@@ -139,7 +149,8 @@ def adaptation_settings(out: Path, game: str, method: str, seed: int, args) -> d
     wanted = {"source": str(Path(source_run(out, game, seed, args)).resolve()),
               "target": target_spec(game, args), "frames": args.frames,
               "eval_episodes": args.episodes, "paired_steps": args.paired_steps, "seed": seed,
-              "method": "pad" if method == "pad-online" else method, "pad_online": method == "pad-online"}
+              "method": adapted_method(method), "pad_online": False, "pad_keep_fc": False,
+              **PAD_VARIANTS.get(method, ([], {}))[1]}
     return {**wanted, "epochs": args.epochs} if args.epochs else wanted
 
 
@@ -376,9 +387,10 @@ def main(argv=None) -> None:
     p.add_argument("--source-visual", nargs="+", default=[DEFAULT_DOMAIN], help="the visual options the source "
                    f"agents are trained in (default `{DEFAULT_DOMAIN}`: the renderer's own visuals)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--methods", nargs="+", default=list(BENCH_METHODS), choices=BENCH_METHODS,
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=BENCH_METHODS,
                    help="pad-online: PAD adapting during the target evaluation episodes, as its eval.py runs it "
-                   "(its target return is theirs)")
+                   "(its target return is theirs); pad-keep-fc: offline PAD with the encoder's dense layer kept "
+                   f"as trained (default: {' '.join(DEFAULT_METHODS)})")
     p.add_argument("--total-steps", type=int, default=500_000, help="env steps of the source and target agents")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="for agents trained here")
     p.add_argument("--source-run", action="append", default=[], metavar="GAME=RUN_DIR",

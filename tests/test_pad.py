@@ -310,6 +310,10 @@ def test_train_procgen_options():
     cfg = adapt_config(["--source", "x", "--target", TARGET, "--method", "pad", "--online", "--pad-batch-size", "4"])
     assert cfg.pad_online and cfg.pad_batch_size == 4 and cfg.lr == PAD_LR and cfg.batch_size == 128
     assert adapt_config(["--source", "x", "--target", TARGET, "--method", "pad"]).pad_batch_size == PAD_BATCH_SIZE == 32
+    assert adapt_config(["--source", "x", "--target", TARGET, "--method", "pad", "--pad-keep-fc"]).pad_keep_fc
+    assert not adapt_config(["--source", "x", "--target", TARGET, "--method", "pad"]).pad_keep_fc
+    with pytest.raises(ValueError, match="--pad-keep-fc is PAD's"):
+        adapt_config(["--source", "x", "--target", TARGET, "--method", "bufr", "--pad-keep-fc"])
 
 
 # ---------------------------------------------------------------- adaptation
@@ -331,6 +335,16 @@ def test_offline_pad_trains_the_encoder_and_the_head_and_nothing_else(runs, tmp_
     assert metrics["epochs"][0]["transitions"] == int(TargetFrames.load(tmp_path / "pad" / "frames.npz",
                                                                        "bigfish").continues.sum())
     assert evaluate_checkpoint(tmp_path / "pad", episodes=2, num_envs=2, device="cpu")[0]["episodes"] == 2
+
+
+def test_offline_pad_keeping_the_dense_layer_moves_the_conv_trunk_and_the_head_only(runs, tmp_path):
+    tiny_pad(runs["ppo"], tmp_path / "pad", pad_keep_fc=True)
+    old = network(load_checkpoint(runs["ppo"], kind="procgen-agent"))
+    new = network(load_checkpoint(tmp_path / "pad", kind="procgen-agent"))
+    moved = {name for name in old if not torch.equal(old[name], new[name])}
+    assert {"backbone.fc.weight", "backbone.fc.bias"}.isdisjoint(moved), moved
+    assert any(name.startswith("backbone.") for name in moved) and any(name.startswith(HEAD) for name in moved)
+    assert all(name.startswith(("backbone.", HEAD)) for name in moved), moved
 
 
 @pytest.mark.parametrize("algo", ["ppo", "rainbow"])

@@ -374,6 +374,12 @@ def test_benchmark_runs_pad_online_as_pads_evaluation_and_trains_its_head(tmp_pa
     assert source[source.index("--aux") + 1] == "inverse-dynamics" and source[-2:] == ["--visual", "monochrome"]
     assert "--visual" not in bench.target_args("coinrun", 1, args)      # the ceiling: the renderer's own visuals
     assert "--aux" not in bench.source_args("coinrun", 1, argparse.Namespace(**{**vars(args), "methods": ["bufr"]}))
+    keep = bench.adapt_command(tmp_path, "coinrun", "pad-keep-fc", 1, args)
+    assert keep[keep.index("--method") + 1:keep.index("--method") + 3] == ["pad", "--pad-keep-fc"]
+    settings = bench.adaptation_settings(tmp_path, "coinrun", "pad-keep-fc", 1, args)
+    assert settings["method"] == "pad" and settings["pad_keep_fc"] and not settings["pad_online"]
+    assert not bench.adaptation_settings(tmp_path, "coinrun", "pad", 1, args)["pad_keep_fc"]
+    assert "pad-keep-fc" not in bench.DEFAULT_METHODS and "pad-keep-fc" in bench.BENCH_METHODS
 
 
 def test_benchmark_resumes_an_interrupted_adaptation_and_restarts_one_cut_in_its_first_epoch(tmp_path, load_script,

@@ -34,6 +34,13 @@ deployment are inputs the head learnt from; here both modes crop exactly when th
 on crops (its config's `aux_crop`, on by default with --aux). A head trained on plain frames adapts on plain
 frames: online, the transition itself instead of 32 crops of it (their loss would be 32 equal terms).
 
+What adapts, against PAD's code. PAD's inverse-dynamics encoder shares only the first conv layers with the
+policy's (8 of 11) and has its own projection (fc + LayerNorm, agent.py's ss_encoder built beside the actor's
+and tied by copy_conv_weights_from), so at deployment the policy's projection never moves. Here the head reads
+the policy's whole encoder (agents.inverse_dynamics), and by default the whole encoder adapts, its dense layer
+`backbone.fc` (the features the policy head reads) included. `pad_keep_fc` (--pad-keep-fc) keeps that layer as
+trained, so only the conv trunk adapts, nearer PAD's split; the gradient still passes through it to the convs.
+
 The checkpoint written after online PAD holds the encoder and head as the last episode to end left them
 (every episode starts again from the source, so no single adapted network exists).
 """
@@ -64,6 +71,9 @@ def check_source(adapter) -> None:
     if getattr(adapter.model, "inverse_dynamics", None) is None:
         raise CheckpointError(f"{adapter.source_path} has no inverse-dynamics head, which PAD adapts with: train "
                               "the source with --aux inverse-dynamics")
+    if adapter.cfg.pad_keep_fc and not isinstance(getattr(adapter.model.backbone, "fc", None), nn.Linear):
+        raise CheckpointError(f"--pad-keep-fc keeps the encoder's dense layer, and {adapter.source_path}'s "
+                              f"{type(adapter.model.backbone).__name__} has none: use an IMPALA agent or leave it out")
 
 
 def uses_target_frames(cfg) -> bool:
@@ -83,11 +93,14 @@ def trained_on_crops(adapter) -> bool:
     return bool(adapter.source_state["config"]["agent"].get("aux_crop", False))
 
 
-def trainable(net: nn.Module) -> list[nn.Parameter]:
-    """Freeze everything but the encoder and the inverse-dynamics head; returns their parameters."""
+def trainable(net: nn.Module, keep_fc: bool = False) -> list[nn.Parameter]:
+    """Freeze everything but the encoder and the inverse-dynamics head (with keep_fc, the encoder's dense layer
+    too: the conv trunk alone adapts); returns the parameters left to train."""
     net.requires_grad_(False)
     net.backbone.requires_grad_(True)
     net.inverse_dynamics.requires_grad_(True)
+    if keep_fc:
+        net.backbone.fc.requires_grad_(False)   # check_source made sure there is one
     return [p for p in net.parameters() if p.requires_grad]
 
 
@@ -142,7 +155,7 @@ def adapt(adapter, frames: TargetFrames | None, logger: RunLogger) -> list[dict]
 # ---------------------------------------------------------------- offline: epochs over collected transitions
 def adapt_offline(adapter, frames: TargetFrames, logger: RunLogger) -> list[dict]:
     cfg, model, device = adapter.cfg, adapter.model, adapter.rt.device
-    optimizer = torch.optim.Adam(trainable(model), lr=cfg.lr)
+    optimizer = torch.optim.Adam(trainable(model, cfg.pad_keep_fc), lr=cfg.lr)
     crop = RandomCrop() if trained_on_crops(adapter) else None
     progress = adapter.resume_point(optimizer)
     history = progress.history
@@ -175,7 +188,7 @@ class EpisodeLearner:
     def __init__(self, adapter):
         self.adapter, self.cfg = adapter, adapter.cfg
         self.net = copy.deepcopy(adapter.source_model())
-        self.parameters = trainable(self.net)
+        self.parameters = trainable(self.net, self.cfg.pad_keep_fc)
         self.crop = RandomCrop() if trained_on_crops(adapter) else None
         self.start_episode()
 
