@@ -83,10 +83,28 @@ def _play(agent, env: ProcgenVecEnv, num_episodes: int, deterministic: bool, rec
               "stderr_return": float(np.std(episode_returns, ddof=1) / math.sqrt(n)) if n > 1 else None,
               "normalized_score": env.normalized_score(mean), "env": env.env_name,
               "distribution_mode": env.distribution_mode, "num_levels": env.num_levels,
-              "start_level": env.start_level, "deterministic": deterministic, "clean_frames": test_view is None}
+              "start_level": env.start_level, "deterministic": deterministic, "clean_frames": test_view is None,
+              "returns": episode_returns}
     if record_video:
         result["video"] = np.stack(frames) if frames else np.zeros((0, 64, 64, 3), np.uint8)
     return result
+
+
+# The two sets of episodes an agent is scored on. TEST: the full level distribution with env seed 12345, the
+# episodes the tables report. VALIDATION: levels [10000, 10000 + n) with env seed 777, which neither training
+# (levels [0, num_levels) of the protocol) nor the test episodes use: where pairs, methods and variants are chosen.
+TEST_SEED = 12345
+VALIDATION_START, VALIDATION_LEVELS, VALIDATION_SEED = 10_000, 500, 777
+SPLITS = ("test", "val")
+
+
+def split_levels(split: str, val_levels: int = VALIDATION_LEVELS) -> dict:
+    """num_levels, start_level and seed (evaluate_checkpoint's arguments) of the test or the validation episodes."""
+    if split == "val":
+        return {"num_levels": val_levels, "start_level": VALIDATION_START, "seed": VALIDATION_SEED}
+    if split == "test":
+        return {"num_levels": 0, "start_level": 0, "seed": TEST_SEED}
+    raise ValueError(f"unknown evaluation split {split!r}: choose {' or '.join(SPLITS)}")
 
 
 RANDOM_POLICY = "random:"  # evaluate_procgen.py random:<game>: the uniform policy instead of a checkpoint

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from envs.procgen import domain_name, visual_domain
 
+from .evaluate import split_levels
+
 ROOT = Path(__file__).resolve().parents[1]
-EVALUATION_SEED = 12345   # the levels every final evaluation plays (evaluate_procgen's default)
 # The paper's network and rollout length, and the evaluation interval and test episodes the drivers' runs were
 # measured with, given before the driver's own flags (which override them): train_procgen.py's defaults are the
 # quick Procgen job's.
@@ -95,13 +96,16 @@ def train_to(run: Path, total_steps: int, train_args: list[str], threads: int | 
 
 
 def final_evaluation(run: Path, episodes: int, visual: list[str] | None = None, name: str | None = None,
-                     threads: int | None = None) -> dict:
-    """`scripts/evaluate_procgen.py` on unseen levels (seed EVALUATION_SEED), cached as JSON in the run:
-    `visual=None` plays the visuals the agent was trained in, a list (empty: the game's own) others."""
+                     threads: int | None = None, split: str = "test") -> dict:
+    """`scripts/evaluate_procgen.py` on unseen levels, the test episodes (evaluate_procgen's default) or
+    the validation ones (agents.evaluate.split_levels), cached as JSON in the run: `visual=None` plays the visuals
+    the agent was trained in, a list (empty: the game's own) others."""
     out = Path(run) / (name or f"final_evaluation_{episodes}.json")
     if not out.exists():
+        levels = split_levels(split)
         cmd = [sys.executable, str(ROOT / "scripts" / "evaluate_procgen.py"), str(run), "--episodes", str(episodes),
-               "--seed", str(EVALUATION_SEED), "--out", str(out)]
+               "--num-levels", str(levels["num_levels"]), "--start-level", str(levels["start_level"]),
+               "--seed", str(levels["seed"]), "--out", str(out)]
         if visual is not None:
             cmd += ["--visual", *visual]
         subprocess.run(cmd, check=True, capture_output=True, env=thread_env(threads))

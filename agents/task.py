@@ -6,6 +6,7 @@ from __future__ import annotations
 from workbench.arguments import given_or, non_negative_float, non_negative_int, positive_int
 
 from .adapt import METHODS  # noqa: F401  (the registry reads it)
+from .evaluate import SPLITS
 
 DISTRIBUTED = False
 ADAPT_RESUMABLE = True   # `workbench adapt --resume` continues an interrupted adaptation
@@ -38,6 +39,10 @@ def add_adapt_options(options) -> None:
                          "the source policy on the same states (0 skips)")
     options.add_argument("--eval-episodes", type=non_negative_int, default=rd.eval_episodes, help="test episodes "
                          "per domain for the source and the adapted agent (0 skips)")
+    options.add_argument("--eval-split", default=rd.eval_split, choices=SPLITS, help="where the agents are "
+                         "scored: the test episodes (the full level distribution, seed 12345, default) or the "
+                         "validation levels [10000, 10500) (seed 777), on which to choose between methods and "
+                         "variants without looking at the test episodes (online PAD plays and adapts on them)")
     options.add_argument("--beta", type=non_negative_float, default=None, help=f"pseudo-label weight (default "
                          f"{rd.beta})")
     options.add_argument("--diversity-prior", default=None, choices=DIVERSITY_PRIORS, help=f"IM diversity towards "
@@ -75,7 +80,8 @@ def adapt_config(a):
         collect_policy=a.collect_policy, frames_file=a.frames_file, recollect=a.recollect,
         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,   # None: the method's defaults
         beta=given_or(a.beta, rd.beta), diversity_prior=a.diversity_prior or rd.diversity_prior,
-        eval_episodes=a.eval_episodes, paired_steps=a.paired_steps, cluster_backend=a.cluster_backend,
+        eval_episodes=a.eval_episodes, eval_split=a.eval_split, paired_steps=a.paired_steps,
+        cluster_backend=a.cluster_backend,
         frame_stride=a.frame_stride, anchor_weight=a.anchor_weight, source_frames=a.source_frames,
         pad_online=a.online, pad_batch_size=a.pad_batch_size, pad_keep_fc=a.pad_keep_fc, resume=a.resume,
         seed=a.seed, device=a.device, run_dir=a.out, progress=not a.no_progress)

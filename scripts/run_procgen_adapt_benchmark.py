@@ -18,6 +18,9 @@ For every game and seed, in <out> (one folder per pair of domains):
                                default epochs unless --epochs
 Every agent is scored on unseen levels of both domains with the same episodes and evaluation seed, and
 each method's recovered fraction (adapted - source) / (ceiling - source) is given with its 95% interval.
+The same fraction on the validation levels [10000, 10500) of the target visuals (agents.evaluate.split_levels;
+online PAD adapting anew during those episodes) stands beside it, and the method with the best validation
+fraction is named: the one a user would pick without looking at the test episodes.
 Finished pieces are skipped and interrupted trainings and adaptations resumed (an adaptation from its
 last finished epoch), so the script can be stopped and started again. With --jobs N the agents train
 side by side, then the adaptations and evaluations run side by side, each command with cores/N threads
@@ -26,7 +29,9 @@ results.jsonl, fractions.jsonl, paired.jsonl and table.md to <out>, with setting
 budgets and evaluation): later calls with the same setting add their games, seeds and methods to the same
 table (a run already there is reused, and checked to have run this driver's command), and a call with
 another setting is refused. --across reads several such folders (one per pair of domains) and prints their
-recovered fractions side by side, with the pairs on which each method wins back at least half the cost.
+recovered fractions side by side, with the pairs on which each method wins back at least half the cost, and
+on which the method chosen on validation does (folders of one pair of domains and source agents pool their
+methods for that choice).
 
     python scripts/run_procgen_adapt_benchmark.py --games starpilot coinrun maze --total-steps 500000 --jobs 2 \\
         --source-run starpilot=runs/precision/fp32-s0 --visual monochrome --out runs/procgen-adapt
@@ -64,6 +69,7 @@ PAD_VARIANTS = {"pad-online": (["--online"], {"pad_online": True}),
                 "pad-keep-fc": (["--pad-keep-fc"], {"pad_keep_fc": True})}
 BENCH_METHODS = (*METHODS, *PAD_VARIANTS)
 DEFAULT_METHODS = (*METHODS, "pad-online")   # pad-keep-fc is an ablation of PAD's split, run when named
+ONLINE_METHODS = ("pad-online",)              # adapt while they play: their figure on any levels is a new run
 # The games whose agents beat the uniform random policy within a CPU's budget (docs/RESULTS.md, easy, 100 test
 # episodes): starpilot 4.06 at 500k (random 1.72); coinrun 4.80 at 500k (bf16) and 5.90 at 303k in monochrome
 # (random 3.20; fp32 agents in its own visuals walked left and scored 0 at 140k, and seed 0 came unstuck to 5.80
@@ -133,15 +139,18 @@ def adapted_method(method: str) -> str:
     return "pad" if method in PAD_VARIANTS else method
 
 
-def adapt_command(out: Path, game: str, method: str, seed: int, args) -> list[str]:
-    """The `workbench adapt` command line of one adaptation run, with this driver's settings."""
+def adapt_command(out: Path, game: str, method: str, seed: int, args, split: str = "test") -> list[str]:
+    """The `workbench adapt` command line of one adaptation run, with this driver's settings; with split "val"
+    the same run scored on the validation levels instead, in the run's validation/ folder (online PAD's
+    validation figure, which only playing the validation episodes can give)."""
+    run = out / f"{game}-{method}-s{seed}"
+    paired, run = (args.paired_steps, run) if split == "test" else (0, run / "validation")
     return [sys.executable, "-m", "workbench.cli", "adapt", "--source", str(source_run(out, game, seed, args)),
             "--target", target_spec(game, args),
             "--method", adapted_method(method), *PAD_VARIANTS.get(method, ([], {}))[0],
             "--frames", str(args.frames), *(["--epochs", str(args.epochs)] if args.epochs else []),
-            "--eval-episodes", str(args.episodes), "--paired-steps", str(args.paired_steps), "--seed", str(seed),
-            "--out", str(out / f"{game}-{method}-s{seed}"),
-            "--no-progress"]
+            "--eval-episodes", str(args.episodes), "--eval-split", split, "--paired-steps", str(paired),
+            "--seed", str(seed), "--out", str(run), "--no-progress"]
 
 
 def adaptation_settings(out: Path, game: str, method: str, seed: int, args) -> dict:
@@ -187,6 +196,31 @@ def adapted_metrics(out: Path, game: str, method: str, seed: int, args) -> dict:
         again = ["--resume"] if (run / ADAPT_STATE).exists() else ["--overwrite"]
         run_logged(adapt_command(out, game, method, seed, args) + again, args.threads, run / "adapt.log")
     return json.loads((run / "metrics.json").read_text())
+
+
+def validation_name(args) -> str:
+    """The cached validation evaluation of an agent in the target visuals (named by them: one source agent
+    serves several targets)."""
+    return f"evaluation_{domain_name(args.visual)}_val_{args.episodes}.json"
+
+
+def validation_return(run: Path, args) -> dict:
+    """An agent's return on the validation levels in the target visuals: the levels a method is chosen on."""
+    return final_evaluation(run, args.episodes, args.visual, name=validation_name(args), threads=args.threads,
+                            split="val")
+
+
+def adapted_validation(out: Path, game: str, method: str, seed: int, args) -> dict:
+    """An adapted agent's validation return in the target visuals: its checkpoint played there, or for online
+    PAD (whose network changes during every episode) the method itself, adapting from the source agent during
+    the validation episodes (`workbench adapt --online --eval-split val`, in the run's validation/ folder)."""
+    run = out / f"{game}-{method}-s{seed}"
+    if method not in ONLINE_METHODS:
+        return validation_return(run, args)
+    if not (run / "validation" / "metrics.json").exists():
+        run_logged(adapt_command(out, game, method, seed, args, split="val") + ["--overwrite"], args.threads,
+                   run / "validation.log")
+    return json.loads((run / "validation" / "metrics.json").read_text())["adapted_agent"]["target"]
 
 
 def target_return(run: Path, args) -> dict:
@@ -266,20 +300,56 @@ def fraction_cells(fractions: list[dict]) -> list[tuple[str, str, tuple | None]]
             for game, method in dict.fromkeys((r["game"], r["method"]) for r in fractions)]
 
 
+def validation_mean(cell: list[dict]) -> float | None:
+    """The mean recovered fraction on the validation levels over a game and method's seeds (None unless every
+    seed has one)."""
+    values = [r.get("val_fraction") for r in cell]
+    return statistics.mean(values) if values and None not in values else None
+
+
+def chosen_on_validation(fractions: list[dict]) -> list[tuple[str, str, float, tuple | None]]:
+    """Per game, the method one would pick without looking at the test episodes: the highest mean recovered
+    fraction on the validation levels. (game, method, that validation mean, its test fraction_summary); games
+    where no method has a validation figure are left out."""
+    chosen = []
+    for game in dict.fromkeys(r["game"] for r in fractions):
+        cells = {}
+        for r in fractions:
+            if r["game"] == game:
+                cells.setdefault(r["method"], []).append(r)
+        scored = {method: validation_mean(cell) for method, cell in cells.items()}
+        scored = {method: value for method, value in scored.items() if value is not None}
+        if scored:
+            best = max(scored, key=scored.get)
+            chosen.append((game, best, scored[best], fraction_summary(cells[best])))
+    return chosen
+
+
 def fraction_table(fractions: list[dict]) -> str:
-    """Per game and method, the recovered fraction with its 95% interval (fraction_summary)."""
-    lines = ["| game | method | recovered fraction | 95% interval | seeds |", "|---|---|---|---|---|"]
+    """Per game and method, the recovered fraction with its 95% interval (fraction_summary), beside the mean
+    fraction on the validation levels; then, per game, the method chosen on those (chosen_on_validation)."""
+    lines = ["| game | method | recovered fraction | 95% interval | seeds | validation fraction |",
+             "|---|---|---|---|---|---|"]
     for game, method, summary in fraction_cells(fractions):
+        val = validation_mean([r for r in fractions if (r["game"], r["method"]) == (game, method)])
+        val = "" if val is None else f"{val:.2f}"
         if summary is None:
-            lines.append(f"| {game} | {method} | — (no gap to the ceiling) | | 0 |")
+            lines.append(f"| {game} | {method} | — (no gap to the ceiling) | | 0 | {val} |")
             continue
         f, low, high, n = summary
-        lines.append(f"| {game} | {method} | {f:.2f} | [{low:.2f}, {high:.2f}] | {n} |")
+        lines.append(f"| {game} | {method} | {f:.2f} | [{low:.2f}, {high:.2f}] | {n} | {val} |")
+    choices = [f"- {game}: {method} (validation fraction {val:.2f}); on the test episodes "
+               + (f"{summary[0]:.2f} [{summary[1]:.2f}, {summary[2]:.2f}]" if summary else "no gap to the ceiling")
+               for game, method, val, summary in chosen_on_validation(fractions)]
+    if choices:
+        lines += ["", "The method chosen on the validation levels (highest validation fraction), and what it scores "
+                  "on the test episodes:", "", *choices]
     return "\n".join(lines) + "\n"
 
 
 # issue 36's bar for a method on one (game, shift) pair: at least half the cost won back, the interval above zero
 HALF_WON_BACK = 0.5
+CHOSEN = "chosen on validation"   # the protocol: on each pair, the method with the best validation fraction
 
 
 def shifts_table(outs: list[Path]) -> str:
@@ -289,22 +359,37 @@ def shifts_table(outs: list[Path]) -> str:
     lines = ["| game | shift | method | recovered fraction | 95% interval | seeds | half won back |",
              "|---|---|---|---|---|---|---|"]
     met_on: dict[str, dict[str, bool]] = {}   # method -> {(game, shift) pair it ran on: bar met}
+    by_shift: dict[tuple, list[dict]] = {}    # folders of one pair of domains and sources, their methods together
     for out in outs:
         if not (out / SETTING_FILE).exists():
             raise SystemExit(f"error: {out} holds no benchmark ({SETTING_FILE} is missing): give a folder this "
                              "driver filled with --out")
         setting = json.loads((out / SETTING_FILE).read_text())
         shift = f"{domain_name(setting['source_visual'])} → {domain_name(setting['visual'])}"
-        fractions = [json.loads(line) for line in (out / "fractions.jsonl").read_text().splitlines()]
+        sources = tuple(sorted({source for source, _ in setting.get("source_and_ceiling", {}).values()}))
+        by_shift.setdefault((shift, sources), []).extend(
+            json.loads(line) for line in (out / "fractions.jsonl").read_text().splitlines())
+
+    def add(game: str, shift: str, method: str, summary: tuple | None) -> None:
+        met = summary is not None and summary[0] >= HALF_WON_BACK and summary[1] > 0
+        met_on.setdefault(method, {})[f"{game} {shift}"] = met
+        if summary is None:
+            lines.append(f"| {game} | {shift} | {method} | — (no gap to the ceiling) | | 0 | |")
+            return
+        f, low, high, n = summary
+        lines.append(f"| {game} | {shift} | {method} | {f:.3f} | [{low:.2f}, {high:.2f}] | {n} | "
+                     f"{'yes' if met else 'no'} |")
+
+    shared = [shift for shift, _ in by_shift]
+    for (shift, sources), fractions in by_shift.items():
+        if shared.count(shift) > 1:   # one shift from several source agents: several pairs, named by the source
+            shift += f" (from {', '.join(Path(source).name for source in sources)})"
         for game, method, summary in fraction_cells(fractions):
-            met = summary is not None and summary[0] >= HALF_WON_BACK and summary[1] > 0
-            met_on.setdefault(method, {})[f"{game} {shift}"] = met
-            if summary is None:
-                lines.append(f"| {game} | {shift} | {method} | — (no gap to the ceiling) | | 0 | |")
-                continue
-            f, low, high, n = summary
-            lines.append(f"| {game} | {shift} | {method} | {f:.3f} | [{low:.2f}, {high:.2f}] | {n} | "
-                         f"{'yes' if met else 'no'} |")
+            add(game, shift, method, summary)
+        for game, method, _, summary in chosen_on_validation(fractions):
+            add(game, shift, f"{CHOSEN} ({method})", summary)
+    for method in [m for m in met_on if m.startswith(CHOSEN)]:   # one protocol, whichever method it chose
+        met_on.setdefault(CHOSEN, {}).update(met_on.pop(method))
     won = {method: [pair for pair, met in pairs.items() if met] for method, pairs in met_on.items()}
     verdicts = [f"- {method}: {len(won[method])} of the {len(pairs)} pairs it ran on"
                 + (f" ({'; '.join(won[method])})" if won[method] else "") for method, pairs in met_on.items()]
@@ -445,6 +530,13 @@ def main(argv=None) -> None:
                                   for seed, game in pieces for method in args.methods])
     reference = run_all(args.jobs, [lambda s=seed, g=game: target_return(target_run(out, g, s, args), args)
                                     for seed, game in pieces])
+    # the same agents on the validation levels, where a method is chosen without the test episodes
+    validated = run_all(args.jobs, [lambda s=seed, g=game, m=method: adapted_validation(out, g, m, s, args)
+                                    for seed, game in pieces for method in args.methods])
+    val_agents = list(dict.fromkeys(run for seed, game in pieces   # a given source or ceiling serves every seed
+                                    for run in (source_run(out, game, seed, args), target_run(out, game, seed, args))))
+    val_of = dict(zip(val_agents, run_all(args.jobs, [lambda run=run: validation_return(run, args)
+                                                      for run in val_agents])))
     rows, paired, fractions = [], [], []
     for i, (seed, game) in enumerate(pieces):
         def add(column: str, value: float) -> None:
@@ -459,8 +551,12 @@ def main(argv=None) -> None:
             paired += paired_rows(game, seed, method, m, "adapted_agent")
             add(f"{method}, target", m["adapted_agent"]["target"]["mean_return"])
             add(f"{method}, source", m["adapted_agent"]["source"]["mean_return"])
+            val = recovered_fraction(validated[i * len(args.methods) + j], val_of[source_run(out, game, seed, args)],
+                                     val_of[target_run(out, game, seed, args)])
             fractions.append({"game": game, "seed": seed, "method": method, **recovered_fraction(
-                m["adapted_agent"]["target"], m["source_agent"]["target"], reference[i])})
+                m["adapted_agent"]["target"], m["source_agent"]["target"], reference[i]),
+                **{f"val_{key}": value for key, value in val.items()},
+                "val_return": validated[i * len(args.methods) + j]["mean_return"]})
         add("trained in target, target", reference[i]["mean_return"])
         for domain, value in zip(("source", "target"), random_policy_returns(out, game, seed, args)):
             add(f"random policy, {domain}", value)

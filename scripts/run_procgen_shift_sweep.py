@@ -41,15 +41,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agents.evaluate import evaluate_checkpoint, evaluate_random_policy  # noqa: E402
-from agents.resumable import EVALUATION_SEED, given_run, run_finished, source_run_name, train_to  # noqa: E402
+from agents.evaluate import (TEST_SEED, VALIDATION_LEVELS, VALIDATION_START, evaluate_checkpoint,  # noqa: E402
+                             evaluate_random_policy, split_levels)
+from agents.resumable import given_run, run_finished, source_run_name, train_to  # noqa: E402
 from envs.procgen import DEFAULT_DOMAIN, GAMES, PROTOCOLS, VISUAL_OPTIONS, domain_name, visual_domain  # noqa: E402
 from workbench.arguments import ArgumentParser, positive_int, positive_steps  # noqa: E402
 from workbench.files import atomic_write  # noqa: E402
 from workbench.logging import write_json  # noqa: E402
 
-VALIDATION_START = 10_000    # validation levels: [10000, 10000 + n), away from training's [0, 200)
-VALIDATION_SEED = 777        # the env randomness of the validation episodes
 COST_THRESHOLD = 1 / 3       # a shift hurts when it costs at least a third of the margin over random play
 MARGIN_STANDARD_ERRORS = 2   # ... of an agent whose margin exceeds this many standard errors
 
@@ -75,9 +74,7 @@ class Sweep:
 
     def split(self, name: str) -> dict:
         """Levels and env seed of the validation episodes (chosen on) or the test episodes (reported)."""
-        if name == "val":
-            return {"num_levels": self.val_levels, "start_level": VALIDATION_START, "seed": VALIDATION_SEED}
-        return {"num_levels": 0, "start_level": 0, "seed": EVALUATION_SEED}
+        return split_levels(name, self.val_levels)
 
     def cached(self, name: str, compute) -> dict:
         path = self.out / "evaluations" / f"{name}.json"
@@ -146,7 +143,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--total-steps", type=positive_steps, default=500_000, help="budget of the agents trained here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--episodes", type=positive_int, default=100, help="episodes per evaluation")
-    p.add_argument("--val-levels", type=positive_int, default=500, help="validation levels from 10000")
+    p.add_argument("--val-levels", type=positive_int, default=VALIDATION_LEVELS,
+                   help=f"validation levels from {VALIDATION_START} (default {VALIDATION_LEVELS})")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/shift-sweep")
     p.add_argument("extra", nargs="*", help="train_procgen.py flags for the agents trained here (after --)")
@@ -205,7 +203,7 @@ def main(argv=None) -> list[dict]:
     report = (f"Validation levels [{VALIDATION_START}, {VALIDATION_START + args.val_levels}), {args.episodes} "
               f"episodes per cell (the choice):\n\n" + table([r for r in every if r["split"] == "val"])
               + f"\n{len(chosen)} pair(s) cost at least a third of a margin over {MARGIN_STANDARD_ERRORS} standard "
-              f"errors. Test episodes (full distribution, seed {EVALUATION_SEED}) of the chosen pairs:\n\n"
+              f"errors. Test episodes (full distribution, seed {TEST_SEED}) of the chosen pairs:\n\n"
               + table([r for r in every if r["split"] == "test"]))
     write_text(out / "table.md", report)
     print(report)

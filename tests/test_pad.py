@@ -13,7 +13,7 @@ from adaptation.cli import adapt_config, adapt_main
 from agents.adapt import ProcgenAdaptConfig, ProcgenAdapter
 from agents.adapt.pad import pad_step
 from agents.cli import config_from_args, parse_train_args, train_main
-from agents.evaluate import evaluate_checkpoint
+from agents.evaluate import evaluate_checkpoint, split_levels
 from agents.inverse_dynamics import (AUX_WEIGHT, HIDDEN_DIM, PAD_BATCH_SIZE, PAD_LR, InverseDynamicsHead,
                                      action_accuracy, cropped_transitions, inverse_dynamics_loss)
 from agents.ppo import PPO, ActorCritic, PPOConfig
@@ -389,6 +389,38 @@ def test_online_pad_plays_the_evaluation_episodes_adapting_during_each(runs, tmp
     assert all(torch.equal(old[k], new[k]) for k in old if k.startswith(("policy_head.", "value_head.")))
     config = json.loads((tmp_path / "moving" / "config.json").read_text())
     assert config["pad_online"] and config["lr"] == PAD_LR
+
+
+def test_online_pad_and_the_evaluations_play_the_validation_levels_when_told(runs, tmp_path, monkeypatch):
+    """--eval-split val: the evaluations of the source agent and the episodes online PAD adapts in are the
+    validation levels [10000, 10500) with their seed; by default the test episodes (the full distribution)."""
+    import agents.adapt.pad as pad
+    import agents.evaluate as evaluation
+
+    class Played(Exception):
+        pass
+
+    evaluated, played = [], []
+
+    def evaluate_checkpoint(path, **kwargs):
+        evaluated.append({k: kwargs[k] for k in ("num_levels", "start_level", "seed")})
+        return {"mean_return": 1.0, "stderr_return": 0.1, "normalized_score": 0.0, "episodes": 2,
+                **evaluated[-1]}, None
+
+    def env(*args, **kwargs):
+        played.append({k: kwargs[k] for k in ("num_levels", "start_level", "seed")})
+        raise Played
+
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", evaluate_checkpoint)
+    monkeypatch.setattr(pad, "ProcgenVecEnv", env)
+    for split, levels in (("val", {"num_levels": 500, "start_level": 10_000, "seed": 777}),
+                          ("test", {"num_levels": 0, "start_level": 0, "seed": 12345})):
+        evaluated.clear(), played.clear()
+        with pytest.raises(Played):
+            tiny_pad(runs["ppo"], tmp_path / split, pad_online=True, eval_episodes=2, eval_split=split)
+        assert evaluated == [levels, levels] and played == [levels] and split_levels(split) == levels
+    with pytest.raises(ValueError, match="unknown --eval-split 'dev'"):
+        ProcgenAdaptConfig(method="pad", eval_split="dev")
 
 
 @pytest.mark.parametrize("aux_crop", [False, True])

@@ -293,6 +293,14 @@ def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_r
     floor = evaluate_random_policy("bigfish", 2, visual=["no-backgrounds", "monochrome"])
     assert rows["random policy, target"] == floor["mean_return"] and floor["episodes"] == 2
     assert rows["random policy, source"] == evaluate_random_policy("bigfish", 2)["mean_return"]
+    # the validation levels: each agent's evaluation there, in the target visuals, gives the validation fraction
+    val_name = "evaluation_no-backgrounds+monochrome_val_2.json"
+    val = {name: json.loads((run / val_name).read_text())
+           for name, run in (("adapted", tmp_path / "bigfish-shot-im-s0"), ("source", source_run), ("ceiling", target_run))}
+    assert {v["start_level"] for v in val.values()} == {10_000} and {v["num_levels"] for v in val.values()} == {500}
+    fraction = json.loads((tmp_path / "fractions.jsonl").read_text().splitlines()[0])
+    assert fraction["val_return"] == val["adapted"]["mean_return"]
+    assert fraction["val_fraction"] == bench.recovered_fraction(val["adapted"], val["source"], val["ceiling"])["fraction"]
     table = (tmp_path / "table.md").read_text()
     assert "| bigfish |" in table
     tv = adapted["paired_states"]["adapted_agent"]["tv_from_source_policy"]
@@ -380,6 +388,40 @@ def test_benchmark_runs_pad_online_as_pads_evaluation_and_trains_its_head(tmp_pa
     assert settings["method"] == "pad" and settings["pad_keep_fc"] and not settings["pad_online"]
     assert not bench.adaptation_settings(tmp_path, "coinrun", "pad", 1, args)["pad_keep_fc"]
     assert "pad-keep-fc" not in bench.DEFAULT_METHODS and "pad-keep-fc" in bench.BENCH_METHODS
+    # online PAD's validation figure is the method run again on the validation levels, in the run's validation/
+    val = bench.adapt_command(tmp_path, "coinrun", "pad-online", 1, args, split="val")
+    assert val[val.index("--eval-split") + 1] == "val" and val[val.index("--paired-steps") + 1] == "0"
+    assert val[val.index("--out") + 1] == str(tmp_path / "coinrun-pad-online-s1" / "validation")
+    assert command[command.index("--eval-split") + 1] == "test"
+
+
+def test_benchmark_validation_plays_checkpoints_there_and_runs_online_pad_again(tmp_path, load_script, monkeypatch):
+    import argparse
+
+    bench = load_script("run_procgen_adapt_benchmark")
+    args = argparse.Namespace(given={"coinrun": None}, visual=["monochrome"], source_visual=[], frames=64,
+                              epochs=None, episodes=8, paired_steps=0, methods=["pad-online", "bufr"],
+                              precision="auto", extra=[], threads=None)
+    commands, evaluated = [], []
+
+    def run_logged(command, threads, log):   # records the command and finishes the run
+        commands.append(command)
+        out = Path(command[command.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({"adapted_agent": {"target": {"mean_return": 4.0}}}))
+
+    def final_evaluation(run, episodes, visual, name, threads, split):
+        evaluated.append((run, episodes, visual, name, split))
+        return {"mean_return": 3.0}
+
+    monkeypatch.setattr(bench, "run_logged", run_logged)
+    monkeypatch.setattr(bench, "final_evaluation", final_evaluation)
+    assert bench.adapted_validation(tmp_path, "coinrun", "pad-online", 0, args)["mean_return"] == 4.0
+    assert bench.adapted_validation(tmp_path, "coinrun", "pad-online", 0, args)["mean_return"] == 4.0  # kept
+    assert len(commands) == 1 and commands[0][commands[0].index("--eval-split") + 1] == "val"
+    assert bench.adapted_validation(tmp_path, "coinrun", "bufr", 0, args)["mean_return"] == 3.0
+    assert evaluated == [(tmp_path / "coinrun-bufr-s0", 8, ["monochrome"], "evaluation_monochrome_val_8.json",
+                          "val")]
 
 
 def test_benchmark_resumes_an_interrupted_adaptation_and_restarts_one_cut_in_its_first_epoch(tmp_path, load_script,
@@ -510,29 +552,63 @@ def test_recovered_fraction_and_its_interval_by_hand(load_script):
     assert f"| g | m | 0.50 | [{0.5 - half:.2f}, {0.5 + half:.2f}] | 3 |" in bench.fraction_table(rows)
 
 
+def test_the_method_is_chosen_on_its_validation_fraction_and_reported_on_test(load_script):
+    """The choice reads the validation fractions only: the method with the best test figure is not chosen when
+    another is better on validation, and a method without a validation figure on every seed is not a candidate."""
+    bench = load_script("run_procgen_adapt_benchmark")
+
+    def row(method, seed, test, val):
+        return {"game": "g", "method": method, "seed": seed, "fraction": test, "low": None, "high": None,
+                "val_fraction": val}
+
+    rows = [row("best-on-test", 0, 0.9, 0.1), row("best-on-test", 1, 0.8, 0.2),
+            row("best-on-val", 0, 0.3, 0.5), row("best-on-val", 1, 0.5, 0.3),
+            row("unvalidated", 0, 0.2, 0.9), row("unvalidated", 1, 0.2, None)]
+    [(game, method, val, summary)] = bench.chosen_on_validation(rows)
+    assert (game, method, val) == ("g", "best-on-val", pytest.approx(0.4))
+    assert summary[0] == pytest.approx(0.4) and summary[3] == 2   # its test fraction over its seeds
+    table = bench.fraction_table(rows)
+    assert "- g: best-on-val (validation fraction 0.40); on the test episodes 0.40" in table
+    assert "| g | best-on-test | 0.85 |" in table and table.count("| 0.15 |") == 1   # its validation mean
+    assert bench.chosen_on_validation([{**r, "val_fraction": None} for r in rows]) == []
+
+
 def test_shifts_table_counts_the_pairs_each_method_wins_half_of(load_script, tmp_path):
     bench = load_script("run_procgen_adapt_benchmark")
 
-    def benchmark(name: str, visual: list[str], fractions: list[tuple[str, int, float, float, float]]) -> Path:
+    def benchmark(name: str, visual: list[str], fractions: list[tuple], source: str = "s") -> Path:
+        """(method, seed, fraction, low, high[, validation fraction]) rows of one folder."""
         out = tmp_path / name
         out.mkdir()
-        (out / bench.SETTING_FILE).write_text(json.dumps({"source_visual": ["monochrome"], "visual": visual}))
+        (out / bench.SETTING_FILE).write_text(json.dumps({"source_visual": ["monochrome"], "visual": visual,
+                                                          "source_and_ceiling": {"starpilot-s0": [source, "c"]}}))
         (out / "fractions.jsonl").write_text("".join(json.dumps(
-            {"game": "starpilot", "method": m, "seed": s, "fraction": f, "low": lo, "high": hi}) + "\n"
-            for m, s, f, lo, hi in fractions))
+            {"game": "starpilot", "method": m, "seed": s, "fraction": f, "low": lo, "high": hi,
+             "val_fraction": val[0] if val else None}) + "\n" for m, s, f, lo, hi, *val in fractions))
         return out
 
-    first = benchmark("a", [], [("bufr", 0, 0.6, 0.1, 1.1), ("pad", 0, 0.7, -0.1, 1.5)])
+    first = benchmark("a", [], [("bufr", 0, 0.6, 0.1, 1.1, 0.2), ("pad", 0, 0.7, -0.1, 1.5, 0.1)])
+    # a folder of the same shift and source agent: its method joins the choice on validation
+    variant = benchmark("a2", [], [("pad-keep-fc", 0, 0.45, 0.2, 0.7, 0.4)])
+    # the same shift from another source agent is another pair
+    other = benchmark("a3", [], [("bufr", 0, 0.9, 0.8, 1.0, 0.9)], source="another")
     # three seeds whose mean is just below the bar: 0.497 is not half, whatever it rounds to
     second = benchmark("b", ["no-backgrounds"], [("bufr", 0, 0.53, 0, 0), ("bufr", 1, 0.55, 0, 0),
                                                 ("bufr", 2, 0.411, 0, 0)])
-    table = bench.shifts_table([first, second])
+    table = bench.shifts_table([first, variant, second, other])
     half = 4.302652729911275 * np.std([0.53, 0.55, 0.411], ddof=1) / np.sqrt(3)   # t(0.975, 2)
-    assert "| starpilot | monochrome → default | bufr | 0.600 | [0.10, 1.10] | 1 | yes |" in table
-    assert "| starpilot | monochrome → default | pad | 0.700 | [-0.10, 1.50] | 1 | no |" in table   # touches zero
+    shift, again = "monochrome → default (from s)", "monochrome → default (from another)"
+    assert f"| starpilot | {shift} | bufr | 0.600 | [0.10, 1.10] | 1 | yes |" in table
+    assert f"| starpilot | {shift} | pad | 0.700 | [-0.10, 1.50] | 1 | no |" in table   # touches zero
     assert (f"| starpilot | monochrome → no-backgrounds | bufr | 0.497 | [{0.497 - half:.2f}, {0.497 + half:.2f}] "
             "| 3 | no |") in table
-    assert "- bufr: 1 of the 2 pairs it ran on (starpilot monochrome → default)" in table
+    assert f"- bufr: 2 of the 3 pairs it ran on (starpilot {shift}; starpilot {again})" in table
     assert "- pad: 0 of the 1 pairs it ran on" in table
+    # chosen on validation: pad-keep-fc (0.4) over bufr (0.2) on the first source, whatever the test figures say;
+    # no choice where no method has a validation figure
+    assert f"| starpilot | {shift} | chosen on validation (pad-keep-fc) | 0.450 | [0.20, 0.70] | 1 | no |" in table
+    assert f"| starpilot | {again} | chosen on validation (bufr) | 0.900 | [0.80, 1.00] | 1 | yes |" in table
+    assert table.count("chosen on validation (") == 2
+    assert f"- chosen on validation: 1 of the 2 pairs it ran on (starpilot {again})" in table
     with pytest.raises(SystemExit, match="holds no benchmark"):
         bench.shifts_table([first, tmp_path / "missing"])

@@ -53,6 +53,7 @@ from workbench.checkpoint import CheckpointError, load_checkpoint, resolve_check
 from workbench.logging import RunLogger, check_same_settings, default_run_name, write_json
 from workbench.runtime import RunSettings, Runtime, rng_state, seed_everything, set_rng_state
 
+from ..evaluate import SPLITS, split_levels
 from ..inverse_dynamics import PAD_BATCH_SIZE, PAD_LR
 from ..rollouts import FRAME_STRIDE, TargetFrames, collect_frames
 
@@ -70,7 +71,7 @@ TRAINING_DEFAULTS = {"bufr": dict(epochs=30, batch_size=256, lr=1e-4),   # the o
                      "pad": dict(epochs=15, batch_size=128, lr=PAD_LR)}
 SHOT_TRAINING = dict(epochs=15, batch_size=64, lr=LR)
 PAIRED_ENVS = 32
-EVAL_SEED, EVAL_ENVS = 12345, 64   # the evaluation episodes of both domains (and online PAD's): env seed, envs
+EVAL_ENVS = 64   # envs of the evaluation episodes of both domains (and online PAD's); their levels: --eval-split
 
 
 def parse_procgen_target(spec: str) -> tuple[str, list[str]]:
@@ -105,6 +106,7 @@ class ProcgenAdaptConfig(RunSettings):
     diversity_prior: str = "uniform"      # SHOT's uniform action marginal, or the source policy's own on the frames
     weight_decay: float = 1e-3
     eval_episodes: int = 100              # per domain, before and after; 0 skips the evaluation
+    eval_split: str = "test"              # on the test episodes, or the validation levels (to choose a method on)
     paired_steps: int = 64                # kept steps x 32 envs: states seen in both visuals; 0 skips
     cluster_backend: str = "auto"
     # anchored-im (the entropy-safe IM, agents.adapt.anchored)
@@ -137,6 +139,8 @@ class ProcgenAdaptConfig(RunSettings):
             raise ValueError("--resume continues the run in --out: give its folder")
         if self.pad_keep_fc and self.method != "pad":
             raise ValueError("--pad-keep-fc is PAD's: use it with --method pad")
+        if self.eval_split not in SPLITS:
+            raise ValueError(f"unknown --eval-split {self.eval_split!r}: choose {' or '.join(SPLITS)}")
         if self.pad_online and (self.method != "pad" or self.eval_episodes < 1):
             raise ValueError("--online is PAD's: use it with --method pad and --eval-episodes > 0 (the episodes it "
                              "plays)")
@@ -381,10 +385,11 @@ class ProcgenAdapter:
         for domain, options in (("target", self.options), ("source", self.source_options)):
             result, _ = evaluate_checkpoint(checkpoint, episodes=self.cfg.eval_episodes,
                                             num_envs=min(EVAL_ENVS, self.cfg.eval_episodes), visual=options,
-                                            seed=EVAL_SEED, device=self.cfg.device)
-            out[domain] = {k: result[k] for k in ("mean_return", "stderr_return", "normalized_score", "episodes")}
-            print(f"{label} agent on the {domain} domain ({domain_name(options)}): mean return "
-                  f"{result['mean_return']:.2f} over {result['episodes']} episodes", flush=True)
+                                            device=self.cfg.device, **split_levels(self.cfg.eval_split))
+            out[domain] = {k: result[k] for k in ("mean_return", "stderr_return", "normalized_score", "episodes",
+                                                  "start_level", "num_levels", "seed")}
+            print(f"{label} agent on the {domain} domain ({domain_name(options)}, {self.cfg.eval_split} episodes): "
+                  f"mean return {result['mean_return']:.2f} over {result['episodes']} episodes", flush=True)
         return out
 
     def paired_policies(self):

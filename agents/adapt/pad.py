@@ -58,9 +58,10 @@ from envs.procgen import ProcgenVecEnv, domain_name, visual_options
 from workbench.checkpoint import CheckpointError
 from workbench.logging import RunLogger
 
+from ..evaluate import split_levels
 from ..inverse_dynamics import action_accuracy, cropped_transitions, inverse_dynamics_loss
 from ..regularizers import RandomCrop, running_stats_frozen
-from .core import EVAL_ENVS, EVAL_SEED, TargetFrames
+from .core import EVAL_ENVS, TargetFrames
 
 SOURCE_ALGOS = ("ppo", "rainbow")  # PAD reads no policy head: Rainbow agents adapt too
 MAX_ONLINE_STEPS = 100_000         # as agents.evaluate.evaluate: episodes that never end are an error
@@ -226,8 +227,8 @@ def adapt_online(adapter, logger: RunLogger) -> list[dict]:
     """Play the target evaluation episodes (each env its first ceil(episodes / envs), as agents.evaluate counts
     them) with PAD adapting a fresh copy of the agent during each; one dict with their returns."""
     cfg, device = adapter.cfg, adapter.rt.device
-    env = ProcgenVecEnv(adapter.game, min(EVAL_ENVS, cfg.eval_episodes), adapter.mode, num_levels=0, start_level=0,
-                        device=device, seed=EVAL_SEED, **visual_options(adapter.options))
+    env = ProcgenVecEnv(adapter.game, min(EVAL_ENVS, cfg.eval_episodes), adapter.mode, device=device,
+                        **split_levels(cfg.eval_split), **visual_options(adapter.options))
     per_env = math.ceil(cfg.eval_episodes / env.num_envs)
     learners = [EpisodeLearner(adapter) for _ in range(env.num_envs)]
     returns, losses = [[] for _ in learners], [[] for _ in learners]
