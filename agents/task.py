@@ -6,7 +6,7 @@ from __future__ import annotations
 from workbench.arguments import given_or, non_negative_float, non_negative_int, positive_int
 
 from .adapt import METHODS  # noqa: F401  (the registry reads it)
-from .evaluate import SPLITS
+from .evaluate import SPLITS, TEST_SEED, VALIDATION_LEVELS, VALIDATION_SEED, VALIDATION_START
 
 DISTRIBUTED = False
 ADAPT_RESUMABLE = True   # `workbench adapt --resume` continues an interrupted adaptation
@@ -37,12 +37,13 @@ def add_adapt_options(options) -> None:
     options.add_argument("--paired-steps", type=non_negative_int, default=rd.paired_steps, help="steps of 32 envs "
                          "whose states are rendered in both visuals, to measure how far the adapted policy is from "
                          "the source policy on the same states (0 skips)")
-    options.add_argument("--eval-episodes", type=non_negative_int, default=rd.eval_episodes, help="test episodes "
-                         "per domain for the source and the adapted agent (0 skips)")
+    options.add_argument("--eval-episodes", type=non_negative_int, default=rd.eval_episodes, help="evaluation "
+                         "episodes per domain for the source and the adapted agent (0 skips; where: --eval-split)")
     options.add_argument("--eval-split", default=rd.eval_split, choices=SPLITS, help="where the agents are "
-                         "scored: the test episodes (the full level distribution, seed 12345, default) or the "
-                         "validation levels [10000, 10500) (seed 777), on which to choose between methods and "
-                         "variants without looking at the test episodes (online PAD plays and adapts on them)")
+                         f"scored: the test episodes (the full level distribution, seed {TEST_SEED}, default) or "
+                         f"the validation levels [{VALIDATION_START}, {VALIDATION_START + VALIDATION_LEVELS}) (seed "
+                         f"{VALIDATION_SEED}), on which to choose between methods and variants without looking at "
+                         "the test episodes (online PAD plays and adapts on them)")
     options.add_argument("--beta", type=non_negative_float, default=None, help=f"pseudo-label weight (default "
                          f"{rd.beta})")
     options.add_argument("--diversity-prior", default=None, choices=DIVERSITY_PRIORS, help=f"IM diversity towards "
