@@ -543,7 +543,7 @@ def main(argv=None) -> None:
             rows.append({"game": game, "seed": seed, "column": column, "return": value})
 
         for j, method in enumerate(args.methods):
-            m = adapted[i * len(args.methods) + j]
+            m, m_val = adapted[i * len(args.methods) + j], validated[i * len(args.methods) + j]
             if j == 0:  # the source agent's scores, from the adaptation run's evaluation
                 add("source agent, source", m["source_agent"]["source"]["mean_return"])
                 add("source agent, target", m["source_agent"]["target"]["mean_return"])
@@ -551,12 +551,12 @@ def main(argv=None) -> None:
             paired += paired_rows(game, seed, method, m, "adapted_agent")
             add(f"{method}, target", m["adapted_agent"]["target"]["mean_return"])
             add(f"{method}, source", m["adapted_agent"]["source"]["mean_return"])
-            val = recovered_fraction(validated[i * len(args.methods) + j], val_of[source_run(out, game, seed, args)],
+            val = recovered_fraction(m_val, val_of[source_run(out, game, seed, args)],
                                      val_of[target_run(out, game, seed, args)])
             fractions.append({"game": game, "seed": seed, "method": method, **recovered_fraction(
                 m["adapted_agent"]["target"], m["source_agent"]["target"], reference[i]),
                 **{f"val_{key}": value for key, value in val.items()},
-                "val_return": validated[i * len(args.methods) + j]["mean_return"]})
+                "val_return": m_val["mean_return"]})
         add("trained in target, target", reference[i]["mean_return"])
         for domain, value in zip(("source", "target"), random_policy_returns(out, game, seed, args)):
             add(f"random policy, {domain}", value)
