@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from workbench.arguments import given_or, non_negative_float, non_negative_int, positive_int
 
 from .adapt import METHODS  # noqa: F401  (the registry reads it)
@@ -67,9 +69,10 @@ def add_adapt_options(options) -> None:
                          "after every epoch)")
     options.add_argument("--pad-batch-size", type=positive_int, default=rd.pad_batch_size, help="pad --online: "
                          f"randomly cropped copies of each transition per step (default {rd.pad_batch_size}, PAD's)")
-    options.add_argument("--pad-keep-fc", action="store_true", help="pad: adapt the encoder's conv layers only and "
-                         "leave its dense layer, the features the policy reads, as trained (PAD's policy keeps its "
-                         "own projection; default: the whole encoder adapts)")
+    options.add_argument("--pad-keep-fc", action=argparse.BooleanOptionalAction, default=None, help="pad: adapt "
+                         "the encoder's conv layers only and leave its dense layer, the features the policy reads, as "
+                         "trained, as PAD's policy keeps its own projection (the default where the encoder has a dense "
+                         "layer); --no-pad-keep-fc adapts the whole encoder")
 
 
 def adapt_config(a):

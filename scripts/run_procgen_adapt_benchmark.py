@@ -12,8 +12,9 @@ For every game and seed, in <out> (one folder per pair of domains):
                                env steps: the ceiling adaptation tries to approach (or an existing run:
                                --target-run <game>=<run dir>)
     <game>-<method>-s<seed>    the source agent adapted by each method (SHOT-IM, SHOT, anchored-im,
-                               BUFR, PAD offline, and PAD online: pad-online; pad-keep-fc, PAD offline
-                               with the encoder's dense layer kept, when named) to the target visuals
+                               BUFR, PAD offline, and PAD online: pad-online; when named, the ablations
+                               pad-whole-encoder and pad-online-whole-encoder, PAD adapting the encoder's
+                               dense layer too) to the target visuals
                                (`workbench adapt --target procgen:<game>:<visual>`), each with its own
                                default epochs unless --epochs
 Every agent is scored on unseen levels of both domains with the same episodes and evaluation seed, and
@@ -63,13 +64,17 @@ from workbench.logging import seed_table, write_json  # noqa: E402
 # Monochrome assets: the shift that costs a trained agent (starpilot, 500k steps: 4.16 -> 3.10 test return);
 # removing the backgrounds as well gave that agent back its full return (4.43), leaving nothing to adapt.
 DEFAULT_VISUAL = ["monochrome"]
-# the methods, PAD three times: offline on collected transitions, online during the evaluation episodes, and
-# offline with the encoder's dense layer kept as trained; each variant's `workbench adapt` flags and settings
-PAD_VARIANTS = {"pad-online": (["--online"], {"pad_online": True}),
-                "pad-keep-fc": (["--pad-keep-fc"], {"pad_keep_fc": True})}
-BENCH_METHODS = (*METHODS, *PAD_VARIANTS)
-DEFAULT_METHODS = (*METHODS, "pad-online")   # pad-keep-fc is an ablation of PAD's split, run when named
-ONLINE_METHODS = ("pad-online",)              # adapt while they play: their figure on any levels is a new run
+# PAD's variants: offline on collected transitions (pad) or online during the evaluation episodes, each with the
+# encoder's dense layer kept as trained (PAD's split, the default) or adapted too (the ablation, and this
+# driver's `pad` and `pad-online` before the ninth session); each one's `workbench adapt` flags and settings
+PAD_VARIANTS = {"pad": ([], {"pad_online": False, "pad_keep_fc": True}),
+                "pad-online": (["--online"], {"pad_online": True, "pad_keep_fc": True}),
+                "pad-whole-encoder": (["--no-pad-keep-fc"], {"pad_online": False, "pad_keep_fc": False}),
+                "pad-online-whole-encoder": (["--online", "--no-pad-keep-fc"], {"pad_online": True,
+                                                                                "pad_keep_fc": False})}
+BENCH_METHODS = tuple(dict.fromkeys((*METHODS, *PAD_VARIANTS)))
+DEFAULT_METHODS = (*METHODS, "pad-online")   # the whole-encoder variants are ablations, run when named
+ONLINE_METHODS = ("pad-online", "pad-online-whole-encoder")   # adapt while they play: any levels' figure is a new run
 # The games whose agents beat the uniform random policy within a CPU's budget (docs/RESULTS.md, easy, 100 test
 # episodes): starpilot 4.06 at 500k (random 1.72); coinrun 4.80 at 500k (bf16) and 5.90 at 303k in monochrome
 # (random 3.20; fp32 agents in its own visuals walked left and scored 0 at 140k, and seed 0 came unstuck to 5.80
@@ -99,7 +104,7 @@ def source_args(game: str, seed: int, args) -> list[str]:
 
 
 def recipe_flags(game: str, seed: int, args) -> list[str]:
-    aux = ["--aux", "inverse-dynamics"] if {"pad", *PAD_VARIANTS} & set(args.methods) else []
+    aux = ["--aux", "inverse-dynamics"] if set(PAD_VARIANTS) & set(args.methods) else []
     return ["--env", game, "--seed", str(seed), "--precision", args.precision, *aux, *args.extra]
 
 
@@ -158,9 +163,12 @@ def adaptation_settings(out: Path, game: str, method: str, seed: int, args) -> d
     wanted = {"source": str(Path(source_run(out, game, seed, args)).resolve()),
               "target": target_spec(game, args), "frames": args.frames,
               "eval_episodes": args.episodes, "paired_steps": args.paired_steps, "seed": seed,
-              "method": adapted_method(method), "pad_online": False, "pad_keep_fc": False,
-              **PAD_VARIANTS.get(method, ([], {}))[1]}
+              "method": adapted_method(method), **PAD_VARIANTS.get(method, ([], {"pad_online": False}))[1]}
     return {**wanted, "epochs": args.epochs} if args.epochs else wanted
+
+
+# what runs made before a setting existed did: PAD adapted the whole encoder until --pad-keep-fc came
+BEFORE_THE_SETTING = {"pad_keep_fc": False}
 
 
 def check_reusable(run: Path, wanted: dict) -> None:
@@ -169,7 +177,8 @@ def check_reusable(run: Path, wanted: dict) -> None:
     config = json.loads((run / "config.json").read_text())
     config["source"] = str(Path(config["source"]).resolve())
     config["target"] = config["target"].rstrip(":")
-    recorded = {k: config.get(k, getattr(ProcgenAdaptConfig, k, None)) for k in wanted}  # absent: older runs
+    absent = {**{k: getattr(ProcgenAdaptConfig, k, None) for k in wanted}, **BEFORE_THE_SETTING}
+    recorded = {k: config.get(k, absent[k]) for k in wanted}   # absent: runs older than the setting
     differ = [f"{k} {recorded[k]!r} (this driver: {v!r})" for k, v in wanted.items() if recorded[k] != v]
     if differ:
         raise SystemExit(f"error: {run} was adapted with other settings ({'; '.join(differ)}): give another "
@@ -474,8 +483,9 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=BENCH_METHODS,
                    help="pad-online: PAD adapting during the target evaluation episodes, as its eval.py runs it "
-                   "(its target return is theirs); pad-keep-fc: offline PAD with the encoder's dense layer kept "
-                   f"as trained (default: {' '.join(DEFAULT_METHODS)})")
+                   "(its target return is theirs); pad and pad-online keep the encoder's dense layer as trained, "
+                   "pad-whole-encoder and pad-online-whole-encoder adapt it too (default: "
+                   f"{' '.join(DEFAULT_METHODS)})")
     p.add_argument("--total-steps", type=int, default=500_000, help="env steps of the source and target agents")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="for agents trained here")
     p.add_argument("--source-run", action="append", default=[], metavar="GAME=RUN_DIR",

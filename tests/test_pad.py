@@ -3,6 +3,7 @@
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptation.cli import adapt_config, adapt_main
-from agents.adapt import ProcgenAdaptConfig, ProcgenAdapter
+from agents.adapt import ProcgenAdaptConfig, ProcgenAdapter, pad
 from agents.adapt.pad import pad_step
 from agents.cli import config_from_args, parse_train_args, train_main
 from agents.evaluate import evaluate_checkpoint, split_levels
@@ -24,7 +25,7 @@ from agents.rollouts import TargetFrames
 from agents.train import Trainer, TrainConfig
 from envs.procgen import ProcgenVecEnv
 from workbench.backbones import create_backbone
-from workbench.checkpoint import load_checkpoint, save_checkpoint
+from workbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from workbench.logging import read_scalars
 from workbench.runtime import Runtime
 
@@ -310,10 +311,14 @@ def test_train_procgen_options():
     cfg = adapt_config(["--source", "x", "--target", TARGET, "--method", "pad", "--online", "--pad-batch-size", "4"])
     assert cfg.pad_online and cfg.pad_batch_size == 4 and cfg.lr == PAD_LR and cfg.batch_size == 128
     assert adapt_config(["--source", "x", "--target", TARGET, "--method", "pad"]).pad_batch_size == PAD_BATCH_SIZE == 32
+    # None: PAD's split wherever the encoder has a dense layer (check_source decides, on the loaded agent)
+    assert adapt_config(["--source", "x", "--target", TARGET, "--method", "pad"]).pad_keep_fc is None
     assert adapt_config(["--source", "x", "--target", TARGET, "--method", "pad", "--pad-keep-fc"]).pad_keep_fc
-    assert not adapt_config(["--source", "x", "--target", TARGET, "--method", "pad"]).pad_keep_fc
-    with pytest.raises(ValueError, match="--pad-keep-fc is PAD's"):
-        adapt_config(["--source", "x", "--target", TARGET, "--method", "bufr", "--pad-keep-fc"])
+    assert adapt_config(["--source", "x", "--target", TARGET, "--method", "pad", "--no-pad-keep-fc"]).pad_keep_fc \
+        is False
+    for flag in ("--pad-keep-fc", "--no-pad-keep-fc"):
+        with pytest.raises(ValueError, match="are PAD's"):
+            adapt_config(["--source", "x", "--target", TARGET, "--method", "bufr", flag])
 
 
 # ---------------------------------------------------------------- adaptation
@@ -337,14 +342,32 @@ def test_offline_pad_trains_the_encoder_and_the_head_and_nothing_else(runs, tmp_
     assert evaluate_checkpoint(tmp_path / "pad", episodes=2, num_envs=2, device="cpu")[0]["episodes"] == 2
 
 
-def test_offline_pad_keeping_the_dense_layer_moves_the_conv_trunk_and_the_head_only(runs, tmp_path):
-    tiny_pad(runs["ppo"], tmp_path / "pad", pad_keep_fc=True)
-    old = network(load_checkpoint(runs["ppo"], kind="procgen-agent"))
-    new = network(load_checkpoint(tmp_path / "pad", kind="procgen-agent"))
-    moved = {name for name in old if not torch.equal(old[name], new[name])}
-    assert {"backbone.fc.weight", "backbone.fc.bias"}.isdisjoint(moved), moved
-    assert any(name.startswith("backbone.") for name in moved) and any(name.startswith(HEAD) for name in moved)
-    assert all(name.startswith(("backbone.", HEAD)) for name in moved), moved
+@pytest.mark.parametrize("algo", ["ppo", "rainbow"])
+def test_offline_pad_keeps_the_encoders_dense_layer_by_default_and_adapts_it_when_told(runs, tmp_path, algo):
+    """PAD's split: the conv trunk and the head move, the dense layer the policy (Rainbow: the Q heads, through
+    its noisy trunk layer) reads stays as trained; --no-pad-keep-fc moves it too. config.json says which ran."""
+    old = network(load_checkpoint(runs[algo], kind="procgen-agent"))
+    weights = {name for name in old if not name.endswith(("eps_in", "eps_out", "eps_bias"))}   # not noise draws
+    dense = {name for name in weights if name.startswith("backbone.fc.")}
+    assert dense   # IMPALA's fc, a NoisyLinear in Rainbow's trunk
+    for keep, run in ((None, "default"), (False, "whole")):
+        tiny_pad(runs[algo], tmp_path / run, **({} if keep is None else {"pad_keep_fc": keep}))
+        new = network(load_checkpoint(tmp_path / run, kind="procgen-agent"))
+        moved = {name for name in weights if not torch.equal(old[name], new[name])}
+        assert any(name.startswith("backbone.") for name in moved) and any(name.startswith(HEAD) for name in moved)
+        assert all(name.startswith(("backbone.", HEAD)) for name in moved), moved
+        assert (dense & moved) == (set() if keep is None else dense), moved
+        assert json.loads((tmp_path / run / "config.json").read_text())["pad_keep_fc"] is (keep is None)
+
+
+def test_an_encoder_without_a_dense_layer_adapts_whole_unless_keeping_one_is_asked_for():
+    adapter = SimpleNamespace(model=SimpleNamespace(backbone=torch.nn.Conv2d(3, 4, 3), inverse_dynamics=object()),
+                              cfg=SimpleNamespace(pad_keep_fc=None), source_path="runs/resnet-agent")
+    pad.check_source(adapter)
+    assert adapter.cfg.pad_keep_fc is False
+    adapter.cfg.pad_keep_fc = True
+    with pytest.raises(CheckpointError, match="has none: use an IMPALA agent"):
+        pad.check_source(adapter)
 
 
 @pytest.mark.parametrize("algo", ["ppo", "rainbow"])

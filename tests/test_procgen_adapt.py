@@ -382,12 +382,16 @@ def test_benchmark_runs_pad_online_as_pads_evaluation_and_trains_its_head(tmp_pa
     assert source[source.index("--aux") + 1] == "inverse-dynamics" and source[-2:] == ["--visual", "monochrome"]
     assert "--visual" not in bench.target_args("coinrun", 1, args)      # the ceiling: the renderer's own visuals
     assert "--aux" not in bench.source_args("coinrun", 1, argparse.Namespace(**{**vars(args), "methods": ["bufr"]}))
-    keep = bench.adapt_command(tmp_path, "coinrun", "pad-keep-fc", 1, args)
-    assert keep[keep.index("--method") + 1:keep.index("--method") + 3] == ["pad", "--pad-keep-fc"]
-    settings = bench.adaptation_settings(tmp_path, "coinrun", "pad-keep-fc", 1, args)
-    assert settings["method"] == "pad" and settings["pad_keep_fc"] and not settings["pad_online"]
-    assert not bench.adaptation_settings(tmp_path, "coinrun", "pad", 1, args)["pad_keep_fc"]
-    assert "pad-keep-fc" not in bench.DEFAULT_METHODS and "pad-keep-fc" in bench.BENCH_METHODS
+    whole = bench.adapt_command(tmp_path, "coinrun", "pad-whole-encoder", 1, args)
+    assert whole[whole.index("--method") + 1:whole.index("--method") + 3] == ["pad", "--no-pad-keep-fc"]
+    assert "--pad-keep-fc" not in command and "--no-pad-keep-fc" not in command   # PAD's split is the default
+    settings = {method: bench.adaptation_settings(tmp_path, "coinrun", method, 1, args)
+                for method in ("pad", "pad-online", "pad-whole-encoder", "pad-online-whole-encoder", "bufr")}
+    assert {m: (s["method"], s["pad_online"], s.get("pad_keep_fc")) for m, s in settings.items()} == {
+        "pad": ("pad", False, True), "pad-online": ("pad", True, True), "pad-whole-encoder": ("pad", False, False),
+        "pad-online-whole-encoder": ("pad", True, False), "bufr": ("bufr", False, None)}
+    assert "pad-whole-encoder" not in bench.DEFAULT_METHODS and "pad-whole-encoder" in bench.BENCH_METHODS
+    assert set(bench.ONLINE_METHODS) == {"pad-online", "pad-online-whole-encoder"}
     # online PAD's validation figure is the method run again on the validation levels, in the run's validation/
     val = bench.adapt_command(tmp_path, "coinrun", "pad-online", 1, args, split="val")
     assert val[val.index("--eval-split") + 1] == "val" and val[val.index("--paired-steps") + 1] == "0"
@@ -589,7 +593,7 @@ def test_shifts_table_counts_the_pairs_each_method_wins_half_of(load_script, tmp
 
     first = benchmark("a", [], [("bufr", 0, 0.6, 0.1, 1.1, 0.2), ("pad", 0, 0.7, -0.1, 1.5, 0.1)])
     # a folder of the same shift and source agent: its method joins the choice on validation
-    variant = benchmark("a2", [], [("pad-keep-fc", 0, 0.45, 0.2, 0.7, 0.4)])
+    variant = benchmark("a2", [], [("pad-online", 0, 0.45, 0.2, 0.7, 0.4)])
     # the same shift from another source agent is another pair
     other = benchmark("a3", [], [("bufr", 0, 0.9, 0.8, 1.0, 0.9)], source="another")
     # three seeds whose mean is just below the bar: 0.497 is not half, whatever it rounds to
@@ -604,9 +608,9 @@ def test_shifts_table_counts_the_pairs_each_method_wins_half_of(load_script, tmp
             "| 3 | no |") in table
     assert f"- bufr: 2 of the 3 pairs it ran on (starpilot {shift}; starpilot {again})" in table
     assert "- pad: 0 of the 1 pairs it ran on" in table
-    # chosen on validation: pad-keep-fc (0.4) over bufr (0.2) on the first source, whatever the test figures say;
+    # chosen on validation: pad-online (0.4) over bufr (0.2) on the first source, whatever the test figures say;
     # no choice where no method has a validation figure
-    assert f"| starpilot | {shift} | chosen on validation (pad-keep-fc) | 0.450 | [0.20, 0.70] | 1 | no |" in table
+    assert f"| starpilot | {shift} | chosen on validation (pad-online) | 0.450 | [0.20, 0.70] | 1 | no |" in table
     assert f"| starpilot | {again} | chosen on validation (bufr) | 0.900 | [0.80, 1.00] | 1 | yes |" in table
     assert table.count("chosen on validation (") == 2
     assert f"- chosen on validation: 1 of the 2 pairs it ran on (starpilot {again})" in table

@@ -115,8 +115,9 @@ class ProcgenAdaptConfig(RunSettings):
     # pad (PAD's inverse-dynamics adaptation, agents.adapt.pad; epochs, batch size and lr: TRAINING_DEFAULTS)
     pad_online: bool = False              # play the target evaluation episodes, adapting during each (PAD's eval)
     pad_batch_size: int = PAD_BATCH_SIZE  # online: augmented copies of each transition per step (PAD's 32)
-    pad_keep_fc: bool = False             # leave the encoder's dense layer (what the policy reads) as trained: only
-                                          # the conv trunk adapts, as PAD's policy keeps its own projection
+    pad_keep_fc: bool | None = None       # leave the encoder's dense layer (what the policy reads) as trained, so
+                                          # only the conv trunk adapts, as PAD's policy keeps its own projection;
+                                          # None: keep it where the encoder has one (resolved by pad.check_source)
     resume: bool = False                  # continue the run in run_dir after its last finished epoch
 
     def __post_init__(self):
@@ -137,8 +138,8 @@ class ProcgenAdaptConfig(RunSettings):
             raise ValueError("--frames-file and --recollect exclude each other: saved frames cannot be re-collected")
         if self.resume and not self.run_dir:
             raise ValueError("--resume continues the run in --out: give its folder")
-        if self.pad_keep_fc and self.method != "pad":
-            raise ValueError("--pad-keep-fc is PAD's: use it with --method pad")
+        if self.pad_keep_fc is not None and self.method != "pad":
+            raise ValueError("--pad-keep-fc and --no-pad-keep-fc are PAD's: use them with --method pad")
         if self.eval_split not in SPLITS:
             raise ValueError(f"unknown --eval-split {self.eval_split!r}: choose {' or '.join(SPLITS)}")
         if self.pad_online and (self.method != "pad" or self.eval_episodes < 1):

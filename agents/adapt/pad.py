@@ -34,12 +34,14 @@ deployment are inputs the head learnt from; here both modes crop exactly when th
 on crops (its config's `aux_crop`, on by default with --aux). A head trained on plain frames adapts on plain
 frames: online, the transition itself instead of 32 crops of it (their loss would be 32 equal terms).
 
-What adapts, against PAD's code. PAD's inverse-dynamics encoder shares only the first conv layers with the
+What adapts, as in PAD's code. PAD's inverse-dynamics encoder shares only the first conv layers with the
 policy's (8 of 11) and has its own projection (fc + LayerNorm, agent.py's ss_encoder built beside the actor's
 and tied by copy_conv_weights_from), so at deployment the policy's projection never moves. Here the head reads
-the policy's whole encoder (agents.inverse_dynamics), and by default the whole encoder adapts, its dense layer
-`backbone.fc` (the features the policy head reads) included. `pad_keep_fc` (--pad-keep-fc) keeps that layer as
-trained, so only the conv trunk adapts, nearer PAD's split; the gradient still passes through it to the convs.
+the policy's whole encoder (agents.inverse_dynamics), so by default (`pad_keep_fc`) the encoder's dense layer
+`backbone.fc`, the features the policy head reads (Rainbow: its noisy trunk layer), stays as trained and only
+the conv trunk adapts; the gradient still passes through that layer to the convs. An encoder with no dense
+layer (the ResNets) adapts whole. `--no-pad-keep-fc` adapts the whole encoder, fc included: this repository's
+default until the validation levels chose the paper's split on two shifts (docs/RESULTS.md, issue 36).
 
 The checkpoint written after online PAD holds the encoder and head as the last episode to end left them
 (every episode starts again from the source, so no single adapted network exists).
@@ -60,6 +62,7 @@ from workbench.logging import RunLogger
 
 from ..evaluate import split_levels
 from ..inverse_dynamics import action_accuracy, cropped_transitions, inverse_dynamics_loss
+from ..rainbow import NoisyLinear
 from ..regularizers import RandomCrop, running_stats_frozen
 from .core import EVAL_ENVS, TargetFrames
 
@@ -72,9 +75,19 @@ def check_source(adapter) -> None:
     if getattr(adapter.model, "inverse_dynamics", None) is None:
         raise CheckpointError(f"{adapter.source_path} has no inverse-dynamics head, which PAD adapts with: train "
                               "the source with --aux inverse-dynamics")
-    if adapter.cfg.pad_keep_fc and not isinstance(getattr(adapter.model.backbone, "fc", None), nn.Linear):
+    has_fc = dense_layer(adapter.model.backbone) is not None
+    if adapter.cfg.pad_keep_fc is None:   # PAD's split where there is a dense layer to keep
+        adapter.cfg.pad_keep_fc = has_fc
+    elif adapter.cfg.pad_keep_fc and not has_fc:
         raise CheckpointError(f"--pad-keep-fc keeps the encoder's dense layer, and {adapter.source_path}'s "
                               f"{type(adapter.model.backbone).__name__} has none: use an IMPALA agent or leave it out")
+
+
+def dense_layer(backbone: nn.Module) -> nn.Module | None:
+    """The encoder's final dense layer, the features the policy or Q heads read (IMPALA's `fc`, a NoisyLinear in
+    Rainbow's trunk); None for an encoder without one."""
+    fc = getattr(backbone, "fc", None)
+    return fc if isinstance(fc, (nn.Linear, NoisyLinear)) else None
 
 
 def uses_target_frames(cfg) -> bool:
@@ -101,7 +114,7 @@ def trainable(net: nn.Module, keep_fc: bool = False) -> list[nn.Parameter]:
     net.backbone.requires_grad_(True)
     net.inverse_dynamics.requires_grad_(True)
     if keep_fc:
-        net.backbone.fc.requires_grad_(False)   # check_source made sure there is one
+        dense_layer(net.backbone).requires_grad_(False)   # check_source made sure there is one
     return [p for p in net.parameters() if p.requires_grad]
 
 
@@ -148,6 +161,8 @@ def inverse_dynamics_scores(net: nn.Module, frames: TargetFrames, device, batch:
 
 
 def adapt(adapter, frames: TargetFrames | None, logger: RunLogger) -> list[dict]:
+    adapted = "the encoder's conv trunk (its dense layer kept)" if adapter.cfg.pad_keep_fc else "the whole encoder"
+    print(f"PAD adapts {adapted} and the inverse-dynamics head", flush=True)
     if adapter.cfg.pad_online:
         return adapt_online(adapter, logger)
     return adapt_offline(adapter, frames, logger)
