@@ -397,6 +397,14 @@ def test_benchmark_runs_pad_online_as_pads_evaluation_and_trains_its_head(tmp_pa
     assert val[val.index("--eval-split") + 1] == "val" and val[val.index("--paired-steps") + 1] == "0"
     assert val[val.index("--out") + 1] == str(tmp_path / "coinrun-pad-online-s1" / "validation")
     assert command[command.index("--eval-split") + 1] == "test"
+    # a PAD run from before --pad-keep-fc existed adapted the whole encoder: reused as that ablation, not as pad
+    old_run = tmp_path / "coinrun-pad-s1"
+    old_run.mkdir()
+    recorded = {k: v for k, v in settings["pad-whole-encoder"].items() if k != "pad_keep_fc"}
+    (old_run / "config.json").write_text(json.dumps(recorded))
+    bench.check_reusable(old_run, settings["pad-whole-encoder"])
+    with pytest.raises(SystemExit, match="pad_keep_fc False \\(this driver: True\\)"):
+        bench.check_reusable(old_run, settings["pad"])
 
 
 def test_benchmark_validation_plays_checkpoints_there_and_runs_online_pad_again(tmp_path, load_script, monkeypatch):
