@@ -74,7 +74,8 @@ PAD_VARIANTS = {"pad": ([], {"pad_online": False, "pad_keep_fc": True}),
                                                                                 "pad_keep_fc": False})}
 BENCH_METHODS = tuple(dict.fromkeys((*METHODS, *PAD_VARIANTS)))
 DEFAULT_METHODS = (*METHODS, "pad-online")   # the whole-encoder variants are ablations, run when named
-ONLINE_METHODS = ("pad-online", "pad-online-whole-encoder")   # adapt while they play: any levels' figure is a new run
+# the variants that adapt while they play: their figure on any levels is a new run
+ONLINE_METHODS = tuple(method for method, (_, settings) in PAD_VARIANTS.items() if settings["pad_online"])
 # The games whose agents beat the uniform random policy within a CPU's budget (docs/RESULTS.md, easy, 100 test
 # episodes): starpilot 4.06 at 500k (random 1.72); coinrun 4.80 at 500k (bf16) and 5.90 at 303k in monochrome
 # (random 3.20; fp32 agents in its own visuals walked left and scored 0 at 140k, and seed 0 came unstuck to 5.80
