@@ -416,12 +416,19 @@ def t_quantile(dof: int) -> float:
 METHODS_OWN = "each method's default"
 
 
+def columns_run(rows: list[dict]) -> tuple[str, ...]:
+    """The return table's columns that some run in the folder fills, in COLUMNS' order: a folder holds a few
+    of the benchmark's methods, and a column of dashes for each of the others would bury them."""
+    filled = {r["column"] for r in rows}
+    return tuple(column for column in COLUMNS if column in filled)
+
+
 def report(rows: list[dict], paired: list[dict], args, fractions: list[dict] | None = None) -> str:
     text = (f"Mean test return on unseen levels ({args.episodes} episodes per agent and domain); source visuals "
             f"{domain_name(args.source_visual)}, target visuals {domain_name(args.visual)}; agents trained for "
             f"{args.total_steps} env steps; adaptation on {args.frames} frames collected by the source policy, "
             f"{args.epochs or METHODS_OWN} epochs; mean ± sd over seeds (n)\n\n"
-            + seed_table(rows, "game", COLUMNS, "return", digits=2) + "\n")
+            + seed_table(rows, "game", columns_run(rows), "return", digits=2) + "\n")
     if fractions:
         text += ("\nThe recovered fraction (adapted - source agent) / (trained in target - source agent), target "
                  "visuals\n\n" + fraction_table(fractions))

@@ -303,6 +303,10 @@ def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_r
     assert fraction["val_fraction"] == bench.recovered_fraction(val["adapted"], val["source"], val["ceiling"])["fraction"]
     table = (tmp_path / "table.md").read_text()
     assert "| bigfish |" in table
+    # the return table's columns are those a run filled, none for the methods not run here
+    header = next(line for line in table.splitlines() if line.startswith("| game |"))
+    returns = next(line for line in table.splitlines() if line.startswith("| bigfish |"))
+    assert "| shot-im, target |" in header and "bufr" not in header and "—" not in returns
     tv = adapted["paired_states"]["adapted_agent"]["tv_from_source_policy"]
     assert f"| bigfish: shot-im | {tv:.3f} (n=1) |" in table
     stamp = (target_run / "checkpoint.pt").stat().st_mtime_ns
@@ -316,6 +320,8 @@ def test_adaptation_benchmark_tabulates_what_its_runs_score_and_resumes(source_r
     assert fractions == ["shot-im", "anchored-im"]
     table = (tmp_path / "table.md").read_text()
     assert "| bigfish: shot-im |" in table and "| bigfish: anchored-im |" in table
+    header = next(line for line in table.splitlines() if line.startswith("| game |"))
+    assert "| shot-im, target | anchored-im, target |" in header and "bufr" not in header
     assert (target_run / "checkpoint.pt").stat().st_mtime_ns == stamp
     # another setting is refused in one line, before anything runs or is written
     with pytest.raises(SystemExit, match="holds a benchmark with episodes 2 \\(now 3\\)"):
