@@ -302,6 +302,7 @@ def test_labeling_transfer_stage_settings(monkeypatch):
     from adaptation.classification.model import ShotModel
     from adaptation.classification.shot import AdaptConfig
     from workbench.adapt.training import make_loader, predict
+    from workbench.logging import NullLogger
     from workbench.runtime import Runtime
 
     torch.manual_seed(0)
@@ -330,7 +331,7 @@ def test_labeling_transfer_stage_settings(monkeypatch):
         return real_loss(model, *args, **kwargs)
 
     monkeypatch.setattr(mixmatch, "mixmatch_loss", spy_loss)
-    logger = types.SimpleNamespace(scalars=lambda *a, **k: None)
+    logger = NullLogger()
     stats = mixmatch.labeling_transfer(adapter, logger)
     n_l, n_u = stats["labelled"], stats["unlabelled"]
     assert n_l >= 36 and n_u >= 36
@@ -404,7 +405,7 @@ def test_class_count_mismatch_is_a_clear_error(source_run, tmp_path, capsys):
     assert evaluate_main(["--model", str(tmp_path / "nothing"), "--data", "builtin:digits/uci"]) == 2
 
 
-def test_shot_im_and_shotpp_run(source_run, tmp_path, monkeypatch):
+def test_shot_im_and_shotpp_run(source_run, tmp_path, monkeypatch, capsys):
     import workbench.adapt.loop as loop
     from adaptation.classification.shot import AdaptConfig, ShotAdapter
     from workbench.adapt.training import set_shot_lr
@@ -421,7 +422,17 @@ def test_shot_im_and_shotpp_run(source_run, tmp_path, monkeypatch):
     pp = ShotAdapter(AdaptConfig(source=str(src_dir), target="builtin:digits/photo", method="shot++", epochs=1,
                                  rotation_epochs=1, transfer_epochs=1, run_dir=str(tmp_path / "pp"), progress=False))
     assert pp.cfg.rotation_weight == 0.2 and pp.cfg.mix_alpha == 0.1  # the digits defaults
+    capsys.readouterr()
     metrics = pp.run()
+    # each of SHOT++'s three stages shows its own progress to its end (without a bar: status lines)
+    shown = capsys.readouterr().out
+    iterations = len(pp.loader)
+    for stage, steps in (("rotation head", iterations), (pp.description(), iterations),
+                         ("labeling transfer", None)):
+        ends = [line for line in shown.splitlines() if line.startswith(f"{stage}: step ")]
+        assert ends, f"no progress shown for {stage!r}"
+        done, total = ends[-1].split("step ")[1].split()[0].split("/")
+        assert done == total and (steps is None or int(total) == steps)
     transfer = metrics["transfer"]
     assert transfer["labelled"] + transfer["unlabelled"] == metrics["samples"]
     assert 0 < transfer["labelled"] < metrics["samples"]

@@ -214,6 +214,13 @@ class RunLogger:
         elif shown:
             self.bar.set_postfix(shown, refresh=False)
 
+    def stage(self, desc: str, total: int) -> None:
+        """Start the bar again for another stage of the run (SHOT++'s rotation pre-training and labeling
+        transfer, around its adaptation loop): its own name and length, counted from zero."""
+        self.desc, self.total, self.count, self._last_status = desc, total, 0, 0.0
+        self.bar.reset(total=total)
+        self.bar.set_description(desc, refresh=False)
+
     def write(self, message: str) -> None:
         """Print a line without breaking the progress bar."""
         self.bar.write(message)
@@ -293,6 +300,9 @@ class NullLogger:
 
     def video(self, tag: str, frames: np.ndarray, step: int, fps: int = 15) -> None:
         pass
+
+    def stage(self, desc: str, total: int) -> None:
+        self.count = 0
 
     def advance(self, n: int, status_every: float = 10.0, **postfix: float) -> None:
         self.count += n

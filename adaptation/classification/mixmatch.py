@@ -130,6 +130,7 @@ def labeling_transfer(adapter, logger) -> dict:
     lab_batches, unl_batches = forever(lab_loader), forever(unl_loader)
     stats["accuracy_checks"] = []
     step = 0
+    logger.stage("labeling transfer", total)
     for epoch in range(cfg.transfer_epochs):
         sums = {}
         for _ in range(iters_per_epoch):
@@ -145,6 +146,7 @@ def labeling_transfer(adapter, logger) -> dict:
             take_step(optimizer, loss, dist)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
+            logger.advance(1)
             if step % every == 0 or step == total:
                 acc = adapter.evaluate().get("accuracy")
                 stats["accuracy_checks"].append(acc)

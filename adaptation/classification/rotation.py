@@ -79,6 +79,8 @@ def pretrain_rotation_head(model, head: RotationHead, loader, runtime, epochs: i
     total_iters = epochs * len(loader)
     every = max(1, total_iters // CHECKS)
     checks, best_acc, best_state, step = [], -1.0, None, 0
+    if logger is not None:
+        logger.stage("rotation head", total_iters)
     for epoch in range(epochs):
         set_epoch(loader, epoch)
         loss_sum = 0.0
@@ -92,6 +94,8 @@ def pretrain_rotation_head(model, head: RotationHead, loader, runtime, epochs: i
             loss = F.cross_entropy(head(feats, feats_rot), turns)
             take_step(optimizer, loss, runtime.dist)
             loss_sum += loss.item()
+            if logger is not None:
+                logger.advance(1)
             if step % every == 0 or step == total_iters:
                 acc = rotation_accuracy(model, head, loader, runtime)
                 checks.append(acc)

@@ -77,6 +77,7 @@ class ShotLoop:
         history = self.new_history()
         optimizer = self.make_optimizer(self.param_groups(logger, history))
         total, step = max(1, cfg.epochs * len(self.loader)), 0
+        logger.stage(self.description(), total)   # a head fitted first (SHOT++) had the bar to itself
         prior = self.diversity_prior(latest)
         for epoch in range(cfg.epochs):
             set_epoch(self.loader, epoch)
