@@ -341,8 +341,15 @@ def fraction_table(fractions: list[dict]) -> str:
     lines = ["| game | method | recovered fraction | 95% interval | seeds | validation fraction |",
              "|---|---|---|---|---|---|"]
     for game, method, summary in fraction_cells(fractions):
-        val = validation_mean([r for r in fractions if (r["game"], r["method"]) == (game, method)])
-        val = "" if val is None else f"{val:.2f}"
+        cell = [r for r in fractions if (r["game"], r["method"]) == (game, method)]
+        val = validation_mean(cell)
+        if val is not None:
+            val = f"{val:.2f}"
+        elif all(r.get("val_return") is not None and r.get("val_fraction") is None for r in cell):
+            # every seed evaluated there, and on every seed C <= S on validation
+            val = "— (no gap to the ceiling)"
+        else:
+            val = ""
         if summary is None:
             lines.append(f"| {game} | {method} | — (no gap to the ceiling) | | 0 | {val} |")
             continue

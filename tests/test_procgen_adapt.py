@@ -591,6 +591,25 @@ def test_the_method_is_chosen_on_its_validation_fraction_and_reported_on_test(lo
     assert bench.chosen_on_validation([{**r, "val_fraction": None} for r in rows]) == []
 
 
+def test_a_validation_without_a_gap_to_the_ceiling_is_named_not_left_blank(load_script):
+    """Where every seed was evaluated on the validation levels but the ceiling did not beat the source agent there
+    (recovered_fraction gives None), the cell says so; a method never evaluated there keeps a blank cell."""
+    bench = load_script("run_procgen_adapt_benchmark")
+    source, ceiling = {"mean_return": 4.4, "stderr_return": 0.5}, {"mean_return": 3.8, "stderr_return": 0.5}
+    assert bench.recovered_fraction({"mean_return": 0.4}, source, ceiling)["fraction"] is None
+
+    def row(method, val_return):
+        return {"game": "g", "method": method, "seed": 0, "fraction": -8.0, "low": -27.7, "high": 11.7,
+                "val_fraction": None, "val_return": val_return}
+
+    table = bench.fraction_table([row("evaluated", 0.4), row("unevaluated", None)])
+    assert "| g | evaluated | -8.00 | [-27.70, 11.70] | 1 | — (no gap to the ceiling) |" in table
+    assert "| g | unevaluated | -8.00 | [-27.70, 11.70] | 1 |  |" in table
+    assert "chosen on the validation levels" not in table
+    mixed = bench.fraction_table([row("mixed", 0.4), {**row("mixed", 1.0), "seed": 1, "val_fraction": 0.3}])
+    assert "no gap" not in mixed and mixed.rstrip().endswith("| 2 |  |")   # one seed had a gap: no mean, no claim
+
+
 def test_shifts_table_counts_the_pairs_each_method_wins_half_of(load_script, tmp_path):
     bench = load_script("run_procgen_adapt_benchmark")
 
